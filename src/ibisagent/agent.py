@@ -1,0 +1,200 @@
+"""Run episodes: the loop observation -> policy -> reply -> environment, and the episode record (trace).
+
+>>> from ibisagent import Agent
+>>> agent = Agent(policy="oracle", segmenter="litemedsam-click")
+>>> ep = agent.segment(image, "the polyp in this colonoscopy frame", gt=mask)
+>>> ep.mask, ep.final_iou, ep.stop_reason
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ibisagent.env import EnvConfig, SegmentationEnv
+from ibisagent.masks import dice, rle_encode
+from ibisagent.overlay import display_overlay
+from ibisagent.policies.base import Policy, create_policy
+from ibisagent.protocol import ActionKind
+from ibisagent.segmenters.base import Segmenter, create_segmenter
+
+__all__ = ["Agent", "Episode", "StepRecord", "run_episode"]
+
+
+@dataclass
+class StepRecord:
+    step: int
+    raw: str
+    action: str | None
+    kind: str | None
+    points: list[list[float]]
+    labels: list[int]
+    box: list[float] | None
+    mask: np.ndarray | None
+    iou: float | None
+    score: float
+    policy_s: float
+    segmenter_s: float
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "step": self.step, "raw": self.raw, "action": self.action, "kind": self.kind,
+            "points": self.points, "labels": self.labels, "box": self.box,
+            "mask_rle": rle_encode(self.mask) if self.mask is not None else None,
+            "iou": self.iou, "score": None if self.score != self.score else self.score,
+            "policy_s": round(self.policy_s, 4), "segmenter_s": round(self.segmenter_s, 4), "error": self.error,
+        }
+
+
+@dataclass
+class Episode:
+    """Everything about one episode: the steps, the final mask, why it stopped and the time split."""
+
+    query: str
+    image_shape: tuple[int, int]
+    steps: list[StepRecord] = field(default_factory=list)
+    stop_reason: str | None = None
+    mask: np.ndarray | None = None
+    gt: np.ndarray | None = None
+    encoder_s: float = 0.0
+    policy_s: float = 0.0
+    segmenter_s: float = 0.0
+    total_s: float = 0.0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final_mask(self) -> np.ndarray:
+        return self.mask if self.mask is not None else np.zeros(self.image_shape, bool)
+
+    @property
+    def n_interactions(self) -> int:
+        """Clicks and boxes sent to the segmenter."""
+        return sum(1 for s in self.steps if s.kind in ("positive", "negative", "box") and s.error is None)
+
+    @property
+    def n_clicks(self) -> int:
+        return sum(1 for s in self.steps if s.kind in ("positive", "negative") and s.error is None)
+
+    @property
+    def final_iou(self) -> float | None:
+        return self.steps[-1].iou if self.steps else None
+
+    @property
+    def final_dice(self) -> float | None:
+        return None if self.gt is None else dice(self.final_mask, self.gt)
+
+    def iou_curve(self) -> list[float]:
+        """IoU after each interaction (clicks and boxes), in order."""
+        return [s.iou for s in self.steps if s.kind in ("positive", "negative", "box") and s.iou is not None
+                and s.error is None]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "query": self.query, "image_shape": list(self.image_shape), "stop_reason": self.stop_reason,
+            "n_steps": len(self.steps), "n_interactions": self.n_interactions, "final_iou": self.final_iou,
+            "final_dice": self.final_dice,
+            "final_mask_rle": rle_encode(self.final_mask),
+            "timings": {"encoder_s": round(self.encoder_s, 4), "policy_s": round(self.policy_s, 4),
+                        "segmenter_s": round(self.segmenter_s, 4), "total_s": round(self.total_s, 4)},
+            "meta": self.meta, "steps": [s.to_json() for s in self.steps],
+        }
+
+    def save(self, out_dir: str | Path, image: np.ndarray | None = None, overlays: bool = True) -> Path:
+        """Write ``trace.json``, ``mask.png`` and (with ``image``) ``step_XX.png`` display overlays."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "trace.json").write_text(json.dumps(self.to_json(), indent=1))
+        Image.fromarray(self.final_mask.astype(np.uint8) * 255).save(out / "mask.png")
+        if image is not None and overlays:
+            for s in self.steps:
+                if s.mask is None and s.kind != "terminate":
+                    continue
+                vis = display_overlay(image, s.mask, s.points, s.labels, s.box, gt=self.gt)
+                Image.fromarray(vis).save(out / f"step_{s.step:02d}.png")
+            vis = display_overlay(image, self.mask, self.steps[-1].points if self.steps else [],
+                                  self.steps[-1].labels if self.steps else [],
+                                  self.steps[-1].box if self.steps else None, gt=self.gt)
+            Image.fromarray(vis).save(out / "final_overlay.png")
+        return out
+
+
+def run_episode(
+    env: SegmentationEnv,
+    policy: Policy,
+    image: np.ndarray,
+    query: str,
+    gt: np.ndarray | None = None,
+    *,
+    on_step: Any = None,
+) -> Episode:
+    """Play one episode. ``on_step(record)`` is called after each step (for progress display)."""
+    t_start = time.perf_counter()
+    enc0 = env.segmenter.timings.encoder_s
+    dec0 = env.segmenter.timings.decoder_s
+    obs = env.reset(image, query, gt)
+    policy.begin_episode(image=obs.image, query=query, gt=env.gt)
+    ep = Episode(query=query, image_shape=(obs.height, obs.width), gt=env.gt,
+                 encoder_s=env.segmenter.timings.encoder_s - enc0)
+    while True:
+        t = time.perf_counter()
+        reply = policy.act(obs)
+        policy_s = time.perf_counter() - t
+        res = env.step(reply)
+        info = res.info
+        action = info.get("action")
+        s = env.session
+        rec = StepRecord(
+            step=info["step"], raw=reply, action=action.text() if action else None,
+            kind=action.kind.value if action else None,
+            points=s.points.tolist(), labels=s.labels.tolist(), box=list(s.box) if s.box else None,
+            mask=info["mask"], iou=info["iou"], score=float(info["score"]), policy_s=policy_s,
+            segmenter_s=info["segmenter_s"], error=info.get("error"),
+        )
+        ep.steps.append(rec)
+        ep.policy_s += policy_s
+        if on_step is not None:
+            on_step(rec)
+        obs = res.observation
+        if res.done:
+            ep.stop_reason = info["stop_reason"]
+            break
+    ep.mask = env.session.mask
+    ep.segmenter_s = env.segmenter.timings.decoder_s - dec0
+    ep.total_s = time.perf_counter() - t_start
+    return ep
+
+
+class Agent:
+    """Policy + segmenter + episode rules in one object: ``Agent(...).segment(image, query)``."""
+
+    def __init__(
+        self,
+        policy: str | Policy = "oracle",
+        segmenter: str | Segmenter = "litemedsam-click",
+        config: EnvConfig | None = None,
+        policy_kwargs: dict[str, Any] | None = None,
+        segmenter_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        self.policy = create_policy(policy, **(policy_kwargs or {})) if isinstance(policy, str) else policy
+        self.segmenter = (create_segmenter(segmenter, **(segmenter_kwargs or {}))
+                          if isinstance(segmenter, str) else segmenter)
+        cfg = config or EnvConfig()
+        if getattr(self.policy, "grammar", "reference") == "extended" and cfg.grammar == "reference":
+            cfg = EnvConfig(**{**cfg.__dict__, "grammar": "extended",
+                               "prompts": "extended" if cfg.prompts == "reference" else cfg.prompts})
+        self.config = cfg
+        self.env = SegmentationEnv(self.segmenter, cfg)
+
+    def segment(self, image: np.ndarray, query: str, gt: np.ndarray | None = None, on_step: Any = None) -> Episode:
+        return run_episode(self.env, self.policy, image, query, gt, on_step=on_step)
+
+
+def _kind_is_click(kind: str | None) -> bool:
+    return kind in (ActionKind.POSITIVE.value, ActionKind.NEGATIVE.value)

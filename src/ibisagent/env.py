@@ -1,0 +1,218 @@
+"""The segmentation MDP: state = image + query + current mask overlay (+ optional history); action = one reply in
+the protocol grammar; transition = the promptable segmenter.
+
+Data flows one way: image + query -> :class:`Observation` -> policy -> reply text -> :class:`~ibisagent.protocol.Action`
+-> :class:`~ibisagent.session.Session` (segmenter) -> mask -> next observation.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ibisagent.masks import as_bool, iou
+from ibisagent.overlay import policy_overlay
+from ibisagent.prompts import PromptTemplate, load_prompts
+from ibisagent.protocol import Action, ActionKind, ActionParseError, GrammarMode, parse_reply
+from ibisagent.segmenters.base import Segmenter, SegmenterError
+from ibisagent.session import Session
+
+__all__ = ["ChatTurn", "EnvConfig", "Observation", "SegmentationEnv", "StepResult", "StopReason"]
+
+
+class StopReason:
+    TERMINATE = "terminate"
+    UNPARSEABLE = "unparseable"
+    INVALID_ACTION = "invalid_action"
+    REPEATED = "repeated_action"
+    MAX_STEPS = "max_steps"
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    """Episode rules. Defaults follow the reference release."""
+
+    max_steps: int = 20  # policy turns per episode (the Terminate turn counts)
+    max_repeats: int = 3  # stop when the same action text repeats this many times in a row
+    history: bool = False  # send all previous turns (True) or only system + current turn (reference default)
+    grammar: GrammarMode = "reference"
+    prompts: str = "reference"  # built-in template name or a JSON path
+    mask_feedback: bool = True
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    """One chat message. ``image`` is the picture attached to a user turn (HxWx3 uint8), if any."""
+
+    role: str  # "system", "user" or "assistant"
+    text: str
+    image: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What a policy sees at one turn. ``overlay`` is the reference observation image (image with the green mask);
+    ``mask``/``logits``/``points``/``labels``/``box`` are the same state as data for non-LLM policies."""
+
+    image: np.ndarray
+    overlay: np.ndarray
+    query: str
+    step: int
+    mask: np.ndarray | None
+    logits: np.ndarray | None
+    points: np.ndarray
+    labels: np.ndarray
+    box: tuple[float, float, float, float] | None
+    chat: tuple[ChatTurn, ...]
+    grammar: GrammarMode
+    previous_actions: tuple[str, ...] = ()
+
+    @property
+    def height(self) -> int:
+        return int(self.image.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.image.shape[1])
+
+    @property
+    def is_first_turn(self) -> bool:
+        return self.mask is None
+
+    def messages(self) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
+        """Chat messages in the transformers/OpenAI multimodal layout and the images they refer to, in order."""
+        msgs: list[dict[str, Any]] = []
+        images: list[np.ndarray] = []
+        for turn in self.chat:
+            if turn.image is not None:
+                images.append(turn.image)
+                content: list[dict[str, Any]] = [{"type": "image"}, {"type": "text", "text": turn.text}]
+            else:
+                content = [{"type": "text", "text": turn.text}]
+            msgs.append({"role": turn.role, "content": content})
+        return msgs, images
+
+
+@dataclass(frozen=True)
+class StepResult:
+    observation: Observation
+    done: bool
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class SegmentationEnv:
+    """Gym-like environment around a :class:`Session`.
+
+    ``reset(image, query, gt=None)`` -> Observation; ``step(reply_text)`` -> StepResult with ``info`` holding the
+    parsed action, the mask, IoU (when ``gt`` is known), the stop reason and the segmenter time of the step.
+    """
+
+    def __init__(self, segmenter: Segmenter, config: EnvConfig | None = None,
+                 prompts: PromptTemplate | None = None) -> None:
+        self.config = config or EnvConfig()
+        self.prompts = prompts or load_prompts(self.config.prompts)
+        self.session = Session(segmenter, mask_feedback=self.config.mask_feedback)
+        self._query = ""
+        self._gt: np.ndarray | None = None
+        self._step = 0
+        self._done = True
+        self._actions: list[str] = []
+        self._history: list[ChatTurn] = []
+        self._obs: Observation | None = None
+
+    @property
+    def segmenter(self) -> Segmenter:
+        return self.session.segmenter
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    @property
+    def gt(self) -> np.ndarray | None:
+        return self._gt
+
+    def reset(self, image: np.ndarray, query: str, gt: np.ndarray | None = None) -> Observation:
+        if not isinstance(query, str):
+            raise ValueError("query must be a string")
+        img = np.asarray(image)
+        self.session.set_image(img)
+        if gt is not None:
+            gt = as_bool(gt)
+            if gt.shape != self.session.shape:
+                raise ValueError(f"ground-truth mask is {gt.shape[0]}x{gt.shape[1]} but the image is "
+                                 f"{self.session.shape[0]}x{self.session.shape[1]}")
+        self._gt = gt
+        self._query = query
+        self._step = 0
+        self._done = False
+        self._actions = []
+        self._history = []
+        self._obs = self._observe()
+        return self._obs
+
+    def current_iou(self) -> float | None:
+        if self._gt is None:
+            return None
+        mask = self.session.mask
+        return iou(mask if mask is not None else np.zeros_like(self._gt), self._gt)
+
+    def step(self, reply: str) -> StepResult:
+        if self._done or self._obs is None:
+            raise RuntimeError("episode is over: call reset() first")
+        self._step += 1
+        info: dict[str, Any] = {"step": self._step, "raw": reply, "iou_before": self.current_iou()}
+        t0 = time.perf_counter()
+        dec0 = self.segmenter.timings.decoder_s
+        stop: str | None = None
+        action: Action | None = None
+        try:
+            action = parse_reply(reply, self.config.grammar).action
+        except ActionParseError as exc:
+            stop = StopReason.INVALID_ACTION if exc.reason in ("out_of_range", "invalid_box", "pixel_coordinates",
+                                                               "box_not_allowed") else StopReason.UNPARSEABLE
+            info["error"] = str(exc)
+        if action is not None:
+            info["action"] = action
+            if action.kind is ActionKind.TERMINATE:
+                stop = StopReason.TERMINATE
+            else:
+                try:
+                    self.session.apply(action)
+                except SegmenterError as exc:
+                    stop, info["error"] = StopReason.INVALID_ACTION, str(exc)
+            text = action.text()
+            self._actions.append(text)
+            if stop is None and len(self._actions) >= self.config.max_repeats and len(
+                set(self._actions[-self.config.max_repeats:])
+            ) == 1:
+                stop = StopReason.REPEATED
+        if stop is None and self._step >= self.config.max_steps:
+            stop = StopReason.MAX_STEPS
+        info["segmenter_s"] = self.segmenter.timings.decoder_s - dec0
+        info["step_s"] = time.perf_counter() - t0
+        info["mask"] = self.session.mask
+        info["iou"] = self.current_iou()
+        info["score"] = self.session.score
+        if self.config.history:
+            self._history.extend([self._obs.chat[-1], ChatTurn("assistant", reply)])
+        self._done = stop is not None
+        info["stop_reason"] = stop
+        self._obs = self._observe()
+        return StepResult(self._obs, self._done, info)
+
+    def _observe(self) -> Observation:
+        s = self.session
+        mask = s.mask
+        overlay = policy_overlay(s.image, mask)
+        text = self.prompts.first(self._query) if mask is None else self.prompts.refine(self._query)
+        turn = ChatTurn("user", text, overlay)
+        chat = (ChatTurn("system", self.prompts.system), *self._history, turn)
+        return Observation(
+            image=s.image, overlay=overlay, query=self._query, step=self._step, mask=mask, logits=s.logits,
+            points=s.points, labels=s.labels, box=s.box, chat=chat, grammar=self.config.grammar,
+            previous_actions=tuple(self._actions),
+        )

@@ -1,0 +1,130 @@
+"""Dataset manifests: a folder with ``index.jsonl`` (one row per image/mask pair), or a folder of such folders.
+
+Row fields (the ../shared/data layout): ``id``, ``image``, ``mask`` (relative to the dataset folder), ``object``,
+``query``, ``modality``, ``dataset``, ``label_type``; optional ``is_3d`` and any extras (kept in ``extra``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = ["Case", "ManifestError", "load_manifest", "iter_manifest_dirs", "split_of", "VAL_FRACTION"]
+
+#: fraction of images (not masks) that go to the validation split
+VAL_FRACTION = 0.2
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be read (missing file, bad JSON line, missing field)."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One (image, mask, query) case. Paths are absolute."""
+
+    id: str
+    image: Path
+    mask: Path | None
+    query: str
+    object: str = ""
+    modality: str = ""
+    dataset: str = ""
+    source: str = ""  # the dataset folder name, e.g. "ph2_dermoscopy"
+    is_3d: bool = False
+    label_type: str = ""
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def image_key(self) -> str:
+        """Identity of the image (several masks can share one image): folder name + relative image path."""
+        return f"{self.source}/{self.image.name}"
+
+    @property
+    def split(self) -> Literal["train", "val"]:
+        return split_of(self.image_key)
+
+
+def split_of(image_key: str, val_fraction: float = VAL_FRACTION) -> Literal["train", "val"]:
+    """Deterministic train/val split by image (never the same image in both): a hash of the image key."""
+    h = int.from_bytes(hashlib.sha1(image_key.encode()).digest()[:8], "big") / 2**64
+    return "val" if h < val_fraction else "train"
+
+
+_REQUIRED = ("id", "image", "query")
+
+
+def _read_rows(index: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    try:
+        text = index.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ManifestError(f"cannot read manifest {index}: {exc}") from exc
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"{index}:{lineno}: not valid JSON ({exc.msg})") from exc
+        if not isinstance(row, dict):
+            raise ManifestError(f"{index}:{lineno}: each line must be a JSON object")
+        missing = [k for k in _REQUIRED if k not in row]
+        if missing:
+            raise ManifestError(f"{index}:{lineno}: missing field(s) {missing}")
+        yield lineno, row
+
+
+def iter_manifest_dirs(root: str | Path) -> list[Path]:
+    """The dataset folders under ``root``: ``root`` itself if it has ``index.jsonl``, else its subfolders that do."""
+    root = Path(root)
+    if not root.exists():
+        raise ManifestError(f"data folder {root} does not exist")
+    if (root / "index.jsonl").is_file():
+        return [root]
+    dirs = sorted(p for p in root.iterdir() if (p / "index.jsonl").is_file())
+    if not dirs:
+        raise ManifestError(f"{root} has no index.jsonl and no subfolder with one")
+    return dirs
+
+
+def load_manifest(
+    root: str | Path,
+    *,
+    split: Literal["train", "val", "all"] = "all",
+    include_3d: bool = False,
+    datasets: list[str] | None = None,
+) -> list[Case]:
+    """All cases under ``root`` (a dataset folder or a folder of them), optionally one split, 2D only by default.
+
+    ``datasets`` filters by folder name (e.g. ``["ph2_dermoscopy"]``).
+    """
+    cases: list[Case] = []
+    for folder in iter_manifest_dirs(root):
+        if datasets and folder.name not in datasets:
+            continue
+        for _, row in _read_rows(folder / "index.jsonl"):
+            is_3d = bool(row.get("is_3d", False))
+            if is_3d and not include_3d:
+                continue
+            known = {"id", "image", "mask", "query", "object", "modality", "dataset", "is_3d", "label_type"}
+            case = Case(
+                id=str(row["id"]),
+                image=(folder / row["image"]).resolve(),
+                mask=(folder / row["mask"]).resolve() if row.get("mask") else None,
+                query=str(row["query"]),
+                object=str(row.get("object", "")),
+                modality=str(row.get("modality", "")),
+                dataset=str(row.get("dataset", folder.name)),
+                source=folder.name,
+                is_3d=is_3d,
+                label_type=str(row.get("label_type", "")),
+                extra={k: v for k, v in row.items() if k not in known},
+            )
+            if split != "all" and case.split != split:
+                continue
+            cases.append(case)
+    return cases

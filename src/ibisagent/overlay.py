@@ -1,0 +1,82 @@
+"""Rendering: the policy overlay (what the policy sees) and a display rendering (what a person sees).
+
+The policy overlay follows the reference: pixels where the mask is set are blended with forest green (34, 139, 34)
+at alpha 0.4, nothing else is drawn. The display rendering adds click markers (green = positive, red = negative)
+and the box; it is never fed to a policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+__all__ = ["OVERLAY_COLOR", "OVERLAY_ALPHA", "policy_overlay", "display_overlay", "to_rgb"]
+
+OVERLAY_COLOR = (34, 139, 34)
+OVERLAY_ALPHA = 0.4
+
+
+def to_rgb(image: np.ndarray) -> np.ndarray:
+    img = np.asarray(image)
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=2)
+    if img.ndim != 3 or img.shape[2] < 3:
+        raise ValueError(f"expected an HxW or HxWx3 image, got {img.shape}")
+    if img.dtype != np.uint8:
+        raise ValueError(f"expected uint8 pixels, got {img.dtype}")
+    return img[..., :3]
+
+
+def policy_overlay(image: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """The observation image: the mask blended in forest green at alpha 0.4 (the image itself when no mask)."""
+    img = to_rgb(image)
+    if mask is None:
+        return img.copy()
+    m = np.asarray(mask).astype(bool)
+    if m.shape != img.shape[:2]:
+        raise ValueError(f"mask {m.shape} does not match image {img.shape[:2]}")
+    out = img.astype(np.float32)
+    color = np.asarray(OVERLAY_COLOR, np.float32)
+    out[m] = (1 - OVERLAY_ALPHA) * out[m] + OVERLAY_ALPHA * color
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def display_overlay(
+    image: np.ndarray,
+    mask: np.ndarray | None,
+    points: Sequence[tuple[float, float]] = (),
+    labels: Sequence[int] = (),
+    box: Sequence[float] | None = None,
+    gt: np.ndarray | None = None,
+) -> np.ndarray:
+    """A rendering for people: the overlay, the mask contour, optional ground-truth contour (yellow), clicks as
+    green (positive) / red (negative) dots with a white rim, the box in cyan."""
+    out = policy_overlay(image, mask)
+    h, w = out.shape[:2]
+    if mask is not None:
+        out = _draw_contour(out, np.asarray(mask).astype(bool), (20, 255, 20))
+    if gt is not None:
+        out = _draw_contour(out, np.asarray(gt).astype(bool), (255, 220, 0))
+    pil = Image.fromarray(out)
+    draw = ImageDraw.Draw(pil)
+    r = max(3, round(min(h, w) / 80))
+    if box is not None:
+        x1, y1, x2, y2 = (float(v) for v in box)
+        draw.rectangle([x1, y1, x2, y2], outline=(0, 220, 255), width=max(1, r // 2))
+    for (x, y), lab in zip(points, labels):
+        fill = (0, 230, 0) if int(lab) == 1 else (230, 0, 0)
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=fill, outline=(255, 255, 255), width=max(1, r // 3))
+    return np.asarray(pil)
+
+
+def _draw_contour(img: np.ndarray, mask: np.ndarray, color: tuple[int, int, int]) -> np.ndarray:
+    if not mask.any():
+        return img
+    from scipy import ndimage
+
+    edge = mask & ~ndimage.binary_erosion(mask, border_value=0)
+    out = img.copy()
+    out[edge] = color
+    return out

@@ -1,0 +1,91 @@
+"""The policy contract and registry.
+
+A policy turns an :class:`~ibisagent.env.Observation` into ONE reply string in the protocol grammar
+(``act(obs) -> str``); parsing is the environment's job, so scripted, learned and LLM policies share one contract.
+Policies that need privileged information (the ground truth: oracle and click-free baselines) declare
+``requires_gt = True`` and receive it in ``begin_episode``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from ibisagent.env import Observation
+from ibisagent.protocol import GrammarMode
+
+__all__ = ["Policy", "PolicyError", "create_policy", "list_policies", "register_policy"]
+
+
+class PolicyError(ValueError):
+    """A policy that cannot act (e.g. an oracle without ground truth, a model that failed to load)."""
+
+
+@runtime_checkable
+class Policy(Protocol):
+    name: str
+    requires_gt: bool
+    grammar: GrammarMode
+
+    def begin_episode(self, *, image: np.ndarray, query: str, gt: np.ndarray | None = None) -> None: ...
+
+    def act(self, obs: Observation) -> str: ...
+
+
+class BasePolicy:
+    """Convenience base: stores the episode's inputs; subclasses implement ``act``."""
+
+    name = "base"
+    requires_gt = False
+    grammar: GrammarMode = "reference"
+
+    def __init__(self) -> None:
+        self.gt: np.ndarray | None = None
+        self.query = ""
+
+    def begin_episode(self, *, image: np.ndarray, query: str, gt: np.ndarray | None = None) -> None:
+        if self.requires_gt and gt is None:
+            raise PolicyError(f"policy {self.name!r} needs a ground-truth mask (--mask); "
+                              "use a learned policy to segment without one")
+        self.gt = None if gt is None else np.asarray(gt).astype(bool)
+        self.query = query
+
+    def act(self, obs: Observation) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, tuple[Callable[..., Policy], str]] = {}
+
+
+def register_policy(name: str, description: str = "") -> Callable:
+    def deco(factory: Callable[..., Policy]) -> Callable[..., Policy]:
+        _REGISTRY[name] = (factory, description or (factory.__doc__ or "").strip().split("\n")[0])
+        return factory
+
+    return deco
+
+
+def _load_builtin() -> None:
+    import importlib
+
+    for mod in ("oracle", "baselines", "compact", "hf", "openai"):
+        try:
+            importlib.import_module(f"ibisagent.policies.{mod}")
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith("ibisagent"):
+                continue
+            raise
+
+
+def list_policies() -> dict[str, str]:
+    _load_builtin()
+    return {k: v[1] for k, v in sorted(_REGISTRY.items())}
+
+
+def create_policy(name: str, **cfg: Any) -> Policy:
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown policy {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name][0](**cfg)

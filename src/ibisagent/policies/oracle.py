@@ -1,0 +1,157 @@
+"""The oracle annotator (reference click simulator) and its box-first variant.
+
+Rule (reference release): compare the current mask with the ground truth; take the false-negative region FN and
+the false-positive region FP, the Euclidean distance transform of each, and click at the pixel farthest from the
+region border of the larger of the two maxima (positive in FN, negative in FP). Stop (Terminate) once
+IoU >= ``iou_threshold`` (default 0.8).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+
+from ibisagent.env import Observation
+from ibisagent.masks import bbox, error_regions, iou
+from ibisagent.policies.base import BasePolicy, register_policy
+from ibisagent.protocol import Action, format_reply, to_normalized
+from ibisagent.reasoning import describe_box, describe_click, describe_stop
+
+__all__ = ["OracleClick", "OraclePolicy", "jittered_box", "next_click"]
+
+
+@dataclass(frozen=True)
+class OracleClick:
+    positive: bool
+    x: int
+    y: int
+    region: np.ndarray  # the error region the click targets
+    depth: float  # distance of the click to the region's border (px)
+
+
+def next_click(pred: np.ndarray | None, gt: np.ndarray, avoid: np.ndarray | None = None) -> OracleClick | None:
+    """The reference oracle's next click, or None when the prediction has no error.
+
+    ``avoid`` (N, 2) pixel (x, y) clicks already placed: the oracle never clicks the same pixel twice (the reference
+    can, and then loops until the repeated-action stop when the segmenter ignores the click)."""
+    gt = np.asarray(gt).astype(bool)
+    pred = np.zeros_like(gt) if pred is None else np.asarray(pred).astype(bool)
+    er = error_regions(pred, gt)
+    if er.fn_max == 0 and er.fp_max == 0:
+        return None
+    positive = er.fn_max >= er.fp_max
+    dt = er.fn_dt if positive else er.fp_dt
+    if avoid is not None and len(avoid):
+        dt = dt.copy()
+        pts = np.asarray(avoid, dtype=np.int64).reshape(-1, 2)
+        dt[np.clip(pts[:, 1], 0, dt.shape[0] - 1), np.clip(pts[:, 0], 0, dt.shape[1] - 1)] = 0
+        if dt.max() <= 0:
+            return None
+    y, x = np.unravel_index(int(np.argmax(dt)), dt.shape)
+    return OracleClick(positive, int(x), int(y), er.fn if positive else er.fp, float(dt[y, x]))
+
+
+def jittered_box(gt: np.ndarray, jitter: float, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """The ground truth's tight box with each side moved by up to ``jitter`` x the box size (clipped to the image)."""
+    b = bbox(gt)
+    if b is None:
+        raise ValueError("cannot make a box from an empty mask")
+    x1, y1, x2, y2 = b
+    h, w = gt.shape
+    bw, bh = x2 - x1 + 1, y2 - y1 + 1
+    if jitter > 0:
+        d = rng.uniform(-jitter, jitter, size=4) * np.array([bw, bh, bw, bh])
+        x1, y1, x2, y2 = (int(round(v)) for v in (x1 + d[0], y1 + d[1], x2 + d[2], y2 + d[3]))
+    x1, x2 = sorted((min(max(x1, 0), w - 1), min(max(x2, 0), w - 1)))
+    y1, y2 = sorted((min(max(y1, 0), h - 1), min(max(y2, 0), h - 1)))
+    if x2 == x1:
+        x2 = min(x1 + 1, w - 1) if x1 < w - 1 else x1
+        x1 = x2 - 1
+    if y2 == y1:
+        y2 = min(y1 + 1, h - 1) if y1 < h - 1 else y1
+        y1 = y2 - 1
+    return x1, y1, x2, y2
+
+
+def box_action(box: tuple[int, int, int, int], width: int, height: int) -> Action:
+    """A pixel box (inclusive corners) as a normalized protocol action that maps back to the same pixels."""
+    x1, y1, x2, y2 = box
+    return Action.make_box(to_normalized(x1, width), to_normalized(y1, height),
+                           to_normalized(x2, width), to_normalized(y2, height))
+
+
+class OraclePolicy(BasePolicy):
+    """Reference distance-transform clicker; needs the ground-truth mask."""
+
+    name = "oracle"
+    requires_gt = True
+
+    def __init__(self, iou_threshold: float = 0.8, first_action: str = "click", box_jitter: float = 0.0,
+                 seed: int = 0, target: str | None = None) -> None:
+        super().__init__()
+        if first_action not in ("click", "box"):
+            raise ValueError("first_action must be 'click' or 'box'")
+        self.iou_threshold = float(iou_threshold)
+        self.first_action = first_action
+        self.box_jitter = float(box_jitter)
+        self.seed = seed
+        self.grammar = "extended" if first_action == "box" else "reference"
+        self._target = target
+        self._rng = random.Random(seed)
+        self._nrng = np.random.default_rng(seed)
+
+    def begin_episode(self, *, image: np.ndarray, query: str, gt: np.ndarray | None = None) -> None:
+        super().begin_episode(image=image, query=query, gt=gt)
+        if self.gt is not None and not self.gt.any():
+            from ibisagent.policies.base import PolicyError
+
+            raise PolicyError("the ground-truth mask is empty: the oracle has nothing to segment")
+
+    def target_name(self) -> str:
+        return self._target or _target_from_query(self.query)
+
+    def act(self, obs: Observation) -> str:
+        assert self.gt is not None, "begin_episode must be called with gt"
+        gt = self.gt
+        h, w = gt.shape
+        target = self.target_name()
+        pred = obs.mask
+        if pred is not None and iou(pred, gt) >= self.iou_threshold:
+            think, answer = describe_stop(mask=pred, target=target, rng=self._rng)
+            return format_reply(Action.terminate(), think, answer)
+        if pred is None and self.first_action == "box":
+            box = jittered_box(gt, self.box_jitter, self._nrng)
+            return format_reply(box_action(box, w, h), describe_box(box=box, width=w, height=h, target=target,
+                                                                     rng=self._rng))
+        click = next_click(pred, gt, avoid=obs.points)
+        if click is None:
+            think, answer = describe_stop(mask=pred, target=target, rng=self._rng)
+            return format_reply(Action.terminate(), think, answer)
+        x, y = to_normalized(click.x, w), to_normalized(click.y, h)
+        action = Action.positive(x, y) if click.positive else Action.negative(x, y)
+        think = describe_click(positive=click.positive, x=click.x, y=click.y, width=w, height=h, target=target,
+                               region=click.region, mask=pred, rng=self._rng)
+        return format_reply(action, think)
+
+
+def _target_from_query(query: str) -> str:
+    """A short name of the target from a query like 'the polyp in this colonoscopy video frame'."""
+    q = " ".join(query.strip().split())
+    for sep in (" in this ", " in the ", " on this ", " of this "):
+        if sep in q:
+            q = q.split(sep)[0]
+            break
+    return q or "the target"
+
+
+@register_policy("oracle", "reference distance-transform clicker (needs the ground-truth mask)")
+def _make_oracle(**cfg) -> OraclePolicy:
+    return OraclePolicy(**cfg)
+
+
+@register_policy("oracle-box", "box-first oracle: ground-truth box (optional jitter), then corrective clicks")
+def _make_oracle_box(**cfg) -> OraclePolicy:
+    cfg.setdefault("first_action", "box")
+    return OraclePolicy(**cfg)

@@ -1,0 +1,413 @@
+"""The five reference rewards (format, answer, placement, progress, length) and their mean, each returned separately.
+
+Reference release (verl ``compute_score``), with its exact thresholds and weights as the defaults of
+:class:`RewardConfig`:
+
+* format: 1 if the reply has the ``<think>\\n...\\n</think>\\n<action>\\n...\\n</action>`` layout, a valid action and
+  answer tags exactly after a stop, else 0 (:func:`ibisagent.protocol.validate_reply`).
+* answer: IoU of the mask after the action with the ground truth; 3 if IoU > 0.8, 2 if > 0.7, 1 if > 0.5, else 0.
+* placement: +1 if a positive click lands in the false-negative region (a negative click in the false-positive
+  region) of the mask BEFORE the action, else -1.
+* progress: 1 if IoU after > IoU before, else 0 (0 for Terminate).
+* length: 1 while step <= 5, else -0.2 * (step - 5).
+* total: (format + answer + placement + progress + length) / 5.
+
+Our decisions where the reference is silent, and our box extension, are documented in ``docs/rewards.md``:
+Terminate's placement (+1 for a stop at IoU >= ``stop_iou``, else -1), unparseable replies (format 0, answer 0,
+placement -1, progress 0, length as usual) and box placement (IoU of the box with the ground truth's tight box, or
+containment of the object).
+
+``score_transition`` never calls a segmenter (the caller already applied the action); ``score_step`` applies the
+action through a segmenter itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from ibisagent.masks import MaskShapeError, as_bool, bbox, iou
+from ibisagent.protocol import (
+    Action,
+    ActionKind,
+    ActionParseError,
+    GrammarMode,
+    parse_reply,
+    validate_reply,
+)
+from ibisagent.segmenters.base import Segmenter, SegmenterError, create_segmenter
+
+__all__ = [
+    "COMPONENTS",
+    "RewardBreakdown",
+    "RewardConfig",
+    "RewardInputError",
+    "answer_reward",
+    "box_placement_reward",
+    "click_placement_reward",
+    "format_reward",
+    "length_reward",
+    "progress_reward",
+    "score_step",
+    "score_transition",
+]
+
+#: the five reward components, in the reference's order
+COMPONENTS = ("format", "answer", "placement", "progress", "length")
+
+
+class RewardInputError(ValueError):
+    """Inputs a reward cannot be computed from (empty or size-mismatched ground truth, masks of the wrong size)."""
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """Reward thresholds and weights. Defaults reproduce the reference release exactly."""
+
+    #: answer reward tiers: (IoU bound, value), checked from the top with a strict ``>``
+    answer_tiers: tuple[tuple[float, float], ...] = ((0.8, 3.0), (0.7, 2.0), (0.5, 1.0))
+    #: placement reward for a click in the right error region / anywhere else
+    placement_hit: float = 1.0
+    placement_miss: float = -1.0
+    #: progress reward when IoU rises (0 otherwise)
+    progress_value: float = 1.0
+    #: length reward: 1 while step <= optimal_steps, else -length_gamma * (step - optimal_steps)
+    optimal_steps: int = 5
+    length_gamma: float = 0.2
+    #: weights of (format, answer, placement, progress, length); total = sum(w * r) / len(weights) (reference: mean)
+    weights: tuple[float, float, float, float, float] = (1.0, 1.0, 1.0, 1.0, 1.0)
+    #: placement for Terminate (our decision): "threshold" = hit if IoU before >= stop_iou else miss; "zero" = 0
+    terminate_placement: Literal["threshold", "zero"] = "threshold"
+    #: the IoU at which stopping counts as correct (the synthesis threshold)
+    stop_iou: float = 0.8
+    #: box placement (our extension): "iou" = hit if IoU(box, gt box) >= box_iou; "containment" = hit if the box holds
+    #: >= box_containment of the object and IoU(box, gt box) >= box_min_iou (so a whole-image box does not pay)
+    box_placement: Literal["iou", "containment"] = "iou"
+    box_iou: float = 0.7
+    box_containment: float = 0.95
+    box_min_iou: float = 0.3
+
+    def __post_init__(self) -> None:
+        if len(self.weights) != len(COMPONENTS):
+            raise ValueError(f"weights needs {len(COMPONENTS)} values ({', '.join(COMPONENTS)}), got {self.weights}")
+        if self.optimal_steps < 0:
+            raise ValueError("optimal_steps must be >= 0")
+        if self.terminate_placement not in ("threshold", "zero"):
+            raise ValueError("terminate_placement must be 'threshold' or 'zero'")
+        if self.box_placement not in ("iou", "containment"):
+            raise ValueError("box_placement must be 'iou' or 'containment'")
+        bounds = [b for b, _ in self.answer_tiers]
+        if bounds != sorted(bounds, reverse=True):
+            raise ValueError(f"answer_tiers must be ordered from the highest IoU bound down, got {self.answer_tiers}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> RewardConfig:
+        """Build from a plain dict (YAML/JSON); unknown keys raise ValueError naming the known ones."""
+        if not data:
+            return cls()
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown reward option(s) {unknown}; known: {sorted(known)}")
+        kw = dict(data)
+        if "answer_tiers" in kw:
+            kw["answer_tiers"] = tuple((float(b), float(v)) for b, v in kw["answer_tiers"])
+        if "weights" in kw:
+            kw["weights"] = tuple(float(w) for w in kw["weights"])
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class RewardBreakdown:
+    """The five rewards and their weighted mean, plus what they were computed from."""
+
+    format: float
+    answer: float
+    placement: float
+    progress: float
+    length: float
+    total: float
+    iou_before: float = 0.0
+    iou_after: float = 0.0
+    action: str | None = None  # the action kind ("positive", "negative", "box", "terminate") or None if unparseable
+    errors: tuple[str, ...] = field(default_factory=tuple)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Components, total, IoU before/after, the action kind and format errors as a JSON-able dict."""
+        d = asdict(self)
+        d["errors"] = list(self.errors)
+        return d
+
+    def components(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in COMPONENTS}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The individual rewards (pure functions)
+# ------------------------------------------------------------------------------------------------------------------
+
+def format_reward(reply: str, mode: GrammarMode = "reference") -> float:
+    """1.0 if the reply passes the strict reference format check, else 0.0 (both stop spellings are accepted)."""
+    return 1.0 if validate_reply(reply, mode) else 0.0
+
+
+def answer_reward(iou_after: float, config: RewardConfig = RewardConfig()) -> float:
+    """Tiered IoU reward: the value of the first tier whose bound IoU strictly exceeds (3/2/1 at 0.8/0.7/0.5)."""
+    for bound, value in config.answer_tiers:
+        if iou_after > bound:
+            return float(value)
+    return 0.0
+
+
+def click_placement_reward(positive: bool, x: int, y: int, gt: np.ndarray, mask_before: np.ndarray,
+                           config: RewardConfig = RewardConfig()) -> float:
+    """+1 if a positive click is in FN (gt & ~mask) or a negative click in FP (mask & ~gt) at pixel (x, y), else -1."""
+    inside_gt = bool(gt[y, x])
+    inside_mask = bool(mask_before[y, x])
+    hit = (inside_gt and not inside_mask) if positive else (inside_mask and not inside_gt)
+    return config.placement_hit if hit else config.placement_miss
+
+
+def _box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    ix1, iy1, ix2, iy2 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0, ix2 - ix1 + 1) * max(0, iy2 - iy1 + 1)
+    area_a = (a[2] - a[0] + 1) * (a[3] - a[1] + 1)
+    area_b = (b[2] - b[0] + 1) * (b[3] - b[1] + 1)
+    return inter / float(area_a + area_b - inter)
+
+
+def box_placement_reward(box: tuple[int, int, int, int], gt: np.ndarray,
+                         config: RewardConfig = RewardConfig()) -> float:
+    """Our extension: placement of a pixel box (inclusive corners) against the ground truth.
+
+    ``"iou"``: hit if IoU(box, tight gt box) >= ``box_iou``. ``"containment"``: hit if the box holds at least
+    ``box_containment`` of the object's pixels and its IoU with the tight box is >= ``box_min_iou``.
+    """
+    gt_box = bbox(gt)
+    if gt_box is None:
+        raise RewardInputError("the ground-truth mask is empty: no box can be scored against it")
+    biou = _box_iou(box, gt_box)
+    if config.box_placement == "iou":
+        hit = biou >= config.box_iou
+    else:
+        x1, y1, x2, y2 = box
+        inside = int(gt[y1 : y2 + 1, x1 : x2 + 1].sum())
+        hit = inside >= config.box_containment * int(gt.sum()) and biou >= config.box_min_iou
+    return config.placement_hit if hit else config.placement_miss
+
+
+def progress_reward(iou_before: float, iou_after: float, terminate: bool = False,
+                    config: RewardConfig = RewardConfig()) -> float:
+    """``progress_value`` if IoU strictly rose, else 0; always 0 for Terminate."""
+    if terminate:
+        return 0.0
+    return config.progress_value if iou_after > iou_before else 0.0
+
+
+def length_reward(step: int, config: RewardConfig = RewardConfig()) -> float:
+    """1 while ``step`` (1-based turn number of this reply) <= optimal, else -gamma * (step - optimal)."""
+    if step <= config.optimal_steps:
+        return 1.0
+    return -config.length_gamma * (step - config.optimal_steps)
+
+
+def _total(values: tuple[float, ...], config: RewardConfig) -> float:
+    return float(sum(w * v for w, v in zip(config.weights, values)) / len(values))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Whole transitions
+# ------------------------------------------------------------------------------------------------------------------
+
+def _check_gt(gt: np.ndarray) -> np.ndarray:
+    try:
+        g = as_bool(gt)
+    except MaskShapeError as exc:
+        raise RewardInputError(f"ground truth: {exc}") from exc
+    if not g.any():
+        raise RewardInputError("the ground-truth mask is empty: rewards need an object to compare with")
+    return g
+
+
+def _check_mask(mask: np.ndarray | None, gt: np.ndarray, what: str) -> np.ndarray:
+    if mask is None:
+        return np.zeros_like(gt)
+    try:
+        m = as_bool(mask)
+    except MaskShapeError as exc:
+        raise RewardInputError(f"{what}: {exc}") from exc
+    if m.shape != gt.shape:
+        raise RewardInputError(f"{what} is {m.shape[0]}x{m.shape[1]} but the ground truth is "
+                               f"{gt.shape[0]}x{gt.shape[1]}")
+    return m
+
+
+def _parse(reply: str, mode: GrammarMode) -> tuple[Action | None, str | None]:
+    try:
+        return parse_reply(reply, mode).action, None
+    except ActionParseError as exc:
+        return None, str(exc)
+
+
+def _placement(action: Action, gt: np.ndarray, before: np.ndarray, iou_before: float,
+               config: RewardConfig) -> float:
+    h, w = gt.shape
+    if action.kind is ActionKind.TERMINATE:
+        if config.terminate_placement == "zero":
+            return 0.0
+        return config.placement_hit if iou_before >= config.stop_iou else config.placement_miss
+    if action.kind is ActionKind.BOX:
+        return box_placement_reward(action.pixel_box(w, h), gt, config)
+    x, y = action.pixel(w, h)
+    return click_placement_reward(action.kind is ActionKind.POSITIVE, x, y, gt, before, config)
+
+
+def _breakdown(reply: str, action: Action | None, parse_error: str | None, gt: np.ndarray, before: np.ndarray,
+               after: np.ndarray, step: int, config: RewardConfig, mode: GrammarMode) -> RewardBreakdown:
+    validation = validate_reply(reply, mode) if isinstance(reply, str) else None
+    fmt = 1.0 if validation else 0.0
+    errors = tuple(validation.errors) if validation is not None else ("reply is not a string",)
+    iou_before = iou(before, gt)
+    length = length_reward(step, config)
+    if action is None:
+        # Unparseable (our decision): nothing was applied; no answer credit, a placement miss, no progress.
+        vals = (fmt, 0.0, config.placement_miss, 0.0, length)
+        return RewardBreakdown(*vals, total=_total(vals, config), iou_before=iou_before, iou_after=iou_before,
+                               action=None, errors=errors + ((parse_error,) if parse_error else ()))
+    terminate = action.kind is ActionKind.TERMINATE
+    iou_after = iou_before if terminate else iou(after, gt)
+    vals = (
+        fmt,
+        answer_reward(iou_after, config),
+        _placement(action, gt, before, iou_before, config),
+        progress_reward(iou_before, iou_after, terminate, config),
+        length,
+    )
+    return RewardBreakdown(*vals, total=_total(vals, config), iou_before=iou_before, iou_after=iou_after,
+                           action=action.kind.value, errors=errors)
+
+
+def score_transition(
+    reply: str,
+    *,
+    gt: np.ndarray,
+    mask_before: np.ndarray | None,
+    mask_after: np.ndarray | None,
+    step: int,
+    config: RewardConfig = RewardConfig(),
+    mode: GrammarMode = "reference",
+) -> RewardBreakdown:
+    """Score one reply whose action the caller already applied.
+
+    Args:
+        reply: the policy's full reply text.
+        gt: ground-truth mask (HxW, nonzero = object; must not be empty).
+        mask_before: the mask the action was chosen on (None = no mask yet, i.e. empty).
+        mask_after: the mask after applying the action (ignored for Terminate and unparseable replies; None = empty).
+        step: 1-based turn number of this reply in its episode (for the length reward).
+        config: thresholds and weights (defaults = reference).
+        mode: ``"reference"`` (boxes fail the format check and score as unparseable) or ``"extended"``.
+    """
+    g = _check_gt(gt)
+    before = _check_mask(mask_before, g, "mask_before")
+    action, err = _parse(reply, mode)
+    after = before if action is None or action.kind is ActionKind.TERMINATE else _check_mask(mask_after, g,
+                                                                                             "mask_after")
+    return _breakdown(reply, action, err, g, before, after, int(step), config, mode)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# With a segmenter
+# ------------------------------------------------------------------------------------------------------------------
+
+_SEGMENTERS: dict[str, Segmenter] = {}
+
+
+def get_segmenter(segmenter: str | Segmenter) -> Segmenter:
+    """A segmenter instance; names are created once per process and reused."""
+    if isinstance(segmenter, Segmenter):
+        return segmenter
+    if segmenter not in _SEGMENTERS:
+        _SEGMENTERS[segmenter] = create_segmenter(segmenter)
+    return _SEGMENTERS[segmenter]
+
+
+def _image_key(image: np.ndarray) -> str:
+    arr = np.ascontiguousarray(image)
+    return hashlib.blake2b(arr.tobytes(), digest_size=16, person=str(arr.shape).encode()[:16]).hexdigest()
+
+
+def ensure_image(seg: Segmenter, image: np.ndarray) -> None:
+    """``set_image`` unless this segmenter already holds exactly this image (checked by content hash)."""
+    key = _image_key(image)
+    if seg.is_image_set and getattr(seg, "_reward_image_key", None) == key:
+        return
+    seg.set_image(image)
+    seg._reward_image_key = key  # type: ignore[attr-defined]
+
+
+def _predict(seg: Segmenter, points: np.ndarray, labels: np.ndarray, box: np.ndarray | None,
+             mask_input: np.ndarray | None) -> np.ndarray:
+    if not len(points) and box is None:
+        return np.zeros(seg.image_shape, bool)
+    res = seg.predict(points if len(points) else None, labels if len(labels) else None, box, mask_input)
+    return res.mask
+
+
+def score_step(
+    reply: str,
+    *,
+    image: np.ndarray,
+    gt: np.ndarray,
+    points: np.ndarray | list | None = None,
+    labels: np.ndarray | list | None = None,
+    box: tuple[float, float, float, float] | list | None = None,
+    prev_logits: np.ndarray | None = None,
+    step: int,
+    segmenter: str | Segmenter,
+    config: RewardConfig = RewardConfig(),
+    mode: GrammarMode = "reference",
+    mask_before: np.ndarray | None = None,
+) -> RewardBreakdown:
+    """Apply the reply's action through ``segmenter`` on the state (``points``/``labels``/``box`` in pixels, the
+    prompts so far) and score it.
+
+    ``mask_before`` is the state's current mask; when it is not given it is recomputed from the prompts so far
+    without mask feedback (as the reference's HTTP segmenter does). ``prev_logits`` (the state's low-res logits),
+    when given, is passed as mask feedback for the new prediction; without it the new mask comes from the prompts
+    alone (reference behaviour).
+    """
+    g = _check_gt(gt)
+    seg = get_segmenter(segmenter)
+    img = np.asarray(image)
+    if img.shape[:2] != g.shape:
+        raise RewardInputError(f"image is {img.shape[0]}x{img.shape[1]} but the ground truth is "
+                               f"{g.shape[0]}x{g.shape[1]}")
+    pts = np.zeros((0, 2), np.float32) if points is None else np.asarray(points, np.float32).reshape(-1, 2)
+    labs = np.zeros((0,), np.int64) if labels is None else np.asarray(labels, np.int64).reshape(-1)
+    bx = None if box is None else np.asarray(box, np.float32).reshape(4)
+    action, err = _parse(reply, mode)
+    need_before = mask_before is None
+    need_after = action is not None and action.kind is not ActionKind.TERMINATE
+    if need_before or need_after:
+        try:
+            ensure_image(seg, img)
+        except SegmenterError as exc:
+            raise RewardInputError(f"image: {exc}") from exc
+    before = _check_mask(mask_before, g, "mask_before") if not need_before else _predict(seg, pts, labs, bx, None)
+    after = before
+    if need_after:
+        assert action is not None
+        h, w = g.shape
+        n_pts, n_labs, n_box = pts, labs, bx
+        if action.kind is ActionKind.BOX:
+            n_box = np.asarray(action.pixel_box(w, h), np.float32)
+        else:
+            x, y = action.pixel(w, h)
+            n_pts = np.concatenate([pts, np.asarray([[x, y]], np.float32)])
+            n_labs = np.concatenate([labs, np.asarray([int(action.kind is ActionKind.POSITIVE)], np.int64)])
+        after = _predict(seg, n_pts, n_labs, n_box, prev_logits)
+    return _breakdown(reply, action, err, g, before, after, int(step), config, mode)

@@ -1,0 +1,219 @@
+"""The promptable-segmenter interface (SAM-predictor style) and the backend registry.
+
+A segmenter caches one image (``set_image``), then answers ``predict`` calls that carry ALL prompts so far:
+clicks in pixel coordinates (x = column, y = row) with labels 1 (positive) / 0 (negative), an optional box
+(x1, y1, x2, y2 pixels, inclusive) and the previous call's low-resolution logits as mask feedback.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "SegResult",
+    "Segmenter",
+    "SegmenterError",
+    "SegmenterUnavailable",
+    "Timings",
+    "check_prompts",
+    "create_segmenter",
+    "list_segmenters",
+    "register_segmenter",
+]
+
+
+class SegmenterError(ValueError):
+    """Bad input to a segmenter (no image set, prompts off the image, wrong shapes)."""
+
+
+class SegmenterUnavailable(RuntimeError):
+    """A backend that cannot run here (missing package, checkpoint or weights). The message says what to install."""
+
+
+@dataclass(frozen=True)
+class SegResult:
+    """One prediction. ``mask`` is boolean at the original image size; ``logits`` are the backend's low-res logits
+    (feed them back as ``mask_input``); ``score`` is the backend's quality estimate (predicted IoU) or NaN."""
+
+    mask: np.ndarray
+    logits: np.ndarray
+    score: float
+
+
+@dataclass
+class Timings:
+    """Seconds spent in the image encoder and in prompt decoding, and how many calls of each."""
+
+    encoder_s: float = 0.0
+    decoder_s: float = 0.0
+    encoder_calls: int = 0
+    decoder_calls: int = 0
+    cache_hits: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(self.__dict__)
+
+
+def check_prompts(
+    shape: tuple[int, int],
+    points: np.ndarray | None,
+    labels: np.ndarray | None,
+    box: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Validate and normalize prompts for an image of ``shape`` (H, W). Returns float32 (N, 2) points,
+    int64 (N,) labels and a float32 (4,) box or None. Raises :class:`SegmenterError` on bad input."""
+    h, w = shape
+    pts = np.zeros((0, 2), np.float32) if points is None else np.asarray(points, dtype=np.float32).reshape(-1, 2)
+    lab = np.zeros((0,), np.int64) if labels is None else np.asarray(labels, dtype=np.int64).reshape(-1)
+    if len(pts) != len(lab):
+        raise SegmenterError(f"{len(pts)} points but {len(lab)} labels")
+    if len(lab) and not np.isin(lab, (0, 1)).all():
+        raise SegmenterError(f"labels must be 1 (positive) or 0 (negative), got {sorted(set(lab.tolist()))}")
+    if len(pts) and (
+        not np.isfinite(pts).all() or (pts[:, 0] < 0).any() or (pts[:, 1] < 0).any()
+        or (pts[:, 0] > w - 1).any() or (pts[:, 1] > h - 1).any()
+    ):
+        bad = pts[(pts[:, 0] < 0) | (pts[:, 1] < 0) | (pts[:, 0] > w - 1) | (pts[:, 1] > h - 1)]
+        raise SegmenterError(f"click(s) {bad.tolist()} lie outside the {w}x{h} image (x in [0,{w-1}], y in [0,{h-1}])")
+    bx = None
+    if box is not None:
+        bx = np.asarray(box, dtype=np.float32).reshape(-1)
+        if bx.shape != (4,) or not np.isfinite(bx).all():
+            raise SegmenterError(f"box must be 4 finite numbers (x1, y1, x2, y2), got {box!r}")
+        x1, y1, x2, y2 = bx.tolist()
+        if not (0 <= x1 < x2 <= w - 1 + 1e-6 and 0 <= y1 < y2 <= h - 1 + 1e-6):
+            raise SegmenterError(f"box {bx.tolist()} is not a valid box inside the {w}x{h} image")
+    if not len(pts) and bx is None:
+        raise SegmenterError("predict needs at least one click or a box")
+    return pts, lab, bx
+
+
+class Segmenter:
+    """Base class for backends. Subclasses implement ``_encode`` and ``_decode``; this class does the caching
+    contract, input checks and timings. Override ``name`` and ``capabilities``."""
+
+    name: str = "base"
+    #: prompt types the backend supports (data, like nnInteractive's ``supported_interactions``)
+    capabilities: frozenset[str] = frozenset({"point", "box", "mask"})
+
+    def __init__(self) -> None:
+        self._shape: tuple[int, int] | None = None
+        self._features: Any = None
+        self.timings = Timings()
+
+    # --- public API -------------------------------------------------------------------------------------------
+    @property
+    def is_image_set(self) -> bool:
+        return self._shape is not None
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        if self._shape is None:
+            raise SegmenterError("no image set: call set_image(image) first")
+        return self._shape
+
+    def set_image(self, image: np.ndarray) -> None:
+        """Encode an HxWx3 uint8 RGB image (or HxW grayscale) once; later ``predict`` calls reuse it."""
+        img = np.asarray(image)
+        if img.ndim == 2:
+            img = np.repeat(img[..., None], 3, axis=2)
+        if img.ndim != 3 or img.shape[2] not in (3, 4) or img.shape[0] < 2 or img.shape[1] < 2:
+            raise SegmenterError(f"expected an HxWx3 image, got shape {img.shape}")
+        img = img[..., :3]
+        if img.dtype != np.uint8:
+            raise SegmenterError(f"expected uint8 RGB pixels, got {img.dtype}; use ibisagent.io to load/normalize")
+        t = time.perf_counter()
+        self._features = self._encode(np.ascontiguousarray(img))
+        self.timings.encoder_s += time.perf_counter() - t
+        self.timings.encoder_calls += 1
+        self._shape = (int(img.shape[0]), int(img.shape[1]))
+
+    def reset_image(self) -> None:
+        self._shape = None
+        self._features = None
+
+    def predict(
+        self,
+        points: np.ndarray | None = None,
+        labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+    ) -> SegResult:
+        """Predict a mask from all prompts so far. ``points`` (N, 2) pixel (x, y); ``labels`` (N,) 1/0;
+        ``box`` (4,) pixel x1, y1, x2, y2; ``mask_input`` the ``logits`` of a previous result."""
+        shape = self.image_shape
+        pts, lab, bx = check_prompts(shape, points, labels, box)
+        if bx is not None and "box" not in self.capabilities:
+            raise SegmenterError(f"segmenter {self.name!r} does not support box prompts")
+        t = time.perf_counter()
+        result = self._decode(pts, lab, bx, mask_input)
+        self.timings.decoder_s += time.perf_counter() - t
+        self.timings.decoder_calls += 1
+        if result.mask.shape != shape:
+            raise RuntimeError(f"backend {self.name} returned a {result.mask.shape} mask for a {shape} image")
+        return result
+
+    # --- backend hooks ----------------------------------------------------------------------------------------
+    def _encode(self, image: np.ndarray) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _decode(
+        self, points: np.ndarray, labels: np.ndarray, box: np.ndarray | None, mask_input: np.ndarray | None
+    ) -> SegResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registry (timm/SAM style): a name -> factory dict
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Entry:
+    factory: Callable[..., Segmenter]
+    description: str
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register_segmenter(name: str, description: str = "", tags: tuple[str, ...] = ()) -> Callable:
+    """Decorator: register a factory ``(**cfg) -> Segmenter`` under ``name``."""
+
+    def deco(factory: Callable[..., Segmenter]) -> Callable[..., Segmenter]:
+        _REGISTRY[name] = _Entry(factory, description or (factory.__doc__ or "").strip().split("\n")[0], tags)
+        return factory
+
+    return deco
+
+
+def list_segmenters() -> dict[str, str]:
+    """Registered backend names -> one-line descriptions."""
+    _load_builtin()
+    return {k: v.description for k, v in sorted(_REGISTRY.items())}
+
+
+def create_segmenter(name: str, **cfg: Any) -> Segmenter:
+    """Build a registered backend by name. Unknown names raise ``KeyError`` listing the known ones."""
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown segmenter {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name].factory(**cfg)
+
+
+def _load_builtin() -> None:
+    # Importing the modules registers their backends; heavy imports (torch) happen inside factories.
+    from ibisagent.segmenters import fake  # noqa: F401
+
+    for mod in ("litemedsam", "sam2"):
+        try:
+            __import__(f"ibisagent.segmenters.{mod}")
+        except ModuleNotFoundError as exc:  # module not written yet or optional dependency missing at import
+            if exc.name and exc.name.startswith("ibisagent"):
+                continue
+            raise

