@@ -14,7 +14,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("IBISAGENT_DEV_DATA", REPO.parent / "shared" / "data"))
-BUNDLED = REPO / "data" / "bundled"
+BUNDLED = REPO / "src" / "ibisagent" / "demo_data"
 
 
 def _read_rgb(path: Path) -> np.ndarray:

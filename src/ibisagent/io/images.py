@@ -301,14 +301,14 @@ def _check_file(path: Path) -> None:
 def _check_index(index: int | None, n: int, what: str, path: Path) -> int:
     if index is None:
         raise ImageLoadError(
-            f"{path.name} holds {n} {what}s (a volume/stack); pass slice_index=0..{n - 1} to pick one 2D image"
+            f"{path.name} holds {n} {what} (a volume/stack); pass slice_index=0..{n - 1} to pick one 2D image"
         )
     try:
         k = int(index)
     except (TypeError, ValueError) as exc:
         raise ImageLoadError(f"slice_index must be an integer, got {index!r}") from exc
     if not -n <= k < n:
-        raise ImageLoadError(f"slice_index {k} is out of range for {path.name}: it has {n} {what}s (0..{n - 1})")
+        raise ImageLoadError(f"slice_index {k} is out of range for {path.name}: it has {n} {what} (0..{n - 1})")
     return k % n
 
 
@@ -364,7 +364,7 @@ def _load_raster(path: Path, slice_index: int | None, window: WindowSpec) -> Loa
             if stacked:
                 if arr.ndim > 4:
                     raise ImageLoadError(f"TIFF {path.name} has axes {axes} (shape {arr.shape}); save one 2D plane")
-                k = _check_index(slice_index, arr.shape[0], "page", path)
+                k = _check_index(slice_index, arr.shape[0], "pages", path)
                 arr = arr[k]
                 kind = "tiff-page"
                 meta.update(slice_index=k, n_slices=int(len(arr)))
@@ -536,7 +536,7 @@ def _load_dicom(path: Path, slice_index: int | None, window: WindowSpec) -> Load
     }
     frame = 0
     if n_frames > 1:
-        frame = _check_index(slice_index, n_frames, "frame", path)
+        frame = _check_index(slice_index, n_frames, "frames", path)
         pixels = pixels[frame]
         meta["slice_index"] = frame
     if samples == 1 and pixels.ndim != 2:

@@ -103,7 +103,7 @@ class Volume:
     def slice(self, index: int, axis: int = 2, orientation: str = "radiological") -> np.ndarray:
         """The 2D slice ``index`` along ``axis`` in display orientation (raw intensities)."""
         axis = _check_axis(axis)
-        k = _check_index(index, self.n_slices(axis), f"slice along axis {axis}", self.source)
+        k = _check_index(index, self.n_slices(axis), f"slices along axis {axis}", self.source)
         return to_display(np.take(self.array, k, axis=axis), display_transform(self.affine, axis, orientation))
 
 
@@ -448,7 +448,7 @@ def slice_image(
     n = volume.n_slices(axis)
     if slice_index is None and n == 1:
         slice_index = 0
-    k = _check_index(slice_index, n, f"slice along axis {axis}", volume.source)
+    k = _check_index(slice_index, n, f"slices along axis {axis}", volume.source)
     transform = display_transform(volume.affine, axis, orientation)
     raw = to_display(np.take(volume.array, k, axis=axis), transform)
     win, source, modality = volume_window(volume, window)

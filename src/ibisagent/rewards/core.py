@@ -42,13 +42,16 @@ from ibisagent.segmenters.base import Segmenter, SegmenterError, create_segmente
 
 __all__ = [
     "COMPONENTS",
+    "DEFAULT_CONFIG",
     "RewardBreakdown",
     "RewardConfig",
     "RewardInputError",
     "answer_reward",
     "box_placement_reward",
     "click_placement_reward",
+    "ensure_image",
     "format_reward",
+    "get_segmenter",
     "length_reward",
     "progress_reward",
     "score_step",
@@ -145,6 +148,10 @@ class RewardBreakdown:
         return {k: getattr(self, k) for k in COMPONENTS}
 
 
+#: the reference configuration
+DEFAULT_CONFIG = RewardConfig()
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # The individual rewards (pure functions)
 # ------------------------------------------------------------------------------------------------------------------
@@ -154,7 +161,7 @@ def format_reward(reply: str, mode: GrammarMode = "reference") -> float:
     return 1.0 if validate_reply(reply, mode) else 0.0
 
 
-def answer_reward(iou_after: float, config: RewardConfig = RewardConfig()) -> float:
+def answer_reward(iou_after: float, config: RewardConfig = DEFAULT_CONFIG) -> float:
     """Tiered IoU reward: the value of the first tier whose bound IoU strictly exceeds (3/2/1 at 0.8/0.7/0.5)."""
     for bound, value in config.answer_tiers:
         if iou_after > bound:
@@ -163,7 +170,7 @@ def answer_reward(iou_after: float, config: RewardConfig = RewardConfig()) -> fl
 
 
 def click_placement_reward(positive: bool, x: int, y: int, gt: np.ndarray, mask_before: np.ndarray,
-                           config: RewardConfig = RewardConfig()) -> float:
+                           config: RewardConfig = DEFAULT_CONFIG) -> float:
     """+1 if a positive click is in FN (gt & ~mask) or a negative click in FP (mask & ~gt) at pixel (x, y), else -1."""
     inside_gt = bool(gt[y, x])
     inside_mask = bool(mask_before[y, x])
@@ -180,7 +187,7 @@ def _box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> floa
 
 
 def box_placement_reward(box: tuple[int, int, int, int], gt: np.ndarray,
-                         config: RewardConfig = RewardConfig()) -> float:
+                         config: RewardConfig = DEFAULT_CONFIG) -> float:
     """Our extension: placement of a pixel box (inclusive corners) against the ground truth.
 
     ``"iou"``: hit if IoU(box, tight gt box) >= ``box_iou``. ``"containment"``: hit if the box holds at least
@@ -200,14 +207,14 @@ def box_placement_reward(box: tuple[int, int, int, int], gt: np.ndarray,
 
 
 def progress_reward(iou_before: float, iou_after: float, terminate: bool = False,
-                    config: RewardConfig = RewardConfig()) -> float:
+                    config: RewardConfig = DEFAULT_CONFIG) -> float:
     """``progress_value`` if IoU strictly rose, else 0; always 0 for Terminate."""
     if terminate:
         return 0.0
     return config.progress_value if iou_after > iou_before else 0.0
 
 
-def length_reward(step: int, config: RewardConfig = RewardConfig()) -> float:
+def length_reward(step: int, config: RewardConfig = DEFAULT_CONFIG) -> float:
     """1 while ``step`` (1-based turn number of this reply) <= optimal, else -gamma * (step - optimal)."""
     if step <= config.optimal_steps:
         return 1.0
@@ -297,7 +304,7 @@ def score_transition(
     mask_before: np.ndarray | None,
     mask_after: np.ndarray | None,
     step: int,
-    config: RewardConfig = RewardConfig(),
+    config: RewardConfig = DEFAULT_CONFIG,
     mode: GrammarMode = "reference",
 ) -> RewardBreakdown:
     """Score one reply whose action the caller already applied.
@@ -368,7 +375,7 @@ def score_step(
     prev_logits: np.ndarray | None = None,
     step: int,
     segmenter: str | Segmenter,
-    config: RewardConfig = RewardConfig(),
+    config: RewardConfig = DEFAULT_CONFIG,
     mode: GrammarMode = "reference",
     mask_before: np.ndarray | None = None,
 ) -> RewardBreakdown:

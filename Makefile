@@ -1,0 +1,50 @@
+# Two commands on a fresh machine (Python 3.11):  `make demo`  and  `make test`.
+# Both create ./.venv and install everything pinned (idempotent: a stamp file skips reinstalling).
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip
+STAMP  := $(VENV)/.ibisagent-installed
+EXTRAS ?= train,app,onnx,ray,dev
+
+.PHONY: install demo test test-fast lint bench browser clean help
+
+help:
+	@echo "make demo    install (venv, pinned CPU torch, package) and run the agent on a bundled real case"
+	@echo "make test    install and run the test suite"
+	@echo "make lint    ruff"
+	@echo "make bench   run the benchmarks (slow; results go to docs/benchmarks.md by hand)"
+
+$(STAMP): pyproject.toml constraints/cpu.txt constraints/nodeps.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade "pip>=24"
+	$(PIP) install -q -c constraints/cpu.txt torch==2.13.0
+	$(PIP) install -q -c constraints/cpu.txt -e ".[$(EXTRAS)]"
+	$(PIP) install -q --no-deps -r constraints/nodeps.txt
+	SAM2_BUILD_CUDA=0 $(PIP) install -q --no-deps --no-build-isolation -r constraints/sam2.txt
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/ibisagent demo --out demo_out
+
+browser:
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	  echo "chromium not installed: browser tests will be skipped"; }
+
+test: $(STAMP) browser
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not browser"
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+
+bench: $(STAMP)
+	bash benchmarks/run_all.sh
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache

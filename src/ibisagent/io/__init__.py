@@ -1,0 +1,76 @@
+"""Image, volume, mask and dataset-manifest input/output.
+
+* :func:`load_image` -> :class:`LoadedImage` (``array`` HxWx3 uint8 RGB for segmenters, ``raw`` intensities, ``meta``)
+  for PNG/JPEG/TIFF/BMP, DICOM (files and series folders) and NIfTI slices, with CT/MR windowing
+  (:data:`WINDOW_PRESETS`, :func:`apply_window`).
+* :func:`load_volume` -> :class:`Volume` (NIfTI, DICOM series, TIFF stacks), :func:`slice_image`,
+  :func:`iter_slices`, :func:`choose_slice`.
+* :func:`load_mask` / :func:`save_mask` (PNG, TIFF, NPY, NIfTI label maps), :func:`load_case` /
+  :func:`load_volume_case` for manifest rows (:func:`load_manifest`).
+
+Errors: :class:`ImageLoadError`, :class:`MaskError`, :class:`WindowError`, :class:`ManifestError` (all ValueError).
+"""
+
+from .images import (
+    PERCENTILE_RANGE,
+    SUPPORTED_SUFFIXES,
+    WINDOW_PRESETS,
+    ImageLoadError,
+    LoadedImage,
+    Window,
+    WindowError,
+    apply_window,
+    image_format,
+    is_dicom_file,
+    load_image,
+    resolve_window,
+)
+from .manifest import VAL_FRACTION, Case, ManifestError, iter_manifest_dirs, load_manifest, split_of
+from .masks_io import MASK_SUFFIXES, MaskError, load_case, load_mask, load_volume_case, save_mask
+from .volumes import (
+    ORIENTATIONS,
+    Volume,
+    choose_slice,
+    guess_modality,
+    iter_slices,
+    load_dicom_series,
+    load_nifti,
+    load_volume,
+    slice_image,
+)
+
+__all__ = [
+    "PERCENTILE_RANGE",
+    "SUPPORTED_SUFFIXES",
+    "WINDOW_PRESETS",
+    "ImageLoadError",
+    "LoadedImage",
+    "Window",
+    "WindowError",
+    "apply_window",
+    "image_format",
+    "is_dicom_file",
+    "load_image",
+    "resolve_window",
+    "VAL_FRACTION",
+    "Case",
+    "ManifestError",
+    "iter_manifest_dirs",
+    "load_manifest",
+    "split_of",
+    "MASK_SUFFIXES",
+    "MaskError",
+    "load_case",
+    "load_mask",
+    "load_volume_case",
+    "save_mask",
+    "ORIENTATIONS",
+    "Volume",
+    "choose_slice",
+    "guess_modality",
+    "iter_slices",
+    "load_dicom_series",
+    "load_nifti",
+    "load_volume",
+    "slice_image",
+]

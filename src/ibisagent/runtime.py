@@ -1,0 +1,295 @@
+"""The runtime the web app and the tool server share: one segmenter per name per process (behind a lock, bound to
+the image it currently holds), cached image loading, bundled examples, and an episode loop that can start from
+interactions a person already made ("let the agent continue from my clicks").
+
+>>> hub = SegmenterHub()
+>>> with hub.bound("fake", image) as seg:
+...     seg.predict(points=[[10, 20]], labels=[1])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ibisagent.agent import Episode, StepRecord
+from ibisagent.env import EnvConfig, SegmentationEnv
+from ibisagent.policies.base import Policy
+from ibisagent.protocol import Action, format_reply, to_normalized
+from ibisagent.segmenters.base import Segmenter, create_segmenter
+from ibisagent.session import Interaction
+
+__all__ = [
+    "BUNDLED_ENV",
+    "SegmenterHub",
+    "ImageCache",
+    "image_key",
+    "default_segmenter_name",
+    "find_bundled_dir",
+    "interaction_reply",
+    "iter_episode",
+    "continue_episode",
+    "USER_REASONING",
+]
+
+#: environment variable naming the bundled-examples manifest folder
+BUNDLED_ENV = "IBISAGENT_BUNDLED"
+#: reasoning text recorded for replayed user interactions (so traces show who made each step)
+USER_REASONING = "Annotator prompt (placed by the user)."
+
+
+def default_segmenter_name() -> str:
+    """``litemedsam-click`` when its fine-tuned weights are installed, else ``litemedsam``."""
+    weights = Path(__file__).resolve().parent / "weights" / "litemedsam_click.safetensors"
+    return "litemedsam-click" if weights.is_file() else "litemedsam"
+
+
+def image_key(image: np.ndarray) -> str:
+    """Content hash of an image array (shape, dtype and bytes)."""
+    arr = np.ascontiguousarray(image)
+    h = hashlib.sha1(f"{arr.shape}{arr.dtype}".encode())
+    h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Segmenters: one per name per process
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Slot:
+    segmenter: Segmenter
+    lock: threading.Lock
+    key: str | None = None  # the image the segmenter currently holds
+
+
+class SegmenterHub:
+    """Creates each named segmenter once and serializes its use.
+
+    ``bound(name, image, key)`` locks the segmenter and makes sure it holds ``image`` (``set_image`` only when another
+    image was set since; the LiteMedSAM backends also keep an LRU of embeddings, so switching back is cheap).
+    ``factory`` builds a segmenter from a name (tests pass their own).
+    """
+
+    def __init__(self, factory: Callable[[str], Segmenter] | None = None) -> None:
+        self._factory = factory or (lambda name: create_segmenter(name))
+        self._slots: dict[str, _Slot] = {}
+        self._lock = threading.Lock()
+        self.set_image_calls = 0
+
+    def get(self, name: str) -> Segmenter:
+        """The process-wide segmenter called ``name`` (created on first use; KeyError for unknown names)."""
+        return self._slot(name).segmenter
+
+    def _slot(self, name: str) -> _Slot:
+        with self._lock:
+            slot = self._slots.get(name)
+            if slot is None:
+                slot = _Slot(self._factory(name), threading.Lock())
+                self._slots[name] = slot
+            return slot
+
+    @contextmanager
+    def bound(self, name: str, image: np.ndarray, key: str | None = None) -> Iterator[Segmenter]:
+        """Lock segmenter ``name`` with ``image`` set on it for the duration of the block."""
+        slot = self._slot(name)
+        key = key or image_key(image)
+        with slot.lock:
+            if slot.key != key or not slot.segmenter.is_image_set:
+                slot.key = None
+                slot.segmenter.set_image(image)
+                self.set_image_calls += 1
+                slot.key = key
+            try:
+                yield slot.segmenter
+            except BaseException:
+                slot.key = None  # the block may have left the segmenter in an unknown state
+                raise
+
+    def note_image(self, name: str, key: str) -> None:
+        """Record that code inside ``bound`` set image ``key`` on the segmenter itself (e.g. ``env.reset``)."""
+        self._slot(name).key = key
+
+    def loaded(self) -> list[str]:
+        with self._lock:
+            return sorted(self._slots)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Image loading with a small LRU keyed by (resolved path, mtime, size, slice, window)
+# ----------------------------------------------------------------------------------------------------------------
+
+class ImageCache:
+    """LRU of loaded images (``ibisagent.io.load_image`` results) keyed by file identity and load options."""
+
+    def __init__(self, max_items: int = 32) -> None:
+        self.max_items = int(max_items)
+        self._items: OrderedDict[tuple, Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def load(self, path: Path, slice_index: int | None = None, window: Any = None) -> Any:
+        st = path.stat()
+        win = tuple(window) if isinstance(window, list) else window
+        k = (str(path), st.st_mtime_ns, st.st_size, slice_index, win)
+        with self._lock:
+            hit = self._items.get(k)
+            if hit is not None:
+                self._items.move_to_end(k)
+                self.hits += 1
+                return hit
+        from ibisagent.io.images import load_image
+
+        loaded = load_image(path, slice_index=slice_index, window=window)
+        with self._lock:
+            self.misses += 1
+            self._items[k] = loaded
+            while len(self._items) > self.max_items:
+                self._items.popitem(last=False)
+        return loaded
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def find_bundled_dir(explicit: str | Path | None = None) -> Path | None:
+    """The bundled-examples manifest folder: ``explicit``, ``$IBISAGENT_BUNDLED``, the package's ``data/bundled`` or
+    the source checkout's ``data/bundled`` (the first that has an ``index.jsonl`` somewhere), else None."""
+    import os
+
+    here = Path(__file__).resolve().parent
+    candidates = [explicit, os.environ.get(BUNDLED_ENV), here / "data" / "bundled", here.parent.parent / "data" / "bundled"]
+    for c in candidates:
+        if not c:
+            continue
+        p = Path(c)
+        if (p / "index.jsonl").is_file() or (p.is_dir() and any(p.glob("*/index.jsonl"))):
+            return p
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Episodes that start from existing interactions
+# ----------------------------------------------------------------------------------------------------------------
+
+def interaction_reply(inter: Interaction, width: int, height: int) -> str:
+    """A protocol reply that re-creates one session interaction (pixel coordinates -> normalized action)."""
+    if inter.kind == "box":
+        assert inter.box is not None
+        x1, y1, x2, y2 = inter.box
+        action = Action.make_box(to_normalized(x1, width), to_normalized(y1, height),
+                                 to_normalized(x2, width), to_normalized(y2, height))
+    else:
+        x, y = to_normalized(inter.x, width), to_normalized(inter.y, height)
+        action = Action.positive(x, y) if inter.positive else Action.negative(x, y)
+    return format_reply(action, USER_REASONING)
+
+
+def _record(env: SegmentationEnv, reply: str, info: dict[str, Any], policy_s: float) -> StepRecord:
+    action = info.get("action")
+    s = env.session
+    return StepRecord(
+        step=info["step"], raw=reply, action=action.text() if action else None,
+        kind=action.kind.value if action else None,
+        points=s.points.tolist(), labels=s.labels.tolist(), box=list(s.box) if s.box else None,
+        mask=info["mask"], iou=info["iou"], score=float(info["score"]), policy_s=policy_s,
+        segmenter_s=info["segmenter_s"], error=info.get("error"),
+    )
+
+
+def iter_episode(
+    env: SegmentationEnv,
+    policy: Policy,
+    image: np.ndarray,
+    query: str,
+    gt: np.ndarray | None = None,
+    prior: Sequence[Interaction] = (),
+    *,
+    step_guard: Callable[[], Any] | None = None,
+) -> Iterator[tuple[StepRecord, Episode]]:
+    """Play an episode step by step, first replaying ``prior`` interactions (the user's clicks) through the
+    environment, then letting ``policy`` act. Yields ``(record, episode)`` after every step; the episode object is
+    complete (``mask``, ``stop_reason``, timings) after the last yield.
+
+    Replayed steps carry :data:`USER_REASONING` in their ``raw`` text; ``episode.meta["user_steps"]`` counts them.
+    Build ``env`` with :func:`env_for` (``extra_steps=len(prior)``) so the agent keeps its full step budget.
+    ``step_guard`` is a context-manager factory entered around every step (e.g. a segmenter lock).
+    """
+    guard = step_guard or _null_guard
+    prior = list(prior)
+    if prior and any(p.kind == "box" for p in prior) and env.config.grammar != "extended":
+        raise ValueError("the current prompts include a box, which this policy's grammar ('reference') cannot "
+                         "express; reset or undo the box, or choose a policy with the extended grammar")
+    t_start = time.perf_counter()
+    with guard():
+        enc0, dec0 = env.segmenter.timings.encoder_s, env.segmenter.timings.decoder_s
+        obs = env.reset(image, query, gt)
+        policy.begin_episode(image=obs.image, query=query, gt=env.gt)
+    ep = Episode(query=query, image_shape=(obs.height, obs.width), gt=env.gt,
+                 encoder_s=env.segmenter.timings.encoder_s - enc0, meta={"user_steps": len(prior)})
+    h, w = obs.height, obs.width
+    replies = [interaction_reply(p, w, h) for p in prior]
+    done = False
+    k = 0
+    while not done:
+        t = time.perf_counter()
+        with guard():
+            if k < len(replies):
+                reply, policy_s = replies[k], 0.0
+            else:
+                reply = policy.act(obs)
+                policy_s = time.perf_counter() - t
+            res = env.step(reply)
+        k += 1
+        rec = _record(env, reply, res.info, policy_s)
+        ep.steps.append(rec)
+        ep.policy_s += policy_s
+        obs, done = res.observation, res.done
+        if done:
+            ep.stop_reason = res.info["stop_reason"]
+            ep.mask = env.session.mask
+            ep.segmenter_s = env.segmenter.timings.decoder_s - dec0
+            ep.total_s = time.perf_counter() - t_start
+        yield rec, ep
+
+
+def continue_episode(
+    env: SegmentationEnv,
+    policy: Policy,
+    image: np.ndarray,
+    query: str,
+    gt: np.ndarray | None = None,
+    prior: Sequence[Interaction] = (),
+    on_step: Callable[[StepRecord], Any] | None = None,
+) -> Episode:
+    """:func:`iter_episode` run to the end; returns the finished episode."""
+    episode: Episode | None = None
+    for rec, ep in iter_episode(env, policy, image, query, gt, prior):
+        episode = ep
+        if on_step is not None:
+            on_step(rec)
+    assert episode is not None
+    return episode
+
+
+def env_for(segmenter: Segmenter, policy: Policy, max_steps: int = 20, extra_steps: int = 0) -> SegmentationEnv:
+    """A fresh environment for ``policy`` (its grammar and prompts) with ``max_steps + extra_steps`` turns."""
+    grammar = getattr(policy, "grammar", "reference")
+    cfg = EnvConfig(max_steps=max_steps + extra_steps, grammar=grammar,
+                    prompts="extended" if grammar == "extended" else "reference")
+    return SegmentationEnv(segmenter, cfg)
+
+
+@contextmanager
+def _null_guard() -> Iterator[None]:
+    yield
