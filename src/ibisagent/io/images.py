@@ -164,7 +164,8 @@ def resolve_window(raw: np.ndarray, window: WindowSpec) -> Window:
     else:
         raise WindowError(f"window must be a preset name, a (center, width) pair or a Window, got {window!r}")
     if isinstance(spec, Window):
-        if not (np.isfinite(spec.center) and np.isfinite(spec.width)) or spec.width <= 0:
+        degenerate_ok = spec.name in ("percentile", "minmax") and spec.width == 0  # computed from constant data
+        if not (np.isfinite(spec.center) and np.isfinite(spec.width)) or (spec.width <= 0 and not degenerate_ok):
             raise WindowError(f"window width must be a positive number, got center={spec.center} width={spec.width}")
         return spec
     values = _finite_sample(raw)
@@ -364,10 +365,11 @@ def _load_raster(path: Path, slice_index: int | None, window: WindowSpec) -> Loa
             if stacked:
                 if arr.ndim > 4:
                     raise ImageLoadError(f"TIFF {path.name} has axes {axes} (shape {arr.shape}); save one 2D plane")
-                k = _check_index(slice_index, arr.shape[0], "pages", path)
+                n_pages = int(arr.shape[0])
+                k = _check_index(slice_index, n_pages, "pages", path)
                 arr = arr[k]
                 kind = "tiff-page"
-                meta.update(slice_index=k, n_slices=int(len(arr)))
+                meta.update(slice_index=k, n_slices=n_pages)
         except ImageLoadError:
             raise
         except Exception as exc:  # tifffile could not decode (e.g. a codec it lacks): try Pillow below
@@ -383,6 +385,8 @@ def _load_raster(path: Path, slice_index: int | None, window: WindowSpec) -> Loa
                 f"cannot read {path}: the file is corrupt or not a valid {suffix.lstrip('.').upper()} image "
                 f"({'; '.join(errors)})"
             ) from exc
+    if kind == "2d" and slice_index is not None:
+        _check_index(slice_index, 1, "slice (a 2D image)", path)
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
     if arr.ndim not in (2, 3) or arr.size == 0 or min(arr.shape[:2]) == 0:
@@ -539,6 +543,8 @@ def _load_dicom(path: Path, slice_index: int | None, window: WindowSpec) -> Load
         frame = _check_index(slice_index, n_frames, "frames", path)
         pixels = pixels[frame]
         meta["slice_index"] = frame
+    elif slice_index is not None:
+        _check_index(slice_index, 1, "frame (a 2D image)", path)
     if samples == 1 and pixels.ndim != 2:
         raise ImageLoadError(f"{path.name}: unexpected DICOM pixel array shape {pixels.shape}")
     meta.update(_dicom_geometry(ds))
@@ -597,4 +603,3 @@ def load_image(
 
     vol = load_volume(p)
     return slice_image(vol, slice_index, axis=axis, window=window, orientation=orientation)
-

@@ -239,7 +239,9 @@ def save_mask(
     m = _as_binary(mask)
     suffix = _suffix(p)
     if suffix not in MASK_SUFFIXES:
-        raise MaskError(f"unsupported mask format {suffix or '(no extension)'} for {p.name}; use {', '.join(MASK_SUFFIXES)}")
+        raise MaskError(
+            f"unsupported mask format {suffix or '(no extension)'} for {p.name}; use {', '.join(MASK_SUFFIXES)}"
+        )
     if suffix in (".jpg", ".jpeg"):
         raise MaskError("JPEG is lossy and would corrupt the mask; save masks as .png (or .tif/.nii.gz)")
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -331,8 +333,7 @@ def load_case(case: Case, *, window: Any = None) -> tuple[LoadedImage, np.ndarra
         raise MaskError(f"case {case.id} has no mask")
     try:
         image = load_image(case.image, window=window)
-        label = case.extra.get("label_value")
-        mask = load_mask(case.mask, shape=image.shape, allow_empty=False, label=label)
+        mask = load_mask(case.mask, shape=image.shape, allow_empty=False)
     except (ImageLoadError, MaskError) as exc:
         raise type(exc)(f"case {case.id}: {exc}") from exc
     return image, mask

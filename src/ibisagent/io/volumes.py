@@ -68,6 +68,7 @@ __all__ = [
     "to_display",
     "from_display",
     "slice_image",
+    "volume_window",
     "iter_slices",
     "choose_slice",
 ]
@@ -226,6 +227,8 @@ def load_nifti(path: str | Path) -> Volume:
         raise ImageLoadError(f"{p.name}: unsupported NIfTI data shape {data.shape}")
     if data.dtype.kind == "c":
         raise ImageLoadError(f"{p.name} holds complex values; save magnitude images instead")
+    if data.dtype == np.float64 and img.get_data_dtype() != np.float64:
+        data = data.astype(np.float32)  # scl_slope/scl_inter applied by nibabel: float32 is plenty
     affine = img.affine if img.affine is not None else img.header.get_best_affine()
     zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
     zooms = zooms + (1.0,) * (3 - len(zooms))
@@ -273,6 +276,7 @@ def load_dicom_series(source: str | Path | list[Path], *, series_uid: str | None
     Slices are sorted by their position along the slice normal (ImagePositionPatient projected on the normal of
     ImageOrientationPatient), else by InstanceNumber. Values are rescaled (RescaleSlope/Intercept, per slice) and
     the volume is float32 whenever a rescale is not the identity. A folder with several series needs ``series_uid``.
+    The affine uses the mean slice step; ``meta["uneven_spacing"]`` flags series with gaps.
     """
     if isinstance(source, list):
         files = source
@@ -296,7 +300,10 @@ def load_dicom_series(source: str | Path | list[Path], *, series_uid: str | None
         datasets = by_series[series_uid]
     elif len(by_series) > 1:
         counts = ", ".join(f"{uid or '(none)'}: {len(v)} files" for uid, v in sorted(by_series.items()))
-        raise ImageLoadError(f"{folder} holds {len(by_series)} DICOM series ({counts}); pass series_uid=")
+        raise ImageLoadError(
+            f"{folder} holds {len(by_series)} DICOM series ({counts}); put each series in its own folder or call "
+            "load_dicom_series(folder, series_uid=...)"
+        )
     first = datasets[0][1]
     rows, cols = int(first.get("Rows", 0)), int(first.get("Columns", 0))
     for f, ds in datasets:
@@ -348,9 +355,7 @@ def load_dicom_series(source: str | Path | list[Path], *, series_uid: str | None
     else:
         thickness = float(first.get("SpacingBetweenSlices", 0) or first.get("SliceThickness", 1) or 1)
         step = normal * thickness
-    origin = (
-        np.array([float(v) for v in datasets[0][1].ImagePositionPatient]) if has_pos else np.zeros(3, dtype=float)
-    )
+    origin = np.array([float(v) for v in datasets[0][1].ImagePositionPatient]) if has_pos else np.zeros(3, dtype=float)
     lps = np.eye(4)
     lps[:3, 0] = row_dir * col_sp
     lps[:3, 1] = col_dir * row_sp
@@ -358,8 +363,14 @@ def load_dicom_series(source: str | Path | list[Path], *, series_uid: str | None
     lps[:3, 3] = origin
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
     meta = _series_meta(first, data, datasets[0][1])
-    meta.update(n_files=len(datasets), files=[str(f) for f, _ in datasets], sorted_by=("position" if has_pos else
-                                                                                      "InstanceNumber"))
+    meta.update(
+        n_files=len(datasets),
+        files=[str(f) for f, _ in datasets],
+        sorted_by=("position" if has_pos else "InstanceNumber"),
+    )
+    if has_pos and len(datasets) > 2:
+        gaps = np.diff(np.sort(keys))
+        meta["uneven_spacing"] = bool(np.ptp(gaps) > 0.01 * max(float(np.mean(gaps)), 1e-6))
     spacing = (col_sp, row_sp, float(np.linalg.norm(step)) or 1.0)
     return Volume(data, affine, spacing, folder, "dicom-series", None, meta)
 
@@ -388,8 +399,9 @@ def _multiframe_volume(path: Path, ds: Any) -> Volume:
     affine = np.diag([-float(spacing_rc[1]), -float(spacing_rc[0]), thickness, 1.0])  # axial LPS grid, origin 0
     meta = _series_meta(ds, data, ds)
     meta.update(n_files=1, geometry="approximate (multi-frame: pixel spacing only)")
-    return Volume(data, affine, (float(spacing_rc[1]), float(spacing_rc[0]), thickness), path, "dicom-series",
-                  None, meta)
+    return Volume(
+        data, affine, (float(spacing_rc[1]), float(spacing_rc[0]), thickness), path, "dicom-series", None, meta
+    )
 
 
 # ------------------------------------------------------------------------------------------------ modality, windows
@@ -442,8 +454,12 @@ def slice_image(
     axis: int = 2,
     window: WindowSpec = None,
     orientation: str = "radiological",
+    resolved_window: tuple[Window, str, str] | None = None,
 ) -> LoadedImage:
-    """One slice of ``volume`` as a LoadedImage (``kind`` ``"nifti-slice"``/``"dicom-series-slice"``/...)."""
+    """One slice of ``volume`` as a LoadedImage (``kind`` ``"nifti-slice"``/``"dicom-series-slice"``/...).
+
+    ``resolved_window``: the result of :func:`volume_window` when the caller already computed it (many slices).
+    """
     axis = _check_axis(axis)
     n = volume.n_slices(axis)
     if slice_index is None and n == 1:
@@ -451,7 +467,7 @@ def slice_image(
     k = _check_index(slice_index, n, f"slices along axis {axis}", volume.source)
     transform = display_transform(volume.affine, axis, orientation)
     raw = to_display(np.take(volume.array, k, axis=axis), transform)
-    win, source, modality = volume_window(volume, window)
+    win, source, modality = resolved_window if resolved_window is not None else volume_window(volume, window)
     gray = apply_window(raw, win)
     if volume.meta.get("photometric") == "MONOCHROME1":
         gray = 255 - gray
@@ -490,10 +506,9 @@ def iter_slices(
     indices: list[int] | None = None,
 ) -> Iterator[LoadedImage]:
     """Each slice (or the given ``indices``) along ``axis`` as a LoadedImage, windowed consistently."""
-    win, _, _ = volume_window(volume, window)
+    resolved = volume_window(volume, window)
     for k in range(volume.n_slices(axis)) if indices is None else indices:
-        yield slice_image(volume, k, axis=axis, window=window if window is not None else win,
-                          orientation=orientation)
+        yield slice_image(volume, k, axis=axis, orientation=orientation, resolved_window=resolved)
 
 
 def choose_slice(mask: np.ndarray | Volume, axis: int = 2, how: str = "largest") -> int:

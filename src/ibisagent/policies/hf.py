@@ -58,7 +58,11 @@ def check_checkpoint_dir(path: str | Path) -> Path:
     if not (p / "preprocessor_config.json").is_file():
         missing.append("preprocessor_config.json")
     if missing:
-        raise PolicyError(f"checkpoint directory {p} is incomplete; missing: {', '.join(missing)}")
+        hint = ""
+        if (p / "adapter_config.json").is_file():
+            hint = (" (this is a LoRA adapter: merge it into its base model first with "
+                    "`ibisagent train-llm-sft --merge-into OUT` or ibisagent.training.trl_sft.merge_lora)")
+        raise PolicyError(f"checkpoint directory {p} is incomplete; missing: {', '.join(missing)}{hint}")
     return p
 
 

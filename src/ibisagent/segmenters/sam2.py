@@ -33,10 +33,10 @@ from typing import Any
 import numpy as np
 
 from ibisagent.segmenters.base import (
+    Segmenter,
     SegmenterError,
     SegmenterUnavailable,
     SegResult,
-    Segmenter,
     register_segmenter,
 )
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["SFTDatasetError", "SFTRunConfig", "SFTResult", "load_sft_dataset", "merge_lora", "run_sft",
-           "normalize_example"]
+           "normalize_example", "finalize_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -210,16 +210,18 @@ def run_sft(cfg: SFTRunConfig) -> SFTResult:
                          data_collator=collator, peft_config=peft_config, callbacks=[losses.callback()])
     result = trainer.train()
     trainer.save_model(str(out))
-    processor.save_pretrained(str(out))
-    _copy_processor_files(vl.path, out)
+    finalize_checkpoint(vl.path, out)
     bad = [v for v in losses.losses if not math.isfinite(v)]
     if bad:
         log.warning("non-finite SFT loss values were logged: %s", bad)
     return SFTResult(out, int(result.global_step), losses.losses, float(result.metrics.get("train_runtime", 0.0)))
 
 
-def _copy_processor_files(src: Path, dst: Path) -> None:
-    """Copy the base checkpoint's tokenizer/processor/template files so ``dst`` is a complete checkpoint."""
+def finalize_checkpoint(src: Path, dst: Path) -> None:
+    """Make ``dst`` a complete, standard checkpoint: copy the base checkpoint's tokenizer/processor/template files and
+    name the standard ``Qwen2_5_VLProcessor`` in ``processor_config.json`` (our image-only loader class is internal),
+    so vLLM, LLaMA-Factory and ``AutoProcessor`` load the result."""
+    import json
     import shutil
 
     names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
@@ -228,6 +230,12 @@ def _copy_processor_files(src: Path, dst: Path) -> None:
     for n in names:
         if (src / n).is_file() and not (dst / n).exists():
             shutil.copy2(src / n, dst / n)
+    pc = dst / "processor_config.json"
+    if pc.is_file():
+        data = json.loads(pc.read_text())
+        if data.get("processor_class") != "Qwen2_5_VLProcessor":
+            data["processor_class"] = "Qwen2_5_VLProcessor"
+            pc.write_text(json.dumps(data, indent=2))
 
 
 def merge_lora(base_path: str | Path, adapter_dir: str | Path, out_dir: str | Path, dtype: str = "auto") -> Path:
@@ -240,5 +248,5 @@ def merge_lora(base_path: str | Path, adapter_dir: str | Path, out_dir: str | Pa
     merged = PeftModel.from_pretrained(vl.model, str(adapter_dir)).merge_and_unload()
     out = Path(out_dir)
     merged.save_pretrained(out)
-    _copy_processor_files(vl.path, out)
+    finalize_checkpoint(vl.path, out)
     return out

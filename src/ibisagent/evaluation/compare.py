@@ -1,0 +1,98 @@
+"""Side-by-side comparison of several evaluation runs (``ibisagent compare DIR1 DIR2 ...``)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["CompareError", "compare_runs", "load_run"]
+
+
+class CompareError(ValueError):
+    """A folder that is not a finished evaluation run."""
+
+
+def load_run(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """summary.json and (when present) summary_extra.json of a run folder."""
+    p = Path(path)
+    f = p / "summary.json"
+    if not f.is_file():
+        raise CompareError(f"{p} has no summary.json: run `ibisagent eval DATA --out {p}` to completion first")
+    try:
+        summary = json.loads(f.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CompareError(f"{f} is not valid JSON ({exc.msg})") from exc
+    for key in ("cases", "mean_iou", "noc", "iou_at", "by_dataset", "config"):
+        if key not in summary:
+            raise CompareError(f"{f} lacks the key {key!r}: not a summary written by `ibisagent eval`")
+    extra_f = p / "summary_extra.json"
+    extra = json.loads(extra_f.read_text(encoding="utf-8")) if extra_f.is_file() else {}
+    return summary, extra
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def _unique_labels(paths: Sequence[Path]) -> list[str]:
+    labels = [p.name or str(p) for p in paths]
+    if len(set(labels)) < len(labels):
+        labels = [str(p) for p in paths]
+    return labels
+
+
+def compare_runs(dirs: Sequence[str | Path], *, by_dataset: bool = False, fmt: str = "md") -> str:
+    """A table with one column per run and one row per metric (markdown, or CSV with ``fmt="csv"``)."""
+    if not dirs:
+        raise CompareError("give at least one run folder")
+    if fmt not in ("md", "csv"):
+        raise CompareError(f"unknown format {fmt!r}; choose md or csv")
+    paths = [Path(d) for d in dirs]
+    runs = [load_run(p) for p in paths]
+    labels = _unique_labels(paths)
+    rows: list[tuple[str, list[Any]]] = [
+        ("policy", [s["config"].get("policy") for s, _ in runs]),
+        ("segmenter", [s["config"].get("segmenter") for s, _ in runs]),
+        ("protocol", [s["config"].get("protocol") for s, _ in runs]),
+        ("split", [s["config"].get("split") for s, _ in runs]),
+        ("cases", [s["cases"] for s, _ in runs]),
+        ("mean IoU", [s["mean_iou"] for s, _ in runs]),
+        ("mean Dice", [s["mean_dice"] for s, _ in runs]),
+    ]
+    rows += [(f"NoC@{t}", [s["noc"].get(t) for s, _ in runs]) for t in ("80", "85", "90")]
+    rows += [(f"IoU@{k}", [s["iou_at"].get(k) for s, _ in runs]) for k in ("1", "3", "5", "10")]
+    rows += [("mean steps", [s["mean_steps"] for s, _ in runs]),
+             ("s/case", [s["mean_seconds"] for s, _ in runs]),
+             ("HD95 median", [e.get("overall", {}).get("median_hd95") for _, e in runs]),
+             ("NSD", [e.get("overall", {}).get("mean_nsd") for _, e in runs])]
+    if any("challenge" in e.get("overall", {}) for _, e in runs):
+        for name in ("DSC_AUC", "NSD_AUC", "DSC_Final", "NSD_Final", "seconds_per_interaction"):
+            rows.append((name, [e.get("overall", {}).get("challenge", {}).get(name) for _, e in runs]))
+    if by_dataset:
+        names = sorted({n for s, _ in runs for n in s["by_dataset"]})
+        for n in names:
+            rows.append((f"IoU {n}", [s["by_dataset"].get(n, {}).get("mean_iou") for s, _ in runs]))
+            rows.append((f"cases {n}", [s["by_dataset"].get(n, {}).get("cases") for s, _ in runs]))
+    if fmt == "csv":
+        import csv
+        import io
+
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["metric", *labels])
+        for name, vals in rows:
+            w.writerow([name, *("" if v is None else v for v in vals)])
+        return buf.getvalue()
+    lines = ["| metric | " + " | ".join(labels) + " |", "|---|" + "|".join("---" for _ in labels) + "|"]
+    lines += ["| " + name + " | " + " | ".join(_fmt(v) for v in vals) + " |" for name, vals in rows]
+    counts = {s["cases"] for s, _ in runs}
+    if len(counts) > 1:
+        lines.append("")
+        lines.append("Note: the runs cover different numbers of cases; means are not directly comparable.")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,249 @@
+"""Run an image encoder (LiteMedSAM's TinyViT) with ONNX Runtime instead of PyTorch.
+
+The PyTorch module is exported once to ONNX (TorchScript exporter, static 1x3xSxS input, opset 17) and the file is
+cached on disk, keyed by the sha256 of the module's weights + the opset + the torch version, and written atomically
+(temp file + rename), so concurrent processes never see a half-written model. ONNX Runtime then runs it on the CPU
+with ``intra_op_num_threads`` (default 2) and all graph optimizations. Optionally the model is quantized to int8
+weights with ONNX Runtime's dynamic quantization (``quantize=True``; see ``docs/benchmarks_encoder.md`` for its
+accuracy: check it before using it).
+
+Cache directory: ``$IBISAGENT_ONNX_DIR``, else ``$XDG_CACHE_HOME/ibisagent/onnx``, else ``~/.cache/ibisagent/onnx``.
+
+Encoder choice for segmenters (``encoder=`` option):
+
+* ``"torch"`` — plain PyTorch;
+* ``"onnx"`` — ONNX Runtime; :class:`SegmenterUnavailable` if ``onnxruntime`` (or, for the first export,
+  ``onnx``) is missing;
+* ``"onnx-int8"`` — ONNX Runtime with int8 dynamic quantization;
+* ``"auto"`` — ONNX Runtime where it is installed and the export works, else PyTorch (with one warning).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import logging
+import os
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ibisagent.segmenters.base import SegmenterError, SegmenterUnavailable
+
+__all__ = [
+    "DEFAULT_OPSET",
+    "ENCODER_CHOICES",
+    "ONNX_DIR_ENV",
+    "OnnxEncoder",
+    "default_onnx_dir",
+    "encoder_runner",
+    "export_onnx",
+    "onnx_model_path",
+    "onnxruntime_available",
+    "quantize_int8",
+    "weights_sha256",
+]
+
+log = logging.getLogger(__name__)
+
+ONNX_DIR_ENV = "IBISAGENT_ONNX_DIR"
+DEFAULT_OPSET = 17
+ENCODER_CHOICES = ("auto", "torch", "onnx", "onnx-int8")
+PIP_HINT = "pip install onnxruntime onnx"
+
+_LOCK = threading.RLock()
+#: id(module), kind -> (module, runner or None); the module reference keeps the id valid
+_RUNNERS: dict[tuple[int, str], tuple[nn.Module, OnnxEncoder | None]] = {}
+_WARNED: set[str] = set()
+
+
+def onnxruntime_available() -> bool:
+    """True if ``onnxruntime`` can be imported."""
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+def default_onnx_dir() -> Path:
+    """Where exported ONNX models are cached (see module docstring)."""
+    env = os.environ.get(ONNX_DIR_ENV)
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "ibisagent" / "onnx"
+
+
+def weights_sha256(module: nn.Module) -> str:
+    """sha256 over the names, shapes, dtypes and bytes of ``module.state_dict()`` (sorted by name)."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        arr = t.detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(arr.shape)).encode())
+        h.update(str(arr.dtype).encode())
+        h.update(arr.view(torch.uint8).numpy().tobytes() if arr.numel() else b"")
+    return h.hexdigest()
+
+
+def onnx_model_path(digest: str, input_size: int, opset: int = DEFAULT_OPSET, cache_dir: str | Path | None = None,
+                    quantized: bool = False) -> Path:
+    """The cache file name for a module with weights ``digest``: encoder-<sha[:16]>-s<size>-op<opset>-torch<ver>."""
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_onnx_dir()
+    torch_ver = torch.__version__.split("+")[0]
+    suffix = "-int8" if quantized else ""
+    return root / f"encoder-{digest[:16]}-s{input_size}-op{opset}-torch{torch_ver}{suffix}.onnx"
+
+
+@contextlib.contextmanager
+def _atomic_target(path: Path):
+    """Yield a temp path next to ``path``; on success rename it onto ``path`` (atomic on POSIX)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def export_onnx(module: nn.Module, path: str | Path, input_size: int = 256, opset: int = DEFAULT_OPSET) -> Path:
+    """Export ``module`` (input 1x3xSxS float32) to ``path`` atomically. Needs the ``onnx`` package."""
+    if importlib.util.find_spec("onnx") is None:
+        raise SegmenterUnavailable(f"exporting the encoder to ONNX needs the 'onnx' package: {PIP_HINT}")
+    path = Path(path)
+    was_training = module.training
+    module.eval()
+    x = torch.rand(1, 3, input_size, input_size)
+    try:
+        with _atomic_target(path) as tmp, warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, (x,), str(tmp), dynamo=False, opset_version=opset, input_names=["image"],
+                              output_names=["embedding"], do_constant_folding=True)
+    finally:
+        module.train(was_training)
+    return path
+
+
+def quantize_int8(src: str | Path, dst: str | Path) -> Path:
+    """ONNX Runtime dynamic quantization (int8 weights of MatMul/Gemm; activations quantized at run time)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    dst = Path(dst)
+    with _atomic_target(dst) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8)
+    return dst
+
+
+class OnnxEncoder:
+    """A callable ``1x3xSxS tensor -> embedding tensor`` backed by an ONNX Runtime session.
+
+    Args:
+        module: the PyTorch encoder to export (or ``None`` with ``onnx_path``).
+        onnx_path: use this ``.onnx`` file instead of the cache.
+        input_size: S (LiteMedSAM: 256).
+        cache_dir: where exported models are kept (default :func:`default_onnx_dir`).
+        threads: ONNX Runtime intra-op threads (default 2).
+        quantize: use the int8 dynamically quantized model.
+        opset: ONNX opset of the export.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module | None = None,
+        *,
+        onnx_path: str | Path | None = None,
+        input_size: int = 256,
+        cache_dir: str | Path | None = None,
+        threads: int = 2,
+        quantize: bool = False,
+        opset: int = DEFAULT_OPSET,
+    ) -> None:
+        if not onnxruntime_available():
+            raise SegmenterUnavailable(f"the ONNX encoder needs onnxruntime: {PIP_HINT}")
+        if int(threads) < 1:
+            raise SegmenterError(f"threads must be >= 1, got {threads}")
+        self.input_size = int(input_size)
+        self.threads = int(threads)
+        self.quantized = bool(quantize)
+        if onnx_path is not None:
+            path = Path(onnx_path)
+            if not path.is_file():
+                raise SegmenterUnavailable(f"ONNX model not found: {path}")
+        elif module is None:
+            raise SegmenterError("OnnxEncoder needs a module to export or an onnx_path")
+        else:
+            digest = weights_sha256(module)
+            fp32 = onnx_model_path(digest, self.input_size, opset, cache_dir)
+            path = onnx_model_path(digest, self.input_size, opset, cache_dir, quantized=quantize)
+            with _LOCK:
+                if not fp32.is_file():
+                    log.info("exporting the image encoder to %s (once)", fp32)
+                    export_onnx(module, fp32, self.input_size, opset)
+                if quantize and not path.is_file():
+                    quantize_int8(fp32, path)
+        self.path = path
+        self.session = self._make_session(path)
+        self._input = self.session.get_inputs()[0].name
+
+    def _make_session(self, path: Path) -> Any:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        try:
+            return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise SegmenterUnavailable(f"ONNX Runtime cannot load {path} ({exc}); delete the file to re-export") from exc
+
+    def run_numpy(self, x: np.ndarray) -> np.ndarray:
+        """(B, 3, S, S) float32 -> (B, C, h, w) float32; batches are run one image at a time (static export)."""
+        arr = np.ascontiguousarray(x, dtype=np.float32)
+        if arr.ndim != 4 or arr.shape[1:] != (3, self.input_size, self.input_size):
+            raise SegmenterError(f"encoder input must be (B, 3, {self.input_size}, {self.input_size}), got {arr.shape}")
+        outs = [self.session.run(None, {self._input: arr[i : i + 1]})[0] for i in range(arr.shape[0])]
+        return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=0)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.run_numpy(x.detach().cpu().numpy()))
+
+
+def encoder_runner(module: nn.Module, kind: str = "auto", input_size: int = 256, threads: int = 2) -> OnnxEncoder | None:
+    """The ONNX runner to use for ``module`` under the ``encoder=`` choice ``kind``, cached per module; ``None``
+    means "use PyTorch". ``"auto"`` falls back to PyTorch (warning once) when ONNX Runtime / export is unavailable;
+    ``"onnx"`` / ``"onnx-int8"`` raise :class:`SegmenterUnavailable` instead."""
+    if kind not in ENCODER_CHOICES:
+        raise SegmenterError(f"unknown encoder {kind!r}; choose one of {', '.join(ENCODER_CHOICES)}")
+    if kind == "torch":
+        return None
+    key = (id(module), kind)
+    with _LOCK:
+        hit = _RUNNERS.get(key)
+        if hit is not None and hit[0] is module:
+            return hit[1]
+        try:
+            runner: OnnxEncoder | None = OnnxEncoder(module, input_size=input_size, threads=threads,
+                                                     quantize=kind == "onnx-int8")
+        except Exception as exc:  # auto: any export/runtime failure falls back to PyTorch
+            if kind != "auto":
+                if isinstance(exc, SegmenterUnavailable | SegmenterError):
+                    raise
+                raise SegmenterUnavailable(f"ONNX encoder failed: {exc}") from exc
+            if str(exc) not in _WARNED:
+                _WARNED.add(str(exc))
+                warnings.warn(f"ONNX encoder unavailable, using PyTorch: {exc}", RuntimeWarning, stacklevel=2)
+            runner = None
+        _RUNNERS[key] = (module, runner)
+        return runner

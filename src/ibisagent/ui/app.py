@@ -1,0 +1,303 @@
+"""The annotation web app (Gradio): ``ibisagent app``.
+
+Open a 2D image (PNG/JPEG/DICOM) or a volume (NIfTI, with a slice slider and window presets), type a query, press
+"Run agent" and watch the episode step by step (overlay, green/red click markers, the agent's reasoning, IoU when a
+ground-truth mask is given); then click the image to add positive/negative points, undo, reset, let the agent
+continue from your clicks, and download the mask (PNG or NIfTI in the source geometry).
+
+The logic lives in :class:`ibisagent.ui.annotator.Annotator`; this module only wires it to Gradio components.
+"""
+
+
+import argparse
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ibisagent.runtime import SegmenterHub, default_segmenter_name, find_bundled_dir
+from ibisagent.ui.annotator import WINDOW_CHOICES, Annotator, AnnotatorError
+
+__all__ = ["AppConfig", "ExampleCase", "add_parser", "build_app", "bundled_examples"]
+
+IMAGE_TYPES = [".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".nii", ".gz"]
+CLICK_POSITIVE = "Positive (add)"
+CLICK_NEGATIVE = "Negative (remove)"
+
+
+class ExampleCase:
+    """A bundled example: label shown in the dropdown, image path, mask path, query."""
+
+    def __init__(self, label: str, image: Path, mask: Path | None, query: str, is_3d: bool = False) -> None:
+        self.label, self.image, self.mask, self.query, self.is_3d = label, image, mask, query, is_3d
+
+
+def bundled_examples(folder: str | Path | None = None, limit: int = 24) -> list[ExampleCase]:
+    """Examples from a manifest folder (default: :func:`ibisagent.runtime.find_bundled_dir`); [] when none."""
+    from ibisagent.io import load_manifest
+
+    root = find_bundled_dir(folder)
+    if root is None:
+        return []
+    try:
+        cases = load_manifest(root, include_3d=True)
+    except ValueError:
+        return []
+    out = []
+    for c in cases[:limit]:
+        label = f"{c.id}: {c.query}"
+        out.append(ExampleCase(label, c.image, c.mask, c.query, c.is_3d))
+    return out
+
+
+class AppConfig:
+    """What the app offers: segmenters, policies, defaults and examples."""
+
+    def __init__(self, segmenters: list[str] | None = None, policies: list[str] | None = None,
+                 segmenter: str | None = None, policy: str = "oracle",
+                 examples: list[ExampleCase] | None = None, max_steps: int = 20) -> None:
+        from ibisagent.policies.base import list_policies
+        from ibisagent.segmenters.base import list_segmenters
+
+        self.segmenters = segmenters or list(list_segmenters())
+        self.policies = policies or list(list_policies())
+        self.segmenter = segmenter or default_segmenter_name()
+        if self.segmenter not in self.segmenters:
+            self.segmenters.insert(0, self.segmenter)
+        self.policy = policy
+        if self.policy not in self.policies:
+            self.policies.insert(0, self.policy)
+        self.examples = bundled_examples() if examples is None else examples
+        self.max_steps = max_steps
+
+
+def build_app(config: AppConfig | None = None, hub: SegmenterHub | None = None) -> Any:
+    """The Gradio Blocks app (not launched)."""
+    import gradio as gr
+
+    cfg = config or AppConfig()
+    hub = hub or SegmenterHub()
+    examples = {e.label: e for e in cfg.examples}
+
+    def new_state(segmenter: str, policy: str) -> Annotator:
+        return Annotator(hub, segmenter or cfg.segmenter, policy or cfg.policy, max_steps=cfg.max_steps)
+
+    def state_of(ann: Annotator | None, segmenter: str, policy: str) -> Annotator:
+        if ann is None:
+            ann = new_state(segmenter, policy)
+        return ann
+
+    def view(ann: Annotator) -> tuple[Any, str, str]:
+        if ann.loaded is None:
+            return None, "No image loaded.", ann.log_text()
+        return ann.render(), ann.status(), ann.log_text()
+
+    def slider_update(ann: Annotator) -> Any:
+        if ann.is_volume:
+            return gr.update(visible=True, minimum=0, maximum=ann.n_slices - 1, value=ann.slice_index, step=1)
+        return gr.update(visible=False)
+
+    def fail(exc: Exception) -> None:
+        raise gr.Error(str(exc))
+
+    # --- handlers --------------------------------------------------------------------------------------------
+    def on_example(label: str, ann: Annotator | None, segmenter: str, policy: str, window: str):
+        ann = state_of(ann, segmenter, policy)
+        ex = examples.get(label)
+        if ex is None:
+            return (ann, *view(ann), gr.update(), slider_update(ann))
+        try:
+            ann.open(ex.image, mask_path=ex.mask, query=ex.query, window=window)
+        except AnnotatorError as exc:
+            fail(exc)
+        return (ann, *view(ann), ex.query, slider_update(ann))
+
+    def on_upload(path: str | None, ann: Annotator | None, segmenter: str, policy: str, window: str):
+        ann = state_of(ann, segmenter, policy)
+        if path:
+            try:
+                ann.open(path, window=window)
+            except AnnotatorError as exc:
+                fail(exc)
+        return (ann, *view(ann), slider_update(ann))
+
+    def on_mask(path: str | None, ann: Annotator | None, segmenter: str, policy: str):
+        ann = state_of(ann, segmenter, policy)
+        if ann.loaded is not None:
+            try:
+                ann.set_mask(path)
+            except AnnotatorError as exc:
+                fail(exc)
+        return (ann, *view(ann))
+
+    def on_slice(index: float, ann: Annotator | None, segmenter: str, policy: str):
+        ann = state_of(ann, segmenter, policy)
+        try:
+            ann.set_slice(int(index))
+        except AnnotatorError as exc:
+            fail(exc)
+        return (ann, *view(ann))
+
+    def on_window(window: str, ann: Annotator | None, segmenter: str, policy: str):
+        ann = state_of(ann, segmenter, policy)
+        try:
+            ann.set_window(window)
+        except AnnotatorError as exc:
+            fail(exc)
+        return (ann, *view(ann))
+
+    def on_segmenter(name: str, ann: Annotator | None, policy: str):
+        ann = state_of(ann, name, policy)
+        try:
+            ann.set_segmenter(name)
+        except (AnnotatorError, ValueError, RuntimeError) as exc:
+            fail(exc)
+        return (ann, *view(ann))
+
+    def run(query: str, policy: str, segmenter: str, ann: Annotator | None,
+            from_current: bool) -> Iterator[tuple]:
+        ann = state_of(ann, segmenter, policy)
+        try:
+            ann.set_segmenter(segmenter)
+            steps = ann.run_agent(query, policy, from_current=from_current)
+            yield (ann, *view(ann))
+            for _ in steps:
+                yield (ann, *view(ann))
+        except AnnotatorError as exc:
+            fail(exc)
+
+    def on_run(query: str, policy: str, segmenter: str, ann: Annotator | None):
+        yield from run(query, policy, segmenter, ann, False)
+
+    def on_continue(query: str, policy: str, segmenter: str, ann: Annotator | None):
+        yield from run(query, policy, segmenter, ann, True)
+
+    def on_click(mode: str, ann: Annotator | None, segmenter: str, policy: str, evt: gr.SelectData):
+        ann = state_of(ann, segmenter, policy)
+        try:
+            x, y = (int(v) for v in evt.index[:2])
+            ann.click(x, y, positive=mode != CLICK_NEGATIVE)
+        except AnnotatorError as exc:
+            fail(exc)
+        return (ann, *view(ann))
+
+    def on_undo(ann: Annotator | None, segmenter: str, policy: str):
+        ann = state_of(ann, segmenter, policy)
+        try:
+            ann.undo()
+        except AnnotatorError as exc:
+            fail(exc)
+        return (ann, *view(ann))
+
+    def on_reset(ann: Annotator | None, segmenter: str, policy: str):
+        ann = state_of(ann, segmenter, policy)
+        try:
+            ann.reset()
+        except AnnotatorError as exc:
+            fail(exc)
+        return (ann, *view(ann))
+
+    def on_export(fmt: str, ann: Annotator | None, segmenter: str, policy: str):
+        ann = state_of(ann, segmenter, policy)
+        try:
+            path = ann.export("nifti" if fmt.startswith("NIfTI") else "png")
+        except (AnnotatorError, ValueError) as exc:
+            fail(exc)
+        return str(path)
+
+    # --- layout ----------------------------------------------------------------------------------------------
+    with gr.Blocks(title="ibisagent: interactive agent segmentation", analytics_enabled=False) as demo:
+        gr.Markdown("## ibisagent: type what to segment, watch the agent click, fix it with your own clicks")
+        state = gr.State(None)
+        with gr.Row():
+            with gr.Column(scale=1, min_width=320):
+                example = gr.Dropdown(choices=list(examples), value=None, label="Bundled example",
+                                      elem_id="example", interactive=True)
+                upload = gr.File(label="Image: PNG/JPEG/DICOM or NIfTI volume", file_types=IMAGE_TYPES,
+                                 type="filepath", elem_id="upload")
+                mask_up = gr.File(label="Ground-truth mask (optional: enables IoU and the oracle policy)",
+                                  file_types=IMAGE_TYPES + [".npy"], type="filepath", elem_id="mask-upload")
+                slider = gr.Slider(0, 1, value=0, step=1, label="Slice", visible=False, elem_id="slice")
+                window = gr.Dropdown(choices=list(WINDOW_CHOICES), value="auto", label="Window preset",
+                                     elem_id="window")
+                query = gr.Textbox(label="Query", placeholder="segment the tumor", elem_id="query")
+                with gr.Row():
+                    policy = gr.Dropdown(choices=cfg.policies, value=cfg.policy, label="Policy", elem_id="policy")
+                    segmenter = gr.Dropdown(choices=cfg.segmenters, value=cfg.segmenter, label="Segmenter",
+                                            elem_id="segmenter")
+                with gr.Row():
+                    run_btn = gr.Button("Run agent", variant="primary", elem_id="run")
+                    cont_btn = gr.Button("Agent: continue from my clicks", elem_id="continue")
+                mode = gr.Radio([CLICK_POSITIVE, CLICK_NEGATIVE], value=CLICK_POSITIVE, label="Click adds",
+                                elem_id="mode")
+                with gr.Row():
+                    undo_btn = gr.Button("Undo", elem_id="undo")
+                    reset_btn = gr.Button("Reset", elem_id="reset")
+                with gr.Row():
+                    fmt = gr.Radio(["PNG", "NIfTI (.nii.gz)"], value="PNG", label="Mask format", elem_id="fmt")
+                    export_btn = gr.Button("Export mask", elem_id="export")
+                download = gr.File(label="Mask file", interactive=False, elem_id="download")
+            with gr.Column(scale=2):
+                canvas = gr.Image(label="Click the image to add a point", type="numpy", format="png",
+                                  interactive=False, elem_id="canvas", buttons=["fullscreen"])
+                status = gr.Markdown("No image loaded.", elem_id="status")
+                log = gr.Textbox(label="Agent reasoning and steps", lines=12, max_lines=30, interactive=False,
+                                 elem_id="log")
+
+        shown = [state, canvas, status, log]
+        example.change(on_example, [example, state, segmenter, policy, window], [*shown, query, slider])
+        upload.change(on_upload, [upload, state, segmenter, policy, window], [*shown, slider])
+        mask_up.change(on_mask, [mask_up, state, segmenter, policy], shown)
+        slider.release(on_slice, [slider, state, segmenter, policy], shown)
+        window.change(on_window, [window, state, segmenter, policy], shown)
+        segmenter.change(on_segmenter, [segmenter, state, policy], shown)
+        run_btn.click(on_run, [query, policy, segmenter, state], shown)
+        cont_btn.click(on_continue, [query, policy, segmenter, state], shown)
+        canvas.select(on_click, [mode, state, segmenter, policy], shown)
+        undo_btn.click(on_undo, [state, segmenter, policy], shown)
+        reset_btn.click(on_reset, [state, segmenter, policy], shown)
+        export_btn.click(on_export, [fmt, state, segmenter, policy], download)
+    return demo
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------------
+
+def add_parser(subparsers: Any) -> None:
+    """Add ``ibisagent app``."""
+    p = subparsers.add_parser(
+        "app",
+        help="start the annotation web app (Gradio) on 127.0.0.1",
+        description="Web app: open an image or volume, type a query, watch the agent segment step by step, correct "
+                    "it with your own clicks, download the mask. Binds to 127.0.0.1 unless --host says otherwise.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--segmenter", default=None,
+                   help="default segmenter (default litemedsam-click when its weights exist, else litemedsam)")
+    p.add_argument("--policy", default="oracle", help="default policy (default oracle)")
+    p.add_argument("--examples", default=None, help="manifest folder of examples (default: the bundled cases)")
+    p.add_argument("--max-steps", type=int, default=20, help="agent turns per episode (default 20)")
+    p.set_defaults(func=_app_main)
+
+
+def _app_main(args: argparse.Namespace) -> int:
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    try:
+        cfg = AppConfig(segmenter=args.segmenter, policy=args.policy, examples=bundled_examples(args.examples),
+                        max_steps=args.max_steps)
+        from ibisagent.segmenters.base import list_segmenters
+
+        if cfg.segmenter not in list_segmenters():
+            raise ValueError(f"unknown segmenter {cfg.segmenter!r}; known: {', '.join(list_segmenters())}")
+        demo = build_app(cfg)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: binding to {args.host}: the app is reachable from other machines", file=sys.stderr)
+    demo.queue(default_concurrency_limit=2).launch(server_name=args.host, server_port=args.port,
+                                                   share=False, show_error=True)
+    return 0

