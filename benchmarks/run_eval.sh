@@ -20,7 +20,7 @@ else
 fi
 OUT=${2:-runs/eval_${SEG}}
 CACHE=${CACHE:-runs/embedding_cache}
-COMMON=(--split val --segmenter "$SEG" --cache-dir "$CACHE" --quiet)
+COMMON=(--split val --segmenter "$SEG" --cache-dir "$CACHE" --threads 1 --quiet)
 mkdir -p "$OUT"
 run() {  # name, then eval arguments
   local name=$1; shift

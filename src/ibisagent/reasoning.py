@@ -183,7 +183,7 @@ def describe_click(
         ])
         close = rng.choice([
             f"I add a positive point in the middle of that missed part ({where}, {rel}).",
-            f"A positive point at its centre ({where}) should extend the mask there.",
+            f"A positive point at its centre, in the {where}, should extend the mask there.",
             f"I place a positive point deep inside the missed region, {rel}.",
             f"To pull the mask over it I click positive at its widest point, {rel}.",
             f"A positive point far from its edges ({where}) is the most reliable way to add it.",
@@ -200,7 +200,7 @@ def describe_click(
             f"I add a negative point in the middle of that region ({where}, {rel}).",
             f"A negative point there ({where}) should remove it from the mask.",
             f"I place a negative point deep inside the wrongly included part, {rel}.",
-            f"A negative point at the centre of the leak ({where}) should cut it away.",
+            f"A negative point at the centre of the leak, in the {where}, should cut it away.",
             f"I mark it as background with a negative point where it is widest, {rel}.",
         ])
     detail = _detail(region, mask, rng, positive)
@@ -323,9 +323,11 @@ def describe_correction(
     prev_xy: tuple[int, int],
     prev_positive: bool,
     rng: random.Random | None = None,
+    caused: bool = True,
 ) -> str:
     """Reasoning of the step that notices the previous (erroneous) click and corrects it with a click at (x, y)
-    in ``region`` (the error the previous click caused, or the largest remaining one)."""
+    in ``region``: the error the previous click caused (``caused``) or, when it caused none of its own, the largest
+    error that remains."""
     rng = rng or random.Random(0)
     where = location_phrase(x, y, width, height)
     prev_where = location_phrase(prev_xy[0], prev_xy[1], width, height)
@@ -356,14 +358,22 @@ def describe_correction(
             f" that area is part of {target}.",
             f"That last {prev_sign} point was wrong: the region in the {prev_where} belongs to {target}.",
         ])
-    effect = rng.choice([
-        f"As a result {reg} is now {'missing from' if positive else 'wrongly inside'} the mask.",
-        f"The mask {'lost' if positive else 'gained'} {reg} because of it.",
-        f"Now {reg} is {'uncovered' if positive else 'segmented by mistake'}.",
-    ])
+    if caused:
+        effect = rng.choice([
+            f"As a result {reg} is now {'missing from' if positive else 'wrongly inside'} the mask.",
+            f"The mask {'lost' if positive else 'gained'} {reg} because of it.",
+            f"Now {reg} is {'uncovered' if positive else 'segmented by mistake'}.",
+        ])
+    else:
+        state = "still missing from the mask" if positive else "still wrongly included"
+        effect = rng.choice([
+            f"It did not help: {reg} is {state}.",
+            f"That point gained nothing, and {reg} is {state}.",
+            f"So the real problem remains: {reg} is {state}.",
+        ])
     fix = rng.choice([
         f"I correct it with a {sign} point in the {where}, deep inside that region.",
-        f"A {sign} point at the centre of that region ({where}) should undo the damage.",
+        f"A {sign} point at the centre of that region, in the {where}, should undo the damage.",
         f"To fix it I add a {sign} point there, in the {where}.",
     ])
     return f"{notice} {effect} {fix}"

@@ -111,6 +111,8 @@ class SegmenterHub:
                 slot.key = key
             try:
                 yield slot.segmenter
+            except ValueError:  # bad input (SegmenterError, ...): checked before the backend touched its state
+                raise
             except BaseException:
                 slot.key = None  # the block may have left the segmenter in an unknown state
                 raise
@@ -129,16 +131,18 @@ class SegmenterHub:
 # ----------------------------------------------------------------------------------------------------------------
 
 class ImageCache:
-    """LRU of loaded images (``ibisagent.io.load_image`` results) keyed by file identity and load options."""
+    """LRU of loaded images (``ibisagent.io.load_image`` results, with their content key) keyed by file identity
+    (resolved path, mtime, size) and load options."""
 
     def __init__(self, max_items: int = 32) -> None:
         self.max_items = int(max_items)
-        self._items: OrderedDict[tuple, Any] = OrderedDict()
+        self._items: OrderedDict[tuple, tuple[Any, str]] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
-    def load(self, path: Path, slice_index: int | None = None, window: Any = None) -> Any:
+    def load(self, path: Path, slice_index: int | None = None, window: Any = None) -> tuple[Any, str]:
+        """``(LoadedImage, image_key(array))`` of ``path``, from the cache when the file has not changed."""
         st = path.stat()
         win = tuple(window) if isinstance(window, list) else window
         k = (str(path), st.st_mtime_ns, st.st_size, slice_index, win)
@@ -151,24 +155,30 @@ class ImageCache:
         from ibisagent.io.images import load_image
 
         loaded = load_image(path, slice_index=slice_index, window=window)
+        entry = (loaded, image_key(loaded.array))
         with self._lock:
             self.misses += 1
-            self._items[k] = loaded
+            self._items[k] = entry
             while len(self._items) > self.max_items:
                 self._items.popitem(last=False)
-        return loaded
+        return entry
 
     def __len__(self) -> int:
         return len(self._items)
 
 
 def find_bundled_dir(explicit: str | Path | None = None) -> Path | None:
-    """The bundled-examples manifest folder: ``explicit``, ``$IBISAGENT_BUNDLED``, the package's ``data/bundled`` or
-    the source checkout's ``data/bundled`` (the first that has an ``index.jsonl`` somewhere), else None."""
+    """The bundled-examples manifest folder: ``explicit``, ``$IBISAGENT_BUNDLED``, the package's ``demo_data`` or
+    ``data/bundled``, or the source checkout's ``data/bundled`` (the first with an ``index.jsonl``), else None."""
     import os
 
     here = Path(__file__).resolve().parent
-    candidates = [explicit, os.environ.get(BUNDLED_ENV), here / "data" / "bundled", here.parent.parent / "data" / "bundled"]
+    if explicit:  # an explicit folder is used alone
+        p = Path(explicit)
+        ok = (p / "index.jsonl").is_file() or (p.is_dir() and any(p.glob("*/index.jsonl")))
+        return p if ok else None
+    candidates = [ os.environ.get(BUNDLED_ENV), here / "demo_data", here / "data" / "bundled",
+                  here.parent.parent / "data" / "bundled"]
     for c in candidates:
         if not c:
             continue

@@ -26,7 +26,6 @@ import json
 import os
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -306,9 +305,6 @@ class SegmentService:
             raise ValueError(f"data root {config.data_root} is not a folder")
         self.hub = hub or SegmenterHub()
         self.images = ImageCache()
-        self._keys: dict[int, str] = {}
-        self._lock = threading.Lock()
-        self.requests = 0
 
     def segmenter(self) -> Segmenter:
         return self.hub.get(self.config.segmenter)
@@ -317,19 +313,22 @@ class SegmentService:
         """(HxWx3 uint8 image, content key) of a path under the data root."""
         path = resolve_data_path(self.root, image_path)
         try:
-            loaded = self.images.load(path, slice_index, window)
+            loaded, key = self.images.load(path, slice_index, window)
         except ValueError as exc:  # ImageLoadError / WindowError: bad file or options
             raise RequestRejected(str(exc), 422) from exc
-        arr = loaded.array
-        _check_pixels(arr.shape, self.config.max_pixels)
-        with self._lock:  # content key per loaded array object (the cache returns the same object on a hit)
-            key = self._keys.get(id(loaded))
-            if key is None:
-                key = image_key(arr)
-                if len(self._keys) > 256:
-                    self._keys.clear()
-                self._keys[id(loaded)] = key
-        return arr, key
+        _check_pixels(loaded.array.shape, self.config.max_pixels)
+        return loaded.array, key
+
+    def load_mask(self, mask_path: Any, shape: tuple[int, int], slice_index: int | None = None) -> np.ndarray:
+        """A ground-truth mask under the data root (binary PNG/TIFF/NPY or a NIfTI label map slice)."""
+        from ibisagent.io import load_mask
+
+        path = resolve_data_path(self.root, mask_path)
+        kwargs = {"slice_index": slice_index} if slice_index is not None else {}
+        try:
+            return load_mask(path, shape=shape, **kwargs)
+        except ValueError as exc:
+            raise RequestRejected(f"mask_path: {exc}", 422) from exc
 
     def segment(self, req: dict[str, Any]) -> tuple[np.ndarray, float, dict[str, float]]:
         """Mask, score and timings for a /segment request body (already JSON-decoded)."""
@@ -520,7 +519,7 @@ def create_app(config: ServerConfig, hub: SegmenterHub | None = None, warm: bool
             if img is None:  # JSON request: image (and mask) from under the data root
                 img, _ = service.load(fields.get("image_path"), fields.get("slice_index"), fields.get("window"))
                 if fields.get("mask_path"):
-                    mask = service.load(fields["mask_path"])[0][..., 0] > 0
+                    mask = service.load_mask(fields["mask_path"], img.shape[:2], fields.get("slice_index"))
             return service.episode(img, query.strip(), mask, policy, max_steps)
 
         return JSONResponse(await _limited(job))
@@ -561,20 +560,17 @@ def _decode_upload(data: bytes, cfg: ServerConfig, rgb: bool) -> np.ndarray:
             raise
         except Exception as exc:
             raise RequestRejected(f"upload is not a readable image: {exc}", 415) from None
-    from ibisagent.io.images import load_image
+    from ibisagent.io import load_image, load_mask
 
     with tempfile.TemporaryDirectory(prefix="ibisagent-upload-") as tmp:
         path = Path(tmp) / f"upload{suffix}"
         path.write_bytes(data)
         try:
-            loaded = load_image(path)
+            arr = load_image(path).array if rgb else load_mask(path)
         except ValueError as exc:
-            raise RequestRejected(f"cannot read the upload: {exc}", 415) from None
-    arr = loaded.array
+            raise RequestRejected(f"cannot read the {'image' if rgb else 'mask'} upload: {exc}", 415) from None
     _check_pixels(arr.shape, cfg.max_pixels)
-    if rgb:
-        return arr
-    return arr[..., 0] > 0
+    return arr
 
 
 def _config_json(config: ServerConfig) -> dict[str, Any]:

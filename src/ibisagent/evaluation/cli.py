@@ -70,6 +70,8 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="on-disk image-embedding cache for LiteMedSAM backends (segmenter arg cache_dir)")
     p.add_argument("--protocol", choices=("agent", "box+5clicks"), default="agent",
                    help="agent: the policy plays the episode (default); box+5clicks: the challenge protocol")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads per process (default: torch's choice; workers use 1 each)")
     p.add_argument("--seed", type=int, default=0, help="random seed (policies that take one, numpy, random)")
     p.add_argument("--nsd-tolerance", type=float, default=2.0, help="NSD tolerance in pixels (2)")
     p.add_argument("--retry-errors", action="store_true", help="rerun cases recorded with an error")
@@ -139,6 +141,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
         segmenter_args=segmenter_args, protocol=args.protocol, max_steps=args.max_steps, split=args.split,
         datasets=[d.strip() for d in args.datasets.split(",") if d.strip()] if args.datasets else None,
         limit=args.limit, workers=args.workers, seed=args.seed, nsd_tolerance=args.nsd_tolerance,
+        threads=args.threads,
         retry_errors=args.retry_errors, overwrite=args.overwrite, report=not args.no_report,
         command=shlex.join(["ibisagent", *sys.argv[sys.argv.index("eval"):]]) if "eval" in sys.argv else "",
     )

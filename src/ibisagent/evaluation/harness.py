@@ -107,6 +107,7 @@ class EvalConfig:
     workers: int = 1
     seed: int = 0
     nsd_tolerance: float = 2.0
+    threads: int | None = None
     retry_errors: bool = False
     overwrite: bool = False
     report: bool = True
@@ -231,17 +232,19 @@ def load_case_arrays(case: Case) -> tuple[np.ndarray, np.ndarray]:
 def _make_policy(name: str, args: dict[str, Any], seed: int) -> Policy:
     if name == "challenge":
         importlib.import_module("ibisagent.evaluation.challenge")
-    if "seed" not in args:
-        try:
-            return create_policy(name, seed=seed, **args)
-        except TypeError:
-            pass  # the policy takes no seed
     try:
+        if "seed" not in args:
+            try:
+                return create_policy(name, seed=seed, **args)
+            except TypeError:
+                pass  # the policy takes no seed
         return create_policy(name, **args)
     except TypeError as exc:
         raise EvalConfigError(f"policy {name!r} does not accept the arguments {sorted(args)}: {exc}") from exc
     except KeyError as exc:
         raise EvalConfigError(str(exc).strip("'\"")) from exc
+    except (ValueError, SegmenterUnavailable) as exc:
+        raise EvalConfigError(f"cannot build policy {name!r}: {exc}") from exc
 
 
 def _make_segmenter(name: str, args: dict[str, Any]) -> Segmenter:
@@ -251,7 +254,7 @@ def _make_segmenter(name: str, args: dict[str, Any]) -> Segmenter:
         raise EvalConfigError(f"segmenter {name!r} does not accept the arguments {sorted(args)}: {exc}") from exc
     except KeyError as exc:
         raise EvalConfigError(str(exc).strip("'\"")) from exc
-    except SegmenterUnavailable as exc:
+    except (SegmenterUnavailable, ValueError) as exc:
         raise EvalConfigError(str(exc)) from exc
 
 
@@ -261,6 +264,14 @@ def _r(x: float | None, nd: int = 4) -> float | None:
     return x if not math.isfinite(x) else round(float(x), nd)
 
 
+def _set_torch_threads(n: int) -> None:
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(int(n))
+
+
 class Runner:
     """One segmenter + one policy, built once; :meth:`run_case` evaluates a case (never raises for bad cases)."""
 
@@ -268,13 +279,18 @@ class Runner:
         self.config = config
         random.seed(config.seed)
         np.random.seed(config.seed % 2**32)
+        if config.threads:
+            _set_torch_threads(config.threads)
         self.segmenter = _make_segmenter(config.segmenter or default_segmenter(), dict(config.segmenter_args))
         policy = _make_policy(config.policy, dict(config.policy_args), config.seed)
         if config.protocol == CHALLENGE_PROTOCOL:
             steps = 1 + CHALLENGE_CLICKS
+            inner_grammar = getattr(policy, "grammar", "reference")
             if config.policy != "challenge":
                 policy = BoxFirstPolicy(policy)
-            env_cfg = EnvConfig(max_steps=steps, max_repeats=steps + 1)
+            # the Box action needs the extended grammar; the prompts stay those the inner policy was made for
+            env_cfg = EnvConfig(max_steps=steps, max_repeats=steps + 1, grammar="extended",
+                                prompts="extended" if inner_grammar == "extended" else "reference")
         else:
             env_cfg = EnvConfig(max_steps=config.max_steps)
         self.policy = policy
@@ -436,12 +452,8 @@ _WORKER_ERROR: str | None = None
 def _init_worker(config: dict[str, Any]) -> None:
     global _WORKER, _WORKER_ERROR
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and terminates the pool
-    try:
-        import torch
-
-        torch.set_num_threads(1)
-    except ImportError:
-        pass
+    if not config.get("threads"):
+        _set_torch_threads(1)
     try:
         _WORKER = Runner(EvalConfig(**config))
     except Exception as exc:  # noqa: BLE001 - reported per case instead of respawning workers forever
@@ -456,6 +468,8 @@ def _work(case: Case) -> tuple[dict[str, Any], dict[str, Any] | None]:
 
 
 def _results(config: EvalConfig, cases: list[Case], runner: Runner | None) -> Iterator[tuple[dict, dict | None]]:
+    if not cases:
+        return
     if config.workers == 1 or len(cases) <= 1:
         assert runner is not None
         for case in cases:

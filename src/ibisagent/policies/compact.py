@@ -50,6 +50,8 @@ __all__ = [
     "CompactPolicy",
     "CompactPolicyNet",
     "action_log_prob",
+    "policy_entropy",
+    "select_actions",
     "allowed_actions",
     "cell_to_pixel",
     "fake_embedding",
@@ -173,6 +175,33 @@ def policy_entropy(maps: torch.Tensor, stop_logit: torch.Tensor, planes: torch.T
     ps = torch.sigmoid(stop_logit) * stop_ok
     h_stop = -(ps * torch.log(ps.clamp_min(1e-8)) + (1 - ps) * torch.log((1 - ps).clamp_min(1e-8)))
     return h_stop + (1 - ps) * h_click
+
+
+def select_actions(
+    maps: torch.Tensor, stop_logit: torch.Tensor, planes: torch.Tensor, *, temperature: float = 0.0,
+    stop_threshold: float = 0.5, force_stop: torch.Tensor | None = None, generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pick one action per state: greedy (``temperature`` 0: stop if P(stop) >= ``stop_threshold``, else the best
+    allowed cell) or sampled at ``temperature``. ``force_stop`` (B,) bool forces Terminate where stopping is allowed.
+    Returns (actions (B,) with -1 = stop, log-probs (B,) under the sampling temperature (1 when greedy),
+    P(stop) (B,) at temperature 1)."""
+    logits, stop_ok = masked_logits(maps, planes)
+    p_stop = torch.sigmoid(stop_logit) * stop_ok
+    if temperature <= 0:
+        acts = torch.argmax(logits, 1)
+        stop = stop_ok & (p_stop >= stop_threshold)
+        t_eval = 1.0
+    else:
+        probs = torch.softmax(logits / temperature, 1)
+        acts = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        ps_t = torch.sigmoid(stop_logit / temperature) * stop_ok
+        stop = torch.rand(ps_t.shape, generator=generator) < ps_t
+        t_eval = temperature
+    if force_stop is not None:
+        stop = stop | (force_stop & stop_ok)
+    acts = torch.where(stop, torch.full_like(acts, -1), acts)
+    lp = action_log_prob(maps, stop_logit, planes, acts, temperature=t_eval)
+    return acts, lp, p_stop
 
 
 def cell_to_pixel(
@@ -440,7 +469,7 @@ class CompactPolicy(BasePolicy):
         weights: str | Path | CompactPolicyNet | None = None,
         first_action: str = "click",
         temperature: float = 0.0,
-        max_clicks: int = 8,
+        max_clicks: int = 6,
         stop_threshold: float = 0.5,
         embedder: str = "litemedsam",
         query_blind: bool = False,
@@ -504,25 +533,13 @@ class CompactPolicy(BasePolicy):
         try:
             with torch.inference_mode():
                 maps, stop, obj = self.net(self._emb, pt, self._text)
-                logits, stop_ok = masked_logits(maps, pt)
-                p_stop = float(torch.sigmoid(stop)[0]) if bool(stop_ok[0]) else 0.0
-                n_clicks = len(obs.points)
-                if bool(stop_ok[0]) and n_clicks >= self.max_clicks:
-                    index = -1
-                elif self.temperature <= 0:
-                    index = -1 if p_stop >= self.stop_threshold else int(torch.argmax(logits[0]))
-                else:
-                    t = self.temperature
-                    ps = float(torch.sigmoid(stop / t)[0]) if bool(stop_ok[0]) else 0.0
-                    if torch.rand((), generator=self._gen).item() < ps:
-                        index = -1
-                    else:
-                        probs = torch.softmax(logits[0] / t, 0)
-                        index = int(torch.multinomial(probs, 1, generator=self._gen))
-                lp = float(action_log_prob(maps, stop, pt, torch.tensor([index]),
-                                           temperature=self.temperature if self.temperature > 0 else 1.0)[0])
+                force = torch.tensor([len(obs.points) >= self.max_clicks])
+                acts, lps, p_stops = select_actions(maps, stop, pt, temperature=self.temperature,
+                                                    stop_threshold=self.stop_threshold, force_stop=force,
+                                                    generator=self._gen)
         finally:
             torch.set_num_threads(prev)
+        index, lp, p_stop = int(acts[0]), float(lps[0]), float(p_stops[0])
         choice = ActionChoice(index, lp, p_stop, planes, maps[0].numpy(), obj[0].numpy())
         self.last = choice
         return choice
@@ -534,18 +551,22 @@ class CompactPolicy(BasePolicy):
 
     def reply_for(self, obs: Observation, choice: ActionChoice) -> str:
         """The reply text (reference grammar) for a decision, with reasoning grounded in the network's state."""
-        h, w = obs.height, obs.width
+        return self.reply_text(choice, obs.mask, (obs.height, obs.width))
+
+    def reply_text(self, choice: ActionChoice, mask: np.ndarray | None, shape: tuple[int, int]) -> str:
+        """Reply for ``choice`` taken on ``mask`` (None before the first click) of an image of ``shape`` (H, W).
+        Records the click pixel so that the same pixel is never clicked twice in the episode."""
+        h, w = shape
         target = self.target_name()
-        belief = self._belief(choice.obj, (h, w))
-        agree = _grid_iou(1 / (1 + np.exp(-choice.obj)) > 0.5, choice.planes[0] > 0.5)
+        agree = _grid_iou(choice.obj > 0, choice.planes[0] > 0.5)
         if choice.index < 0:
-            think, answer = describe_stop(mask=obs.mask, target=target, rng=self._rng)
+            think, answer = describe_stop(mask=mask, target=target, rng=self._rng)
             think += (f" My stop probability is {choice.stop_prob:.2f}, and my estimate of the object agrees with the "
                       f"mask at about {agree:.2f} IoU.")
             return format_reply(Action.terminate(), think, answer)
-        positive, x, y = cell_to_pixel(choice.index, choice.maps, obs.mask, (h, w), self._clicked)
+        positive, x, y = cell_to_pixel(choice.index, choice.maps, mask, (h, w), self._clicked)
         self._clicked.add((x, y))
-        mask = obs.mask
+        belief = self._belief(choice.obj, (h, w))
         if positive:
             region = belief & ~mask if mask is not None else belief
         else:
@@ -553,8 +574,8 @@ class CompactPolicy(BasePolicy):
         region = _component_at(region, x, y)
         if not region.any():
             region = _disk((h, w), x, y, max(2, min(h, w) // 40))
-        ch, rest = divmod(choice.index, GRID * GRID)
-        peak = float(torch.softmax(torch.from_numpy(choice.maps.reshape(-1)), 0)[choice.index])
+        flat = choice.maps.reshape(-1).astype(np.float64)
+        peak = float(np.exp(flat[choice.index] - flat.max()) / np.exp(flat - flat.max()).sum())
         think = describe_click(positive=positive, x=x, y=y, width=w, height=h, target=target, region=region,
                                mask=mask, rng=self._rng)
         kind = "positive" if positive else "negative"

@@ -12,7 +12,6 @@ a video backend. Decoding is greedy by default; ``temperature > 0`` samples.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,8 +59,9 @@ def check_checkpoint_dir(path: str | Path) -> Path:
     if missing:
         hint = ""
         if (p / "adapter_config.json").is_file():
-            hint = (" (this is a LoRA adapter: merge it into its base model first with "
-                    "`ibisagent train-llm-sft --merge-into OUT` or ibisagent.training.trl_sft.merge_lora)")
+            hint = (" (this is a LoRA adapter: merge it into its base model first, with "
+                    "ibisagent.training.trl_sft.merge_lora(base, adapter, out), `ibisagent train-llm-sft ... --merge` "
+                    "or `llamafactory-cli export`)")
         raise PolicyError(f"checkpoint directory {p} is incomplete; missing: {', '.join(missing)}{hint}")
     return p
 
@@ -145,9 +145,8 @@ def load_vl_checkpoint(
 ) -> LoadedVL:
     """Load a Qwen2.5-VL checkpoint directory (model + image-only processor) without any network access."""
     p = check_checkpoint_dir(model_path)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        import torch
+        import torch  # noqa: F401  (checked here for a clear error)
         from transformers import AutoModelForImageTextToText, AutoTokenizer, Qwen2VLImageProcessorPil
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise PolicyError(f"the hf policy needs transformers and torch: pip install 'ibisagent[train]' ({exc})") from exc
@@ -164,8 +163,12 @@ def load_vl_checkpoint(
     if max_pixels is not None:
         size["longest_edge"] = int(max_pixels)
     if min_pixels is not None or max_pixels is not None:
+        if size.get("shortest_edge", 0) > size.get("longest_edge", float("inf")):
+            raise PolicyError(f"min_pixels ({size['shortest_edge']}) is larger than max_pixels ({size['longest_edge']})")
         image_processor.size = size
-        image_processor.min_pixels, image_processor.max_pixels = size.get("shortest_edge"), size.get("longest_edge")
+        for attr in ("min_pixels", "max_pixels"):  # legacy attributes would override ``size`` in every call
+            if hasattr(image_processor, attr):
+                setattr(image_processor, attr, None)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     processor = _processor_class()(image_processor, tokenizer, chat_template=_chat_template(p, tokenizer))

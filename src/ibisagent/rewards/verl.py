@@ -94,6 +94,18 @@ def _load_image(path: str) -> np.ndarray:
         raise RewardInputError(str(exc)) from exc
 
 
+def _array(value: Any, dtype: Any) -> np.ndarray:
+    """A numeric array from a list, a numpy array, or the object arrays of arrays that parquet round-trips give."""
+    if value is None:
+        return np.zeros((0,), dtype)
+    if isinstance(value, np.ndarray) and value.dtype != object:
+        return value.astype(dtype)
+    items = list(value)
+    if not items:
+        return np.zeros((0,), dtype)
+    return np.asarray([np.asarray(v, dtype) for v in items], dtype)
+
+
 def _score_row(solution_str: str, ground_truth: Any, extra_info: dict[str, Any], mode: GrammarMode) -> dict[str, Any]:
     info = extra_info or {}
     image_path = info.get("image_path") or info.get("image")
@@ -112,9 +124,9 @@ def _score_row(solution_str: str, ground_truth: Any, extra_info: dict[str, Any],
         solution_str,
         image=image,
         gt=gt,
-        points=np.asarray(info.get("points") or [], np.float32).reshape(-1, 2),
-        labels=np.asarray(info.get("labels") or [], np.int64).reshape(-1),
-        box=None if box is None or len(box) == 0 else box,
+        points=_array(info.get("points"), np.float32).reshape(-1, 2),
+        labels=_array(info.get("labels"), np.int64).reshape(-1),
+        box=None if box is None or len(box) == 0 else _array(box, np.float32).reshape(4),
         step=int(info.get("step", 1)),
         segmenter=str(info.get("segmenter") or os.environ.get(DEFAULT_SEGMENTER_ENV, "litemedsam-click")),
         config=RewardConfig.from_dict(cfg),

@@ -65,7 +65,8 @@ WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 CLICK_WEIGHTS = WEIGHTS_DIR / "litemedsam_click.safetensors"
 #: prefixes of the fine-tuned sub-modules (what the click weights file holds)
 TRAINABLE_PREFIXES = ("prompt_encoder.", "mask_decoder.")
-ENCODERS = ("torch",)
+#: image-encoder runtimes; all but "torch" go through ibisagent.segmenters.onnx_encoder (ONNX hook)
+ENCODERS = ("auto", "torch", "onnx", "onnx-int8")
 
 
 @dataclass
@@ -228,7 +229,8 @@ class LiteMedSAMSegmenter(Segmenter):
     Args:
         weights: ``"original"`` (box-trained) or ``"click"`` (the shipped fine-tune) or a path to a
             ``.safetensors`` file with prompt encoder + mask decoder tensors.
-        encoder: image-encoder runtime; ``"torch"``.
+        encoder: image-encoder runtime: ``"auto"`` (ONNX Runtime where installed, else PyTorch), ``"torch"``,
+            ``"onnx"`` or ``"onnx-int8"`` (see :mod:`ibisagent.segmenters.onnx_encoder`).
         multimask: ``None`` = auto (original weights: 3-mask output and pick the best predicted IoU when the only
             prompt is one click; fine-tuned weights: single-mask output, as trained); True/False forces it.
         cache_dir: directory for an on-disk embedding cache (default ``$IBISAGENT_CACHE_DIR``; none if unset).
@@ -240,7 +242,7 @@ class LiteMedSAMSegmenter(Segmenter):
     def __init__(
         self,
         weights: str | Path = "click",
-        encoder: str = "torch",
+        encoder: str = "auto",
         multimask: bool | None = None,
         cache_dir: str | Path | None = None,
         memory_cache: bool | MemoryEmbeddingCache = True,
@@ -270,6 +272,14 @@ class LiteMedSAMSegmenter(Segmenter):
     # --- encoder ---------------------------------------------------------------------------------------------
     def _run_encoder(self, x: torch.Tensor) -> torch.Tensor:
         """1x3x256x256 float32 in [0, 1] -> 1x256x64x64 image embedding."""
+        # --- ONNX encoder hook (owner: onnx_encoder.py) ---
+        if self.encoder != "torch":
+            from ibisagent.segmenters.onnx_encoder import encoder_runner
+
+            runner = encoder_runner(self.parts.image_encoder, self.encoder, input_size=IMG_SIZE)
+            if runner is not None:
+                return runner(x)
+        # --- end ONNX encoder hook ---
         with torch.inference_mode():
             return self.parts.image_encoder(x)
 

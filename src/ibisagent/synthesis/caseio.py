@@ -68,6 +68,20 @@ def load_mask_file(path: str | Path) -> np.ndarray:
     return arr > 0
 
 
+def _reason(exc: Exception) -> str:
+    """A reason code for an ``ibisagent.io`` error (they carry the kind in their type and message)."""
+    text = str(exc).lower()
+    if "mask" not in type(exc).__name__.lower() and "mask" not in text:
+        return "unreadable_image"
+    if "no object pixel" in text or " is empty" in text and "0 bytes" not in text:
+        return "empty_mask"
+    if "image's size" in text or "but the image is" in text:
+        return "size_mismatch"
+    if "has no mask" in text:
+        return "no_mask"
+    return "unreadable_mask"
+
+
 def _from_io(case: Case) -> tuple[np.ndarray, np.ndarray] | None:
     """The (image, mask) pair from ``ibisagent.io.load_case`` if that function exists and gives something usable."""
     try:
@@ -77,9 +91,7 @@ def _from_io(case: Case) -> tuple[np.ndarray, np.ndarray] | None:
     try:
         res: Any = load_case(case)
     except (OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", None) or ("unreadable_mask" if "mask" in str(exc).lower()
-                                                  else "unreadable_image")
-        raise CaseError(f"{case.id}: {exc}", reason) from exc
+        raise CaseError(str(exc), _reason(exc)) from exc
     if isinstance(res, tuple) and len(res) >= 2:
         image, mask = res[0], res[1]
     else:

@@ -115,14 +115,29 @@ def _correct(ro: Rollout, kind: str, err_xy: tuple[int, int], err_positive: bool
     options = []
     fix = _correction_click(ro, err_xy, err_positive)
     if fix is not None:
-        options.append(fix)
+        options.append(fix)  # the first option (when present) fixes what the error itself caused
     pick = dt_click(ro.mask, ro.gt, ro.clicked)
-    if pick is not None and (fix is None or pick[1:3] != fix[1:3]):
+    if pick is not None:
         options.append(pick)
-    for positive, x, y, region in options:
+    er = error_regions(ro.current_mask, ro.gt)
+    for positive, region, dt in ((True, er.fn, er.fn_dt), (False, er.fp, er.fp_dt)):
+        if region.any():  # the deepest point of each error region, whatever its sign
+            d = dt.copy()
+            for cx, cy in ro.clicked:
+                d[cy, cx] = 0
+            if d.max() > 0:
+                y, x = np.unravel_index(int(np.argmax(d)), d.shape)
+                lab, _ = ndimage.label(region)
+                options.append((positive, int(x), int(y), lab == lab[y, x]))
+    tried: set[tuple[bool, int, int]] = set()
+    for k, (positive, x, y, region) in enumerate(options):
+        if (positive, x, y) in tried:
+            continue
+        tried.add((positive, x, y))
+        caused = fix is not None and k == 0
         think = describe_correction(kind, positive=positive, x=x, y=y, width=w, height=h, target=ro.target,
                                     region=region, mask=ro.mask, prev_xy=err_xy, prev_positive=err_positive,
-                                    rng=ro.rng)
+                                    rng=ro.rng, caused=caused)
         step = ro.click(positive, x, y, think, role="correction", note=kind)
         if step.iou_after > err_iou:
             return True
@@ -134,9 +149,15 @@ def rollout_reflective(ro: Rollout) -> None:
     """Oracle clicks with one verified error + correction at a random early turn, then oracle clicks to the end."""
     n_before = ro.rng.randint(0, ro.config.reflective_max_error_step)
     for _ in range(n_before):
-        if ro.reached or ro.turns_left <= 3:
+        if ro.turns_left <= 3:
             break
-        ro.oracle_step()
+        try:
+            ro.oracle_step()
+        except UnreachableError:
+            break
+        if ro.reached:  # the error must come while the mask is still incomplete
+            ro.undo()
+            break
     if ro.turns_left < 3 or not inject_click_error(ro):
         raise UnreachableError("no erroneous click could be injected and corrected on this case")
     ro.finish()
@@ -191,8 +212,12 @@ def rollout_box_reflective(ro: Rollout) -> None:
                                                click=(positive, x, y), region=region, rng=ro.rng)
                 step = ro.click(positive, x, y, text, role="correction", note=f"{kind}_box")
             if step.iou_after > err.iou_after:
+                n_kept = len(ro.steps)
                 ro.finish()
-                return
+                if ro.steps[-1].kind == "terminate":
+                    return
+                while len(ro.steps) > n_kept:  # this fix led nowhere (e.g. clicks cannot leave a shifted box)
+                    ro.undo()
             ro.undo()
         ro.undo()
     raise UnreachableError("no loose or shifted box could be corrected on this case")

@@ -40,38 +40,69 @@ def synthetic_cases(n: int = 4, size: tuple[int, int] = (56, 56), seed: int = 0)
     return cases
 
 
-def oracle_sft_rows(cases: list[TinyCase], segmenter: str = "fake", prompts: str = "reference",
-                    max_steps: int = 6) -> list[dict]:
-    """Roll the oracle out on each case; one row per turn: prompt messages, completion, images (PIL)."""
+def oracle_sft_rows(cases: list[TinyCase], out_dir: str | Path, segmenter: str = "fake", prompts: str = "reference",
+                    max_steps: int = 6, reasoning: str | None = None) -> list[dict]:
+    """Roll the oracle out on each case; one row per turn in the ``ibisagent export --format hf`` layout: structured
+    ``prompt`` (system, user with an image placeholder), ``completion``, ``images`` (paths of PNGs written under
+    ``out_dir/images``) and the state columns the TRL rewards read.
+
+    ``reasoning`` replaces the oracle's ``<think>`` text (short replies make tiny-model tests fast)."""
+    import json
+
+    from PIL import Image
+
     from ibisagent.env import EnvConfig, SegmentationEnv
+    from ibisagent.masks import rle_encode
     from ibisagent.policies.base import create_policy
-    from ibisagent.policies.hf import to_pil
+    from ibisagent.protocol import format_reply, parse_reply
     from ibisagent.segmenters.base import create_segmenter
 
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
     env = SegmentationEnv(create_segmenter(segmenter), EnvConfig(prompts=prompts, max_steps=max_steps))
     oracle = create_policy("oracle")
     rows: list[dict] = []
-    for case in cases:
+    for ci, case in enumerate(cases):
+        image_path = out / "images" / f"case{ci}.png"
+        mask_path = out / "images" / f"case{ci}_mask.png"
+        Image.fromarray(case.image).save(image_path)
+        Image.fromarray(case.gt.astype(np.uint8) * 255).save(mask_path)
         obs = env.reset(case.image, case.query, case.gt)
         oracle.begin_episode(image=case.image, query=case.query, gt=case.gt)
         done = False
         while not done:
             reply = oracle.act(obs)
-            messages, images = obs.messages()
-            prompt = [{"role": m["role"], "content": " ".join(p["text"] for p in m["content"] if p["type"] == "text")}
-                      for m in messages]
-            rows.append({"prompt": prompt, "completion": [{"role": "assistant", "content": reply}],
-                         "images": [to_pil(im) for im in images]})
+            if reasoning is not None:
+                parsed = parse_reply(reply)
+                reply = format_reply(parsed.action, reasoning, "Done." if parsed.answer is not None else None)
+            obs_path = out / "images" / f"case{ci}_step{obs.step + 1}.png"
+            Image.fromarray(obs.overlay).save(obs_path)
+            system, user = obs.chat[0].text, obs.chat[-1].text
+            rows.append({
+                "prompt": [{"role": "system", "content": [{"type": "text", "text": system}]},
+                           {"role": "user", "content": [{"type": "image", "text": None},
+                                                        {"type": "text", "text": user}]}],
+                "completion": [{"role": "assistant", "content": [{"type": "text", "text": reply}]}],
+                "images": [str(obs_path.resolve())],
+                "image_path": str(image_path.resolve()), "ground_truth": str(mask_path.resolve()),
+                "points": obs.points.tolist(), "labels": obs.labels.tolist(), "box": None, "step": obs.step + 1,
+                "prev_mask_rle": json.dumps(rle_encode(obs.mask)) if obs.mask is not None else "",
+                "segmenter": segmenter, "grammar": "reference", "case_id": f"case{ci}", "variant": "oracle",
+                "role": "normal",
+            })
             res = env.step(reply)
             obs, done = res.observation, res.done
     return rows
 
 
 def oracle_sft_dataset(out_dir: str | Path, cases: list[TinyCase] | None = None, **kw) -> Path:
-    """Write :func:`oracle_sft_rows` as a ``datasets`` directory (``save_to_disk``) and return its path."""
+    """Write :func:`oracle_sft_rows` like ``ibisagent export --format hf`` does (``OUT/dataset`` saved with
+    ``save_to_disk``, images under ``OUT/images``) and return the export folder."""
     from datasets import Dataset
 
-    rows = oracle_sft_rows(cases if cases is not None else synthetic_cases(), **kw)
     out = Path(out_dir)
-    Dataset.from_list(rows).save_to_disk(str(out))
+    rows = oracle_sft_rows(cases if cases is not None else synthetic_cases(), out, **kw)
+    if not rows:
+        raise ValueError("the oracle produced no turns")
+    Dataset.from_list(rows).save_to_disk(str(out / "dataset"))
     return out

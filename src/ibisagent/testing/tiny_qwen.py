@@ -12,11 +12,16 @@ action grammar and the prompt wording, plus the special tokens Qwen2.5-VL's chat
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import random
+import shutil
+import tempfile
 from pathlib import Path
 
-__all__ = ["QWEN_VL_CHAT_TEMPLATE", "SPECIAL_TOKENS", "TAG_TOKENS", "build_tiny_qwen_vl", "tiny_corpus"]
+__all__ = ["QWEN_VL_CHAT_TEMPLATE", "SPECIAL_TOKENS", "TAG_TOKENS", "build_tiny_qwen_vl", "shared_tiny_qwen_vl",
+           "tiny_corpus"]
 
 #: Special tokens Qwen2.5-VL's chat template and vision tower rely on.
 SPECIAL_TOKENS = (
@@ -108,7 +113,7 @@ def _image_only_processor_config(min_pixels: int, max_pixels: int) -> dict:
 def build_tiny_qwen_vl(
     out_dir: str | Path,
     *,
-    hidden_size: int = 64,
+    hidden_size: int = 128,
     num_layers: int = 2,
     vision_hidden_size: int = 32,
     vocab_size: int = 700,
@@ -168,3 +173,46 @@ def build_tiny_qwen_vl(
         json.dumps(_image_only_processor_config(min_pixels, max_pixels), indent=1))
     (out / "chat_template.jinja").write_text(QWEN_VL_CHAT_TEMPLATE)
     return out
+
+
+@functools.cache
+def shared_tiny_qwen_vl() -> Path:
+    """One tiny checkpoint per process (built on first use in a temporary directory, removed at exit); tests
+    must not modify it (copy it first)."""
+    tmp = Path(tempfile.mkdtemp(prefix="ibisagent-tiny-qwen-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    return build_tiny_qwen_vl(tmp / "tiny-qwen2.5-vl")
+
+
+def teach_replies(model, processor, examples, *, steps: int = 40, lr: float = 1e-2, seed: int = 0) -> list[float]:
+    """Fit a (tiny) model to answer each chat with a fixed reply: ``examples`` is a list of
+    ``(messages, images, reply)``. Returns the mean negative log-likelihood per step. Used by tests to get a small
+    model that emits parseable actions, so that whole multi-turn episodes can be exercised."""
+    import torch
+
+    from ibisagent.policies.hf import encode_chat
+    from ibisagent.training.trl_grpo import completion_logprobs
+
+    torch.manual_seed(seed)
+    tok = processor.tokenizer
+    device = next(model.parameters()).device
+    batches = []
+    for messages, images, reply in examples:
+        inputs = dict(encode_chat(processor, messages, images, device=str(device)))
+        ids = tok(reply + tok.eos_token, add_special_tokens=False, return_tensors="pt")["input_ids"][0].to(device)
+        batches.append((inputs, ids))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - i / max(1, steps))  # linear decay to 0
+    history = []
+    for _ in range(steps):
+        opt.zero_grad()
+        total = 0.0
+        for inputs, ids in batches:
+            loss = -completion_logprobs(model, inputs, ids).mean() / len(batches)
+            loss.backward()
+            total += float(loss.detach())
+        opt.step()
+        sched.step()
+        history.append(total)
+    model.eval()
+    return history

@@ -92,6 +92,7 @@ class SegmenterTrainConfig:
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
     max_clicks: int = field(default=20, metadata={"help": "longest simulated click sequence"})
     grad_rounds: int = field(default=3, metadata={"help": "last rounds of a click sequence that carry the loss"})
+    short_max: int = field(default=6, metadata={"help": "longest 'short' click sequence"})
     long_fraction: float = field(default=0.5, metadata={"help": "fraction of click sequences longer than 6 clicks"})
     box_fraction: float = field(default=0.2, metadata={"help": "fraction of batches that start with a jittered box"})
     mask_dropout: float = field(default=0.15, metadata={"help": "fraction of sequences without mask feedback"})
@@ -105,6 +106,8 @@ class SegmenterTrainConfig:
     resume: bool = field(default=False, metadata={"help": "continue from run_dir/last.pt"})
     threads: int = field(default=2, metadata={"help": "torch CPU threads"})
     cache_only: bool = field(default=False, metadata={"help": "only compute the embedding cache, then exit"})
+    cached_only: bool = field(default=False, metadata={"help": "train/validate only on images whose embeddings are "
+                                                              "already cached (skip the others instead of encoding)"})
     save_fp16: bool = field(default=True, metadata={"help": "store the shipped weights as float16 (half the size)"})
 
 
@@ -175,12 +178,14 @@ class _Sample:
 
 
 def _build_bank(
-    cases: list[Case], cache_dir: str | Path, flip: bool, min_area: int = 6
+    cases: list[Case], cache_dir: str | Path, flip: bool, min_area: int = 6, cached_only: bool = False
 ) -> tuple[torch.Tensor, list[_Sample]]:
-    """Load cached embeddings (fp16, stacked) and the 256x256 masks of ``cases``. Missing embeddings are encoded."""
+    """Load cached embeddings (fp16, stacked) and the 256x256 masks of ``cases``. Missing embeddings are encoded,
+    or with ``cached_only`` their images skipped (and mirrors not used where the mirror is missing)."""
     from ibisagent.segmenters.litemedsam import ENCODER_ID
 
-    cache_embeddings(cases, cache_dir, flip=flip, progress=False)
+    if not cached_only:
+        cache_embeddings(cases, cache_dir, flip=flip, progress=False)
     disk = DiskEmbeddingCache(cache_dir)
     index: dict[str, int] = {}
     embs: list[torch.Tensor] = []
@@ -205,8 +210,15 @@ def _build_bank(
             continue
         if c.image not in images:
             img = load_rgb(c.image)
-            images[c.image] = (get(img), get(np.ascontiguousarray(img[:, ::-1])) if flip else -1)
+            mirror = np.ascontiguousarray(img[:, ::-1])
+            if cached_only and embedding_key(img, ENCODER_ID) not in disk:
+                images[c.image] = (-1, -1)
+            else:
+                use_flip = flip and (not cached_only or embedding_key(mirror, ENCODER_ID) in disk)
+                images[c.image] = (get(img), get(mirror) if use_flip else -1)
         ei, fi = images[c.image]
+        if ei < 0:
+            continue
         samples.append(_Sample(c.id, c.source, case_group(c), ei, fi, gt))
     if not samples:
         raise ValueError("no usable (image, mask) pairs: check --data / --datasets and that masks are not empty")
@@ -321,10 +333,10 @@ def simulate_batch(
         first_grad = 0
     else:
         boxes = None
-        if rng.random() < cfg.long_fraction and cfg.max_clicks > 6:
-            n_clicks = int(rng.integers(7, cfg.max_clicks + 1))
+        if rng.random() < cfg.long_fraction and cfg.max_clicks > cfg.short_max:
+            n_clicks = int(rng.integers(cfg.short_max + 1, cfg.max_clicks + 1))
         else:
-            n_clicks = int(rng.integers(1, min(6, cfg.max_clicks) + 1))
+            n_clicks = int(rng.integers(1, min(cfg.short_max, cfg.max_clicks) + 1))
         rounds = n_clicks
         first_grad = max(0, rounds - cfg.grad_rounds)
     coords: list[list[tuple[float, float]]] = [[] for _ in range(b)]
@@ -436,10 +448,14 @@ def _val_score(metrics: dict[str, float]) -> float:
 # Training driver
 # ----------------------------------------------------------------------------------------------------------------
 
-def _lr_at(step: int, cfg: SegmenterTrainConfig) -> float:
+def _lr_at(step: int, cfg: SegmenterTrainConfig, elapsed_s: float = 0.0) -> float:
+    """Linear warm-up then cosine decay to 5% of the peak; with a time limit the decay follows whichever budget
+    (steps or minutes) is closer to exhausted."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    if cfg.time_limit_min > 0:
+        t = max(t, elapsed_s / (60 * cfg.time_limit_min))
     return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
@@ -496,7 +512,13 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
     ``.safetensors`` (the best validated checkpoint, or the last one without validation data)."""
     from tqdm import tqdm
 
-    from ibisagent.segmenters.litemedsam import CLICK_WEIGHTS, copy_trainable, load_base_model, load_click_state
+    from ibisagent.segmenters.litemedsam import (
+        CLICK_WEIGHTS,
+        ENCODER_ID,
+        copy_trainable,
+        load_base_model,
+        load_click_state,
+    )
 
     cfg = config
     if not cfg.data:
@@ -507,6 +529,9 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     out = Path(cfg.out) if cfg.out else CLICK_WEIGHTS
+    last = run_dir / "last.pt"
+    if cfg.resume and not last.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint {last} (run without --resume first)")
 
     train_cases = load_manifest(cfg.data, split="train", datasets=cfg.datasets)
     val_cases = load_manifest(cfg.data, split="val", datasets=cfg.datasets)
@@ -522,14 +547,19 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
             cache_embeddings(train_cases, cfg.cache_dir, flip=True)
         return Path(cfg.cache_dir)
 
-    bank, samples = _build_bank(train_cases, cfg.cache_dir, cfg.flip)
+    tqdm.write(f"{len({c.image for c in train_cases})} train images, {len({c.image for c in val_cases})} val images")
+    bank, samples = _build_bank(train_cases, cfg.cache_dir, cfg.flip, cached_only=cfg.cached_only)
     val_bank, val_samples = (None, [])
     if val_cases and cfg.val_cases > 0:
         rs = random.Random(1234)
         vc = [c for c in val_cases if c.mask is not None]
         rs.shuffle(vc)
-        val_bank, val_samples = _build_bank(vc[: cfg.val_cases], cfg.cache_dir, flip=False)
+        if cfg.cached_only:
+            vc = [c for c in vc if embedding_key(load_rgb(c.image), ENCODER_ID) in DiskEmbeddingCache(cfg.cache_dir)]
+        val_bank, val_samples = _build_bank(vc[: cfg.val_cases], cfg.cache_dir, flip=False, cached_only=cfg.cached_only)
 
+    n_flip = sum(s.flip_index >= 0 for s in samples)
+    tqdm.write(f"train masks: {len(samples)} ({n_flip} with mirror), val masks: {len(val_samples)}")
     parts = copy_trainable(load_base_model())
     params = list(parts.prompt_encoder.parameters()) + list(parts.mask_decoder.parameters())
     for p in params:
@@ -547,12 +577,9 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
     w /= w.sum()
 
     start, best, elapsed0 = 0, -1.0, 0.0
-    last = run_dir / "last.pt"
     csv_path = run_dir / "losses.csv"
     val_path = run_dir / "val.jsonl"
     if cfg.resume:
-        if not last.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint {last}")
         ck = torch.load(last, map_location="cpu", weights_only=False)
         load_click_state(parts, ck["model"])
         opt.load_state_dict(ck["optimizer"])
@@ -607,8 +634,9 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
         gts = np.stack([samples[i].gt[:, ::-1] if flip and samples[i].flip_index >= 0 else samples[i].gt
                         for i in idx])
         gts = np.ascontiguousarray(gts)
+        lr = _lr_at(step, cfg, elapsed0 + time.perf_counter() - t0)
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg)
+            g["lr"] = lr
         loss, st = simulate_batch(parts, bank[emb_idx].float(), gts, rng, cfg)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {step}")
@@ -618,7 +646,7 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
         opt.step()
         el = elapsed0 + time.perf_counter() - t0
         writer.writerow([step + 1, f"{loss.item():.5f}", f"{st['iou_last']:.4f}", int(st["rounds"]), int(st["box"]),
-                         f"{_lr_at(step, cfg):.3g}", f"{el:.1f}"])
+                         f"{lr:.3g}", f"{el:.1f}"])
         fcsv.flush()
         bar.set_postfix(loss=f"{loss.item():.3f}", iou=f"{st['iou_last']:.2f}")
         done = step + 1
@@ -627,7 +655,7 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
         if cfg.val_every and done % cfg.val_every == 0 and done < cfg.steps:
             validate(done)
             checkpoint(done)
-        if cfg.time_limit_min and (time.perf_counter() - t0) / 60 >= cfg.time_limit_min:
+        if cfg.time_limit_min and el / 60 >= cfg.time_limit_min:
             tqdm.write(f"time limit reached at step {done}")
             step = done - 1
             break

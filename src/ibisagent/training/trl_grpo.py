@@ -1,12 +1,20 @@
-"""GRPO on whole multi-turn episodes for a Qwen2.5-VL policy (plain torch on a transformers model).
+"""GRPO for a Qwen2.5-VL policy with the five reference rewards, in two modes.
 
-Why not ``trl.GRPOTrainer``: in TRL 1.16 its multi-turn hooks cannot carry our observations. ``rollout_func``
-returns token ids only and the trainer then runs the policy-gradient forward pass with ``images = None``, so image
-tokens of later turns have no pixels ("image features and image tokens do not match"); ``environment_factory`` feeds
-results back as ``tool`` messages, and Qwen2.5-VL chat templates drop images in tool messages. Here every new overlay
-is a new ``user`` turn with its image, as the reference does, and the loss is computed on exactly what was sampled.
+* ``mode="episodes"`` (default): GRPO on whole multi-turn episodes, our own loop in plain torch on a transformers
+  model (below).
+* ``mode="steps"``: ``trl.GRPOTrainer`` on the reference's per-step RL layout: every state of an oracle trajectory
+  (an ``ibisagent export --format hf`` row) is one prompt; its group of sampled replies is scored by the TRL reward
+  functions of :mod:`ibisagent.rewards.trl`, which apply each reply's action through the segmenter
+  (:func:`run_trl_grpo_steps`).
 
-One optimizer step:
+Why whole episodes do not go through ``trl.GRPOTrainer``: in TRL 1.16 its multi-turn hooks cannot carry our
+observations. ``rollout_func`` returns token ids only and the trainer then runs the policy-gradient forward pass with
+``images = None``, so image tokens of later turns have no pixels ("image features and image tokens do not match");
+``environment_factory`` feeds results back as ``tool`` messages, and Qwen2.5-VL chat templates drop images in tool
+messages. Here every new overlay is a new ``user`` turn with its image, as the reference does, and the loss is
+computed on exactly what was sampled.
+
+One optimizer step of the episodes mode:
 
 1. take ``cases_per_step`` cases; for each, sample ``group_size`` full episodes through
    :class:`~ibisagent.env.SegmentationEnv` (the policy's reply is parsed, the environment applies it through the
@@ -41,7 +49,7 @@ from ibisagent.env import EnvConfig, SegmentationEnv
 from ibisagent.policies._chat import ChatBuilder
 
 __all__ = ["EpisodeRollout", "GRPOCase", "GRPORunConfig", "GRPOResult", "TurnSample", "compute_advantages",
-           "load_grpo_cases", "rollout_episode", "run_grpo"]
+           "load_grpo_cases", "load_grpo_step_dataset", "rollout_episode", "run_grpo", "run_trl_grpo_steps"]
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +64,16 @@ class GRPORunConfig:
 
     model_path: str = field(metadata={"help": "Qwen2.5-VL checkpoint directory (usually the SFT result)"})
     output_dir: str = field(metadata={"help": "where the trained model and grpo_log.jsonl go"})
-    data: str | None = field(default=None, metadata={"help": "manifest root with index.jsonl (cases to train on)"})
+    mode: str = field(default="episodes", metadata={
+        "help": "episodes: whole multi-turn episodes (our loop); steps: one turn per prompt from an hf export, "
+                "with trl.GRPOTrainer (the reference's per-step RL layout)"})
+    data: str | None = field(default=None, metadata={"help": "episodes mode: manifest root with index.jsonl"})
+    dataset: str | None = field(default=None, metadata={"help": "steps mode: `ibisagent export --format hf` folder"})
     split: str = field(default="train", metadata={"help": "manifest split"})
     max_cases: int | None = field(default=None, metadata={"help": "use at most this many cases"})
     segmenter: str = field(default="litemedsam-click", metadata={"help": "segmenter that applies the actions"})
     steps: int = field(default=100, metadata={"help": "optimizer steps"})
-    cases_per_step: int = field(default=2, metadata={"help": "cases per step (each gets a group of episodes)"})
+    cases_per_step: int = field(default=2, metadata={"help": "cases (steps mode: prompts) per step, each gets a group"})
     group_size: int = field(default=4, metadata={"help": "episodes sampled per case (GRPO group)"})
     max_turns: int = field(default=8, metadata={"help": "turns per episode (reference inference: 20)"})
     history: bool = field(default=False, metadata={"help": "send earlier turns (reference default: off)"})
@@ -91,6 +103,8 @@ class GRPORunConfig:
     seed: int = field(default=0, metadata={"help": "random seed"})
 
     def validate(self) -> None:
+        if self.mode not in ("episodes", "steps"):
+            raise GRPOConfigError("mode must be 'episodes' (multi-turn) or 'steps' (single-turn, TRL GRPOTrainer)")
         if self.group_size < 2:
             raise GRPOConfigError("group_size must be >= 2: GRPO normalizes rewards within a group")
         if self.advantage not in ("episode", "turn"):
@@ -312,8 +326,10 @@ def _prepare_model(cfg: GRPORunConfig) -> tuple[Any, Any, Any, Any]:
             def ref_fn(turn: TurnSample) -> Any:
                 return completion_logprobs(ref_model, turn.inputs, turn.completion_ids, cfg.temperature)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    model.eval()  # no dropout in Qwen2.5-VL; eval keeps rollouts and loss numerically identical
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    model.eval()  # rollouts in eval mode; Qwen2.5-VL has no dropout, so the loss pass sees the same function
     torch.manual_seed(cfg.seed)
     return model, vl.processor, ref_fn, vl
 
@@ -340,6 +356,8 @@ def run_grpo(cfg: GRPORunConfig, cases: list[GRPOCase] | None = None, segmenter:
     from ibisagent.segmenters.base import create_segmenter
 
     cfg.validate()
+    if cfg.mode == "steps":
+        return run_trl_grpo_steps(cfg)
     if cases is None:
         if not cfg.data:
             raise GRPOConfigError("give cases or cfg.data (a manifest root)")
@@ -382,6 +400,7 @@ def run_grpo(cfg: GRPORunConfig, cases: list[GRPOCase] | None = None, segmenter:
                     for t in turns:
                         t.old_logprobs = completion_logprobs(model, t.inputs, t.completion_ids, cfg.temperature)
             losses, kls, clips, grad_norm = [], [], [], 0.0
+            model.train(cfg.gradient_checkpointing)  # HF checkpointing is active in train mode only (no dropout)
             for _ in range(cfg.ppo_epochs):
                 opt.zero_grad(set_to_none=True)
                 for t in turns:
@@ -392,6 +411,7 @@ def run_grpo(cfg: GRPORunConfig, cases: list[GRPOCase] | None = None, segmenter:
                     clips.append(info["clip_frac"])
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
                 opt.step()
+            model.eval()
             metrics = {"step": step, **_step_metrics(rollouts), "loss": float(np.mean(losses)),
                        "kl": float(np.mean(kls)), "clip_frac": float(np.mean(clips)),
                        "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
@@ -415,3 +435,100 @@ def _save(model: Any, base: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     finalize_checkpoint(base, out)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Single-turn GRPO with trl.GRPOTrainer (the reference's per-step RL layout)
+# ------------------------------------------------------------------------------------------------------------------
+
+def load_grpo_step_dataset(path: str | Path, split: str = "train", max_rows: int | None = None) -> Any:
+    """An ``ibisagent export --format hf`` dataset as GRPOTrainer prompts: plain-text system/user messages (TRL puts
+    the image placeholder in the user turn), decoded ``images`` and the state columns the rewards read."""
+    import datasets
+
+    from ibisagent.training.trl_sft import load_sft_dataset
+
+    ds = load_sft_dataset(path, split, max_rows)
+    needed = {"image_path", "ground_truth", "step"}
+    missing = sorted(needed - set(ds.column_names))
+    if missing:
+        raise GRPOConfigError(f"dataset {path} lacks the state column(s) {missing} the rewards need; "
+                              "export it with `ibisagent export SYNTH_DIR --format hf`")
+
+    def text_only(row: dict[str, Any]) -> dict[str, Any]:
+        msgs = []
+        for m in row["prompt"]:
+            content = m["content"]
+            if not isinstance(content, str):
+                content = "".join(p.get("text") or "" for p in content if p.get("type") == "text")
+            msgs.append({"role": m["role"], "content": content})
+        return {"prompt": msgs}
+
+    ds = ds.map(text_only)
+    if "completion" in ds.column_names:
+        ds = ds.remove_columns(["completion"])
+    if "images" in ds.column_names:  # the export stores paths: decode them to PIL images on access
+        ds = ds.cast_column("images", datasets.Sequence(datasets.Image()))
+    return ds
+
+
+def run_trl_grpo_steps(cfg: GRPORunConfig) -> GRPOResult:
+    """GRPO with ``trl.GRPOTrainer`` on per-step prompts: each prompt (one state of an oracle trajectory) gets
+    ``group_size`` sampled replies; each reply's action is applied through the segmenter by the TRL reward functions
+    of :mod:`ibisagent.rewards.trl` (one per component, weighted 1/5 each = the reference total)."""
+    import torch
+    from trl import GRPOConfig, GRPOTrainer
+
+    from ibisagent.policies.hf import load_vl_checkpoint
+    from ibisagent.rewards import COMPONENTS, RewardConfig
+    from ibisagent.rewards.trl import make_reward_functions
+    from ibisagent.training.trl_sft import finalize_checkpoint
+
+    if not cfg.dataset:
+        raise GRPOConfigError("steps mode needs dataset=<ibisagent export --format hf folder>")
+    ds = load_grpo_step_dataset(cfg.dataset, cfg.split, cfg.max_cases)
+    vl = load_vl_checkpoint(cfg.model_path, device=cfg.device, dtype=cfg.dtype, max_pixels=cfg.max_pixels)
+    peft_config = None
+    if cfg.lora:
+        from peft import LoraConfig
+
+        pattern = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=pattern,
+                                 task_type="CAUSAL_LM")
+    elif cfg.freeze_vision:
+        for name, p in vl.model.named_parameters():
+            if "visual" in name:
+                p.requires_grad_(False)
+    out = Path(cfg.output_dir)
+    args = GRPOConfig(
+        output_dir=str(out), max_steps=cfg.steps, learning_rate=cfg.learning_rate,
+        num_generations=cfg.group_size, per_device_train_batch_size=cfg.group_size * cfg.cases_per_step,
+        max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+        beta=cfg.beta, epsilon=cfg.clip_eps, num_iterations=cfg.ppo_epochs, max_grad_norm=cfg.max_grad_norm,
+        reward_weights=[1.0 / len(COMPONENTS)] * len(COMPONENTS), remove_unused_columns=False,
+        gradient_checkpointing=cfg.gradient_checkpointing, bf16=vl.dtype == torch.bfloat16, fp16=False,
+        use_cpu=vl.device == "cpu", logging_steps=1, save_strategy="steps" if cfg.save_every else "no",
+        save_steps=cfg.save_every or 500, report_to="none", seed=cfg.seed,
+    )
+    rcfg = RewardConfig.from_dict(cfg.reward_config) if cfg.reward_config else RewardConfig()
+    trainer = GRPOTrainer(model=vl.model, reward_funcs=make_reward_functions(rcfg, segmenter=cfg.segmenter,
+                                                                             components=COMPONENTS),
+                          args=args, train_dataset=ds, processing_class=vl.processor, peft_config=peft_config)
+    trainer.train()
+    trainer.save_model(str(out))
+    finalize_checkpoint(vl.path, out)
+    history = []
+    for h in trainer.state.log_history:
+        if "loss" not in h:
+            continue
+        m = {"step": int(h.get("step", len(history) + 1)), "loss": float(h["loss"]), "kl": float(h.get("kl", 0.0)),
+             "reward/total": float(h.get("reward", float("nan"))),
+             "reward/total_std": float(h.get("reward_std", float("nan")))}
+        m.update({f"reward/{c}": float(h.get(f"rewards/{c}_reward/mean", float("nan"))) for c in COMPONENTS})
+        m["trl"] = h
+        history.append(m)
+    (out / "grpo_config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
+    with (out / "grpo_log.jsonl").open("a") as f:
+        for m in history:
+            f.write(json.dumps(m, default=float) + "\n")
+    return GRPOResult(out, history)

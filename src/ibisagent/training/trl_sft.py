@@ -85,7 +85,9 @@ def load_sft_dataset(path: str | Path, split: str = "train", max_rows: int | Non
     p = Path(path)
     if not p.exists():
         raise SFTDatasetError(f"dataset directory {p} does not exist; export trajectories first "
-                              "(ibisagent export ... --format hf)")
+                              "(ibisagent export SYNTH_DIR --format hf --out DIR)")
+    if (p / "dataset").is_dir():  # the export folder rather than its dataset subfolder
+        p = p / "dataset"
     try:
         ds = load_from_disk(str(p))
     except (FileNotFoundError, ValueError) as exc:
@@ -121,15 +123,33 @@ def _clean_content(content: Any) -> Any:
     return parts
 
 
-def normalize_example(example: dict[str, Any]) -> dict[str, Any]:
-    """One dataset row -> what TRL's vision collator expects (PIL images, clean message parts)."""
+def _as_pil(image: Any) -> Any:
+    """A PIL RGB image from a PIL image, an array, a path (the export stores paths) or a datasets image dict."""
+    from PIL import Image
+
     from ibisagent.policies.hf import to_pil
 
+    if isinstance(image, dict) and ("path" in image or "bytes" in image):
+        import io
+
+        image = Image.open(io.BytesIO(image["bytes"])) if image.get("bytes") else image["path"]
+    if isinstance(image, str | Path):
+        try:
+            with Image.open(image) as im:
+                return im.convert("RGB")
+        except OSError as exc:
+            raise SFTDatasetError(f"cannot read image {image}: {exc}") from exc
+    if hasattr(image, "convert"):
+        return image.convert("RGB")
+    return to_pil(np.asarray(image))
+
+
+def normalize_example(example: dict[str, Any]) -> dict[str, Any]:
+    """One dataset row -> what TRL's vision collator expects (PIL images, clean message parts)."""
     out = dict(example)
-    images = out.pop("image", None)
-    images = out.get("images", [images] if images is not None else [])
-    out["images"] = [im if hasattr(im, "convert") else to_pil(np.asarray(im)) for im in (images or [])]
-    out["images"] = [im.convert("RGB") for im in out["images"]]
+    single = out.pop("image", None)
+    images = out.get("images", [single] if single is not None else [])
+    out["images"] = [_as_pil(im) for im in (images or [])]
     for key in ("prompt", "completion"):
         out[key] = [{"role": m["role"], "content": _clean_content(m["content"])} for m in out[key]]
     return out
@@ -225,7 +245,8 @@ def finalize_checkpoint(src: Path, dst: Path) -> None:
     import shutil
 
     names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-             "added_tokens.json", "preprocessor_config.json", "chat_template.jinja", "chat_template.json",
+             "added_tokens.json", "preprocessor_config.json", "video_preprocessor_config.json",
+             "chat_template.jinja", "chat_template.json",
              "generation_config.json")
     for n in names:
         if (src / n).is_file() and not (dst / n).exists():

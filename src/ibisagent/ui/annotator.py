@@ -130,6 +130,26 @@ class Annotator:
             self.query = query
         self.views, self.episode = [], None
 
+    def open_files(self, paths: list[str | Path], **kwargs: Any) -> None:
+        """Open uploaded files: one file as :meth:`open`; several DICOM files as one series (they are linked into
+        a temporary folder, which the loader reads as a DICOM series volume)."""
+        from ibisagent.io import is_dicom_file
+
+        files = [Path(p) for p in paths if p]
+        if not files:
+            raise AnnotatorError("no file given")
+        if len(files) == 1:
+            self.open(files[0], **kwargs)
+            return
+        not_dicom = [f.name for f in files if not (f.suffix.lower() == ".dcm" or is_dicom_file(f))]
+        if not_dicom:
+            raise AnnotatorError(f"several files can only be opened as one DICOM series; not DICOM: "
+                                 f"{', '.join(not_dicom[:5])}")
+        folder = Path(tempfile.mkdtemp(prefix="ibisagent-series-"))
+        for i, f in enumerate(files):
+            (folder / f"{i:05d}_{f.name}").symlink_to(f.resolve())
+        self.open(folder, **kwargs)
+
     def _default_slice(self) -> int:
         from ibisagent.io import choose_slice, load_mask
 
@@ -231,11 +251,15 @@ class Annotator:
         h, w = self.image.shape[:2]
         if not (0 <= x <= w - 1 and 0 <= y <= h - 1):
             raise AnnotatorError(f"click ({x}, {y}) lies outside the {w}x{h} image")
-        with self._bound():
-            mask = s.add_click(float(x), float(y), positive=positive)
+        try:
+            with self._bound():
+                mask = s.add_click(float(x), float(y), positive=positive)
+        except ValueError as exc:  # SegmenterError
+            raise AnnotatorError(str(exc)) from exc
         self.views.append(StepView(len(self.views) + 1, "user",
                                    f"{'Positive' if positive else 'Negative'} click ({int(x)}, {int(y)})", "",
                                    self.current_iou()))
+        self.episode = None  # the state is the user's now, not the end of an agent episode
         return mask
 
     def undo(self) -> None:
@@ -243,6 +267,7 @@ class Annotator:
         if s.interactions:
             s.undo()
             self.views.append(StepView(len(self.views) + 1, "user", "Undo", "", self.current_iou()))
+            self.episode = None
 
     def reset(self) -> None:
         s = self._require_session()

@@ -17,11 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from ibisagent.runtime import SegmenterHub, default_segmenter_name, find_bundled_dir
-from ibisagent.ui.annotator import WINDOW_CHOICES, Annotator, AnnotatorError
+from ibisagent.segmenters.base import SegmenterUnavailable
+from ibisagent.ui.annotator import WINDOW_CHOICES, Annotator
 
-__all__ = ["AppConfig", "ExampleCase", "add_parser", "build_app", "bundled_examples"]
+__all__ = ["AppConfig", "ExampleCase", "add_parser", "build_app", "bundled_examples", "display_factor", "display_scaled"]
 
 IMAGE_TYPES = [".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".nii", ".gz"]
+#: errors shown to the user as a message (bad input, a backend that cannot run here, an unknown name)
+_USER_ERRORS = (ValueError, SegmenterUnavailable, KeyError)
 CLICK_POSITIVE = "Positive (add)"
 CLICK_NEGATIVE = "Negative (remove)"
 
@@ -72,6 +75,23 @@ class AppConfig:
         self.max_steps = max_steps
 
 
+#: small images are shown enlarged (nearest neighbour, integer factor) until their long side reaches this
+DISPLAY_MIN_SIDE = 480
+
+
+def display_factor(ann: Annotator) -> int:
+    """Integer enlargement of the shown image (1 for images whose long side is at least DISPLAY_MIN_SIDE)."""
+    if ann.loaded is None:
+        return 1
+    side = max(ann.image.shape[:2])
+    return max(1, -(-DISPLAY_MIN_SIDE // side)) if side < DISPLAY_MIN_SIDE else 1
+
+
+def display_scaled(image: Any, k: int) -> Any:
+    """``image`` enlarged k times by pixel repetition (click coordinates map back by integer division)."""
+    return image if k == 1 else image.repeat(k, axis=0).repeat(k, axis=1)
+
+
 def build_app(config: AppConfig | None = None, hub: SegmenterHub | None = None) -> Any:
     """The Gradio Blocks app (not launched)."""
     import gradio as gr
@@ -91,7 +111,7 @@ def build_app(config: AppConfig | None = None, hub: SegmenterHub | None = None) 
     def view(ann: Annotator) -> tuple[Any, str, str]:
         if ann.loaded is None:
             return None, "No image loaded.", ann.log_text()
-        return ann.render(), ann.status(), ann.log_text()
+        return display_scaled(ann.render(), display_factor(ann)), ann.status(), ann.log_text()
 
     def slider_update(ann: Annotator) -> Any:
         if ann.is_volume:
@@ -99,7 +119,8 @@ def build_app(config: AppConfig | None = None, hub: SegmenterHub | None = None) 
         return gr.update(visible=False)
 
     def fail(exc: Exception) -> None:
-        raise gr.Error(str(exc))
+        msg = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+        raise gr.Error(msg)
 
     # --- handlers --------------------------------------------------------------------------------------------
     def on_example(label: str, ann: Annotator | None, segmenter: str, policy: str, window: str):
@@ -109,16 +130,18 @@ def build_app(config: AppConfig | None = None, hub: SegmenterHub | None = None) 
             return (ann, *view(ann), gr.update(), slider_update(ann))
         try:
             ann.open(ex.image, mask_path=ex.mask, query=ex.query, window=window)
-        except AnnotatorError as exc:
+        except _USER_ERRORS as exc:
             fail(exc)
         return (ann, *view(ann), ex.query, slider_update(ann))
 
-    def on_upload(path: str | None, ann: Annotator | None, segmenter: str, policy: str, window: str):
+    def on_upload(paths: list[str] | str | None, ann: Annotator | None, segmenter: str, policy: str, window: str):
         ann = state_of(ann, segmenter, policy)
-        if path:
+        if isinstance(paths, str):
+            paths = [paths]
+        if paths:
             try:
-                ann.open(path, window=window)
-            except AnnotatorError as exc:
+                ann.open_files(paths, window=window)
+            except _USER_ERRORS as exc:
                 fail(exc)
         return (ann, *view(ann), slider_update(ann))
 
@@ -127,7 +150,7 @@ def build_app(config: AppConfig | None = None, hub: SegmenterHub | None = None) 
         if ann.loaded is not None:
             try:
                 ann.set_mask(path)
-            except AnnotatorError as exc:
+            except _USER_ERRORS as exc:
                 fail(exc)
         return (ann, *view(ann))
 
@@ -135,7 +158,7 @@ def build_app(config: AppConfig | None = None, hub: SegmenterHub | None = None) 
         ann = state_of(ann, segmenter, policy)
         try:
             ann.set_slice(int(index))
-        except AnnotatorError as exc:
+        except _USER_ERRORS as exc:
             fail(exc)
         return (ann, *view(ann))
 
@@ -143,7 +166,7 @@ def build_app(config: AppConfig | None = None, hub: SegmenterHub | None = None) 
         ann = state_of(ann, segmenter, policy)
         try:
             ann.set_window(window)
-        except AnnotatorError as exc:
+        except _USER_ERRORS as exc:
             fail(exc)
         return (ann, *view(ann))
 
@@ -151,7 +174,7 @@ def build_app(config: AppConfig | None = None, hub: SegmenterHub | None = None) 
         ann = state_of(ann, name, policy)
         try:
             ann.set_segmenter(name)
-        except (AnnotatorError, ValueError, RuntimeError) as exc:
+        except _USER_ERRORS as exc:
             fail(exc)
         return (ann, *view(ann))
 
@@ -164,7 +187,7 @@ def build_app(config: AppConfig | None = None, hub: SegmenterHub | None = None) 
             yield (ann, *view(ann))
             for _ in steps:
                 yield (ann, *view(ann))
-        except AnnotatorError as exc:
+        except _USER_ERRORS as exc:
             fail(exc)
 
     def on_run(query: str, policy: str, segmenter: str, ann: Annotator | None):
@@ -176,9 +199,10 @@ def build_app(config: AppConfig | None = None, hub: SegmenterHub | None = None) 
     def on_click(mode: str, ann: Annotator | None, segmenter: str, policy: str, evt: gr.SelectData):
         ann = state_of(ann, segmenter, policy)
         try:
-            x, y = (int(v) for v in evt.index[:2])
+            k = display_factor(ann)
+            x, y = (int(v) // k for v in evt.index[:2])
             ann.click(x, y, positive=mode != CLICK_NEGATIVE)
-        except AnnotatorError as exc:
+        except _USER_ERRORS as exc:
             fail(exc)
         return (ann, *view(ann))
 
@@ -186,7 +210,7 @@ def build_app(config: AppConfig | None = None, hub: SegmenterHub | None = None) 
         ann = state_of(ann, segmenter, policy)
         try:
             ann.undo()
-        except AnnotatorError as exc:
+        except _USER_ERRORS as exc:
             fail(exc)
         return (ann, *view(ann))
 
@@ -194,7 +218,7 @@ def build_app(config: AppConfig | None = None, hub: SegmenterHub | None = None) 
         ann = state_of(ann, segmenter, policy)
         try:
             ann.reset()
-        except AnnotatorError as exc:
+        except _USER_ERRORS as exc:
             fail(exc)
         return (ann, *view(ann))
 
@@ -202,7 +226,7 @@ def build_app(config: AppConfig | None = None, hub: SegmenterHub | None = None) 
         ann = state_of(ann, segmenter, policy)
         try:
             path = ann.export("nifti" if fmt.startswith("NIfTI") else "png")
-        except (AnnotatorError, ValueError) as exc:
+        except _USER_ERRORS as exc:
             fail(exc)
         return str(path)
 
@@ -211,16 +235,9 @@ def build_app(config: AppConfig | None = None, hub: SegmenterHub | None = None) 
         gr.Markdown("## ibisagent: type what to segment, watch the agent click, fix it with your own clicks")
         state = gr.State(None)
         with gr.Row():
-            with gr.Column(scale=1, min_width=320):
+            with gr.Column(scale=1, min_width=340):
                 example = gr.Dropdown(choices=list(examples), value=None, label="Bundled example",
                                       elem_id="example", interactive=True)
-                upload = gr.File(label="Image: PNG/JPEG/DICOM or NIfTI volume", file_types=IMAGE_TYPES,
-                                 type="filepath", elem_id="upload")
-                mask_up = gr.File(label="Ground-truth mask (optional: enables IoU and the oracle policy)",
-                                  file_types=IMAGE_TYPES + [".npy"], type="filepath", elem_id="mask-upload")
-                slider = gr.Slider(0, 1, value=0, step=1, label="Slice", visible=False, elem_id="slice")
-                window = gr.Dropdown(choices=list(WINDOW_CHOICES), value="auto", label="Window preset",
-                                     elem_id="window")
                 query = gr.Textbox(label="Query", placeholder="segment the tumor", elem_id="query")
                 with gr.Row():
                     policy = gr.Dropdown(choices=cfg.policies, value=cfg.policy, label="Policy", elem_id="policy")
@@ -237,10 +254,20 @@ def build_app(config: AppConfig | None = None, hub: SegmenterHub | None = None) 
                 with gr.Row():
                     fmt = gr.Radio(["PNG", "NIfTI (.nii.gz)"], value="PNG", label="Mask format", elem_id="fmt")
                     export_btn = gr.Button("Export mask", elem_id="export")
-                download = gr.File(label="Mask file", interactive=False, elem_id="download")
+                download = gr.File(label="Mask file", interactive=False, elem_id="download", height=90)
+                with gr.Accordion("Open your own image", open=True):
+                    upload = gr.File(label="Image: PNG/JPEG/DICOM, a NIfTI volume, or all files of a DICOM series",
+                                     file_types=IMAGE_TYPES, file_count="multiple", type="filepath",
+                                     elem_id="upload", height=120)
+                    mask_up = gr.File(label="Ground-truth mask (optional: enables IoU and the oracle policy)",
+                                      file_types=IMAGE_TYPES + [".npy"], type="filepath", elem_id="mask-upload",
+                                      height=120)
+                    slider = gr.Slider(0, 1, value=0, step=1, label="Slice", visible=False, elem_id="slice")
+                    window = gr.Dropdown(choices=list(WINDOW_CHOICES), value="auto", label="Window preset",
+                                         elem_id="window")
             with gr.Column(scale=2):
                 canvas = gr.Image(label="Click the image to add a point", type="numpy", format="png",
-                                  interactive=False, elem_id="canvas", buttons=["fullscreen"])
+                                  interactive=False, elem_id="canvas", buttons=["fullscreen"], height=560)
                 status = gr.Markdown("No image loaded.", elem_id="status")
                 log = gr.Textbox(label="Agent reasoning and steps", lines=12, max_lines=30, interactive=False,
                                  elem_id="log")

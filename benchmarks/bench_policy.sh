@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Benchmark the compact CPU policy with the evaluation harness (`ibisagent eval`) on the val split of the dev data.
+#
+#   benchmarks/bench_policy.sh [DATA] [OUT]
+#
+# Rows: compact SFT only, compact SFT+GRPO (shipped), compact box-first, the oracle with the same segmenter (upper
+# bound), the click-free baselines center-click and gt-box; then the query test on multi-object CT slices (compact
+# vs the same policy with an empty query), and an end-to-end timing run without the on-disk embedding cache.
+# Environment: SFT_WEIGHTS (default runs/policy/sft.safetensors), SEG (default litemedsam-click), CACHE (default
+# runs/embeddings), THREADS (default 1), TIMING_CASES (default 12).
+set -euo pipefail
+DATA=${1:-/work/shared/data}
+OUT=${2:-runs/bench_policy}
+SFT_WEIGHTS=${SFT_WEIGHTS:-runs/policy/sft.safetensors}
+SEG=${SEG:-litemedsam-click}
+CACHE=${CACHE:-runs/embeddings}
+THREADS=${THREADS:-1}
+TIMING_CASES=${TIMING_CASES:-12}
+COMPACT_SETS=ph2_dermoscopy,hc18_fetal_head_ultrasound,busi_breast_ultrasound,polyp_colonoscopy_small
+CT_SETS=sammed2d_demo_ct,totalsegmentator_examples_ct_mr
+PY=${PY:-.venv/bin/python}
+EVAL="$PY -m ibisagent.evaluation.cli eval $DATA --split val --segmenter $SEG --cache-dir $CACHE --threads $THREADS --quiet"
+mkdir -p "$OUT"
+
+run() {  # name, extra args...
+  local name=$1; shift
+  echo "== $name: $*"
+  $EVAL --out "$OUT/$name" "$@" || echo "   ($name exited with $?)"
+}
+
+# --- main table: the four compact-object sets -----------------------------------------------------------------
+run sft          --datasets $COMPACT_SETS --policy compact --policy-arg weights="$SFT_WEIGHTS"
+run grpo         --datasets $COMPACT_SETS --policy compact
+run grpo_box     --datasets $COMPACT_SETS --policy compact-box
+run oracle       --datasets $COMPACT_SETS --policy oracle
+run center_click --datasets $COMPACT_SETS --policy center-click
+run gt_box       --datasets $COMPACT_SETS --policy gt-box
+
+# --- the query is used: multi-object CT slices ----------------------------------------------------------------
+run ct_query       --datasets $CT_SETS --policy compact
+run ct_query_blind --datasets $CT_SETS --policy compact --policy-arg query_blind=true
+run ct_oracle      --datasets $CT_SETS --policy oracle
+
+# --- end to end time per case: no disk cache (one encoder pass per image, shared by segmenter and policy) ------
+echo "== timing (no disk cache, $TIMING_CASES cases)"
+$PY -m ibisagent.evaluation.cli eval "$DATA" --split val --segmenter "$SEG" --threads "$THREADS" --quiet \
+  --datasets $COMPACT_SETS --policy compact --limit "$TIMING_CASES" --out "$OUT/timing" || true
+
+$PY -m ibisagent.evaluation.cli compare "$OUT"/{sft,grpo,grpo_box,oracle,center_click,gt_box} --by-dataset \
+  | tee "$OUT/table_compact.md"
+$PY -m ibisagent.evaluation.cli compare "$OUT"/{ct_query,ct_query_blind,ct_oracle} | tee "$OUT/table_ct.md"
+$PY -m ibisagent.evaluation.cli compare "$OUT"/timing | tee "$OUT/table_timing.md"

@@ -1,0 +1,1029 @@
+"""Train the compact CPU policy (:mod:`ibisagent.policies.compact`) with the paper's two-stage recipe.
+
+Stage 1, SFT (imitation of synthesized trajectories, states generated online with the reference oracle):
+
+* oracle rollouts: the distance-transform oracle (:func:`ibisagent.policies.oracle.next_click`) clicks through the
+  real segmenter (efficient trajectories);
+* reflective rollouts: with probability ``mistake_prob`` a step is a deliberate mistake (a positive click in the
+  background ring around the object, or a negative click inside it near the border); the oracle then corrects it,
+  so the policy sees imperfect masks and learns to repair them;
+* DAgger rounds: the policy's own sampled rollouts, every state relabelled by the oracle.
+
+Targets per state: a soft click distribution over the 2 x 64 x 64 action cells (the oracle's error regions, pixels
+at >= 0.6 x the larger distance-transform maximum, weighted by distance^2, positive in FN and negative in FP), a stop
+target (IoU >= ``stop_iou``, or the oracle's next click would not raise IoU) and the object map (auxiliary).
+
+Stage 2, GRPO on whole episodes: for each case, ``group_size`` full multi-turn episodes sampled from the policy
+(temperature 1) through the real segmenter; each step is scored by the five reference rewards
+(:func:`ibisagent.rewards.score_transition`, total = their mean). Advantages follow GRPO with process supervision
+(Shao et al. 2024): every step reward is normalized by the mean and std of all step rewards of the case's group, and
+a step's advantage is the sum of the normalized rewards from that step to the end of its episode. Loss: the clipped
+ratio objective plus ``kl_coef`` x the k3 estimate of KL(policy || frozen SFT policy). Every reward component of every
+step is logged to ``grpo_steps.csv``; per-iteration means go to ``grpo_iters.csv`` and ``grpo_curves.png``.
+
+All rollouts run in lockstep batches (every active episode of a batch has the same number of clicks), so the
+segmenter's mask decoder runs batched; with LiteMedSAM the image embeddings come from the on-disk cache of
+``ibisagent train-segmenter`` (``runs/embeddings``), so no image is re-encoded.
+
+``ibisagent train-policy --data /work/shared/data`` reproduces the shipped weights (seeded, resumable with
+``--resume``, progress lines, curves saved as PNG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from ibisagent.io.manifest import load_manifest
+from ibisagent.masks import error_regions, iou
+from ibisagent.policies.compact import (
+    GRID,
+    POLICY_WEIGHTS,
+    ActionChoice,
+    CompactNetConfig,
+    CompactPolicy,
+    CompactPolicyNet,
+    action_log_prob,
+    allowed_actions,
+    cell_to_pixel,
+    fake_embedding,
+    load_policy_net,
+    pool_to_grid,
+    save_policy_net,
+    select_actions,
+    state_planes,
+)
+from ibisagent.policies.oracle import next_click
+
+__all__ = [
+    "PolicyTrainConfig",
+    "PolicyTrainError",
+    "add_parser",
+    "click_target",
+    "grpo_advantages",
+    "train_policy",
+]
+
+#: objects clicks cannot outline (left out of training; reported separately by the evaluation)
+THIN_OBJECTS = frozenset({"retinal blood vessels", "cell membranes", "all cell nuclei"})
+
+
+class PolicyTrainError(ValueError):
+    """Bad training input (no usable cases, unknown segmenter, wrong stage)."""
+
+
+@dataclass
+class PolicyTrainConfig:
+    """Settings of ``ibisagent train-policy`` (field metadata = CLI help)."""
+
+    data: str = field(default="", metadata={"help": "dataset folder (or folder of folders with index.jsonl)"})
+    out: str = field(default="", metadata={"help": "output .safetensors (default: the package's "
+                                                   "weights/compact_policy.safetensors)"})
+    run_dir: str = field(default="runs/policy", metadata={"help": "checkpoints, CSV logs, PNG curves"})
+    stage: str = field(default="all", metadata={"help": "sft, grpo (starts from run_dir/sft.safetensors) or all"})
+    segmenter: str = field(default="litemedsam-click", metadata={"help": "segmenter the episodes run through"})
+    segmenter_weights: str = field(default="", metadata={"help": "click weights .safetensors for litemedsam-click "
+                                                                 "(default: the shipped file)"})
+    cache_dir: str = field(default="runs/embeddings", metadata={"help": "on-disk embedding cache (comma-separated: "
+                                                                      "the first is written, the others only read)"})
+    datasets: list[str] | None = field(default=None, metadata={"help": "only these dataset folders"})
+    max_cases: int = field(default=0, metadata={"help": "use at most this many train masks (0 = all; for tests)"})
+    flip: bool = field(default=True, metadata={"help": "SFT augmentation: mirrored image embeddings with mirrored "
+                                                       "states and targets"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    threads: int = field(default=1, metadata={"help": "torch CPU threads (1 is fastest on a busy 2-core machine)"})
+    batch_rollouts: int = field(default=16, metadata={"help": "episodes per lockstep batch"})
+    cached_only: bool = field(default=False, metadata={"help": "skip images whose embedding is not cached yet"})
+    init: str = field(default="", metadata={"help": "start SFT from these policy weights (.safetensors)"})
+    # --- SFT
+    sft_steps: int = field(default=500, metadata={"help": "SFT optimizer steps"})
+    sft_batch: int = field(default=16, metadata={"help": "states per SFT batch"})
+    sft_lr: float = field(default=2e-3, metadata={"help": "SFT peak learning rate (AdamW, warm-up, cosine)"})
+    rollout_clicks: int = field(default=3, metadata={"help": "clicks per oracle/reflective/DAgger trajectory"})
+    rollout_cases: int = field(default=0, metadata={"help": "cases rolled out per trajectory kind (0 = all)"})
+    synth_frac: float = field(default=0.6, metadata={"help": "fraction of each SFT batch drawn from segmenter-free "
+                                                             "synthetic states (ibisagent.training.policy_states)"})
+    mistake_prob: float = field(default=0.3, metadata={"help": "probability of a deliberate mistake per step "
+                                                               "in reflective rollouts"})
+    dagger_rounds: int = field(default=1, metadata={"help": "rounds of policy rollouts relabelled by the oracle"})
+    stop_iou: float = field(default=0.85, metadata={"help": "stop target: IoU at or above this"})
+    obj_weight: float = field(default=0.5, metadata={"help": "weight of the auxiliary object-map loss"})
+    val_cases: int = field(default=24, metadata={"help": "val-split masks for greedy validation episodes"})
+    sft_minutes: float = field(default=0.0, metadata={"help": "stop SFT after this many minutes (0 = none)"})
+    # --- GRPO
+    grpo_iters: int = field(default=30, metadata={"help": "GRPO iterations"})
+    group_size: int = field(default=4, metadata={"help": "episodes per case (G >= 4 in the recipe)"})
+    grpo_cases: int = field(default=4, metadata={"help": "cases per GRPO iteration"})
+    grpo_lr: float = field(default=2e-4, metadata={"help": "GRPO learning rate (Adam)"})
+    grpo_epochs: int = field(default=2, metadata={"help": "optimization passes over each iteration's rollouts"})
+    clip: float = field(default=0.2, metadata={"help": "PPO/GRPO ratio clip"})
+    kl_coef: float = field(default=0.04, metadata={"help": "KL-to-SFT coefficient (k3 estimator)"})
+    max_turns: int = field(default=8, metadata={"help": "turns per GRPO episode (Terminate counts)"})
+    grpo_minutes: float = field(default=0.0, metadata={"help": "stop GRPO after this many minutes (0 = none)"})
+    # --- bookkeeping
+    ckpt_every: int = field(default=50, metadata={"help": "checkpoint every N SFT steps (GRPO: every 5 iterations)"})
+    resume: bool = field(default=False, metadata={"help": "continue from run_dir checkpoints"})
+    progress: bool = field(default=True, metadata={"help": "print progress lines"})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cases and the segmenter backend
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Case:
+    id: str
+    source: str
+    query: str
+    text: int  # row of the text bank
+    emb: int  # row of the embedding bank
+    gt: np.ndarray  # HxW bool (already mirrored for mirrored cases)
+    obj: np.ndarray  # 64x64 float32 object fraction
+    image: np.ndarray | None = None  # kept only for generic segmenters (not LiteMedSAM)
+    emb_flip: int = -1  # row of the mirrored image's embedding (SFT augmentation), -1 if none
+    image_key: str = ""  # cases with the same key share an image (other objects for synthetic states)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.gt.shape  # type: ignore[return-value]
+
+
+class _Backend:
+    """Batched mask decoding for lockstep rollouts: LiteMedSAM runs its decoder on stacked embeddings; any other
+    segmenter is called one episode at a time through its public interface."""
+
+    def __init__(self, name: str, weights: str, cache_dir: str) -> None:
+        from ibisagent.segmenters.base import create_segmenter
+        from ibisagent.segmenters.embedding_cache import DiskEmbeddingCache
+
+        dirs = [d.strip() for d in (cache_dir or "").split(",") if d.strip()]
+        self.extra = [DiskEmbeddingCache(d) for d in dirs[1:] if Path(d).is_dir()]
+        kwargs: dict[str, Any] = {}
+        if name.startswith("litemedsam"):
+            kwargs["cache_dir"] = dirs[0] if dirs else None
+            if name == "litemedsam-click" and weights:
+                kwargs["weights"] = weights
+        from ibisagent.segmenters.base import SegmenterUnavailable
+
+        try:
+            self.seg = create_segmenter(name, **kwargs)
+        except (KeyError, SegmenterUnavailable) as exc:
+            raise PolicyTrainError(f"segmenter {name!r} is not usable: {exc}") from exc
+        self.name = name
+        self.lite = hasattr(self.seg, "parts") and hasattr(self.seg, "embed")
+        self.embs: list[torch.Tensor] = []  # (256, 64, 64) float16
+        self.calls = 0
+
+    def cached(self, image: np.ndarray) -> bool:
+        """Whether the image's embedding is in one of the disk caches (always True for non-LiteMedSAM backends)."""
+        if not self.lite:
+            return True
+        from ibisagent.segmenters.embedding_cache import embedding_key
+        from ibisagent.segmenters.litemedsam import ENCODER_ID
+
+        k = embedding_key(np.ascontiguousarray(image), ENCODER_ID)
+        caches = ([self.seg.disk_cache] if self.seg.disk_cache is not None else []) + self.extra
+        return any(k in c for c in caches)
+
+    def embed(self, image: np.ndarray) -> int:
+        """Add the embedding of ``image`` to the bank; returns its row."""
+        if self.lite:
+            from ibisagent.segmenters.embedding_cache import embedding_key
+            from ibisagent.segmenters.litemedsam import ENCODER_ID
+
+            im = np.ascontiguousarray(image)
+            e = None
+            if self.seg.disk_cache is None or embedding_key(im, ENCODER_ID) not in self.seg.disk_cache:
+                for extra in self.extra:
+                    e = extra.get(embedding_key(im, ENCODER_ID))
+                    if e is not None:
+                        break
+            if e is None:
+                e = self.seg.embed(im)
+        else:
+            e = fake_embedding(image)
+        self.embs.append(torch.from_numpy(np.array(e, np.float32).reshape(-1, GRID, GRID)).half())
+        return len(self.embs) - 1
+
+    def decode(self, cases: list[_Case], points: list[np.ndarray], labels: list[np.ndarray],
+               logits: list[np.ndarray | None]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(mask HxW bool, low-res logits) for each episode, from all its clicks and its previous logits."""
+        self.calls += len(cases)
+        if not self.lite:
+            out = []
+            for c, p, lab, lg in zip(cases, points, labels, logits):
+                self.seg.set_image(c.image)
+                r = self.seg.predict(p, lab, None, lg)
+                out.append((r.mask, r.logits))
+            return out
+        from ibisagent.segmenters.litemedsam import decode_batch, points_to_model
+
+        results: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(cases)
+        groups: dict[tuple[int, bool], list[int]] = {}
+        for i, (p, lg) in enumerate(zip(points, logits)):
+            groups.setdefault((len(p), lg is not None), []).append(i)
+        for (_, has_lg), idx in groups.items():
+            emb = torch.stack([self.embs[cases[i].emb] for i in idx]).float()
+            coords = torch.from_numpy(np.stack([points_to_model(points[i], cases[i].shape) for i in idx]))
+            labs = torch.from_numpy(np.stack([labels[i].astype(np.int64) for i in idx]))
+            mi = torch.from_numpy(np.stack([np.asarray(logits[i], np.float32).reshape(1, 256, 256)
+                                            for i in idx])) if has_lg else None
+            with torch.inference_mode():
+                low, _ = decode_batch(self.seg.parts, emb, coords, labs, None, mi, multimask=False)
+            for j, i in enumerate(idx):
+                h, w = cases[i].shape
+                up = F.interpolate(low[j : j + 1, :1], size=(h, w), mode="bilinear", align_corners=False)
+                results[i] = ((up[0, 0] > 0).numpy(), low[j, :1].numpy().astype(np.float32))
+        return results  # type: ignore[return-value]
+
+
+def _load_cases(cfg: PolicyTrainConfig, split: str, backend: _Backend, texts: dict[str, int],
+                flip: bool, limit: int = 0, cached_only: bool = False) -> list[_Case]:
+    """The split's usable masks (not thin structures, >= 16 px) as episodes, with their embeddings banked. With
+    ``limit`` a deterministic mix of datasets is kept (order by a hash of the case id)."""
+    import hashlib
+
+    from ibisagent.training.segmenter import load_mask, load_rgb
+
+    rows = [c for c in load_manifest(cfg.data, split=split, datasets=cfg.datasets)  # type: ignore[arg-type]
+            if c.mask is not None and c.object not in THIN_OBJECTS]
+    if limit:
+        rows = sorted(rows, key=lambda c: hashlib.sha1(c.id.encode()).hexdigest())[:limit]
+    out: list[_Case] = []
+    emb_rows: dict[tuple[Path, bool], int] = {}
+    kept: dict[tuple[Path, bool], np.ndarray] = {}  # images, for segmenters other than LiteMedSAM
+    last: list[Any] = [None, None]
+
+    def image(path: Path) -> np.ndarray:
+        if last[0] != path:
+            last[0], last[1] = path, load_rgb(path)
+        return last[1]
+
+    for c in rows:
+        gt = load_mask(c.mask)  # type: ignore[arg-type]
+        if gt.sum() < 16:
+            continue
+        if cached_only and not backend.cached(image(c.image)):
+            continue
+        texts.setdefault(c.query, len(texts))
+        rows_e = []
+        for mirrored in (False, True) if flip else (False,):
+            key = (c.image, mirrored)
+            if mirrored and cached_only and key not in emb_rows and not backend.cached(
+                    np.ascontiguousarray(image(c.image)[:, ::-1])):
+                continue
+            if key not in emb_rows:
+                img = image(c.image)
+                if img.shape[:2] != gt.shape:
+                    raise PolicyTrainError(f"{c.id}: mask {gt.shape} and image {img.shape[:2]} differ in size")
+                im = np.ascontiguousarray(img[:, ::-1]) if mirrored else img
+                emb_rows[key] = backend.embed(im)
+                if not backend.lite:
+                    kept[key] = im
+            rows_e.append(emb_rows[key])
+        out.append(_Case(c.id, c.source, c.query, texts[c.query], rows_e[0], gt, pool_to_grid(gt.astype(np.float32)),
+                         kept.get((c.image, False)), rows_e[1] if len(rows_e) > 1 else -1, str(c.image)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Oracle labels
+# ----------------------------------------------------------------------------------------------------------------
+
+def click_target(mask: np.ndarray | None, gt: np.ndarray, depth: float = 0.6) -> np.ndarray | None:
+    """Soft oracle target over the 2 x 64 x 64 cells (positive, negative), summing to 1, or None when the mask has no
+    error. Pixels of FN (positive) and FP (negative) at >= ``depth`` x the larger distance-transform maximum, weighted
+    by distance^2 (the reference oracle clicks at the maximum)."""
+    er = error_regions(np.zeros_like(gt) if mask is None else mask, gt)
+    top = max(er.fn_max, er.fp_max)
+    if top <= 0:
+        return None
+    out = np.zeros((2, GRID, GRID), np.float32)
+    for k, dt in enumerate((er.fn_dt, er.fp_dt)):
+        w = np.where(dt >= depth * top, dt.astype(np.float32) ** 2, 0.0)
+        if w.any():
+            out[k] = pool_to_grid(w)
+    s = out.sum()
+    return out / s if s > 0 else None
+
+
+def _mistake_click(gt: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator) -> tuple[bool, int, int]:
+    """A deliberate error: a positive click in the background ring around the object, or (with a mask) a negative
+    click inside the object near its border."""
+    h, w = gt.shape
+    r = max(2, int(0.06 * math.sqrt(gt.sum())) + 2)
+    if mask is not None and rng.random() < 0.5:
+        inner = gt & ~ndimage.binary_erosion(gt, iterations=r)
+        region, positive = inner & mask, False
+    else:
+        ring = ndimage.binary_dilation(gt, iterations=r) & ~gt
+        region, positive = ring, True
+        if mask is not None:
+            region = ring & ~mask
+    ys, xs = np.nonzero(region)
+    if len(ys) == 0:
+        ys, xs = np.nonzero(~gt if positive else gt)
+        if len(ys) == 0:
+            return True, w // 2, h // 2
+    k = int(rng.integers(len(ys)))
+    return positive, int(xs[k]), int(ys[k])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Lockstep rollouts
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Ep:
+    case: _Case
+    points: list[tuple[float, float]] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    mask: np.ndarray | None = None
+    logits: np.ndarray | None = None
+    done: bool = False
+    ious: list[float] = field(default_factory=list)
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    policy: CompactPolicy | None = None  # reply writer (GRPO)
+
+    def planes(self, step: int) -> np.ndarray:
+        return state_planes(self.mask, self.logits, np.asarray(self.points, np.float32).reshape(-1, 2),
+                            np.asarray(self.labels), self.case.shape, step)
+
+    @property
+    def iou(self) -> float:
+        return iou(self.mask, self.case.gt) if self.mask is not None else 0.0
+
+
+def _net_forward(net: CompactPolicyNet, backend: _Backend, text_bank: torch.Tensor, eps: list[_Ep],
+                 planes: np.ndarray, grad: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    emb = torch.stack([backend.embs[e.case.emb] for e in eps]).float()
+    txt = text_bank[[e.case.text for e in eps]]
+    with torch.set_grad_enabled(grad):
+        return net(emb, torch.from_numpy(planes), txt)
+
+
+def _apply_clicks(backend: _Backend, eps: list[_Ep], clicks: list[tuple[bool, int, int]]) -> None:
+    pts, labs, lgs = [], [], []
+    for e, (pos, x, y) in zip(eps, clicks):
+        e.points.append((float(x), float(y)))
+        e.labels.append(int(pos))
+        pts.append(np.asarray(e.points, np.float32))
+        labs.append(np.asarray(e.labels, np.int64))
+        lgs.append(e.logits)
+    for e, (m, lg) in zip(eps, backend.decode([e.case for e in eps], pts, labs, lgs)):
+        e.mask, e.logits = m, lg
+        e.ious.append(iou(m, e.case.gt))
+
+
+def _collect_states(net: CompactPolicyNet | None, backend: _Backend, text_bank: torch.Tensor, cases: list[_Case],
+                    mode: str, cfg: PolicyTrainConfig, rng: np.random.Generator, gen: torch.Generator,
+                    log: Any = None) -> list[dict[str, Any]]:
+    """Roll out ``mode`` in {"oracle", "reflective", "policy"} on every case; return oracle-labelled states."""
+    states: list[dict[str, Any]] = []
+    bs = cfg.batch_rollouts
+    for b0 in range(0, len(cases), bs):
+        eps = [_Ep(c) for c in cases[b0 : b0 + bs]]
+        for step in range(cfg.rollout_clicks + 1):
+            live = [e for e in eps if not e.done]
+            if not live:
+                break
+            planes = np.stack([e.planes(step) for e in live])
+            clicks: list[tuple[bool, int, int]] = []
+            pol_clicks = None
+            if mode == "policy" and net is not None:
+                maps, stop, _ = _net_forward(net, backend, text_bank, live, planes)
+                acts, _, _ = select_actions(maps, stop, torch.from_numpy(planes), temperature=1.0, generator=gen,
+                                            stop_threshold=2.0)
+                acts = torch.where(acts < 0, torch.argmax(maps.flatten(1), 1), acts)
+                pol_clicks = [cell_to_pixel(int(a), maps[i].numpy(), live[i].mask, live[i].case.shape)
+                              for i, a in enumerate(acts.tolist())]
+            for i, e in enumerate(live):
+                tgt = click_target(e.mask, e.case.gt)
+                cur = e.iou
+                states.append({"case": e.case, "planes": planes[i], "target": tgt, "iou": cur, "step": step,
+                               "ep": e, "t": len(e.ious)})
+                oc = next_click(e.mask, e.case.gt)
+                if step == cfg.rollout_clicks or oc is None:
+                    e.done = True
+                    continue
+                if pol_clicks is not None:
+                    clicks.append(pol_clicks[i])
+                elif mode == "reflective" and rng.random() < cfg.mistake_prob:
+                    clicks.append(_mistake_click(e.case.gt, e.mask, rng))
+                else:
+                    clicks.append((oc.positive, oc.x, oc.y))
+            live = [e for e in live if not e.done]
+            if live:
+                _apply_clicks(backend, live, clicks)
+        if log:
+            log(f"  {mode}: {min(b0 + bs, len(cases))}/{len(cases)} cases, {len(states)} states")
+    # stop labels: IoU high enough, or the next oracle step (when the next action was the oracle's) did not help
+    for s in states:
+        e, t = s["ep"], s["t"]
+        nxt = e.ious[t] if t < len(e.ious) else None
+        no_gain = (mode == "oracle" and nxt is not None and nxt <= s["iou"] + 0.005 and s["step"] > 0)
+        s["stop"] = float(s["step"] > 0 and (s["iou"] >= cfg.stop_iou or no_gain or s["target"] is None))
+        del s["ep"]
+    return states
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The SFT bank
+# ----------------------------------------------------------------------------------------------------------------
+
+class _Bank:
+    """States stored compactly (uint8 planes/targets) with their case rows."""
+
+    def __init__(self) -> None:
+        self.frac: list[torch.Tensor] = []
+        self.logit: list[torch.Tensor] = []
+        self.clicks: list[torch.Tensor] = []
+        self.meta: list[tuple[int, int, float, float]] = []  # (case row, step, stop, iou)
+        self.target: list[torch.Tensor] = []
+
+    def __len__(self) -> int:
+        return len(self.meta)
+
+    def add(self, states: list[dict[str, Any]], case_row: dict[str, int]) -> None:
+        for s in states:
+            p = s["planes"]
+            self.frac.append(torch.from_numpy(np.round(p[0] * 255).astype(np.uint8)))
+            self.logit.append(torch.from_numpy(np.round((p[1] + 1) * 127.5).astype(np.uint8)))
+            self.clicks.append(torch.from_numpy((p[2] > 0.5).astype(np.uint8) + 2 * (p[3] > 0.5).astype(np.uint8)))
+            tgt = s["target"]
+            if tgt is None:
+                self.target.append(torch.zeros(2, GRID, GRID, dtype=torch.uint8))
+            else:
+                self.target.append(torch.from_numpy(np.round(tgt / tgt.max() * 255).astype(np.uint8)))
+            self.meta.append((case_row[s["case"].id], int(s["step"]), float(s["stop"]), float(s["iou"])))
+
+    def batch(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(planes (B,6,64,64), targets (B,2,64,64) unnormalized, stop (B,), case rows (B,))."""
+        b = len(idx)
+        planes = torch.zeros(b, 6, GRID, GRID)
+        for j, i in enumerate(idx):
+            planes[j, 0] = self.frac[i].float() / 255
+            planes[j, 1] = self.logit[i].float() / 127.5 - 1
+            c = self.clicks[i]
+            planes[j, 2] = (c == 1).float()
+            planes[j, 3] = (c == 2).float()
+            step = self.meta[i][1]
+            planes[j, 4] = float(step > 0)
+            planes[j, 5] = min(step, 20) / 10.0
+        tgt = torch.stack([self.target[i] for i in idx]).float()
+        stop = torch.tensor([self.meta[i][2] for i in idx])
+        rows = torch.tensor([self.meta[i][0] for i in idx])
+        return planes, tgt, stop, rows
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"frac": self.frac, "logit": self.logit, "clicks": self.clicks, "meta": self.meta,
+                "target": self.target}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.frac, self.logit, self.clicks = d["frac"], d["logit"], d["clicks"]
+        self.meta, self.target = d["meta"], d["target"]
+
+
+def _subset(cases: list[_Case], n: int, rng: np.random.Generator) -> list[_Case]:
+    if not n or n >= len(cases):
+        return cases
+    return [cases[i] for i in sorted(rng.choice(len(cases), size=n, replace=False).tolist())]
+
+
+def sft_loss(net: CompactPolicyNet, emb: torch.Tensor, planes: torch.Tensor, text: torch.Tensor,
+             target: torch.Tensor, stop: torch.Tensor, obj: torch.Tensor, obj_weight: float = 0.5
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Cross-entropy of the click maps against the (allowed part of the) oracle target, BCE of the stop head (states
+    with a mask), BCE of the object map against the object fraction per cell."""
+    maps, stop_logit, obj_logit = net(emb, planes, text)
+    allowed, stop_ok = allowed_actions(planes)
+    tgt = (target * allowed).flatten(1)
+    mass = tgt.sum(1)
+    valid = mass > 1e-6
+    tgt = tgt / mass.clamp_min(1e-6)[:, None]
+    logp = torch.log_softmax(maps.masked_fill(~allowed, -1e9).flatten(1), 1)
+    ce = -(tgt * logp).sum(1)
+    w = valid.float() * (1.0 - 0.7 * stop)
+    click_loss = (ce * w).sum() / w.sum().clamp_min(1.0)
+    sm = stop_ok.float()
+    stop_loss = (F.binary_cross_entropy_with_logits(stop_logit, stop, reduction="none") * sm).sum() / sm.sum().clamp_min(
+        1.0)
+    obj_loss = F.binary_cross_entropy_with_logits(obj_logit, obj)
+    loss = click_loss + stop_loss + obj_weight * obj_loss
+    click_loss, stop_loss, obj_loss = click_loss.detach(), stop_loss.detach(), obj_loss.detach()
+    with torch.no_grad():
+        hit = (tgt.gather(1, logp.argmax(1, keepdim=True))[:, 0] > 0).float()
+        acc = float((hit * valid).sum() / valid.sum().clamp_min(1))
+        stop_acc = float((((stop_logit > 0).float() == stop).float() * sm).sum() / sm.sum().clamp_min(1))
+    return loss, {"loss": float(loss.detach()), "click_ce": float(click_loss), "stop_bce": float(stop_loss),
+                  "obj_bce": float(obj_loss), "click_hit": acc, "stop_acc": stop_acc}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Episodes with the policy (validation and GRPO)
+# ----------------------------------------------------------------------------------------------------------------
+
+def _play(net: CompactPolicyNet, backend: _Backend, text_bank: torch.Tensor, cases: list[_Case],
+          cfg: PolicyTrainConfig, temperature: float, gen: torch.Generator, score: bool,
+          max_turns: int, max_clicks: int = 6) -> list[_Ep]:
+    """Full episodes of the policy (lockstep): replies written by :class:`CompactPolicy`, rewards per step when
+    ``score``. Greedy when ``temperature`` is 0."""
+    from ibisagent.rewards import score_transition
+
+    eps = []
+    for c in cases:
+        pol = CompactPolicy(weights=net, embedder="fake", seed=int(torch.randint(0, 2**31, (1,), generator=gen)))
+        pol.query = c.query
+        eps.append(_Ep(c, policy=pol))
+    for step in range(max_turns):
+        live = [e for e in eps if not e.done]
+        if not live:
+            break
+        planes = np.stack([e.planes(step) for e in live])
+        maps, stop, obj = _net_forward(net, backend, text_bank, live, planes)
+        force = torch.tensor([len(e.points) >= min(max_turns - 1, max_clicks) for e in live])
+        acts, lps, p_stop = select_actions(maps, stop, torch.from_numpy(planes), temperature=temperature,
+                                           force_stop=force, generator=gen)
+        clickers, clicks = [], []
+        for i, e in enumerate(live):
+            ch = ActionChoice(int(acts[i]), float(lps[i]), float(p_stop[i]), planes[i], maps[i].numpy(),
+                              obj[i].numpy())
+            before = e.mask
+            assert e.policy is not None
+            reply = e.policy.reply_text(ch, before, e.case.shape)
+            rec = {"step": step, "index": ch.index, "logp": ch.log_prob, "planes": planes[i], "reply": reply,
+                   "before": before, "forced": bool(force[i]) and ch.index < 0}
+            e.steps.append(rec)
+            if ch.index < 0:
+                e.done = True
+            else:
+                positive = ch.index < GRID * GRID
+                clickers.append(e)
+                clicks.append((positive, *_last_click(reply, e.case.shape)))
+        if clickers:
+            _apply_clicks(backend, clickers, clicks)
+        for e in live:
+            if e.steps[-1]["index"] >= 0 and len(e.steps) >= max_turns:
+                e.done = True
+    if score:
+        for e in eps:
+            for k, rec in enumerate(e.steps):
+                after = _mask_after(e, k)
+                rb = score_transition(rec["reply"], gt=e.case.gt, mask_before=rec["before"], mask_after=after,
+                                      step=k + 1)
+                rec["reward"] = rb
+    return eps
+
+
+def _last_click(reply: str, shape: tuple[int, int]) -> tuple[int, int]:
+    from ibisagent.protocol import parse_action
+
+    a = parse_action(reply, "reference")
+    return a.pixel(shape[1], shape[0])
+
+
+def _mask_after(e: _Ep, k: int) -> np.ndarray | None:
+    # the mask after step k is the "before" of step k + 1, or the final mask for the last step
+    if k + 1 < len(e.steps):
+        return e.steps[k + 1]["before"]
+    return e.mask
+
+
+def _validate(net: CompactPolicyNet, backend: _Backend, text_bank: torch.Tensor, cases: list[_Case],
+              cfg: PolicyTrainConfig) -> dict[str, float]:
+    if not cases:
+        return {}
+    gen = torch.Generator().manual_seed(0)
+    net.eval()
+    eps = []
+    for b0 in range(0, len(cases), cfg.batch_rollouts):
+        eps += _play(net, backend, text_bank, cases[b0 : b0 + cfg.batch_rollouts], cfg, 0.0, gen, False, 20)
+    ious = [e.iou for e in eps]
+    clicks = [len(e.points) for e in eps]
+    return {"val_iou": float(np.mean(ious)), "val_clicks": float(np.mean(clicks)), "val_cases": len(eps)}
+
+
+def grpo_advantages(rewards: list[list[float]]) -> list[list[float]]:
+    """Process-supervision GRPO advantages for one group: normalize every step reward by the mean/std of all step
+    rewards in the group, then each step's advantage is the sum of normalized rewards from it to the episode end."""
+    flat = np.array([r for ep in rewards for r in ep], np.float64)
+    if flat.size == 0:
+        return [[] for _ in rewards]
+    mu, sd = flat.mean(), flat.std()
+    out = []
+    for ep in rewards:
+        z = (np.asarray(ep, np.float64) - mu) / (sd + 1e-6)
+        out.append(np.cumsum(z[::-1])[::-1].tolist())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training driver
+# ----------------------------------------------------------------------------------------------------------------
+
+class _Log:
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+        self.t0 = time.perf_counter()
+
+    def __call__(self, msg: str) -> None:
+        line = f"[{time.perf_counter() - self.t0:7.1f}s] {msg}"
+        if self.enabled:
+            print(line, flush=True)
+        with self.path.open("a") as f:
+            f.write(line + "\n")
+
+
+def _append_csv(path: Path, row: dict[str, Any]) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def _seed_all(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def _text_bank(texts: dict[str, int]) -> torch.Tensor:
+    from ibisagent.text_encoder import get_text_encoder
+
+    enc = get_text_encoder()
+    bank = torch.zeros(len(texts) + 1, 384)
+    for q, i in texts.items():
+        bank[i] = torch.from_numpy(enc.encode(q))
+    return bank
+
+
+def _plot(path: Path, series: dict[str, list[float]], xs: list[float], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(series)
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False)
+    for ax, (k, v) in zip(axes.flat, series.items()):
+        ax.plot(xs[: len(v)], v, lw=1)
+        ax.set_title(k, fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.exists():
+        return []
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def _run_sft(cfg: PolicyTrainConfig, run: Path, backend: _Backend, text_bank: torch.Tensor, train: list[_Case],
+             val: list[_Case], log: _Log, gen: torch.Generator) -> tuple[CompactPolicyNet, dict[str, Any]]:
+    rng = np.random.default_rng(cfg.seed)
+    net = load_policy_net(cfg.init)[0].train() if cfg.init else CompactPolicyNet(CompactNetConfig())
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.sft_lr, weight_decay=1e-4)
+    bank = _Bank()
+    case_row = {c.id: i for i, c in enumerate(train)}
+    obj_bank = torch.from_numpy(np.stack([c.obj for c in train]))
+    step, dagger_done = 0, 0
+    ckpt = run / "sft_last.pt"
+    t_start = time.perf_counter()
+    elapsed_before = 0.0
+    if cfg.resume and ckpt.exists():
+        st = torch.load(ckpt, weights_only=False)
+        net.load_state_dict(st["net"])
+        opt.load_state_dict(st["opt"])
+        bank.load_state_dict(st["bank"])
+        step, dagger_done, elapsed_before = st["step"], st["dagger_done"], st.get("elapsed", 0.0)
+        rng = st["rng"]
+        gen.set_state(st["gen"])
+        log(f"resumed SFT at step {step} ({len(bank)} states)")
+    if len(bank) == 0:
+        for mode in ("oracle", "reflective"):
+            bank.add(_collect_states(None, backend, text_bank, _subset(train, cfg.rollout_cases, rng), mode, cfg, rng,
+                                     gen, log), case_row)
+        log(f"rolled out {len(bank)} states (oracle + reflective) through {cfg.segmenter}")
+    from ibisagent.training.policy_states import synth_batch, synth_case
+
+    by_image: dict[str, list[int]] = {}
+    for i, c in enumerate(train):
+        by_image.setdefault(c.image_key, []).append(i)
+    synth_cases = [synth_case(c.gt, [train[j].gt for j in by_image[c.image_key] if j != i])
+                   for i, c in enumerate(train)]
+    n_syn = int(round(cfg.sft_batch * cfg.synth_frac)) if len(bank) else cfg.sft_batch
+    dagger_at = [int(cfg.sft_steps * (k + 1) / (cfg.dagger_rounds + 1)) for k in range(cfg.dagger_rounds)]
+    warm = max(1, cfg.sft_steps // 20)
+    csv_path = run / "sft_log.csv"
+    while step < cfg.sft_steps:
+        if dagger_done < len(dagger_at) and step >= dagger_at[dagger_done]:
+            net.eval()
+            new = _collect_states(net, backend, text_bank, _subset(train, cfg.rollout_cases, rng), "policy", cfg, rng,
+                                  gen, log)
+            bank.add(new, case_row)
+            dagger_done += 1
+            log(f"DAgger round {dagger_done}: +{len(new)} states (bank {len(bank)})")
+        net.train()
+        lr = cfg.sft_lr * min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * step / cfg.sft_steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        n_real = cfg.sft_batch - n_syn if len(bank) else 0
+        syn_rows = rng.integers(0, len(train), n_syn).tolist()
+        sp, st_, ss = synth_batch(synth_cases, syn_rows, rng, cfg.stop_iou)
+        if n_real:
+            planes, tgt, stop, rows = bank.batch(rng.integers(0, len(bank), n_real).tolist())
+            planes, tgt, stop = torch.cat([planes, sp]), torch.cat([tgt, st_]), torch.cat([stop, ss])
+            rows = torch.cat([rows, torch.tensor(syn_rows, dtype=torch.long)])
+        else:
+            planes, tgt, stop, rows = sp, st_, ss, torch.tensor(syn_rows, dtype=torch.long)
+        obj = obj_bank[rows]
+        # mirror augmentation: the mirrored image's embedding with the mirrored state and targets
+        mirror = torch.from_numpy(rng.random(len(rows)) < 0.5) & torch.tensor([train[r].emb_flip >= 0
+                                                                                for r in rows.tolist()])
+        emb = torch.stack([backend.embs[train[r].emb_flip if m else train[r].emb]
+                           for r, m in zip(rows.tolist(), mirror.tolist())]).float()
+        if mirror.any():
+            planes[mirror] = planes[mirror].flip(-1)
+            tgt[mirror] = tgt[mirror].flip(-1)
+            obj[mirror] = obj[mirror].flip(-1)
+        txt = text_bank[[train[r].text for r in rows.tolist()]]
+        loss, parts = sft_loss(net, emb, planes, txt, tgt, stop, obj, cfg.obj_weight)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 2.0)
+        opt.step()
+        step += 1
+        elapsed = elapsed_before + time.perf_counter() - t_start
+        row = {"step": step, "lr": round(lr, 6), **{k: round(v, 5) for k, v in parts.items()},
+               "elapsed_s": round(elapsed, 1)}
+        if step % max(1, cfg.ckpt_every) == 0 or step == cfg.sft_steps:
+            if val:
+                row.update(_validate(net, backend, text_bank, val, cfg))
+            torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "bank": bank.state_dict(), "step": step,
+                        "dagger_done": dagger_done, "rng": rng, "gen": gen.get_state(), "elapsed": elapsed}, ckpt)
+            log("SFT " + " ".join(f"{k}={v}" for k, v in row.items()))
+        elif step % 10 == 0:
+            log(f"SFT step {step}/{cfg.sft_steps} loss={parts['loss']:.3f} click_hit={parts['click_hit']:.2f} "
+                f"stop_acc={parts['stop_acc']:.2f}")
+        _append_csv(csv_path, row)
+        if cfg.sft_minutes and elapsed > cfg.sft_minutes * 60:
+            log(f"SFT time limit reached at step {step}")
+            torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "bank": bank.state_dict(), "step": step,
+                        "dagger_done": dagger_done, "rng": rng, "gen": gen.get_state(), "elapsed": elapsed}, ckpt)
+            break
+    net.eval()
+    rows_csv = _read_csv(csv_path)
+    if rows_csv:
+        keys = ["loss", "click_ce", "stop_bce", "obj_bce", "click_hit", "stop_acc"]
+        _plot(run / "sft_curves.png", {k: [float(r[k]) for r in rows_csv] for k in keys},
+              [float(r["step"]) for r in rows_csv], "SFT")
+    summary = {"sft_steps": step, "sft_states": len(bank), "sft_minutes": round(
+        (elapsed_before + time.perf_counter() - t_start) / 60, 1)}
+    summary.update({f"sft_{k}": v for k, v in _validate(net, backend, text_bank, val, cfg).items()})
+    save_policy_net(net, run / "sft.safetensors", {"stage": "sft", **summary})
+    log(f"SFT done: {summary}")
+    return net, summary
+
+
+def _run_grpo(cfg: PolicyTrainConfig, run: Path, backend: _Backend, text_bank: torch.Tensor, train: list[_Case],
+              val: list[_Case], net: CompactPolicyNet, log: _Log, gen: torch.Generator) -> dict[str, Any]:
+    from ibisagent.rewards import COMPONENTS
+
+    ref = copy.deepcopy(net).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.grpo_lr)
+    it, elapsed_before = 0, 0.0
+    ckpt = run / "grpo_last.pt"
+    rng = np.random.default_rng(cfg.seed + 1)
+    if cfg.resume and ckpt.exists():
+        st = torch.load(ckpt, weights_only=False)
+        net.load_state_dict(st["net"])
+        ref.load_state_dict(st["ref"])
+        opt.load_state_dict(st["opt"])
+        it, elapsed_before, rng = st["it"], st.get("elapsed", 0.0), st["rng"]
+        gen.set_state(st["gen"])
+        log(f"resumed GRPO at iteration {it}")
+    t_start = time.perf_counter()
+    steps_csv, iters_csv = run / "grpo_steps.csv", run / "grpo_iters.csv"
+    per_batch = max(1, cfg.batch_rollouts // cfg.group_size)
+    while it < cfg.grpo_iters:
+        pick = rng.choice(len(train), size=min(cfg.grpo_cases, len(train)), replace=False).tolist()
+        cases = [train[i] for i in pick]
+        eps: list[_Ep] = []
+        net.eval()
+        for b0 in range(0, len(cases), per_batch):
+            group = [c for c in cases[b0 : b0 + per_batch] for _ in range(cfg.group_size)]
+            eps += _play(net, backend, text_bank, group, cfg, 1.0, gen, True, cfg.max_turns)
+        # advantages per case group
+        recs: list[dict[str, Any]] = []
+        for g0 in range(0, len(eps), cfg.group_size):
+            grp = eps[g0 : g0 + cfg.group_size]
+            adv = grpo_advantages([[s["reward"].total for s in e.steps] for e in grp])
+            for gi, (e, a) in enumerate(zip(grp, adv)):
+                for s, av in zip(e.steps, a):
+                    s["adv"] = av
+                    if not s["forced"]:  # a stop forced by the click budget is not the policy's choice
+                        recs.append({"ep": e, "s": s})
+                    rb = s["reward"]
+                    _append_csv(steps_csv, {"iter": it, "case": e.case.id, "episode": g0 + gi, "step": s["step"] + 1,
+                                            "action": rb.action, **{k: getattr(rb, k) for k in COMPONENTS},
+                                            "total": round(rb.total, 4), "iou_after": round(rb.iou_after, 4),
+                                            "advantage": round(av, 4)})
+        if not recs:
+            it += 1
+            continue
+        net.train()
+        planes = torch.from_numpy(np.stack([r["s"]["planes"] for r in recs]))
+        acts = torch.tensor([r["s"]["index"] for r in recs])
+        old = torch.tensor([r["s"]["logp"] for r in recs])
+        adv = torch.tensor([r["s"]["adv"] for r in recs], dtype=torch.float32)
+        emb = torch.stack([backend.embs[r["ep"].case.emb] for r in recs]).float()
+        txt = text_bank[[r["ep"].case.text for r in recs]]
+        with torch.no_grad():
+            rm, rs, _ = ref(emb, planes, txt)
+            ref_lp = action_log_prob(rm, rs, planes, acts)
+        stats: dict[str, float] = {}
+        for _ in range(cfg.grpo_epochs):
+            maps, stop, _ = net(emb, planes, txt)
+            lp = action_log_prob(maps, stop, planes, acts)
+            ratio = torch.exp(lp - old)
+            surr = torch.minimum(ratio * adv, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * adv)
+            d = ref_lp - lp
+            kl = torch.exp(d) - d - 1
+            loss = -(surr - cfg.kl_coef * kl).mean()
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+            stats = {"loss": float(loss.detach()), "kl": float(kl.detach().mean()), "clip_frac": float(
+                ((ratio - 1).abs() > cfg.clip).float().mean())}
+        it += 1
+        elapsed = elapsed_before + time.perf_counter() - t_start
+        row: dict[str, Any] = {"iter": it}
+        for k in (*COMPONENTS, "total"):
+            row[k] = round(float(np.mean([getattr(r["s"]["reward"], k) for r in recs])), 4)
+        row["final_iou"] = round(float(np.mean([e.iou for e in eps])), 4)
+        row["turns"] = round(float(np.mean([len(e.steps) for e in eps])), 3)
+        row["clicks"] = round(float(np.mean([len(e.points) for e in eps])), 3)
+        row.update({k: round(v, 5) for k, v in stats.items()})
+        row["elapsed_s"] = round(elapsed, 1)
+        save = it % 5 == 0 or it == cfg.grpo_iters or (cfg.grpo_minutes and elapsed > cfg.grpo_minutes * 60)
+        if save:
+            if val:
+                row.update(_validate(net, backend, text_bank, val, cfg))
+            torch.save({"net": net.state_dict(), "ref": ref.state_dict(), "opt": opt.state_dict(), "it": it,
+                        "rng": rng, "gen": gen.get_state(), "elapsed": elapsed}, ckpt)
+        _append_csv(iters_csv, row)
+        log("GRPO " + " ".join(f"{k}={v}" for k, v in row.items()))
+        if cfg.grpo_minutes and elapsed > cfg.grpo_minutes * 60:
+            log(f"GRPO time limit reached at iteration {it}")
+            break
+    net.eval()
+    _plot_grpo(run)
+    summary = {"grpo_iters": it, "grpo_minutes": round((elapsed_before + time.perf_counter() - t_start) / 60, 1)}
+    summary.update({f"grpo_{k}": v for k, v in _validate(net, backend, text_bank, val, cfg).items()})
+    return summary
+
+
+def _plot_grpo(run: Path) -> None:
+    rows = _read_csv(run / "grpo_iters.csv")
+    if not rows:
+        return
+    keys = ["format", "answer", "placement", "progress", "length", "total", "final_iou", "clicks", "kl"]
+    _plot(run / "grpo_curves.png", {k: [float(r[k]) for r in rows] for k in keys},
+          [float(r["iter"]) for r in rows], "GRPO: mean reward per step, final IoU, clicks, KL to SFT")
+
+
+def train_policy(config: PolicyTrainConfig | dict[str, Any]) -> Path:
+    """Train the compact policy (stage ``sft``, ``grpo`` or ``all``) and write the weights; returns their path."""
+    cfg = config if isinstance(config, PolicyTrainConfig) else PolicyTrainConfig(**config)
+    if cfg.stage not in ("sft", "grpo", "all"):
+        raise PolicyTrainError(f"stage must be sft, grpo or all, got {cfg.stage!r}")
+    if not cfg.data:
+        raise PolicyTrainError("--data is required (a folder with index.jsonl or a folder of such folders)")
+    if cfg.group_size < 2:
+        raise PolicyTrainError("group_size must be >= 2 (the recipe uses >= 4)")
+    if not Path(cfg.data).exists():
+        raise PolicyTrainError(f"data folder {cfg.data} does not exist")
+    torch.set_num_threads(max(1, cfg.threads))
+    run = Path(cfg.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    log = _Log(run / "train.log", cfg.progress)
+    gen = _seed_all(cfg.seed)
+    (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    t0 = time.perf_counter()
+    backend = _Backend(cfg.segmenter, cfg.segmenter_weights, cfg.cache_dir)
+    texts: dict[str, int] = {}
+    train = _load_cases(cfg, "train", backend, texts, cfg.flip, cfg.max_cases, cfg.cached_only)
+    val = _load_cases(cfg, "val", backend, texts, False, cfg.val_cases, cfg.cached_only)
+    if not train:
+        raise PolicyTrainError(f"no usable train cases under {cfg.data}")
+    text_bank = _text_bank(texts)
+    log(f"{len(train)} train masks ({'with' if cfg.flip else 'no'} mirrored embeddings), {len(val)} val; segmenter "
+        f"{cfg.segmenter}; {len(backend.embs)} embeddings loaded in {time.perf_counter() - t0:.0f}s")
+    summary: dict[str, Any] = {"segmenter": cfg.segmenter, "segmenter_weights": cfg.segmenter_weights or "shipped",
+                               "train_cases": len(train), "val_cases": len(val), "seed": cfg.seed}
+    if cfg.stage in ("sft", "all"):
+        net, s = _run_sft(cfg, run, backend, text_bank, train, val, log, gen)
+        summary.update(s)
+    else:
+        sft_path = run / "sft.safetensors"
+        if not sft_path.exists():
+            raise PolicyTrainError(f"stage grpo needs {sft_path} (run --stage sft first)")
+        net, meta = load_policy_net(sft_path)
+        summary.update({k: _maybe_json(v) for k, v in meta.items() if k.startswith("sft")})
+    if cfg.stage in ("grpo", "all") and cfg.grpo_iters > 0:
+        summary.update(_run_grpo(cfg, run, backend, text_bank, train, val, net, log, gen))
+    summary["total_minutes"] = round((time.perf_counter() - t0) / 60, 1)
+    summary["decoder_calls"] = backend.calls
+    out = Path(cfg.out) if cfg.out else POLICY_WEIGHTS
+    save_policy_net(net, out, {"stage": cfg.stage, **summary})
+    (run / "summary.json").write_text(json.dumps(summary, indent=1))
+    log(f"wrote {out}: {summary}")
+    return out
+
+
+def _maybe_json(v: str) -> Any:
+    try:
+        return json.loads(v)
+    except (ValueError, TypeError):
+        return v
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------------
+
+def add_parser(subparsers: Any) -> None:
+    """Add ``train-policy`` to the ``ibisagent`` CLI."""
+    p = subparsers.add_parser(
+        "train-policy",
+        help="train the compact CPU policy (SFT on oracle trajectories, then multi-turn GRPO)",
+        description="Train the compact CPU policy: stage 1 imitates oracle, reflective and DAgger trajectories; "
+                    "stage 2 runs GRPO on whole episodes through the segmenter with the five reference rewards. "
+                    "Writes the weights (default: the package's weights/compact_policy.safetensors), CSV logs and "
+                    "PNG curves in --run-dir.",
+    )
+    for f in dataclasses.fields(PolicyTrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        helptext = f.metadata.get("help", "")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                           help=helptext)
+        elif f.name == "datasets":
+            p.add_argument(flag, dest=f.name, default=None, help=helptext + " (comma-separated)")
+        else:
+            typ = {"int": int, "float": float}.get(str(f.type), str)
+            p.add_argument(flag, dest=f.name, type=typ, default=f.default, help=f"{helptext} (default {f.default})")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    import sys
+
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(PolicyTrainConfig)}
+    if isinstance(kw.get("datasets"), str):
+        kw["datasets"] = [d for d in kw["datasets"].split(",") if d]
+    try:
+        train_policy(PolicyTrainConfig(**kw))
+    except (PolicyTrainError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ibisagent")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

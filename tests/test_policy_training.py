@@ -1,0 +1,124 @@
+"""Training the compact policy: oracle targets, GRPO advantages, one SFT step and one GRPO step on tiny data."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ibisagent.policies.compact import GRID, load_policy_net
+from ibisagent.training.policy import (
+    PolicyTrainConfig,
+    PolicyTrainError,
+    add_parser,
+    click_target,
+    grpo_advantages,
+    train_policy,
+)
+
+
+@pytest.fixture()
+def tiny_data(tmp_path: Path) -> Path:
+    """Two synthetic train cases (bright discs) in the manifest layout."""
+    root = tmp_path / "blobs"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rows = []
+    for i, (cy, cx, r) in enumerate([(30, 40, 12), (40, 60, 10), (25, 30, 9), (35, 50, 11)]):
+        img = np.full((64, 96, 3), 40, np.uint8)
+        yy, xx = np.ogrid[:64, :96]
+        gt = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        img[gt] = 200
+        Image.fromarray(img).save(root / f"images/b{i}.png")
+        Image.fromarray(gt.astype(np.uint8) * 255).save(root / f"masks/b{i}__blob.png")
+        rows.append({"id": f"b{i}", "image": f"images/b{i}.png", "mask": f"masks/b{i}__blob.png", "object": "blob",
+                     "query": "the bright blob", "modality": "synthetic", "dataset": "blobs"})
+    (root / "index.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return root
+
+
+def _cfg(data: Path, run: Path, **kw) -> PolicyTrainConfig:
+    base = dict(data=str(data), run_dir=str(run), out=str(run / "w.safetensors"), segmenter="fake", max_cases=2,
+                sft_steps=2, sft_batch=4, rollout_clicks=2, ckpt_every=100, val_cases=0, grpo_iters=0,
+                group_size=4, grpo_cases=2, max_turns=3, progress=False, dagger_rounds=0)
+    base.update(kw)
+    return PolicyTrainConfig(**base)
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_click_target_puts_mass_in_the_error_regions() -> None:
+    gt = np.zeros((64, 64), bool)
+    gt[10:40, 10:40] = True
+    t = click_target(None, gt)
+    assert t is not None and t.shape == (2, GRID, GRID)
+    assert abs(float(t.sum()) - 1) < 1e-5 and t[1].sum() == 0
+    ys, xs = np.nonzero(t[0])
+    assert ys.min() >= 10 and ys.max() < 40 and xs.min() >= 10 and xs.max() < 40
+    mask = gt.copy()
+    mask[40:60, 10:40] = True  # a false-positive slab larger than any miss
+    t = click_target(mask, gt)
+    assert t[1].sum() > 0.99 and np.nonzero(t[1])[0].min() >= 40
+    assert click_target(gt, gt) is None
+
+
+def test_grpo_advantages_are_normalized_rewards_to_go() -> None:
+    adv = grpo_advantages([[1.0, 1.0], [0.0], [1.0, 0.0, 0.0]])
+    flat = np.array([1.0, 1.0, 0.0, 1.0, 0.0, 0.0])
+    z = (flat - flat.mean()) / (flat.std() + 1e-6)
+    np.testing.assert_allclose(adv[0], [z[0] + z[1], z[1]], atol=1e-6)
+    np.testing.assert_allclose(adv[1], [z[2]], atol=1e-6)
+    np.testing.assert_allclose(adv[2], [z[3] + z[4] + z[5], z[4] + z[5], z[5]], atol=1e-6)
+    assert grpo_advantages([[0.5], [0.5]]) == [[0.0], [0.0]]
+
+
+def test_sft_step_and_resume(tiny_data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    out = train_policy(_cfg(tiny_data, run, stage="sft"))
+    rows = _rows(run / "sft_log.csv")
+    assert [int(r["step"]) for r in rows] == [1, 2]
+    assert all(math.isfinite(float(r["loss"])) and float(r["loss"]) > 0 for r in rows)
+    assert (run / "sft.safetensors").is_file() and (run / "sft_curves.png").is_file()
+    net, meta = load_policy_net(out)
+    assert meta["stage"] == "sft" and json.loads(meta["sft_steps"]) == 2
+    # resume continues from the checkpoint instead of starting over
+    train_policy(_cfg(tiny_data, run, stage="sft", sft_steps=3, resume=True, ckpt_every=1))
+    assert [int(r["step"]) for r in _rows(run / "sft_log.csv")] == [1, 2, 3]
+
+
+def test_grpo_step_logs_every_reward_component(tiny_data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train_policy(_cfg(tiny_data, run, stage="sft"))
+    train_policy(_cfg(tiny_data, run, stage="grpo", grpo_iters=1))
+    steps = _rows(run / "grpo_steps.csv")
+    assert len({r["episode"] for r in steps}) == 8  # 2 cases x group of 4 full episodes
+    for r in steps:
+        for k in ("format", "answer", "placement", "progress", "length", "total", "advantage"):
+            assert math.isfinite(float(r[k])), (k, r)
+        assert float(r["format"]) == 1.0
+    assert any(r["action"] == "terminate" for r in steps)
+    it = _rows(run / "grpo_iters.csv")
+    assert len(it) == 1 and math.isfinite(float(it[0]["loss"])) and float(it[0]["kl"]) >= 0
+    assert (run / "grpo_curves.png").is_file()
+
+
+def test_bad_input_is_a_clear_error(tmp_path: Path, tiny_data: Path) -> None:
+    with pytest.raises(PolicyTrainError, match="--data"):
+        train_policy({"data": ""})
+    with pytest.raises(PolicyTrainError, match="stage"):
+        train_policy({"data": str(tiny_data), "stage": "ppo"})
+    with pytest.raises(PolicyTrainError, match="needs"):
+        train_policy(_cfg(tiny_data, tmp_path / "empty", stage="grpo", grpo_iters=1))
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="cmd"))
+    args = parser.parse_args(["train-policy", "--data", str(tmp_path / "nowhere"), "--no-progress"])
+    assert args.func(args) == 2

@@ -1,0 +1,152 @@
+"""Click fine-tuning of LiteMedSAM: click simulation, a tiny real training run + resume, and the shipped weights'
+acceptance test (one oracle click gives a usable mask; more oracle clicks do not make it worse)."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ibisagent.training.segmenter import (
+    SegmenterTrainConfig,
+    first_click,
+    jitter_box,
+    next_click,
+    seg_loss,
+    train_segmenter,
+)
+
+DATA = Path("/work/shared/data")
+needs_data = pytest.mark.skipif(not (DATA / "busi_breast_ultrasound").is_dir(), reason="real data not available")
+
+
+def _cache_dir(tmp_path_factory) -> Path:
+    """A shared embedding cache if the environment names one (content-addressed, so sharing is safe), else a temp."""
+    env = os.environ.get("IBISAGENT_CACHE_DIR")
+    return Path(env) if env else tmp_path_factory.mktemp("emb")
+
+
+def _disk(r0: int, c0: int, rad: int, shape=(64, 80)) -> np.ndarray:
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return (yy - r0) ** 2 + (xx - c0) ** 2 <= rad**2
+
+
+# --- click simulation -----------------------------------------------------------------------------------------
+def test_first_click_is_inside_and_centre_biased():
+    gt = _disk(30, 40, 12)
+    rng = np.random.default_rng(0)
+    pts = [first_click(gt, rng) for _ in range(200)]
+    assert all(gt[int(y), int(x)] for x, y in pts)
+    d = np.mean([np.hypot(x - 40, y - 30) for x, y in pts])
+    assert d < 6  # uniform sampling in a radius-12 disk would average 8
+    assert first_click(gt, None, jitter=False) == (40.0, 30.0)
+
+
+def test_next_click_corrects_the_larger_error():
+    gt = _disk(30, 40, 12)
+    small = _disk(30, 40, 4)  # prediction too small: false negatives dominate -> positive click in the ring
+    x, y, lab = next_click(small, gt, None)
+    assert lab == 1 and gt[int(y), int(x)] and not small[int(y), int(x)]
+    big = _disk(30, 40, 12) | _disk(10, 10, 9)  # a false-positive blob bigger than any FN -> negative click
+    x, y, lab = next_click(big, gt, np.random.default_rng(1))
+    assert lab == 0 and big[int(y), int(x)] and not gt[int(y), int(x)]
+    x, y, lab = next_click(gt.copy(), gt, None)  # perfect mask: a harmless positive click inside
+    assert lab == 1 and gt[int(y), int(x)]
+
+
+def test_jitter_box_stays_valid():
+    gt = np.zeros((256, 256), bool)
+    gt[250:256, 0:4] = True  # touching the border
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        b = jitter_box(gt, rng)
+        assert 0 <= b[0] < b[2] <= 255 and 0 <= b[1] < b[3] <= 255
+
+
+def test_seg_loss_prefers_the_right_mask():
+    gt = torch.from_numpy(_disk(30, 40, 12).astype(np.float32))[None, None]
+    good = seg_loss((gt * 2 - 1) * 8, gt)
+    bad = seg_loss(-(gt * 2 - 1) * 8, gt)
+    assert torch.isfinite(good) and good < 0.05 < bad
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="--data"):
+        train_segmenter(SegmenterTrainConfig())
+
+
+# --- a tiny real run ------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@needs_data
+def test_tiny_training_runs_and_resumes(tmp_path, tmp_path_factory):
+    cfg = SegmenterTrainConfig(
+        data=str(DATA), datasets=["busi_breast_ultrasound"], max_images=2, out=str(tmp_path / "w.safetensors"),
+        run_dir=str(tmp_path / "run"), cache_dir=str(_cache_dir(tmp_path_factory)), steps=2, batch_size=2,
+        warmup=1, max_clicks=3, short_max=2, grad_rounds=2, flip=False, val_cases=0, ckpt_every=1, seed=3,
+    )
+    out = train_segmenter(cfg)
+    assert out.is_file() and out.stat().st_size > 1_000_000
+    with (tmp_path / "run" / "losses.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [1, 2]
+    assert all(np.isfinite(float(r["loss"])) for r in rows)
+    assert (tmp_path / "run" / "loss_curve.png").is_file()
+    ck = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert ck["step"] == 2
+
+    cfg.steps, cfg.resume = 3, True
+    train_segmenter(cfg)
+    with (tmp_path / "run" / "losses.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]  # continued, not restarted
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["step"] == 3
+
+    from ibisagent.segmenters import create_segmenter
+
+    seg = create_segmenter("litemedsam-click", weights=out)  # the written file loads as a backend
+    assert seg.fine_tuned
+
+
+def test_resume_without_checkpoint_fails(tmp_path):
+    cfg = SegmenterTrainConfig(data=str(DATA), run_dir=str(tmp_path), resume=True)
+    with pytest.raises(FileNotFoundError, match="resume"):
+        train_segmenter(cfg)
+
+
+# --- acceptance: the shipped weights --------------------------------------------------------------------------
+@pytest.mark.slow
+@needs_data
+def test_shipped_weights_follow_oracle_clicks(tmp_path_factory):
+    from ibisagent.io.manifest import load_manifest
+    from ibisagent.masks import iou
+    from ibisagent.segmenters import create_segmenter
+    from ibisagent.segmenters.litemedsam import CLICK_WEIGHTS
+    from ibisagent.training.segmenter import load_mask, load_rgb
+
+    assert CLICK_WEIGHTS.is_file(), "shipped weights missing: run `ibisagent train-segmenter`"
+    cases = []
+    for ds in ("ph2_dermoscopy", "hc18_fetal_head_ultrasound", "busi_breast_ultrasound"):
+        cases += load_manifest(DATA, split="val", datasets=[ds])[:2]
+    seg = create_segmenter("litemedsam-click", cache_dir=_cache_dir(tmp_path_factory))
+    curves = []
+    for case in cases:
+        img, gt = load_rgb(case.image), load_mask(case.mask)
+        seg.set_image(img)
+        x, y = first_click(gt, None, jitter=False)
+        pts, labels, logits, curve = [[x, y]], [1], None, []
+        for k in range(5):
+            res = seg.predict(points=np.array(pts), labels=np.array(labels), mask_input=logits)
+            curve.append(iou(res.mask, gt))
+            logits = res.logits
+            if k < 4:
+                x, y, lab = next_click(res.mask, gt, None)
+                pts.append([x, y])
+                labels.append(lab)
+        curves.append(curve)
+    mean = np.mean(curves, axis=0)
+    assert mean[0] > 0.5, f"IoU after one oracle click {mean[0]:.3f}"
+    assert all(mean[k] >= mean[k - 1] - 0.01 for k in range(1, 5)), f"IoU fell with more clicks: {mean.round(3)}"
