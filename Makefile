@@ -5,9 +5,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 STAMP  := $(VENV)/.ibisagent-installed
-EXTRAS ?= train,app,onnx,ray,dev
+EXTRAS ?= train,app,onnx,ray,sam2,dev
 
-.PHONY: install demo test test-fast lint bench browser clean help
+.PHONY: install demo test test-fast test-browser lint bench bench-server browser clean help
 
 help:
 	@echo "make demo    install (venv, pinned CPU torch, package) and run the agent on a bundled real case"
@@ -39,6 +39,13 @@ test: $(STAMP) browser
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not browser"
+
+test-browser: $(STAMP) browser   ## the web app in headless Chromium (Playwright + /usr/bin/chromium), ~45 s
+	IBISAGENT_SCREENSHOT_DIR=runs/app_shots $(BIN)/python -m pytest -q tests/test_app_browser.py
+
+bench-server: $(STAMP)           ## bounded loopback load test of `ibisagent serve` (8 clients x 20 s)
+	nice -n 10 $(BIN)/python benchmarks/bench_server.py --clients 8 --duration 20 --segmenter fake \
+	    --json runs/bench_server_fake.json --md runs/bench_server_fake.md
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -218,6 +218,16 @@ def test_curves_noc_and_no_stop_with_the_oracle(squares: Path, tmp_path: Path):
     assert res.summary["iou_at"]["10"] == 1.0
 
 
+def test_default_oracle_is_the_no_stop_curve_cut_at_its_threshold(real_manifest: Path, tmp_path: Path):
+    run_eval(_cfg(real_manifest, tmp_path / "stop", policy="oracle", max_steps=6, policy_args={"iou_threshold": 0.6}))
+    run_eval(_cfg(real_manifest, tmp_path / "all", policy="oracle", max_steps=6, policy_args={"iou_threshold": 1.01}))
+    full = {r["case_id"]: r["iou_curve"] for r in read_cases(tmp_path / "all")}
+    for r in read_cases(tmp_path / "stop"):
+        curve = full[r["case_id"]]
+        k = noc(curve, 0.6, len(curve))
+        assert r["iou_curve"] == curve[:k], r["case_id"]
+
+
 def test_resume_skips_finished_cases(squares: Path, tmp_path: Path):
     out = tmp_path / "out"
     seen: list[str] = []

@@ -213,3 +213,20 @@ def test_litemedsam_segmenter_encoder_option(dermoscopy_case) -> None:
     assert iou(seg.predict(box=box).mask, res["torch"]) >= 0.99
     with pytest.raises(SegmenterError, match="unknown encoder"):
         create_segmenter("litemedsam", encoder="tensorrt")
+
+
+def test_export_encoder_cli(toy: Toy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import argparse
+
+    monkeypatch.setattr(oe, "_load_litemedsam_encoder", lambda: toy)
+    monkeypatch.delenv(oe.ONNX_DIR_ENV, raising=False)
+    parser = argparse.ArgumentParser()
+    oe.add_parser(parser.add_subparsers(dest="cmd"))
+    args = parser.parse_args(["export-encoder", "--cache-dir", str(tmp_path), "--input-size", "32", "--threads", "1"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert str(tmp_path) in out and "max |onnx - torch|" in out
+    assert len(list(tmp_path.glob("encoder-*.onnx"))) == 1
+    bad = parser.parse_args(["export-encoder", "--cache-dir", str(tmp_path), "--input-size", "32", "--threads", "0"])
+    assert bad.func(bad) == 2
+    assert "threads" in capsys.readouterr().err

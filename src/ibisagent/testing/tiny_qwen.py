@@ -1,4 +1,4 @@
-"""A tiny random Qwen2.5-VL checkpoint for tests: real architecture, real processor, a few hundred kB.
+"""A tiny random Qwen2.5-VL checkpoint for tests: real architecture, real processor, about 2 MB.
 
 :func:`build_tiny_qwen_vl` writes a normal checkpoint directory (``config.json``, ``model.safetensors``, tokenizer
 files, ``preprocessor_config.json``, ``chat_template.jinja``) that every loader in the package reads exactly like

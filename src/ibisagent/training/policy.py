@@ -122,7 +122,7 @@ class PolicyTrainConfig:
     dagger_rounds: int = field(default=1, metadata={"help": "rounds of policy rollouts relabelled by the oracle"})
     stop_iou: float = field(default=0.85, metadata={"help": "stop target: IoU at or above this"})
     obj_weight: float = field(default=0.5, metadata={"help": "weight of the auxiliary object-map loss"})
-    val_cases: int = field(default=24, metadata={"help": "val-split masks for greedy validation episodes"})
+    val_cases: int = field(default=24, metadata={"help": "val-split masks for greedy validation episodes (0 = none)"})
     sft_minutes: float = field(default=0.0, metadata={"help": "stop SFT after this many minutes (0 = none)"})
     # --- GRPO
     grpo_iters: int = field(default=30, metadata={"help": "GRPO iterations"})
@@ -724,7 +724,8 @@ def _run_sft(cfg: PolicyTrainConfig, run: Path, backend: _Backend, text_bank: to
         rng = st["rng"]
         gen.set_state(st["gen"])
         log(f"resumed SFT at step {step} ({len(bank)} states)")
-    if len(bank) == 0:
+    real = cfg.synth_frac < 1.0
+    if len(bank) == 0 and real:
         for mode in ("oracle", "reflective"):
             bank.add(_collect_states(None, backend, text_bank, _subset(train, cfg.rollout_cases, rng), mode, cfg, rng,
                                      gen, log), case_row)
@@ -737,7 +738,7 @@ def _run_sft(cfg: PolicyTrainConfig, run: Path, backend: _Backend, text_bank: to
     synth_cases = [synth_case(c.gt, [train[j].gt for j in by_image[c.image_key] if j != i])
                    for i, c in enumerate(train)]
     n_syn = int(round(cfg.sft_batch * cfg.synth_frac)) if len(bank) else cfg.sft_batch
-    dagger_at = [int(cfg.sft_steps * (k + 1) / (cfg.dagger_rounds + 1)) for k in range(cfg.dagger_rounds)]
+    dagger_at = [int(cfg.sft_steps * (k + 1) / (cfg.dagger_rounds + 1)) for k in range(cfg.dagger_rounds if real else 0)]
     warm = max(1, cfg.sft_steps // 20)
     csv_path = run / "sft_log.csv"
     while step < cfg.sft_steps:
@@ -941,7 +942,7 @@ def train_policy(config: PolicyTrainConfig | dict[str, Any]) -> Path:
     backend = _Backend(cfg.segmenter, cfg.segmenter_weights, cfg.cache_dir)
     texts: dict[str, int] = {}
     train = _load_cases(cfg, "train", backend, texts, cfg.flip, cfg.max_cases, cfg.cached_only)
-    val = _load_cases(cfg, "val", backend, texts, False, cfg.val_cases, cfg.cached_only)
+    val = _load_cases(cfg, "val", backend, texts, False, cfg.val_cases, cfg.cached_only) if cfg.val_cases > 0 else []
     if not train:
         raise PolicyTrainError(f"no usable train cases under {cfg.data}")
     text_bank = _text_bank(texts)
