@@ -1,4 +1,4 @@
-"""Benchmark the LiteMedSAM image encoder: PyTorch vs ONNX Runtime (fp32) vs ONNX Runtime int8 (dynamic quant).
+"""Benchmark the LiteMedSAM image encoder: PyTorch vs ONNX Runtime (fp32 and int8 dynamic quant) vs OpenVINO.
 
 Parity on real cases: max |embedding difference| and the IoU between the masks decoded (box prompt = the ground
 truth's tight box, original box-trained LiteMedSAM decoder) from the PyTorch and the ONNX embeddings; also each
@@ -74,13 +74,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timing-cases", type=int, default=None, help="time only the first N cases (default: all)")
     ap.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime intra-op threads")
     ap.add_argument("--no-int8", action="store_true", help="skip the int8 quantized model")
+    ap.add_argument("--no-openvino", action="store_true", help="skip OpenVINO")
     ap.add_argument("--json", type=Path, help="write raw results here")
     ap.add_argument("--md", type=Path, help="write a markdown summary here")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     from ibisagent.segmenters.litemedsam import load_base_model, preprocess_image
-    from ibisagent.segmenters.onnx_encoder import OnnxEncoder, onnx_model_path, weights_sha256
+    from ibisagent.segmenters.onnx_encoder import (
+        OnnxEncoder,
+        OpenVinoEncoder,
+        onnx_model_path,
+        openvino_available,
+        weights_sha256,
+    )
 
     parts = load_base_model()
     enc = parts.image_encoder
@@ -91,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_fp32 = time.perf_counter() - t0
     backends: dict[str, object] = {"torch": None, "onnx": onnx_fp32}
     setup = {"onnx": setup_fp32}
+    if not args.no_openvino and openvino_available():
+        t0 = time.perf_counter()
+        backends["openvino"] = OpenVinoEncoder(enc, threads=args.threads)
+        setup["openvino"] = time.perf_counter() - t0
     if not args.no_int8:
         t0 = time.perf_counter()
         backends["onnx-int8"] = OnnxEncoder(enc, threads=args.threads, quantize=True)
@@ -130,25 +141,30 @@ def main(argv: list[str] | None = None) -> int:
     for name in backends:  # warm-up
         run(name, inputs[0])
     times: dict[str, list[float]] = {name: [] for name in backends}
+    cpu: dict[str, list[float]] = {name: [] for name in backends}  # CPU seconds of this process (all threads)
     for _ in range(args.rounds):
         for x in timed:
             for name in backends:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 run(name, x)
                 times[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
     med = {k: statistics.median(v) for k, v in times.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     result = {
         "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} visible cores, "
                    f"{args.threads} threads, shared with other jobs".strip(),
         "load_avg": os.getloadavg(),
         "torch": torch.__version__,
         "onnxruntime": __import__("onnxruntime").__version__,
+        "openvino": __import__("openvino").__version__ if "openvino" in backends else None,
         "onnx_export_cached_before": cached,
         "setup_s": setup,
         "cases": len(cases),
         "timed_cases": len(timed),
         "rounds": args.rounds,
         "median_s": med,
+        "median_cpu_s": med_cpu,
         "p10_p90_s": {k: [float(np.percentile(v, 10)), float(np.percentile(v, 90))] for k, v in times.items()},
         "speedup_vs_torch": {k: med["torch"] / v for k, v in med.items()},
         "parity": parity,
@@ -156,16 +172,17 @@ def main(argv: list[str] | None = None) -> int:
     names = [n for n in backends if n != "torch"]
     lines = [
         f"Machine: {result['machine']}; load average at the end {tuple(round(v, 2) for v in result['load_avg'])}; "
-        f"torch {result['torch']}, onnxruntime {result['onnxruntime']}.",
+        f"torch {result['torch']}, onnxruntime {result['onnxruntime']}, openvino {result['openvino']}.",
         f"Parity on {len(cases)} real cases; timing on {len(timed)} of them x {args.rounds} interleaved rounds "
         f"({len(timed) * args.rounds} runs per encoder).",
         "",
-        "| encoder | median s/image | p10-p90 s | speed-up vs torch (same run) |",
-        "|---|---|---|---|",
+        "| encoder | median s/image (wall) | p10-p90 s | speed-up vs torch (same run) | median CPU s/image |",
+        "|---|---|---|---|---|",
     ]
     for k in backends:
         p10, p90 = result["p10_p90_s"][k]
-        lines.append(f"| {k} | {med[k]:.3f} | {p10:.3f}-{p90:.3f} | {result['speedup_vs_torch'][k]:.2f}x |")
+        lines.append(f"| {k} | {med[k]:.3f} | {p10:.3f}-{p90:.3f} | {result['speedup_vs_torch'][k]:.2f}x "
+                     f"| {med_cpu[k]:.3f} |")
     lines += ["", "| case | size | IoU(gt, torch) | " + " | ".join(
         f"{n}: max abs emb diff | {n}: mask IoU vs torch | IoU(gt, {n})" for n in names) + " |",
         "|---|---|---|" + "---|---|---|" * len(names)]

@@ -7,6 +7,7 @@
 # usage: benchmarks/run_eval.sh [SEGMENTER] [OUT_ROOT]
 #   SEGMENTER defaults to litemedsam-click when its weights exist, else litemedsam
 #   OUT_ROOT  defaults to runs/eval_<segmenter>
+#   env: ORACLE_STEPS / BOX_STEPS (click budgets of oracle / oracle-box, default 20), DATA, CACHE, PY
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -29,9 +30,11 @@ run() {  # name, then eval arguments
 }
 run gt-box --policy gt-box
 run center-click --policy center-click
-run oracle --policy oracle --no-stop --max-steps 20
-run oracle-box --policy oracle-box --no-stop --max-steps 20
 run challenge --protocol box+5clicks
+run oracle --policy oracle --no-stop --max-steps "${ORACLE_STEPS:-20}"
+run oracle-box --policy oracle-box --no-stop --max-steps "${BOX_STEPS:-20}"
 echo "== done: $(date -u +%H:%M:%S)"
 nice -n 10 "$PY" -m ibisagent.evaluation.cli compare "$OUT"/{oracle,oracle-box,gt-box,center-click,challenge} --by-dataset \
-  | tee "$OUT/compare.md"
+  > "$OUT/compare.md" || true
+"$PY" benchmarks/eval_tables.py "$OUT" > "$OUT/tables.md"
+cat "$OUT/tables.md"

@@ -24,7 +24,6 @@ from ibisagent.policies.compact import (
 from ibisagent.protocol import parse_reply, validate_reply
 from ibisagent.segmenters import create_segmenter
 
-
 # --- text encoder ---------------------------------------------------------------------------------------------
 
 def test_text_encoder_matches_sentence_transformers_and_caches() -> None:

@@ -122,3 +122,28 @@ def test_bad_input_is_a_clear_error(tmp_path: Path, tiny_data: Path) -> None:
     add_parser(parser.add_subparsers(dest="cmd"))
     args = parser.parse_args(["train-policy", "--data", str(tmp_path / "nowhere"), "--no-progress"])
     assert args.func(args) == 2
+
+
+def test_synthetic_states_are_consistent_with_their_oracle_labels() -> None:
+    from ibisagent.training.policy_states import RES, synth_batch, synth_case, target_from_masks
+
+    gt = np.zeros((120, 200), bool)
+    gt[30:90, 50:150] = True
+    other = np.zeros_like(gt)
+    other[5:25, 5:40] = True
+    case = synth_case(gt, [other])
+    rng = np.random.default_rng(0)
+    planes, tgt, stop = synth_batch([case], [0] * 40, rng)
+    assert planes.shape == (40, 6, GRID, GRID) and tgt.shape == (40, 2, GRID, GRID) and stop.shape == (40,)
+    has = planes[:, 4, 0, 0]
+    assert set(has.tolist()) <= {0.0, 1.0} and (has == 0).any() and (has == 1).any()
+    assert (stop[has == 0] == 0).all()  # never stop before the first mask
+    mass = tgt.flatten(1).sum(1)
+    assert ((mass - 1).abs() < 1e-4).logical_or(mass == 0).all()
+    assert ((planes[:, 2] + planes[:, 3]).flatten(1).sum(1)[has == 1] >= 1).all()  # masks come with clicks
+    # the target of a mask that misses the object's right half points into that half (positive)
+    g = case.gt
+    m = g.copy()
+    m[:, RES // 2 :] = False
+    t = target_from_masks(m, g, case.sampling)
+    assert t is not None and t[1].sum() == 0 and np.nonzero(t[0])[1].min() >= GRID // 2

@@ -21,7 +21,6 @@ from ibisagent.env import EnvConfig, SegmentationEnv
 from ibisagent.masks import dice, rle_encode
 from ibisagent.overlay import display_overlay
 from ibisagent.policies.base import Policy, create_policy
-from ibisagent.protocol import ActionKind
 from ibisagent.segmenters.base import Segmenter, create_segmenter
 
 __all__ = ["Agent", "Episode", "StepRecord", "run_episode"]
@@ -194,7 +193,3 @@ class Agent:
 
     def segment(self, image: np.ndarray, query: str, gt: np.ndarray | None = None, on_step: Any = None) -> Episode:
         return run_episode(self.env, self.policy, image, query, gt, on_step=on_step)
-
-
-def _kind_is_click(kind: str | None) -> bool:
-    return kind in (ActionKind.POSITIVE.value, ActionKind.NEGATIVE.value)

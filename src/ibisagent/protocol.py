@@ -38,7 +38,7 @@ __all__ = [
 GrammarMode = Literal["reference", "extended"]
 
 
-class ActionKind(str, enum.Enum):
+class ActionKind(enum.StrEnum):
     POSITIVE = "positive"
     NEGATIVE = "negative"
     BOX = "box"

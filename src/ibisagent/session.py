@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ibisagent.protocol import Action, ActionKind
-from ibisagent.segmenters.base import SegmenterError, Segmenter, SegResult
+from ibisagent.segmenters.base import Segmenter, SegmenterError, SegResult
 
 __all__ = ["Interaction", "Session"]
 

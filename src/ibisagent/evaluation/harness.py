@@ -78,7 +78,7 @@ _INT_COLS = ("height", "width", "area_px", "steps", "clicks", "interactions", "m
 _CURVE_COLS = ("iou_curve", "dice_curve", "nsd_curve")
 #: settings that must match for a rerun into the same folder to resume it
 _RESUME_KEYS = ("data", "policy", "segmenter", "policy_args", "segmenter_args", "protocol", "max_steps", "split",
-                "datasets", "seed", "nsd_tolerance")
+                "datasets", "seed", "nsd_tolerance", "segmenter_weights")
 
 
 class EvalConfigError(ValueError):
@@ -140,8 +140,9 @@ class EvalConfig:
 
     def resume_key(self) -> dict[str, Any]:
         d = asdict(self)
-        out = {k: d[k] for k in _RESUME_KEYS}
+        out = {k: d[k] for k in _RESUME_KEYS if k in d}
         out["data"] = str(Path(self.data).resolve())
+        out["segmenter_weights"] = weights_id(self)
         return json.loads(json.dumps(out, default=str))
 
 
@@ -503,18 +504,25 @@ def _versions(config: EvalConfig) -> dict[str, Any]:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
             out[pkg] = None
-    if config.segmenter == "litemedsam-click":
-        weights = config.segmenter_args.get("weights")
-        try:
-            from ibisagent.segmenters.litemedsam import CLICK_WEIGHTS
-
-            path = Path(weights) if weights not in (None, "click") else CLICK_WEIGHTS
-            if path.is_file():
-                out["segmenter_weights"] = {"file": path.name,
-                                            "sha1": hashlib.sha1(path.read_bytes()).hexdigest()[:12]}
-        except Exception:  # noqa: BLE001 - informational only
-            pass
+    wid = weights_id(config)
+    if wid is not None:
+        out["segmenter_weights"] = wid
     return out
+
+
+def weights_id(config: EvalConfig) -> dict[str, str] | None:
+    """File name and short sha1 of the click-tuned LiteMedSAM weights a run uses (None for other segmenters)."""
+    if config.segmenter != "litemedsam-click":
+        return None
+    weights = config.segmenter_args.get("weights")
+    try:
+        from ibisagent.segmenters.litemedsam import CLICK_WEIGHTS
+    except Exception:  # noqa: BLE001 - informational only
+        return None
+    path = Path(weights) if weights not in (None, "click") else CLICK_WEIGHTS
+    if not path.is_file():
+        return None
+    return {"file": path.name, "sha1": hashlib.sha1(path.read_bytes()).hexdigest()[:12]}
 
 
 def run_config_dict(config: EvalConfig) -> dict[str, Any]:
@@ -564,6 +572,19 @@ def select_cases(config: EvalConfig) -> list[Case]:
     return cases
 
 
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop_on_sigterm() -> Any:
+    """Treat SIGTERM like Ctrl-C (stop after the rows already written); returns the previous handler."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
 ProgressFn = Callable[[int, int, dict[str, Any]], None]
 
 
@@ -591,6 +612,7 @@ def run_eval(config: EvalConfig, progress: ProgressFn | None = None) -> EvalResu
     writer = _CaseWriter(out)
     n_run = n_err = 0
     interrupted = False
+    old_term = _stop_on_sigterm()
     try:
         for row, pred in _results(config, todo, runner):
             writer.write(row, pred)
@@ -602,6 +624,8 @@ def run_eval(config: EvalConfig, progress: ProgressFn | None = None) -> EvalResu
         interrupted = True
     finally:
         writer.close()
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
     summary = None
     if not interrupted:
         from .summary import write_summaries

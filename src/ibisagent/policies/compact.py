@@ -89,9 +89,18 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
 
 
 def pool_to_grid(arr: np.ndarray, grid: int = GRID) -> np.ndarray:
-    """Area-average an HxW array onto a grid x grid array (cell i covers rows [i*H/grid, (i+1)*H/grid))."""
-    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None, None]
-    return F.adaptive_avg_pool2d(t, grid)[0, 0].numpy()
+    """Area-average an HxW array onto a grid x grid array (cell i covers rows [floor(i*H/grid), floor((i+1)*H/grid)),
+    the cells of :func:`pixel_to_cell`)."""
+    a = np.asarray(arr, dtype=np.float32)
+    h, w = a.shape
+    if h < grid or w < grid:  # cells smaller than a pixel: overlapping adaptive pooling
+        t = torch.from_numpy(np.ascontiguousarray(a))[None, None]
+        return F.adaptive_avg_pool2d(t, grid)[0, 0].numpy()
+    rs = (np.arange(grid) * h) // grid
+    cs = (np.arange(grid) * w) // grid
+    sums = np.add.reduceat(np.add.reduceat(a, rs, axis=0), cs, axis=1)
+    counts = np.diff(np.append(rs, h))[:, None] * np.diff(np.append(cs, w))[None, :]
+    return (sums / counts).astype(np.float32)
 
 
 def pixel_to_cell(x: float, y: float, width: int, height: int, grid: int = GRID) -> tuple[int, int]:
@@ -566,14 +575,16 @@ class CompactPolicy(BasePolicy):
             return format_reply(Action.terminate(), think, answer)
         positive, x, y = cell_to_pixel(choice.index, choice.maps, mask, (h, w), self._clicked)
         self._clicked.add((x, y))
-        belief = self._belief(choice.obj, (h, w))
-        if positive:
-            region = belief & ~mask if mask is not None else belief
-        else:
-            region = mask & ~belief if mask is not None else np.zeros((h, w), bool)
-        region = _component_at(region, x, y)
-        if not region.any():
-            region = _disk((h, w), x, y, max(2, min(h, w) // 40))
+        # the region the click targets, from the network's own state on the 64x64 grid: its object belief minus the
+        # mask (positive) or the mask minus the belief (negative), the component under the click
+        belief, covered = choice.obj > 0, choice.planes[0] > 0.5
+        region = (belief & ~covered) if positive else (covered & ~belief)
+        r, c = pixel_to_cell(x, y, w, h)
+        region = _component_at(region, c, r)
+        if not region[r, c]:
+            region = np.zeros((GRID, GRID), bool)
+            region[max(r - 1, 0) : r + 2, max(c - 1, 0) : c + 2] = True
+        region = region[(np.arange(h) * GRID // h)[:, None], (np.arange(w) * GRID // w)[None, :]]
         flat = choice.maps.reshape(-1).astype(np.float64)
         peak = float(np.exp(flat[choice.index] - flat.max()) / np.exp(flat - flat.max()).sum())
         think = describe_click(positive=positive, x=x, y=y, width=w, height=h, target=target, region=region,
@@ -584,11 +595,6 @@ class CompactPolicy(BasePolicy):
         think += f", object estimate vs mask IoU {agree:.2f}." if mask is not None else "."
         act = (Action.positive if positive else Action.negative)(to_normalized(x, w), to_normalized(y, h))
         return format_reply(act, think)
-
-    def _belief(self, obj: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-        h, w = shape
-        t = torch.from_numpy(np.asarray(obj, np.float32))[None, None]
-        return (F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)[0, 0] > 0).numpy()
 
     def predicted_box(self, obs: Observation) -> tuple[int, int, int, int]:
         """Pixel box (x1, y1, x2, y2) around the object belief's component that contains its peak."""
@@ -636,11 +642,6 @@ def _component_at(region: np.ndarray, x: int, y: int) -> np.ndarray:
         sizes = ndimage.sum(region, lab, range(1, n + 1))
         k = int(np.argmax(sizes)) + 1
     return lab == k
-
-
-def _disk(shape: tuple[int, int], x: int, y: int, r: int) -> np.ndarray:
-    yy, xx = np.ogrid[: shape[0], : shape[1]]
-    return (yy - y) ** 2 + (xx - x) ** 2 <= r * r
 
 
 @register_policy("compact", "learned CPU policy (image embedding + query text + mask -> clicks); no ground truth")

@@ -1,10 +1,10 @@
 """Promptable segmenters behind one interface; see :mod:`ibisagent.segmenters.base`."""
 
 from ibisagent.segmenters.base import (
+    Segmenter,
     SegmenterError,
     SegmenterUnavailable,
     SegResult,
-    Segmenter,
     Timings,
     create_segmenter,
     list_segmenters,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from ibisagent.segmenters.base import SegResult, Segmenter, register_segmenter
+from ibisagent.segmenters.base import Segmenter, SegResult, register_segmenter
 
 __all__ = ["FakeSegmenter"]
 

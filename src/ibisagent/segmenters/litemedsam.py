@@ -66,7 +66,7 @@ CLICK_WEIGHTS = WEIGHTS_DIR / "litemedsam_click.safetensors"
 #: prefixes of the fine-tuned sub-modules (what the click weights file holds)
 TRAINABLE_PREFIXES = ("prompt_encoder.", "mask_decoder.")
 #: image-encoder runtimes; all but "torch" go through ibisagent.segmenters.onnx_encoder (ONNX hook)
-ENCODERS = ("auto", "torch", "onnx", "onnx-int8")
+ENCODERS = ("auto", "torch", "onnx", "onnx-int8", "openvino")
 
 
 @dataclass
@@ -229,8 +229,8 @@ class LiteMedSAMSegmenter(Segmenter):
     Args:
         weights: ``"original"`` (box-trained) or ``"click"`` (the shipped fine-tune) or a path to a
             ``.safetensors`` file with prompt encoder + mask decoder tensors.
-        encoder: image-encoder runtime: ``"auto"`` (ONNX Runtime where installed, else PyTorch), ``"torch"``,
-            ``"onnx"`` or ``"onnx-int8"`` (see :mod:`ibisagent.segmenters.onnx_encoder`).
+        encoder: image-encoder runtime: ``"auto"`` (OpenVINO or ONNX Runtime where installed, else PyTorch),
+            ``"torch"``, ``"onnx"``, ``"onnx-int8"`` or ``"openvino"`` (see :mod:`ibisagent.segmenters.onnx_encoder`).
         multimask: ``None`` = auto (original weights: 3-mask output and pick the best predicted IoU when the only
             prompt is one click; fine-tuned weights: single-mask output, as trained); True/False forces it.
         cache_dir: directory for an on-disk embedding cache (default ``$IBISAGENT_CACHE_DIR``; none if unset).

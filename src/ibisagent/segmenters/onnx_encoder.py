@@ -1,11 +1,15 @@
-"""Run an image encoder (LiteMedSAM's TinyViT) with ONNX Runtime instead of PyTorch.
+"""Run an image encoder (LiteMedSAM's TinyViT) from an exported ONNX model: ONNX Runtime or OpenVINO.
 
 The PyTorch module is exported once to ONNX (TorchScript exporter, static 1x3xSxS input, opset 17) and the file is
 cached on disk, keyed by the sha256 of the module's weights + the opset + the torch version, and written atomically
-(temp file + rename), so concurrent processes never see a half-written model. ONNX Runtime then runs it on the CPU
-with ``intra_op_num_threads`` (default 2) and all graph optimizations. Optionally the model is quantized to int8
-weights with ONNX Runtime's dynamic quantization (``quantize=True``; see ``docs/benchmarks_encoder.md`` for its
-accuracy: check it before using it).
+(temp file + rename), so concurrent processes never see a half-written model. Two runtimes read that file:
+
+* ONNX Runtime (:class:`OnnxEncoder`): ``intra_op_num_threads`` (default 2), all graph optimizations, no thread
+  spinning; optionally int8 dynamic quantization (``quantize=True``; fails parity, see
+  ``docs/benchmarks_encoder.md``).
+* OpenVINO (:class:`OpenVinoEncoder`): fp32, latency hint, one stream, 2 threads; the fastest here.
+
+Both match PyTorch to ~4e-6 (max abs embedding difference; mask IoU 1.0 on real cases).
 
 Cache directory: ``$IBISAGENT_ONNX_DIR``, else ``$XDG_CACHE_HOME/ibisagent/onnx``, else ``~/.cache/ibisagent/onnx``.
 
@@ -14,8 +18,9 @@ Encoder choice for segmenters (``encoder=`` option):
 * ``"torch"`` — plain PyTorch;
 * ``"onnx"`` — ONNX Runtime; :class:`SegmenterUnavailable` if ``onnxruntime`` (or, for the first export,
   ``onnx``) is missing;
-* ``"onnx-int8"`` — ONNX Runtime with int8 dynamic quantization;
-* ``"auto"`` — ONNX Runtime where it is installed and the export works, else PyTorch (with one warning).
+* ``"onnx-int8"`` — ONNX Runtime with int8 dynamic quantization (experiments only);
+* ``"openvino"`` — OpenVINO; :class:`SegmenterUnavailable` if ``openvino`` (or ``onnx``) is missing;
+* ``"auto"`` — OpenVINO, else ONNX Runtime, else PyTorch (with one warning).
 """
 
 from __future__ import annotations
@@ -43,13 +48,17 @@ __all__ = [
     "ENCODER_CHOICES",
     "ONNX_DIR_ENV",
     "THREADS_ENV",
+    "AUTO_ORDER",
     "OnnxEncoder",
+    "OpenVinoEncoder",
     "default_onnx_dir",
     "default_threads",
+    "ensure_onnx_model",
     "encoder_runner",
     "export_onnx",
     "onnx_model_path",
     "onnxruntime_available",
+    "openvino_available",
     "quantize_int8",
     "weights_sha256",
 ]
@@ -59,18 +68,26 @@ log = logging.getLogger(__name__)
 ONNX_DIR_ENV = "IBISAGENT_ONNX_DIR"
 THREADS_ENV = "IBISAGENT_ONNX_THREADS"
 DEFAULT_OPSET = 17
-ENCODER_CHOICES = ("auto", "torch", "onnx", "onnx-int8")
+ENCODER_CHOICES = ("auto", "torch", "onnx", "onnx-int8", "openvino")
+#: what ``encoder="auto"`` tries, fastest first (see docs/benchmarks_encoder.md)
+AUTO_ORDER = ("openvino", "onnx")
 PIP_HINT = "pip install onnxruntime onnx"
+OPENVINO_PIP_HINT = "pip install openvino onnx"
 
 _LOCK = threading.RLock()
 #: id(module), kind -> (module, runner or None); the module reference keeps the id valid
-_RUNNERS: dict[tuple[int, str], tuple[nn.Module, OnnxEncoder | None]] = {}
+_RUNNERS: dict[tuple[int, str], tuple[nn.Module, _ExportedEncoder | None]] = {}
 _WARNED: set[str] = set()
 
 
 def onnxruntime_available() -> bool:
     """True if ``onnxruntime`` can be imported."""
     return importlib.util.find_spec("onnxruntime") is not None
+
+
+def openvino_available() -> bool:
+    """True if ``openvino`` can be imported."""
+    return importlib.util.find_spec("openvino") is not None
 
 
 def default_onnx_dir() -> Path:
@@ -154,7 +171,59 @@ def quantize_int8(src: str | Path, dst: str | Path) -> Path:
     return dst
 
 
-class OnnxEncoder:
+def ensure_onnx_model(module: nn.Module, input_size: int = 256, cache_dir: str | Path | None = None,
+                      opset: int = DEFAULT_OPSET, quantize: bool = False) -> Path:
+    """The cached ``.onnx`` file of ``module`` (exported, and int8-quantized if asked, on first use)."""
+    digest = weights_sha256(module)
+    fp32 = onnx_model_path(digest, input_size, opset, cache_dir)
+    path = onnx_model_path(digest, input_size, opset, cache_dir, quantized=quantize)
+    with _LOCK:
+        if not fp32.is_file():
+            log.info("exporting the image encoder to %s (once)", fp32)
+            export_onnx(module, fp32, input_size, opset)
+        if quantize and not path.is_file():
+            quantize_int8(fp32, path)
+    return path
+
+
+class _ExportedEncoder:
+    """Common part of the runtime encoders: find/export the ONNX file, check inputs, run image by image."""
+
+    runtime = "?"
+
+    def __init__(self, module: nn.Module | None, onnx_path: str | Path | None, input_size: int,
+                 cache_dir: str | Path | None, threads: int, opset: int, quantize: bool = False) -> None:
+        if int(threads) < 1:
+            raise SegmenterError(f"threads must be >= 1, got {threads}")
+        self.input_size = int(input_size)
+        self.threads = int(threads)
+        self.quantized = bool(quantize)
+        if onnx_path is not None:
+            path = Path(onnx_path)
+            if not path.is_file():
+                raise SegmenterUnavailable(f"ONNX model not found: {path}")
+        elif module is None:
+            raise SegmenterError(f"{type(self).__name__} needs a module to export or an onnx_path")
+        else:
+            path = ensure_onnx_model(module, self.input_size, cache_dir, opset, quantize)
+        self.path = path
+
+    def _run_one(self, arr: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def run_numpy(self, x: np.ndarray) -> np.ndarray:
+        """(B, 3, S, S) float32 -> (B, C, h, w) float32; batches are run one image at a time (static export)."""
+        arr = np.ascontiguousarray(x, dtype=np.float32)
+        if arr.ndim != 4 or arr.shape[1:] != (3, self.input_size, self.input_size):
+            raise SegmenterError(f"encoder input must be (B, 3, {self.input_size}, {self.input_size}), got {arr.shape}")
+        outs = [self._run_one(arr[i : i + 1]) for i in range(arr.shape[0])]
+        return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=0)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.run_numpy(x.detach().cpu().numpy()))
+
+
+class OnnxEncoder(_ExportedEncoder):
     """A callable ``1x3xSxS tensor -> embedding tensor`` backed by an ONNX Runtime session.
 
     Args:
@@ -168,6 +237,8 @@ class OnnxEncoder:
         spin: let ONNX Runtime's worker threads busy-wait between ops. Off by default: on a shared CPU spinning
             threads steal time from other jobs and were slower here (median 4.3 s vs 5.6 s at load ~12 on 2 cores).
     """
+
+    runtime = "onnxruntime"
 
     def __init__(
         self,
@@ -183,30 +254,9 @@ class OnnxEncoder:
     ) -> None:
         if not onnxruntime_available():
             raise SegmenterUnavailable(f"the ONNX encoder needs onnxruntime: {PIP_HINT}")
-        if int(threads) < 1:
-            raise SegmenterError(f"threads must be >= 1, got {threads}")
-        self.input_size = int(input_size)
-        self.threads = int(threads)
-        self.quantized = bool(quantize)
         self.spin = bool(spin)
-        if onnx_path is not None:
-            path = Path(onnx_path)
-            if not path.is_file():
-                raise SegmenterUnavailable(f"ONNX model not found: {path}")
-        elif module is None:
-            raise SegmenterError("OnnxEncoder needs a module to export or an onnx_path")
-        else:
-            digest = weights_sha256(module)
-            fp32 = onnx_model_path(digest, self.input_size, opset, cache_dir)
-            path = onnx_model_path(digest, self.input_size, opset, cache_dir, quantized=quantize)
-            with _LOCK:
-                if not fp32.is_file():
-                    log.info("exporting the image encoder to %s (once)", fp32)
-                    export_onnx(module, fp32, self.input_size, opset)
-                if quantize and not path.is_file():
-                    quantize_int8(fp32, path)
-        self.path = path
-        self.session = self._make_session(path)
+        super().__init__(module, onnx_path, input_size, cache_dir, threads, opset, quantize)
+        self.session = self._make_session(self.path)
         self._input = self.session.get_inputs()[0].name
 
     def _make_session(self, path: Path) -> Any:
@@ -224,16 +274,54 @@ class OnnxEncoder:
         except Exception as exc:  # onnxruntime raises its own exception types
             raise SegmenterUnavailable(f"ONNX Runtime cannot load {path} ({exc}); delete the file to re-export") from exc
 
-    def run_numpy(self, x: np.ndarray) -> np.ndarray:
-        """(B, 3, S, S) float32 -> (B, C, h, w) float32; batches are run one image at a time (static export)."""
-        arr = np.ascontiguousarray(x, dtype=np.float32)
-        if arr.ndim != 4 or arr.shape[1:] != (3, self.input_size, self.input_size):
-            raise SegmenterError(f"encoder input must be (B, 3, {self.input_size}, {self.input_size}), got {arr.shape}")
-        outs = [self.session.run(None, {self._input: arr[i : i + 1]})[0] for i in range(arr.shape[0])]
-        return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=0)
+    def _run_one(self, arr: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self._input: arr})[0]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.run_numpy(x.detach().cpu().numpy()))
+
+class OpenVinoEncoder(_ExportedEncoder):
+    """The same exported ONNX model compiled by OpenVINO for the CPU: fp32 (``INFERENCE_PRECISION_HINT=f32``; bf16
+    is far slower on this machine), latency hint, one stream, ``threads`` inference threads. Compiled blobs are
+    cached next to the ONNX files (``<cache>/openvino``). Parity and speed: ``docs/benchmarks_encoder.md``."""
+
+    runtime = "openvino"
+
+    def __init__(
+        self,
+        module: nn.Module | None = None,
+        *,
+        onnx_path: str | Path | None = None,
+        input_size: int = 256,
+        cache_dir: str | Path | None = None,
+        threads: int = 2,
+        opset: int = DEFAULT_OPSET,
+    ) -> None:
+        if not openvino_available():
+            raise SegmenterUnavailable(f"the OpenVINO encoder needs openvino: {OPENVINO_PIP_HINT}")
+        super().__init__(module, onnx_path, input_size, cache_dir, threads, opset)
+        import openvino as ov
+
+        config = {
+            "INFERENCE_NUM_THREADS": self.threads,
+            "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": 1,
+            "INFERENCE_PRECISION_HINT": "f32",
+        }
+        blob_dir = self.path.parent / "openvino"
+        with contextlib.suppress(OSError):
+            blob_dir.mkdir(parents=True, exist_ok=True)
+            if os.access(blob_dir, os.W_OK):
+                config["CACHE_DIR"] = str(blob_dir)
+        try:
+            self.compiled = ov.Core().compile_model(str(self.path), "CPU", config)
+        except Exception as exc:  # openvino raises RuntimeError subclasses of its own
+            raise SegmenterUnavailable(f"OpenVINO cannot compile {self.path} ({exc})") from exc
+        self._request = self.compiled.create_infer_request()
+        self._req_lock = threading.Lock()  # an infer request is not thread-safe
+
+    def _run_one(self, arr: np.ndarray) -> np.ndarray:
+        with self._req_lock:
+            out = self._request.infer({0: arr})
+            return np.array(out[0], dtype=np.float32, copy=True)
 
 
 def default_threads() -> int:
@@ -247,12 +335,18 @@ def default_threads() -> int:
     return max(1, torch.get_num_threads())
 
 
+def _build_runner(kind: str, module: nn.Module, input_size: int, threads: int) -> _ExportedEncoder:
+    if kind == "openvino":
+        return OpenVinoEncoder(module, input_size=input_size, threads=threads)
+    return OnnxEncoder(module, input_size=input_size, threads=threads, quantize=kind == "onnx-int8")
+
+
 def encoder_runner(module: nn.Module, kind: str = "auto", input_size: int = 256,
-                   threads: int | None = None) -> OnnxEncoder | None:
-    """The ONNX runner to use for ``module`` under the ``encoder=`` choice ``kind``, cached per module; ``None``
-    means "use PyTorch". ``"auto"`` falls back to PyTorch (warning once) when ONNX Runtime / export is unavailable;
-    ``"onnx"`` / ``"onnx-int8"`` raise :class:`SegmenterUnavailable` instead. ``threads`` defaults to
-    :func:`default_threads`."""
+                   threads: int | None = None) -> _ExportedEncoder | None:
+    """The exported-model runner to use for ``module`` under the ``encoder=`` choice ``kind``, cached per module;
+    ``None`` means "use PyTorch". ``"auto"`` tries OpenVINO, then ONNX Runtime, and falls back to PyTorch (warning
+    once) when neither works; an explicit ``"onnx"`` / ``"onnx-int8"`` / ``"openvino"`` raises
+    :class:`SegmenterUnavailable` instead. ``threads`` defaults to :func:`default_threads`."""
     threads = default_threads() if threads is None else threads
     if kind not in ENCODER_CHOICES:
         raise SegmenterError(f"unknown encoder {kind!r}; choose one of {', '.join(ENCODER_CHOICES)}")
@@ -263,18 +357,27 @@ def encoder_runner(module: nn.Module, kind: str = "auto", input_size: int = 256,
         hit = _RUNNERS.get(key)
         if hit is not None and hit[0] is module:
             return hit[1]
-        try:
-            runner: OnnxEncoder | None = OnnxEncoder(module, input_size=input_size, threads=threads,
-                                                     quantize=kind == "onnx-int8")
-        except Exception as exc:  # auto: any export/runtime failure falls back to PyTorch
-            if kind != "auto":
-                if isinstance(exc, SegmenterUnavailable | SegmenterError):
-                    raise
-                raise SegmenterUnavailable(f"ONNX encoder failed: {exc}") from exc
-            if str(exc) not in _WARNED:
-                _WARNED.add(str(exc))
-                warnings.warn(f"ONNX encoder unavailable, using PyTorch: {exc}", RuntimeWarning, stacklevel=2)
-            runner = None
+        runner: _ExportedEncoder | None = None
+        if kind == "auto":
+            errors = []
+            for candidate in AUTO_ORDER:
+                try:
+                    runner = _build_runner(candidate, module, input_size, threads)
+                    break
+                except Exception as exc:  # any export/runtime failure: try the next runtime
+                    errors.append(f"{candidate}: {exc}")
+            if runner is None:
+                msg = "; ".join(errors)
+                if msg not in _WARNED:
+                    _WARNED.add(msg)
+                    warnings.warn(f"ONNX encoder unavailable, using PyTorch ({msg})", RuntimeWarning, stacklevel=2)
+        else:
+            try:
+                runner = _build_runner(kind, module, input_size, threads)
+            except (SegmenterUnavailable, SegmenterError):
+                raise
+            except Exception as exc:
+                raise SegmenterUnavailable(f"{kind} encoder failed: {exc}") from exc
         _RUNNERS[key] = (module, runner)
         return runner
 
@@ -296,8 +399,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     try:
         module = _load_litemedsam_encoder()
         t0 = time.perf_counter()
-        enc = OnnxEncoder(module, input_size=args.input_size, cache_dir=args.cache_dir, threads=args.threads,
-                          quantize=args.int8)
+        if args.runtime == "openvino":
+            enc: _ExportedEncoder = OpenVinoEncoder(module, input_size=args.input_size, cache_dir=args.cache_dir,
+                                                    threads=args.threads)
+        else:
+            enc = OnnxEncoder(module, input_size=args.input_size, cache_dir=args.cache_dir, threads=args.threads,
+                              quantize=args.int8)
         setup_s = time.perf_counter() - t0
         x = torch.rand(1, 3, args.input_size, args.input_size, generator=torch.Generator().manual_seed(0))
         with torch.inference_mode():
@@ -307,7 +414,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         print(f"export-encoder: {exc}", file=sys.stderr)
         return 2
     diff = float((out - ref).abs().max())
-    print(f"{enc.path}\nsetup {setup_s:.1f} s; max |onnx - torch| on a random input: {diff:.2e}")
+    print(f"{enc.path}\n{enc.runtime}: setup {setup_s:.1f} s; max |onnx - torch| on a random input: {diff:.2e}")
     return 0
 
 
@@ -323,7 +430,9 @@ def add_parser(subparsers: Any) -> Any:
     )
     p.add_argument("--cache-dir", type=Path, default=None,
                    help=f"where to keep the .onnx file (default ${ONNX_DIR_ENV} or ~/.cache/ibisagent/onnx)")
-    p.add_argument("--int8", action="store_true", help="also build the int8 dynamically quantized model")
+    p.add_argument("--runtime", choices=("onnx", "openvino"), default="onnx",
+                   help="runtime used for the check (default onnx = ONNX Runtime)")
+    p.add_argument("--int8", action="store_true", help="also build the int8 dynamically quantized model (onnx)")
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads for the check (default 2)")
     p.add_argument("--input-size", type=int, default=256, help=argparse.SUPPRESS)  # tests use a toy module
     p.set_defaults(func=_cmd_export)
