@@ -7,7 +7,8 @@
 # bound), the click-free baselines center-click and gt-box; then the query test on multi-object CT slices (compact
 # vs the same policy with an empty query), and an end-to-end timing run without the on-disk embedding cache.
 # Environment: SFT_WEIGHTS (default runs/policy/sft.safetensors), SEG (default litemedsam-click), CACHE (default
-# runs/embeddings), THREADS (default 1), TIMING_CASES (default 12).
+# runs/embeddings), THREADS (default 1), TIMING_CASES (default 12), SEGW (click-segmenter weights file; default the
+# shipped one), ONLY (space-separated subset of the run names below).
 set -euo pipefail
 DATA=${1:-/work/shared/data}
 OUT=${2:-runs/bench_policy}
@@ -19,11 +20,13 @@ TIMING_CASES=${TIMING_CASES:-12}
 COMPACT_SETS=ph2_dermoscopy,hc18_fetal_head_ultrasound,busi_breast_ultrasound,polyp_colonoscopy_small
 CT_SETS=sammed2d_demo_ct,totalsegmentator_examples_ct_mr
 PY=${PY:-.venv/bin/python}
-EVAL="$PY -m ibisagent.evaluation.cli eval $DATA --split val --segmenter $SEG --cache-dir $CACHE --threads $THREADS --quiet"
+SEGARG=${SEGW:+--segmenter-arg weights=$SEGW}
+EVAL="$PY -m ibisagent.evaluation.cli eval $DATA --split val --segmenter $SEG $SEGARG --cache-dir $CACHE --threads $THREADS --quiet"
 mkdir -p "$OUT"
 
 run() {  # name, extra args...
   local name=$1; shift
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return 0; fi
   echo "== $name: $*"
   $EVAL --out "$OUT/$name" "$@" || echo "   ($name exited with $?)"
 }
@@ -43,10 +46,12 @@ run ct_oracle      --datasets $CT_SETS --policy oracle
 
 # --- end to end time per case: no disk cache (one encoder pass per image, shared by segmenter and policy) ------
 echo "== timing (no disk cache, $TIMING_CASES cases)"
-$PY -m ibisagent.evaluation.cli eval "$DATA" --split val --segmenter "$SEG" --threads "$THREADS" --quiet \
+if [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" timing "* ]]; then
+$PY -m ibisagent.evaluation.cli eval "$DATA" --split val --segmenter "$SEG" $SEGARG --threads "$THREADS" --quiet \
   --datasets $COMPACT_SETS --policy compact --limit "$TIMING_CASES" --out "$OUT/timing" || true
+fi
 
 $PY -m ibisagent.evaluation.cli compare "$OUT"/{sft,grpo,grpo_box,oracle,center_click,gt_box} --by-dataset \
-  | tee "$OUT/table_compact.md"
-$PY -m ibisagent.evaluation.cli compare "$OUT"/{ct_query,ct_query_blind,ct_oracle} | tee "$OUT/table_ct.md"
-$PY -m ibisagent.evaluation.cli compare "$OUT"/timing | tee "$OUT/table_timing.md"
+  | tee "$OUT/table_compact.md" || true
+$PY -m ibisagent.evaluation.cli compare "$OUT"/{ct_query,ct_query_blind,ct_oracle} | tee "$OUT/table_ct.md" || true
+$PY -m ibisagent.evaluation.cli compare "$OUT"/timing | tee "$OUT/table_timing.md" || true

@@ -28,6 +28,7 @@ _AREA_MODULES = [
     "ibisagent.training.llm_cli",
     "ibisagent.server",
     "ibisagent.ui.app",
+    "ibisagent.segmenters.onnx_encoder",
 ]
 
 DESCRIPTION = """\

@@ -474,6 +474,7 @@ def run_synthesis(
                 "status": "running"}
     manifest: dict[str, Any] = {
         "tool": "ibisagent synthesize",
+        "version": _version(),
         "data": str(data) if not isinstance(data, list) else f"{len(cases)} cases given in code",
         "config": _config_dict(config),
         "runs": [*old.get("runs", []), run_info],
@@ -503,8 +504,8 @@ def run_synthesis(
                     skipped += 1
                 result.processed += 1
             if bar is not None:
-                bar.update(1)
                 bar.set_postfix(kept=kept, skipped=skipped)
+                bar.update(1)
         run_info["status"] = "complete"
     except KeyboardInterrupt:
         run_info["status"] = "interrupted"
@@ -523,9 +524,46 @@ def run_synthesis(
     return result
 
 
+class _LineProgress:
+    """Progress for logs (no terminal): one line to stderr at most every ``every_s`` seconds, and at the end."""
+
+    def __init__(self, total: int, every_s: float = 30.0) -> None:
+        self.total, self.every_s = total, every_s
+        self.n, self.postfix = 0, {}
+        self.t0 = self.last = time.perf_counter()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.perf_counter()
+        if now - self.last >= self.every_s or self.n == self.total:
+            self.last = now
+            self._print(now)
+
+    def set_postfix(self, **kw: Any) -> None:
+        self.postfix = kw
+
+    def _print(self, now: float) -> None:
+        rate = 60.0 * self.n / max(now - self.t0, 1e-9)
+        extra = ", ".join(f"{k} {v}" for k, v in self.postfix.items())
+        print(f"synthesize: {self.n}/{self.total} cases ({extra}; {rate:.1f} cases/min)", file=sys.stderr,
+              flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def _version() -> str:
+    from ibisagent import __version__
+
+    return __version__
+
+
 def _progress(total: int, enabled: bool | None) -> Any:
-    if enabled is False or (enabled is None and not sys.stderr.isatty()):
+    """A tqdm bar on a terminal; periodic log lines otherwise (``enabled=None``); nothing with ``False``."""
+    if enabled is False:
         return None
+    if enabled is None and not sys.stderr.isatty():
+        return _LineProgress(total)
     from tqdm import tqdm
 
     return tqdm(total=total, unit="case", desc="synthesize", file=sys.stderr)
