@@ -50,6 +50,13 @@ def tables(root: Path) -> str:
             if b:
                 rows.append(_row(name, b))
         parts += [f"**{label}**", "", _table(HEADER, rows), ""]
+    ks = (1, 2, 3, 4, 5, 6, 8, 10, 15, 20)
+    body = []
+    for name, (_, e) in runs.items():
+        curve = e.get("iou_curve") or []
+        body.append([name, *(_f(curve[k - 1]) if k <= len(curve) else "" for k in ks)])
+    parts += ["**Mean IoU after k interactions** (early stoppers keep their last IoU)", "",
+              _table(["policy", *(f"k={k}" for k in ks)], body), ""]
     names = sorted({d for s, _ in runs.values() for d in s["by_dataset"]})
     body = [[d, *(_f(s["by_dataset"].get(d, {}).get("mean_iou")) for s, _ in runs.values())] for d in names]
     parts += ["**Mean IoU per dataset**", "", _table(["dataset", *runs], body), ""]

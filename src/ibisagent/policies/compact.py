@@ -515,7 +515,7 @@ class CompactPolicy(BasePolicy):
     # --- episode ---------------------------------------------------------------------------------------------
     def begin_episode(self, *, image: np.ndarray, query: str, gt: np.ndarray | None = None) -> None:
         super().begin_episode(image=image, query=query, gt=gt)
-        self._emb = torch.from_numpy(np.asarray(self.embedder(image), dtype=np.float32).reshape(1, -1, GRID, GRID))
+        self._emb = torch.from_numpy(np.array(self.embedder(image), dtype=np.float32).reshape(1, -1, GRID, GRID))
         self._text = torch.from_numpy(self.text_embedding(query))[None]
         self._clicked = set()
         self.last = None

@@ -559,7 +559,8 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
         val_bank, val_samples = _build_bank(vc[: cfg.val_cases], cfg.cache_dir, flip=False, cached_only=cfg.cached_only)
 
     n_flip = sum(s.flip_index >= 0 for s in samples)
-    tqdm.write(f"train masks: {len(samples)} ({n_flip} with mirror), val masks: {len(val_samples)}")
+    n_img = len({s.emb_index for s in samples})
+    tqdm.write(f"train masks: {len(samples)} on {n_img} images ({n_flip} masks with mirror), val masks: {len(val_samples)}")
     parts = copy_trainable(load_base_model())
     params = list(parts.prompt_encoder.parameters()) + list(parts.mask_decoder.parameters())
     for p in params:
