@@ -9,7 +9,7 @@ encoder time per image.
 
 Example:
     python benchmarks/bench_segmenter.py --data /work/shared/data --max-per-dataset 12 \
-        --out-md docs/benchmarks_segmenter.md --json runs/bench_segmenter.json
+        --out-md docs/benchmarks.md --json runs/bench_segmenter.json
 """
 
 from __future__ import annotations

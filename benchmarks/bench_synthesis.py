@@ -11,7 +11,7 @@ Measures, on a subset of the dev train split:
 Writes a JSON result and a markdown table. Run it niced in the background on the shared machine::
 
     nice -n 10 .venv/bin/python benchmarks/bench_synthesis.py --cases 24 --workers 2 \
-        --md docs/benchmarks_synthesis.md > runs/bench_synthesis.log 2>&1 &
+        --md docs/benchmarks.md > runs/bench_synthesis.log 2>&1 &
 """
 
 from __future__ import annotations

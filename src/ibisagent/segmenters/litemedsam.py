@@ -167,7 +167,7 @@ def load_click_model(weights: str | Path | None = None) -> LiteMedSAMParts:
 
 def preprocess_image(image: np.ndarray) -> torch.Tensor:
     """HxWx3 uint8 RGB -> 1x3x256x256 float32 in [0, 1] (bilinear, no padding)."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0
+    x = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)[None].float() / 255.0
     return F.interpolate(x, size=(IMG_SIZE, IMG_SIZE), mode="bilinear", align_corners=False)
 
 

@@ -6,7 +6,7 @@ cached on disk, keyed by the sha256 of the module's weights + the opset + the to
 
 * ONNX Runtime (:class:`OnnxEncoder`): ``intra_op_num_threads`` (default 2), all graph optimizations, no thread
   spinning; optionally int8 dynamic quantization (``quantize=True``; fails parity, see
-  ``docs/benchmarks_encoder.md``).
+  ``docs/benchmarks.md``).
 * OpenVINO (:class:`OpenVinoEncoder`): fp32, latency hint, one stream, 2 threads; the fastest here.
 
 Both match PyTorch to ~4e-6 (max abs embedding difference; mask IoU 1.0 on real cases).
@@ -69,7 +69,7 @@ ONNX_DIR_ENV = "IBISAGENT_ONNX_DIR"
 THREADS_ENV = "IBISAGENT_ONNX_THREADS"
 DEFAULT_OPSET = 17
 ENCODER_CHOICES = ("auto", "torch", "onnx", "onnx-int8", "openvino")
-#: what ``encoder="auto"`` tries, fastest first (see docs/benchmarks_encoder.md)
+#: what ``encoder="auto"`` tries, fastest first (see docs/benchmarks.md)
 AUTO_ORDER = ("openvino", "onnx")
 PIP_HINT = "pip install onnxruntime onnx"
 OPENVINO_PIP_HINT = "pip install openvino onnx"
@@ -281,7 +281,7 @@ class OnnxEncoder(_ExportedEncoder):
 class OpenVinoEncoder(_ExportedEncoder):
     """The same exported ONNX model compiled by OpenVINO for the CPU: fp32 (``INFERENCE_PRECISION_HINT=f32``; bf16
     is far slower on this machine), latency hint, one stream, ``threads`` inference threads. Compiled blobs are
-    cached next to the ONNX files (``<cache>/openvino``). Parity and speed: ``docs/benchmarks_encoder.md``."""
+    cached next to the ONNX files (``<cache>/openvino``). Parity and speed: ``docs/benchmarks.md``."""
 
     runtime = "openvino"
 
