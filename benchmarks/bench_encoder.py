@@ -5,7 +5,7 @@ truth's tight box, original box-trained LiteMedSAM decoder) from the PyTorch and
 mask's IoU with the ground truth. Speed: per-image encoder time, the backends interleaved round by round (so a
 load change on a shared machine hits all of them alike), median over rounds and images.
 
-    .venv/bin/python benchmarks/bench_encoder.py --data /work/shared/data --cases 8 --rounds 5 --threads 2 \
+    .venv/bin/python benchmarks/bench_encoder.py --data ../shared/data --cases 8 --rounds 5 --threads 2 \
         --json runs/bench_encoder.json --md runs/bench_encoder.md
 """
 
@@ -68,7 +68,7 @@ def _box_mask(parts, emb: torch.Tensor, gt: np.ndarray) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", default="/work/shared/data", help="dataset root (folders with index.jsonl)")
+    ap.add_argument("--data", default="../shared/data", help="dataset root (folders with index.jsonl)")
     ap.add_argument("--cases", type=int, default=8, help="number of real cases for parity and timing")
     ap.add_argument("--rounds", type=int, default=5, help="timing rounds (each runs every backend on every timed case)")
     ap.add_argument("--timing-cases", type=int, default=None, help="time only the first N cases (default: all)")

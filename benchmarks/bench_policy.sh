@@ -10,7 +10,7 @@
 # runs/embeddings), THREADS (default 1), TIMING_CASES (default 12), SEGW (click-segmenter weights file; default the
 # shipped one), ONLY (space-separated subset of the run names below).
 set -euo pipefail
-DATA=${1:-/work/shared/data}
+DATA=${1:-../shared/data}
 OUT=${2:-runs/bench_policy}
 SFT_WEIGHTS=${SFT_WEIGHTS:-runs/policy/sft.safetensors}
 SEG=${SEG:-litemedsam-click}

@@ -8,7 +8,7 @@ IoU, capped at --max-clicks), the tight GT box alone, GT box + 2 oracle clicks, 
 encoder time per image.
 
 Example:
-    python benchmarks/bench_segmenter.py --data /work/shared/data --max-per-dataset 12 \
+    python benchmarks/bench_segmenter.py --data ../shared/data --max-per-dataset 12 \
         --out-md docs/benchmarks.md --json runs/bench_segmenter.json
 """
 
@@ -33,7 +33,7 @@ THRESHOLDS = (0.80, 0.85, 0.90)
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("Example:")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="/work/shared/data", help="dataset folder (folder of index.jsonl folders)")
+    p.add_argument("--data", default="../shared/data", help="dataset folder (folder of index.jsonl folders)")
     p.add_argument("--datasets", nargs="+", default=DEFAULT_DATASETS, help="dataset folder names")
     p.add_argument("--split", default="val", choices=["val", "train", "all"], help="manifest split (by image)")
     p.add_argument("--max-per-dataset", type=int, default=12, help="masks per dataset (0 = all)")

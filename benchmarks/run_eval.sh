@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Dev-data benchmark of the evaluation harness: oracle, gt-box, center-click, oracle-box and the challenge protocol
-# on the val split of /work/shared/data (2D, nothing excluded; thin structures are reported separately in each
+# on the val split of ../shared/data (2D, nothing excluded; thin structures are reported separately in each
 # report.md). Runs the policies one after the other (the CPU is shared), resumable (rerun to continue), with one
 # on-disk embedding cache shared by all runs, so each image is encoded once.
 #
@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-DATA=${DATA:-/work/shared/data}
+DATA=${DATA:-../shared/data}
 if [[ $# -ge 1 ]]; then
   SEG=$1
 elif [[ -f src/ibisagent/weights/litemedsam_click.safetensors ]]; then

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from ibisagent.segmenters import SegmenterError, SegmenterUnavailable, create_se
 from ibisagent.segmenters._timm_shim import DropPath, fake_timm, to_2tuple
 from ibisagent.segmenters.embedding_cache import DiskEmbeddingCache, MemoryEmbeddingCache, embedding_key
 
-DATA = Path("/work/shared/data")
+DATA = Path(os.environ.get("IBISAGENT_DEV_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 # --- pieces without the model ---------------------------------------------------------------------------------
@@ -105,7 +106,7 @@ def _case():
     from ibisagent.training.segmenter import load_mask, load_rgb
 
     if not (DATA / "ph2_dermoscopy" / "index.jsonl").is_file():
-        pytest.skip("real data folder /work/shared/data not available")
+        pytest.skip("real dev data folder (../shared/data) not available")
     case = load_manifest(DATA, split="val", datasets=["ph2_dermoscopy"])[0]
     return load_rgb(case.image), load_mask(case.mask)
 

@@ -20,7 +20,7 @@ from ibisagent.training.segmenter import (
     train_segmenter,
 )
 
-DATA = Path("/work/shared/data")
+DATA = Path(os.environ.get("IBISAGENT_DEV_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 needs_data = pytest.mark.skipif(not (DATA / "busi_breast_ultrasound").is_dir(), reason="real data not available")
 
 

@@ -25,7 +25,7 @@ NSD_Final, time per interaction); its default policy is the challenge clicker.""
 
 EVAL_EXAMPLES = """\
 examples:
-  ibisagent eval /work/shared/data --split val --policy oracle --no-stop --segmenter litemedsam --out runs/oracle
+  ibisagent eval ../shared/data --split val --policy oracle --no-stop --segmenter litemedsam --out runs/oracle
   ibisagent eval my_data --policy gt-box --out runs/gtbox --workers 2
   ibisagent eval my_data --protocol box+5clicks --out runs/challenge
   ibisagent compare runs/oracle runs/gtbox"""

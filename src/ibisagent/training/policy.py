@@ -25,7 +25,7 @@ All rollouts run in lockstep batches (every active episode of a batch has the sa
 segmenter's mask decoder runs batched; with LiteMedSAM the image embeddings come from the on-disk cache of
 ``ibisagent train-segmenter`` (``runs/embeddings``), so no image is re-encoded.
 
-``ibisagent train-policy --data /work/shared/data`` reproduces the shipped weights (seeded, resumable with
+``ibisagent train-policy --data ../shared/data`` reproduces the shipped weights (seeded, resumable with
 ``--resume``, progress lines, curves saved as PNG).
 """
 
