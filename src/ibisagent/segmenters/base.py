@@ -47,7 +47,10 @@ class SegResult:
 
 @dataclass
 class Timings:
-    """Seconds spent in the image encoder and in prompt decoding, and how many calls of each."""
+    """Seconds spent in ``set_image`` (image encoder) and in prompt decoding, and how many calls of each.
+
+    ``encoder_calls`` counts ``set_image`` calls, embedding-cache hits included; backends with a cache count the hits
+    in ``cache_hits`` (real encoder runs = ``encoder_calls - cache_hits``)."""
 
     encoder_s: float = 0.0
     decoder_s: float = 0.0
