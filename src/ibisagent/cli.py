@@ -51,17 +51,19 @@ class UserError(ValueError):
     """Bad input from the user: reported as one line, exit code 2."""
 
 
-def parse_kv(items: list[str] | None) -> dict[str, Any]:
-    """``["k=v", ...]`` -> dict, with JSON-ish value parsing (numbers, true/false, null)."""
+def parse_kv(items: list[str] | None, what: str = "option") -> dict[str, Any]:
+    """``["k=v", ...]`` -> dict; values are JSON when they parse (numbers, true/false, null, lists), else strings.
+    Dashes in keys become underscores. ``what`` names the option in the error message."""
     out: dict[str, Any] = {}
     for item in items or []:
-        if "=" not in item:
-            raise UserError(f"expected KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise UserError(f"{what} expects KEY=VALUE, got {item!r}")
         try:
-            out[k.strip().replace("-", "_")] = json.loads(v)
+            out[key] = json.loads(value)
         except json.JSONDecodeError:
-            out[k.strip().replace("-", "_")] = v
+            out[key] = value
     return out
 
 
@@ -170,8 +172,8 @@ def _build_agent(args: argparse.Namespace, needs_gt_ok: bool):
     policy = args.policy or default_policy()
     segmenter = args.segmenter or default_segmenter()
     cfg = EnvConfig(max_steps=args.max_steps, history=args.history, prompts=args.prompts or "reference")
-    agent = Agent(policy, segmenter, cfg, policy_kwargs=parse_kv(args.policy_arg),
-                  segmenter_kwargs=parse_kv(args.segmenter_arg))
+    agent = Agent(policy, segmenter, cfg, policy_kwargs=parse_kv(args.policy_arg, "--policy-arg"),
+                  segmenter_kwargs=parse_kv(args.segmenter_arg, "--segmenter-arg"))
     if agent.policy.requires_gt and not needs_gt_ok:
         raise UserError(f"policy {policy!r} needs the ground-truth mask: pass --mask GT, or use a learned policy "
                         "(e.g. --policy compact)")

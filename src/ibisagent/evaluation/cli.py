@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ibisagent.cli import parse_kv
+
 __all__ = ["add_compare_parser", "add_eval_parser", "add_parser", "parse_kv", "run_compare", "run_eval_command"]
 
 EVAL_DESCRIPTION = """\
@@ -29,20 +31,6 @@ examples:
   ibisagent eval my_data --policy gt-box --out runs/gtbox --workers 2
   ibisagent eval my_data --protocol box+5clicks --out runs/challenge
   ibisagent compare runs/oracle runs/gtbox"""
-
-
-def parse_kv(items: list[str] | None, what: str) -> dict[str, Any]:
-    """``["k=v", ...]`` -> dict; values are JSON when they parse (numbers, true/false, lists), else strings."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"{what} expects KEY=VALUE, got {item!r}")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
 
 
 def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
