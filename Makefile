@@ -7,13 +7,14 @@ PIP    := $(BIN)/python -m pip
 STAMP  := $(VENV)/.ibisagent-installed
 EXTRAS ?= train,app,ray,sam2,dev
 
-.PHONY: install demo test test-fast test-browser lint bench bench-server browser clean help
+.PHONY: install demo test test-fast test-browser lint bench bench-server browser clean help weights
 
 help:
 	@echo "make demo    install (venv, pinned CPU torch, package) and run the agent on a bundled real case"
 	@echo "make test    install and run the test suite"
 	@echo "make lint    ruff"
 	@echo "make bench   run the benchmarks (slow; results go to docs/benchmarks.md by hand)"
+	@echo "make weights retrain the shipped segmenter and policy weights from ../shared/data (~2 h on 2 cores)"
 
 $(STAMP): pyproject.toml constraints/cpu.txt constraints/nodeps.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -52,6 +53,24 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	bash benchmarks/run_all.sh
+
+# Reproduces the shipped weights (commands also in the model cards, src/ibisagent/weights/*.md). DATA must hold
+# the dev data; run artifacts go to runs/; the final files are copied over the package's weights at the end.
+DATA ?= ../shared/data
+POLICY_B_ARGS ?= --stage all --segmenter litemedsam-click --rollout-clicks 3 --dagger-rounds 1 --synth-frac 0.5 \
+    --sft-steps 150 --sft-lr 1e-3 --ckpt-every 50 --val-cases 16 --grpo-iters 30 --grpo-cases 8 --group-size 4 \
+    --max-turns 5 --seed 0 --run-dir runs/p3b --out runs/p3b/final.safetensors
+weights: $(STAMP)
+	$(BIN)/ibisagent train-segmenter --data $(DATA) --cache-dir runs/embeddings --cache-only
+	$(BIN)/ibisagent train-segmenter --data $(DATA) --cache-dir runs/embeddings --run-dir runs/s3 \
+	    --out runs/s3/click.safetensors --steps 600 --val-every 100 --val-cases 60 --ckpt-every 25 --seed 0 --threads 2
+	$(BIN)/ibisagent train-policy --data $(DATA) --segmenter litemedsam --cache-dir runs/embeddings --synth-frac 1.0 \
+	    --grpo-iters 0 --stage sft --sft-steps 300 --ckpt-every 50 --val-cases 0 --run-dir runs/p3a \
+	    --out runs/p3a/a.safetensors
+	$(BIN)/ibisagent train-policy $(POLICY_B_ARGS) --data $(DATA) --init runs/p3a/a.safetensors \
+	    --segmenter-weights runs/s3/click.safetensors --cache-dir runs/embeddings
+	cp runs/s3/click.safetensors src/ibisagent/weights/litemedsam_click.safetensors
+	cp runs/p3b/final.safetensors src/ibisagent/weights/compact_policy.safetensors
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

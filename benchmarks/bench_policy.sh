@@ -3,8 +3,8 @@
 #
 #   benchmarks/bench_policy.sh [DATA] [OUT]
 #
-# Rows: compact SFT only, compact SFT+GRPO (shipped), compact box-first, the oracle with the same segmenter (upper
-# bound), the click-free baselines center-click and gt-box; then the query test on multi-object CT slices (compact
+# Rows: compact SFT only, compact SFT+GRPO (shipped), compact box-first, compact with the belief click rule, the oracle
+# with the same segmenter (upper bound; also with the policy's 5-turn budget), the click-free baselines center-click and gt-box; then the query test on multi-object CT slices (compact
 # vs the same policy with an empty query), and an end-to-end timing run without the on-disk embedding cache.
 # Environment: SFT_WEIGHTS (default runs/policy/sft.safetensors), SEG (default litemedsam-click), CACHE (default
 # runs/embeddings), THREADS (default 1), TIMING_CASES (default 12), SEGW (click-segmenter weights file; default the
@@ -35,7 +35,9 @@ run() {  # name, extra args...
 run sft          --datasets $COMPACT_SETS --policy compact --policy-arg weights="$SFT_WEIGHTS"
 run grpo         --datasets $COMPACT_SETS --policy compact
 run grpo_box     --datasets $COMPACT_SETS --policy compact-box
+run grpo_belief  --datasets $COMPACT_SETS --policy compact --policy-arg click_rule=belief
 run oracle       --datasets $COMPACT_SETS --policy oracle
+run oracle_5     --datasets $COMPACT_SETS --policy oracle --max-steps 5
 run center_click --datasets $COMPACT_SETS --policy center-click
 run gt_box       --datasets $COMPACT_SETS --policy gt-box
 
@@ -51,7 +53,7 @@ $PY -m ibisagent.evaluation.cli eval "$DATA" --split val --segmenter "$SEG" $SEG
   --datasets $COMPACT_SETS --policy compact --limit "$TIMING_CASES" --out "$OUT/timing" || true
 fi
 
-$PY -m ibisagent.evaluation.cli compare "$OUT"/{sft,grpo,grpo_box,oracle,center_click,gt_box} --by-dataset \
+$PY -m ibisagent.evaluation.cli compare "$OUT"/{sft,grpo,grpo_box,grpo_belief,oracle,oracle_5,center_click,gt_box} --by-dataset \
   | tee "$OUT/table_compact.md" || true
 $PY -m ibisagent.evaluation.cli compare "$OUT"/{ct_query,ct_query_blind,ct_oracle} | tee "$OUT/table_ct.md" || true
 $PY -m ibisagent.evaluation.cli compare "$OUT"/timing | tee "$OUT/table_timing.md" || true

@@ -25,8 +25,11 @@ import numpy as np
 
 DEFAULT_DATASETS = [
     "ph2_dermoscopy", "hc18_fetal_head_ultrasound", "busi_breast_ultrasound", "polyp_colonoscopy_small",
-    "sammed2d_demo_ct", "drive_retinal_vessels", "isbi2012_em_membranes", "monuseg_he_nuclei_patches",
+    "sammed2d_demo_ct", "totalsegmentator_examples_ct_mr", "drive_retinal_vessels", "isbi2012_em_membranes",
+    "monuseg_he_nuclei_patches",
 ]
+#: the issue's target set: one compact object per image (PH2, HC18, BUSI, polyps) and the CT slices
+TARGET_SOURCES = ("ph2_dermoscopy", "hc18_fetal_head_ultrasound", "busi_breast_ultrasound", "polyp_colonoscopy_small")
 THRESHOLDS = (0.80, 0.85, 0.90)
 
 
@@ -37,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--datasets", nargs="+", default=DEFAULT_DATASETS, help="dataset folder names")
     p.add_argument("--split", default="val", choices=["val", "train", "all"], help="manifest split (by image)")
     p.add_argument("--max-per-dataset", type=int, default=12, help="masks per dataset (0 = all)")
-    p.add_argument("--segmenters", nargs="+", default=["litemedsam", "litemedsam-click"], help="registered names")
+    p.add_argument("--segmenters", nargs="+", default=["litemedsam", "litemedsam-click"],
+                   help="registered names; NAME@WEIGHTS runs litemedsam-click with another weights file")
     p.add_argument("--click-weights", default=None, help="weights for litemedsam-click (default: shipped)")
     p.add_argument("--max-clicks", type=int, default=20, help="longest click sequence (NoC cap)")
     p.add_argument("--cache-dir", default=None, help="on-disk embedding cache (default $IBISAGENT_CACHE_DIR)")
@@ -59,8 +63,6 @@ def run_case(seg, gt: np.ndarray, max_clicks: int) -> dict:
         res = seg.predict(points=np.array(pts), labels=np.array(labels), mask_input=logits)
         curve.append(iou(res.mask, gt))
         logits = res.logits
-        if k >= 9 and curve[-1] >= THRESHOLDS[-1]:  # all reported numbers are known
-            break
         if k < max_clicks - 1:
             x, y, lab = next_click(res.mask, gt, None)
             pts.append([x, y])
@@ -93,9 +95,14 @@ def noc(curve: list[float], thr: float, cap: int) -> int:
 
 
 def summarize(rows: list[dict], cap: int) -> dict:
-    out = {"n": len(rows)}
-    for k in (1, 3, 5, 10):
+    out: dict = {"n": len(rows)}
+    for k in (1, 3, 5, 10, 20):
         out[f"@{k}"] = float(np.mean([iou_at(r["curve"], k) for r in rows]))
+    curve = [float(np.mean([iou_at(r["curve"], k) for r in rows])) for k in range(1, cap + 1)]
+    out["curve"] = curve
+    drops = [curve[k] - curve[k - 1] for k in range(1, len(curve))]
+    out["max_drop"] = float(-min(0.0, min(drops))) if drops else 0.0  # largest fall of the mean from k to k+1
+    out["peak_at"] = int(np.argmax(curve)) + 1
     for t in THRESHOLDS:
         out[f"NoC@{int(t * 100)}"] = float(np.mean([noc(r["curve"], t, cap) for r in rows]))
     out["box"] = float(np.mean([r["box"] for r in rows]))
@@ -104,14 +111,15 @@ def summarize(rows: list[dict], cap: int) -> dict:
 
 
 def table(summary: dict[str, dict[str, dict]], groups: list[str]) -> str:
-    cols = ["n", "box", "box+2", "@1", "@3", "@5", "@10", "NoC@80", "NoC@85", "NoC@90"]
+    cols = ["n", "box", "box+2", "@1", "@3", "@5", "@10", "@20", "NoC@80", "NoC@85", "NoC@90", "max_drop"]
     lines = ["| set | segmenter | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     for g in groups:
         for name, per in summary.items():
             if g not in per:
                 continue
             s = per[g]
-            vals = [str(s["n"])] + [f"{s[c]:.3f}" if c.startswith(("@", "box")) else f"{s[c]:.1f}" for c in cols[1:]]
+            vals = [str(s["n"])] + [f"{s[c]:.3f}" if c.startswith(("@", "box", "max")) else f"{s[c]:.1f}"
+                                    for c in cols[1:]]
             lines.append(f"| {g} | {name} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
 
@@ -127,21 +135,23 @@ def main(argv: list[str] | None = None) -> int:
 
     cases = []
     for ds in args.datasets:
-        cs = [c for c in load_manifest(args.data, split=args.split, datasets=[ds]) if c.mask is not None]
+        cs = [c for c in load_manifest(args.data, split=args.split, datasets=[ds])
+              if c.mask is not None and not c.is_3d]
         cases += cs[: args.max_per_dataset] if args.max_per_dataset else cs
     if not cases:
         print("no cases found", file=sys.stderr)
         return 2
     segs = {}
-    for name in args.segmenters:
+    for label in args.segmenters:
+        name, _, weights = label.partition("@")  # "litemedsam-click@path.safetensors": other click weights
         cfg = {"cache_dir": args.cache_dir}
-        if name == "litemedsam-click" and args.click_weights:
-            cfg["weights"] = args.click_weights
-        segs[name] = create_segmenter(name, **cfg)
+        if name == "litemedsam-click" and (weights or args.click_weights):
+            cfg["weights"] = weights or args.click_weights
+        segs[label] = create_segmenter(name, **cfg)
 
     # encoder time per image, uncached
     enc_times = []
-    timer = create_segmenter(args.segmenters[0], memory_cache=False, cache_dir=None)
+    timer = create_segmenter(args.segmenters[0].partition("@")[0], memory_cache=False, cache_dir=None)
     timer.disk_cache = None
     for c in cases[: args.timing_images]:
         img = load_rgb(c.image)
@@ -159,18 +169,20 @@ def main(argv: list[str] | None = None) -> int:
         for name, seg in segs.items():
             seg.set_image(img)
             r = run_case(seg, gt, args.max_clicks)
-            r.update(segmenter=name, id=c.id, dataset=c.source, group=case_group(c))
+            target = c.source in TARGET_SOURCES or (c.modality == "CT" and case_group(c) == "other")
+            r.update(segmenter=name, id=c.id, dataset=c.source, group=case_group(c),
+                     target="target" if target else "non-target")
             results.append(r)
 
     summary: dict[str, dict[str, dict]] = {}
     for name in segs:
         rs = [r for r in results if r["segmenter"] == name]
         per: dict[str, dict] = {}
-        for key in ("group", "dataset"):
+        for key in ("group", "dataset", "target"):
             for g in sorted({r[key] for r in rs}):
                 per[g] = summarize([r for r in rs if r[key] == g], args.max_clicks)
         summary[name] = per
-    groups = ["compact", "other", "thin"]
+    groups = ["target", "compact", "other", "thin"]
     datasets = list(dict.fromkeys(r["dataset"] for r in results))
     lat = {n: 1000 * s.timings.decoder_s / max(1, s.timings.decoder_calls) for n, s in segs.items()}
     cmd = "python benchmarks/bench_segmenter.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -185,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         " of the larger error region; all clicks + previous logits passed each call. NoC capped at "
         f"{args.max_clicks}. `box` = tight GT box alone; `box+2` = GT box then 2 oracle clicks.",
         "Groups: compact = dermoscopy, fetal head, breast US, polyps; other = CT organs, largest EM cell / nucleus;"
-        " thin = vessels, membranes, all nuclei (clicks cannot outline these; reported separately).",
+        " thin = vessels, membranes, all nuclei (clicks cannot outline these; reported separately); target = compact"
+        " + the CT slices (the issue's target set). `max_drop` = largest fall of the mean IoU from one click count to"
+        " the next (1..max clicks); 0 = the mean never falls.",
         "",
         "## By group",
         "",
@@ -194,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
         "## By dataset",
         "",
         table(summary, datasets),
+        "",
+        "## Mean IoU after k clicks (k = 1..max), target set",
+        "",
+        *[f"- {n}: " + ", ".join(f"{v:.3f}" for v in per["target"]["curve"]) for n, per in summary.items()
+          if "target" in per],
         "",
         "## Latency",
         "",

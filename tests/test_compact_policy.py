@@ -205,3 +205,37 @@ def test_real_case_episode_with_shipped_weights(dermoscopy_case) -> None:
     from ibisagent.masks import iou
 
     assert iou(ep.final_mask, gt) > 0.6
+
+
+def test_belief_rule_clicks_the_deepest_disagreement_and_stops_on_agreement() -> None:
+    from ibisagent.env import Observation
+
+    h, w = 128, 192
+    pol = CompactPolicy(weights="random", embedder="fake", click_rule="belief", belief_stop=0.9)
+    img = np.zeros((h, w, 3), np.uint8)
+    pol.begin_episode(image=img, query="the square")
+    obj = np.full((GRID, GRID), -5.0, np.float32)
+    obj[16:48, 8:40] = 5.0  # belief: a square in the left half of the grid
+    belief = pol.belief_mask(obj, (h, w))
+    pol.net.forward = lambda emb, planes, txt: (torch.zeros(1, 2, GRID, GRID), torch.zeros(1),  # type: ignore
+                                                torch.from_numpy(obj)[None])
+
+    def obs(mask, points=(), labels=()):
+        return Observation(image=img, overlay=img, query="the square", step=len(points), mask=mask, logits=None,
+                           points=np.asarray(points, np.float32).reshape(-1, 2), labels=np.asarray(labels),
+                           box=None, chat=(), grammar="reference")
+
+    first = pol.decide(obs(None))
+    assert first.index >= 0 and first.index < GRID * GRID and first.pixel is not None  # positive
+    x, y = first.pixel
+    assert belief[y, x] and 50 <= x <= 94 and abs(y - 64) <= 3  # on the medial axis of the 96x64 rectangle
+    assert validate_reply(pol.reply_for(obs(None), first), "reference").ok
+
+    leak = belief.copy()
+    leak[10:60, 150:190] = True  # the mask also covers a blob the belief rejects
+    neg = pol.decide(obs(leak, [(x, y)], [1]))
+    assert neg.index >= GRID * GRID and not belief[neg.pixel[1], neg.pixel[0]] and leak[neg.pixel[1], neg.pixel[0]]
+
+    done = pol.decide(obs(belief, [(x, y)], [1]))  # mask == belief: agreement 1.0 >= 0.9
+    assert done.index == -1
+    assert "Terminate" in pol.reply_for(obs(belief, [(x, y)], [1]), done)

@@ -74,6 +74,29 @@ def test_seg_loss_prefers_the_right_mask():
     assert torch.isfinite(good) and good < 0.05 < bad
 
 
+def test_image_variants_move_the_mask_with_the_image():
+    from ibisagent.training.segmenter import image_variants
+
+    rng = np.random.default_rng(0)
+    img = (rng.random((90, 120, 3)) * 60).astype(np.uint8)
+    mask = np.zeros((90, 120), bool)
+    mask[20:50, 70:110] = True  # an off-centre bright object: its pixels must stay under the mask
+    img[mask] = 250
+    variants = image_variants(img, flip=True, zoom=2, tone=1)
+    assert len(variants) == 5
+    again = image_variants(img, flip=True, zoom=2, tone=1)
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(variants, again))  # deterministic per image
+    for k, (im, fn) in enumerate(variants):
+        m = fn(mask)
+        assert m.shape == im.shape[:2]
+        if k < 4:  # geometric variants: the object's pixels are exactly the bright ones
+            assert np.array_equal(m, im[..., 0] == 250)
+        else:  # intensity variant: same geometry, different values
+            assert np.array_equal(m, mask) and not np.array_equal(im, img)
+            assert im[mask].mean() > im[~mask].mean()
+    assert variants[1][0][0, 0, 0] == img[0, -1, 0]  # the mirror
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="--data"):
         train_segmenter(SegmenterTrainConfig())
@@ -86,7 +109,7 @@ def test_tiny_training_runs_and_resumes(tmp_path, tmp_path_factory):
     cfg = SegmenterTrainConfig(
         data=str(DATA), datasets=["busi_breast_ultrasound"], max_images=2, out=str(tmp_path / "w.safetensors"),
         run_dir=str(tmp_path / "run"), cache_dir=str(_cache_dir(tmp_path_factory)), steps=2, batch_size=2,
-        warmup=1, max_clicks=3, short_max=2, grad_rounds=2, flip=False, val_cases=0, ckpt_every=1, seed=3,
+        warmup=1, max_clicks=3, short_max=2, grad_rounds=2, flip=False, zoom=1, tone=0, val_cases=0, ckpt_every=1, seed=3,
     )
     out = train_segmenter(cfg)
     assert out.is_file() and out.stat().st_size > 1_000_000
@@ -109,6 +132,27 @@ def test_tiny_training_runs_and_resumes(tmp_path, tmp_path_factory):
 
     seg = create_segmenter("litemedsam-click", weights=out)  # the written file loads as a backend
     assert seg.fine_tuned
+
+
+@pytest.mark.slow
+@needs_data
+def test_training_is_reproducible_from_the_seed(tmp_path, tmp_path_factory):
+    """Same command, same seed -> the same losses and the same weights (the model card's command reproduces them)."""
+    from safetensors.torch import load_file
+
+    outs = []
+    for k in range(2):
+        cfg = SegmenterTrainConfig(
+            data=str(DATA), datasets=["busi_breast_ultrasound"], max_images=2, out=str(tmp_path / f"w{k}.safetensors"),
+            run_dir=str(tmp_path / f"run{k}"), cache_dir=str(_cache_dir(tmp_path_factory)), steps=2, batch_size=2,
+            warmup=1, max_clicks=3, short_max=2, grad_rounds=2, flip=True, zoom=0, tone=0, val_cases=0, seed=5,
+        )
+        outs.append(train_segmenter(cfg))
+    losses = [(tmp_path / f"run{k}" / "losses.csv").read_text().splitlines() for k in range(2)]
+    strip = [[",".join(r.split(",")[:-1]) for r in rows] for rows in losses]  # last column: wall time
+    assert strip[0] == strip[1]
+    a, b = load_file(str(outs[0])), load_file(str(outs[1]))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_without_checkpoint_fails(tmp_path):

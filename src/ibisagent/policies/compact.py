@@ -24,6 +24,7 @@ grammar).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from dataclasses import asdict, dataclass, field
@@ -42,6 +43,7 @@ from ibisagent.protocol import Action, format_reply, to_normalized
 from ibisagent.reasoning import describe_box, describe_click, describe_stop, location_phrase
 
 __all__ = [
+    "DEFAULT_MAX_CLICKS",
     "GRID",
     "N_PLANES",
     "POLICY_WEIGHTS",
@@ -75,6 +77,9 @@ _NEG_INF = -1e9
 # ----------------------------------------------------------------------------------------------------------------
 # State encoding (shared by inference and training)
 # ----------------------------------------------------------------------------------------------------------------
+
+#: click budget of an episode: 4 clicks + Terminate = 5 turns at most (the issue's <= 5 steps)
+DEFAULT_MAX_CLICKS = 4
 
 def to_rgb(image: np.ndarray) -> np.ndarray:
     """The image as the segmenter sees it in ``set_image`` (gray replicated, alpha dropped, contiguous uint8)."""
@@ -452,6 +457,8 @@ class ActionChoice:
     planes: np.ndarray
     maps: np.ndarray = field(repr=False)
     obj: np.ndarray = field(repr=False)
+    #: (x, y) pixel chosen by the ``belief`` click rule (None: the cell of ``index`` is turned into a pixel)
+    pixel: tuple[int, int] | None = None
 
 
 class CompactPolicy(BasePolicy):
@@ -468,6 +475,11 @@ class CompactPolicy(BasePolicy):
         embedder: ``"litemedsam"`` (the segmenter's embedding, from its cache) or ``"fake"`` (tests).
         query_blind: replace every query by the empty string (ablation).
         seed: RNG seed for sampling and the wording of the reasoning.
+        click_rule: ``"maps"`` (default: the learned click maps and stop head, what GRPO trains) or ``"belief"``
+            (the reference distance-transform rule applied to the network's own object map instead of the ground
+            truth: click the deepest pixel of the larger disagreement region between its object belief and the
+            mask; stop when they agree at IoU >= ``belief_stop``).
+        belief_stop: agreement (IoU of belief and mask) at which the ``belief`` rule stops.
     """
 
     name = "compact"
@@ -478,16 +490,22 @@ class CompactPolicy(BasePolicy):
         weights: str | Path | CompactPolicyNet | None = None,
         first_action: str = "click",
         temperature: float = 0.0,
-        max_clicks: int = 6,
+        max_clicks: int = DEFAULT_MAX_CLICKS,
         stop_threshold: float = 0.5,
         embedder: str = "litemedsam",
         query_blind: bool = False,
         seed: int = 0,
         threads: int = 1,
+        click_rule: str = "maps",
+        belief_stop: float = 0.9,
     ) -> None:
         super().__init__()
         if first_action not in ("click", "box"):
             raise PolicyError("first_action must be 'click' or 'box'")
+        if click_rule not in ("maps", "belief"):
+            raise PolicyError("click_rule must be 'maps' or 'belief'")
+        self.click_rule = click_rule
+        self.belief_stop = float(belief_stop)
         if isinstance(weights, CompactPolicyNet):
             self.net, self.meta = weights, {}
         elif weights == "random":
@@ -550,8 +568,44 @@ class CompactPolicy(BasePolicy):
             torch.set_num_threads(prev)
         index, lp, p_stop = int(acts[0]), float(lps[0]), float(p_stops[0])
         choice = ActionChoice(index, lp, p_stop, planes, maps[0].numpy(), obj[0].numpy())
+        if self.click_rule == "belief" and self.temperature <= 0:
+            choice = self._belief_choice(choice, obs, bool(force[0]))
         self.last = choice
         return choice
+
+    def belief_mask(self, obj: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+        """The network's object map (64x64 logits) upsampled to the image (bilinear) and thresholded at 0."""
+        t = torch.from_numpy(np.asarray(obj, np.float32))[None, None]
+        return (F.interpolate(t, size=shape, mode="bilinear", align_corners=False)[0, 0] > 0).numpy()
+
+    def _belief_choice(self, choice: ActionChoice, obs: Observation, forced_stop: bool) -> ActionChoice:
+        """The ``belief`` click rule: the reference distance-transform oracle run against the object belief."""
+        h, w = obs.height, obs.width
+        belief = self.belief_mask(choice.obj, (h, w))
+        mask = np.zeros((h, w), bool) if obs.mask is None else np.asarray(obs.mask, bool)
+        if not belief.any():  # no belief: keep the learned maps' choice
+            return choice
+        union = (belief | mask).sum()
+        agree = float((belief & mask).sum() / union) if union else 1.0
+        if obs.mask is not None and (forced_stop or agree >= self.belief_stop):
+            return dataclasses.replace(choice, index=-1)
+        best: tuple[float, bool, int, int] | None = None
+        for positive, region in ((True, belief & ~mask), (False, mask & ~belief)):
+            if not region.any() or (not positive and obs.mask is None):
+                continue
+            dt = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
+            for cx, cy in self._clicked:
+                if 0 <= cy < h and 0 <= cx < w:
+                    dt[cy, cx] = 0
+            k = int(np.argmax(dt))
+            if dt.flat[k] > 0 and (best is None or dt.flat[k] > best[0]):
+                best = (float(dt.flat[k]), positive, k % w, k // w)
+        if best is None:
+            return dataclasses.replace(choice, index=-1) if obs.mask is not None else choice
+        _, positive, x, y = best
+        r, c = pixel_to_cell(x, y, w, h)
+        index = (0 if positive else 1) * GRID * GRID + r * GRID + c
+        return dataclasses.replace(choice, index=index, pixel=(int(x), int(y)))
 
     def act(self, obs: Observation) -> str:
         if obs.step == 0 and obs.mask is None and self.first_action == "box":
@@ -573,7 +627,10 @@ class CompactPolicy(BasePolicy):
             think += (f" My stop probability is {choice.stop_prob:.2f}, and my estimate of the object agrees with the "
                       f"mask at about {agree:.2f} IoU.")
             return format_reply(Action.terminate(), think, answer)
-        positive, x, y = cell_to_pixel(choice.index, choice.maps, mask, (h, w), self._clicked)
+        if choice.pixel is not None:
+            positive, (x, y) = choice.index < GRID * GRID, choice.pixel
+        else:
+            positive, x, y = cell_to_pixel(choice.index, choice.maps, mask, (h, w), self._clicked)
         self._clicked.add((x, y))
         # the region the click targets, from the network's own state on the 64x64 grid: its object belief minus the
         # mask (positive) or the mask minus the belief (negative), the component under the click
@@ -590,8 +647,13 @@ class CompactPolicy(BasePolicy):
         think = describe_click(positive=positive, x=x, y=y, width=w, height=h, target=target, region=region,
                                mask=mask, rng=self._rng)
         kind = "positive" if positive else "negative"
-        think += (f" My {kind} map peaks in the {location_phrase(x, y, w, h)} (cell probability {peak:.3f});"
-                  f" stop probability {choice.stop_prob:.2f}")
+        if choice.pixel is not None:
+            gap = "my object estimate covers but the mask misses" if positive else "the mask covers beyond my estimate"
+            think += (f" The point is the deepest pixel of the largest region {gap} ({kind} click); my {kind} map"
+                      f" gives its cell probability {peak:.3f}")
+        else:
+            think += (f" My {kind} map peaks in the {location_phrase(x, y, w, h)} (cell probability {peak:.3f});"
+                      f" stop probability {choice.stop_prob:.2f}")
         think += f", object estimate vs mask IoU {agree:.2f}." if mask is not None else "."
         act = (Action.positive if positive else Action.negative)(to_normalized(x, w), to_normalized(y, h))
         return format_reply(act, think)

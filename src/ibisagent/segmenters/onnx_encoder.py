@@ -53,9 +53,11 @@ __all__ = [
     "OpenVinoEncoder",
     "default_onnx_dir",
     "default_threads",
+    "compile_openvino",
     "ensure_onnx_model",
     "encoder_runner",
     "export_onnx",
+    "make_ort_session",
     "onnx_model_path",
     "onnxruntime_available",
     "openvino_available",
@@ -186,6 +188,47 @@ def ensure_onnx_model(module: nn.Module, input_size: int = 256, cache_dir: str |
     return path
 
 
+def make_ort_session(path: str | Path, threads: int, spin: bool = False) -> Any:
+    """An ONNX Runtime CPU session for ``path``: ``threads`` intra-op threads, sequential, all graph optimizations,
+    no thread spinning unless ``spin``. Raises :class:`SegmenterUnavailable` when the file cannot be loaded."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    try:
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise SegmenterUnavailable(f"ONNX Runtime cannot load {path} ({exc}); delete the file to re-export") from exc
+
+
+def compile_openvino(path: str | Path, threads: int) -> Any:
+    """``path`` compiled by OpenVINO for the CPU: fp32, latency hint, one stream, ``threads`` inference threads;
+    compiled blobs cached in ``openvino/`` next to the file when writable. Raises :class:`SegmenterUnavailable`."""
+    import openvino as ov
+
+    path = Path(path)
+    config: dict[str, Any] = {
+        "INFERENCE_NUM_THREADS": int(threads),
+        "PERFORMANCE_HINT": "LATENCY",
+        "NUM_STREAMS": 1,
+        "INFERENCE_PRECISION_HINT": "f32",
+    }
+    blob_dir = path.parent / "openvino"
+    with contextlib.suppress(OSError):
+        blob_dir.mkdir(parents=True, exist_ok=True)
+        if os.access(blob_dir, os.W_OK):
+            config["CACHE_DIR"] = str(blob_dir)
+    try:
+        return ov.Core().compile_model(str(path), "CPU", config)
+    except Exception as exc:  # openvino raises RuntimeError subclasses of its own
+        raise SegmenterUnavailable(f"OpenVINO cannot compile {path} ({exc})") from exc
+
+
 class _ExportedEncoder:
     """Common part of the runtime encoders: find/export the ONNX file, check inputs, run image by image."""
 
@@ -260,19 +303,7 @@ class OnnxEncoder(_ExportedEncoder):
         self._input = self.session.get_inputs()[0].name
 
     def _make_session(self, path: Path) -> Any:
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = self.threads
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
-        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
-        try:
-            return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise SegmenterUnavailable(f"ONNX Runtime cannot load {path} ({exc}); delete the file to re-export") from exc
+        return make_ort_session(path, self.threads, self.spin)
 
     def _run_one(self, arr: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self._input: arr})[0]
@@ -298,23 +329,7 @@ class OpenVinoEncoder(_ExportedEncoder):
         if not openvino_available():
             raise SegmenterUnavailable(f"the OpenVINO encoder needs openvino: {OPENVINO_PIP_HINT}")
         super().__init__(module, onnx_path, input_size, cache_dir, threads, opset)
-        import openvino as ov
-
-        config = {
-            "INFERENCE_NUM_THREADS": self.threads,
-            "PERFORMANCE_HINT": "LATENCY",
-            "NUM_STREAMS": 1,
-            "INFERENCE_PRECISION_HINT": "f32",
-        }
-        blob_dir = self.path.parent / "openvino"
-        with contextlib.suppress(OSError):
-            blob_dir.mkdir(parents=True, exist_ok=True)
-            if os.access(blob_dir, os.W_OK):
-                config["CACHE_DIR"] = str(blob_dir)
-        try:
-            self.compiled = ov.Core().compile_model(str(self.path), "CPU", config)
-        except Exception as exc:  # openvino raises RuntimeError subclasses of its own
-            raise SegmenterUnavailable(f"OpenVINO cannot compile {self.path} ({exc})") from exc
+        self.compiled = compile_openvino(self.path, self.threads)
         self._request = self.compiled.create_infer_request()
         self._req_lock = threading.Lock()  # an infer request is not thread-safe
 

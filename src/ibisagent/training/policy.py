@@ -51,6 +51,7 @@ from scipy import ndimage
 from ibisagent.io.manifest import load_manifest
 from ibisagent.masks import error_regions, iou
 from ibisagent.policies.compact import (
+    DEFAULT_MAX_CLICKS,
     GRID,
     POLICY_WEIGHTS,
     ActionChoice,
@@ -132,7 +133,7 @@ class PolicyTrainConfig:
     grpo_epochs: int = field(default=2, metadata={"help": "optimization passes over each iteration's rollouts"})
     clip: float = field(default=0.2, metadata={"help": "PPO/GRPO ratio clip"})
     kl_coef: float = field(default=0.04, metadata={"help": "KL-to-SFT coefficient (k3 estimator)"})
-    max_turns: int = field(default=8, metadata={"help": "turns per GRPO episode (Terminate counts)"})
+    max_turns: int = field(default=5, metadata={"help": "turns per GRPO episode (Terminate counts)"})
     grpo_minutes: float = field(default=0.0, metadata={"help": "stop GRPO after this many minutes (0 = none)"})
     # --- bookkeeping
     ckpt_every: int = field(default=50, metadata={"help": "checkpoint every N SFT steps (GRPO: every 5 iterations)"})
@@ -539,7 +540,7 @@ def sft_loss(net: CompactPolicyNet, emb: torch.Tensor, planes: torch.Tensor, tex
 
 def _play(net: CompactPolicyNet, backend: _Backend, text_bank: torch.Tensor, cases: list[_Case],
           cfg: PolicyTrainConfig, temperature: float, gen: torch.Generator, score: bool,
-          max_turns: int, max_clicks: int = 6) -> list[_Ep]:
+          max_turns: int, max_clicks: int = DEFAULT_MAX_CLICKS) -> list[_Ep]:
     """Full episodes of the policy (lockstep): replies written by :class:`CompactPolicy`, rewards per step when
     ``score``. Greedy when ``temperature`` is 0."""
     from ibisagent.rewards import score_transition

@@ -14,9 +14,10 @@ Training then only runs the small prompt encoder + mask decoder (4 M parameters)
 * box batches (``box_fraction``): a jittered ground-truth box, then 0-2 correction clicks (loss on every round).
 
 Loss per round: BCE + soft Dice on the 256x256 logits, plus MSE of the IoU head against the actual IoU (so
-``SegResult.score`` means something). Intensity augmentation is impossible on cached embeddings (it would need an
-encoder pass per augmented image), so the only augmentation is the horizontal mirror, encoded for real rather than
-flipped in embedding space (TinyViT features are not flip-equivariant).
+``SegResult.score`` means something). Augmentation cannot be applied to cached embeddings, so a fixed set of augmented
+copies of every training image is encoded once and cached too (:func:`image_variants`): the horizontal mirror, a
+zoom-in crop (scale) and an intensity variant (gamma/contrast), each with its mask transformed the same way (TinyViT
+features are not flip- or scale-equivariant, so the variants are encoded for real).
 
 Train ONLY on the ``train`` split (by image, :attr:`ibisagent.io.manifest.Case.split`); validation uses ``val``.
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import random
@@ -97,6 +99,10 @@ class SegmenterTrainConfig:
     box_fraction: float = field(default=0.2, metadata={"help": "fraction of batches that start with a jittered box"})
     mask_dropout: float = field(default=0.15, metadata={"help": "fraction of sequences without mask feedback"})
     flip: bool = field(default=True, metadata={"help": "cache and use horizontally mirrored images"})
+    zoom: int = field(default=1, metadata={"help": "zoom-in crop variants per train image (encoded and cached)"})
+    tone: int = field(default=1, metadata={"help": "intensity (gamma/contrast) variants per train image"})
+    original_fraction: float = field(default=0.4, metadata={"help": "probability of drawing the unaugmented image "
+                                                                    "(else one of its variants)"})
     iou_loss_weight: float = field(default=1.0, metadata={"help": "weight of the IoU-head MSE"})
     val_every: int = field(default=100, metadata={"help": "validate every N steps (0 = only at the end)"})
     val_cases: int = field(default=60, metadata={"help": "validation masks (val split) used during training"})
@@ -142,11 +148,41 @@ def _encoder():
     return ENCODER_ID, LiteMedSAMSegmenter(weights="original", memory_cache=False)
 
 
+def _variant_rng(img: np.ndarray) -> np.random.Generator:
+    """Augmentation parameters depend only on the image (so cached variant embeddings are reused across runs)."""
+    return np.random.default_rng(int(hashlib.sha1(np.ascontiguousarray(img).tobytes()).hexdigest()[:12], 16))
+
+
+def image_variants(img: np.ndarray, flip: bool = True, zoom: int = 1, tone: int = 1) -> list[tuple[np.ndarray, Any]]:
+    """The augmented copies of an image used for training, each with the function that maps a full-resolution mask
+    of the image onto it: the image itself, its horizontal mirror (``flip``), ``zoom`` crops of 55-85 % of each side
+    (scale augmentation; the mask is cropped the same way) and ``tone`` intensity variants (gamma 0.6-1.6, contrast
+    0.8-1.2; mask unchanged). Parameters are derived from the image content, so the variants are deterministic."""
+    out: list[tuple[np.ndarray, Any]] = [(img, lambda m: m)]
+    if flip:
+        out.append((np.ascontiguousarray(img[:, ::-1]), lambda m: m[:, ::-1]))
+    rng = _variant_rng(img)
+    h, w = img.shape[:2]
+    for _ in range(zoom):
+        cw = max(8, int(round(w * rng.uniform(0.55, 0.85))))
+        ch = max(8, int(round(h * rng.uniform(0.55, 0.85))))
+        x0 = int(rng.integers(0, w - cw + 1))
+        y0 = int(rng.integers(0, h - ch + 1))
+        crop = np.ascontiguousarray(img[y0 : y0 + ch, x0 : x0 + cw])
+        out.append((crop, lambda m, x0=x0, y0=y0, cw=cw, ch=ch: m[y0 : y0 + ch, x0 : x0 + cw]))
+    for _ in range(tone):
+        gamma, contrast = rng.uniform(0.6, 1.6), rng.uniform(0.8, 1.2)
+        x = (img.astype(np.float32) / 255.0) ** gamma
+        x = (x - x.mean()) * contrast + x.mean()
+        out.append(((np.clip(x, 0, 1) * 255 + 0.5).astype(np.uint8), lambda m: m))
+    return out
+
+
 def cache_embeddings(
-    cases: list[Case], cache_dir: str | Path, flip: bool = False, progress: bool = True
+    cases: list[Case], cache_dir: str | Path, flip: bool = False, progress: bool = True, zoom: int = 0, tone: int = 0
 ) -> dict[str, int]:
-    """Encode every distinct image of ``cases`` (and its mirror if ``flip``) into the disk cache; skip cached ones.
-    Returns counts ``{"encoded": n, "cached": m}``."""
+    """Encode every distinct image of ``cases`` (and its augmented variants, :func:`image_variants`) into the disk
+    cache; skip cached ones. Returns counts ``{"encoded": n, "cached": m}``."""
     from tqdm import tqdm
 
     encoder_id, seg = _encoder()
@@ -155,9 +191,10 @@ def cache_embeddings(
     for c in cases:
         seen.setdefault(c.image, None)
     counts = {"encoded": 0, "cached": 0}
-    for path in tqdm(list(seen), desc="embeddings" + (" (+mirror)" if flip else ""), disable=not progress):
+    desc = "embeddings" + (" (+variants)" if flip or zoom or tone else "")
+    for path in tqdm(list(seen), desc=desc, disable=not progress):
         img = load_rgb(path)
-        for im in (img, np.ascontiguousarray(img[:, ::-1])) if flip else (img,):
+        for im, _ in image_variants(img, flip=flip, zoom=zoom, tone=tone):
             key = embedding_key(im, encoder_id)
             if key in disk:
                 counts["cached"] += 1
@@ -172,26 +209,33 @@ class _Sample:
     case_id: str
     source: str
     group: str
-    emb_index: int  # index into the embedding bank
-    flip_index: int  # -1 if no mirrored embedding
-    gt: np.ndarray  # 256x256 bool
+    #: (row in the embedding bank, 256x256 bool mask) of the original image first, then its augmented variants
+    variants: list[tuple[int, np.ndarray]]
+
+    @property
+    def emb_index(self) -> int:
+        return self.variants[0][0]
+
+    @property
+    def gt(self) -> np.ndarray:
+        return self.variants[0][1]
 
 
 def _build_bank(
-    cases: list[Case], cache_dir: str | Path, flip: bool, min_area: int = 6, cached_only: bool = False
+    cases: list[Case], cache_dir: str | Path, flip: bool, min_area: int = 6, cached_only: bool = False,
+    zoom: int = 0, tone: int = 0,
 ) -> tuple[torch.Tensor, list[_Sample]]:
-    """Load cached embeddings (fp16, stacked) and the 256x256 masks of ``cases``. Missing embeddings are encoded,
-    or with ``cached_only`` their images skipped (and mirrors not used where the mirror is missing)."""
+    """Load cached embeddings (fp16, stacked) and the 256x256 masks of ``cases`` and of their augmented variants.
+    Missing embeddings are encoded, or with ``cached_only`` their images (or variants) skipped."""
     from ibisagent.segmenters.litemedsam import ENCODER_ID
 
     if not cached_only:
-        cache_embeddings(cases, cache_dir, flip=flip, progress=False)
+        cache_embeddings(cases, cache_dir, flip=flip, progress=False, zoom=zoom, tone=tone)
     disk = DiskEmbeddingCache(cache_dir)
     index: dict[str, int] = {}
     embs: list[torch.Tensor] = []
 
-    def get(img: np.ndarray) -> int:
-        key = embedding_key(img, ENCODER_ID)
+    def get(key: str) -> int:
         if key not in index:
             arr = disk.get(key)
             if arr is None:
@@ -201,25 +245,31 @@ def _build_bank(
         return index[key]
 
     samples: list[_Sample] = []
-    images: dict[Path, tuple[int, int]] = {}
+    images: dict[Path, list[tuple[int, Any]]] = {}
     for c in cases:
         if c.mask is None:
             continue
-        gt = mask_to_model(load_mask(c.mask))
-        if gt.sum() < min_area:
+        full = load_mask(c.mask)
+        if mask_to_model(full).sum() < min_area:
             continue
         if c.image not in images:
-            img = load_rgb(c.image)
-            mirror = np.ascontiguousarray(img[:, ::-1])
-            if cached_only and embedding_key(img, ENCODER_ID) not in disk:
-                images[c.image] = (-1, -1)
-            else:
-                use_flip = flip and (not cached_only or embedding_key(mirror, ENCODER_ID) in disk)
-                images[c.image] = (get(img), get(mirror) if use_flip else -1)
-        ei, fi = images[c.image]
-        if ei < 0:
+            rows = []
+            for k, (im, fn) in enumerate(image_variants(load_rgb(c.image), flip=flip, zoom=zoom, tone=tone)):
+                key = embedding_key(im, ENCODER_ID)
+                if cached_only and key not in disk:
+                    if k == 0:
+                        break  # original missing: skip the image
+                    continue
+                rows.append((get(key), fn))
+            images[c.image] = rows
+        variants = []
+        for row, fn in images[c.image]:
+            gt = mask_to_model(np.ascontiguousarray(fn(full)))
+            if gt.sum() >= min_area:
+                variants.append((row, gt))
+        if not images[c.image] or not variants or variants[0][0] != images[c.image][0][0]:
             continue
-        samples.append(_Sample(c.id, c.source, case_group(c), ei, fi, gt))
+        samples.append(_Sample(c.id, c.source, case_group(c), variants))
     if not samples:
         raise ValueError("no usable (image, mask) pairs: check --data / --datasets and that masks are not empty")
     return torch.stack(embs), samples
@@ -435,8 +485,8 @@ def evaluate(
 
 
 def _val_score(metrics: dict[str, float]) -> float:
-    """Model selection: mean of IoU@1, @3, @5 and box+2 on non-thin validation masks."""
-    keys = ("iou@1", "iou@3", "iou@5", "box+2")
+    """Model selection: mean of IoU@1, @3, @5, @10 and box+2 on non-thin validation masks."""
+    keys = ("iou@1", "iou@3", "iou@5", "iou@10", "box+2")
     vals = []
     for grp in ("compact", "other"):
         if f"{grp}/n" in metrics:
@@ -449,13 +499,13 @@ def _val_score(metrics: dict[str, float]) -> float:
 # ----------------------------------------------------------------------------------------------------------------
 
 def _lr_at(step: int, cfg: SegmenterTrainConfig, elapsed_s: float = 0.0) -> float:
-    """Linear warm-up then cosine decay to 5% of the peak; with a time limit the decay follows whichever budget
-    (steps or minutes) is closer to exhausted."""
+    """Linear warm-up then cosine decay to 5% of the peak over ``cfg.steps``: a function of the step only, so a run
+    is reproducible whatever the machine's speed (``time_limit_min`` only stops the run early; ``elapsed_s`` is
+    ignored and kept for API compatibility)."""
+    del elapsed_s
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    if cfg.time_limit_min > 0:
-        t = max(t, elapsed_s / (60 * cfg.time_limit_min))
     return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
@@ -470,6 +520,17 @@ def _save_weights(parts: Any, path: Path, meta: dict[str, str], fp16: bool) -> N
     tmp = path.with_suffix(".tmp")
     save_file(state, str(tmp), metadata=meta)
     tmp.replace(path)
+
+
+def _trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc). The click simulation allocates tensors of a different size
+    every round, and without this the process's resident memory grows by ~90 MB per step on Linux."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _rng_state(rng: np.random.Generator) -> dict[str, Any]:
@@ -540,15 +601,16 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
         train_cases = [c for c in train_cases if c.image in set(keep)]
     assert not ({c.image for c in train_cases} & {c.image for c in val_cases}), "train/val image overlap"
     if cfg.cache_only:
-        # originals first (train, then val), mirrors last: training can start without mirrors (--no-flip)
+        # originals first (train, then val), variants last: training can start without them (--cached-only)
         cache_embeddings(train_cases, cfg.cache_dir, flip=False)
         cache_embeddings(val_cases, cfg.cache_dir, flip=False)
-        if cfg.flip:
-            cache_embeddings(train_cases, cfg.cache_dir, flip=True)
+        if cfg.flip or cfg.zoom or cfg.tone:
+            cache_embeddings(train_cases, cfg.cache_dir, flip=cfg.flip, zoom=cfg.zoom, tone=cfg.tone)
         return Path(cfg.cache_dir)
 
     tqdm.write(f"{len({c.image for c in train_cases})} train images, {len({c.image for c in val_cases})} val images")
-    bank, samples = _build_bank(train_cases, cfg.cache_dir, cfg.flip, cached_only=cfg.cached_only)
+    bank, samples = _build_bank(train_cases, cfg.cache_dir, cfg.flip, cached_only=cfg.cached_only, zoom=cfg.zoom,
+                                tone=cfg.tone)
     val_bank, val_samples = (None, [])
     if val_cases and cfg.val_cases > 0:
         rs = random.Random(1234)
@@ -558,9 +620,10 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
             vc = [c for c in vc if embedding_key(load_rgb(c.image), ENCODER_ID) in DiskEmbeddingCache(cfg.cache_dir)]
         val_bank, val_samples = _build_bank(vc[: cfg.val_cases], cfg.cache_dir, flip=False, cached_only=cfg.cached_only)
 
-    n_flip = sum(s.flip_index >= 0 for s in samples)
+    n_var = sum(len(s.variants) - 1 for s in samples)
     n_img = len({s.emb_index for s in samples})
-    tqdm.write(f"train masks: {len(samples)} on {n_img} images ({n_flip} masks with mirror), val masks: {len(val_samples)}")
+    tqdm.write(f"train masks: {len(samples)} on {n_img} images (+{n_var} augmented variants), "
+               f"val masks: {len(val_samples)}")
     parts = copy_trainable(load_base_model())
     params = list(parts.prompt_encoder.parameters()) + list(parts.mask_decoder.parameters())
     for p in params:
@@ -586,6 +649,11 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
         opt.load_state_dict(ck["optimizer"])
         _set_rng_state(rng, ck["rng"])
         start, best, elapsed0 = int(ck["step"]), float(ck["best"]), float(ck["elapsed"])
+        if csv_path.exists():  # drop rows written after the checkpoint (they will be redone)
+            with csv_path.open() as f:
+                kept = [r for r in csv.reader(f) if not r or not r[0].isdigit() or int(r[0]) <= start]
+            with csv_path.open("w", newline="") as f:
+                csv.writer(f).writerows(kept)
     elif csv_path.exists():
         csv_path.unlink()
     new_csv = not csv_path.exists()
@@ -611,7 +679,7 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
             return
         parts.prompt_encoder.eval()
         parts.mask_decoder.eval()
-        m = evaluate(parts, val_bank, val_samples)
+        m = evaluate(parts, val_bank, val_samples, clicks=10)
         score = _val_score(m)
         m.update(step=step, score=score)
         with val_path.open("a") as f:
@@ -630,11 +698,13 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
         parts.prompt_encoder.train()
         parts.mask_decoder.train()
         idx = rng.choice(len(samples), size=cfg.batch_size, p=w)
-        flip = cfg.flip and rng.random() < 0.5
-        emb_idx = [samples[i].flip_index if flip and samples[i].flip_index >= 0 else samples[i].emb_index for i in idx]
-        gts = np.stack([samples[i].gt[:, ::-1] if flip and samples[i].flip_index >= 0 else samples[i].gt
-                        for i in idx])
-        gts = np.ascontiguousarray(gts)
+        picks = []
+        for i in idx:
+            var = samples[i].variants
+            k = 0 if len(var) == 1 or rng.random() < cfg.original_fraction else int(rng.integers(1, len(var)))
+            picks.append(var[k])
+        emb_idx = [row for row, _ in picks]
+        gts = np.ascontiguousarray(np.stack([g for _, g in picks]))
         lr = _lr_at(step, cfg, elapsed0 + time.perf_counter() - t0)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -651,6 +721,8 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
         fcsv.flush()
         bar.set_postfix(loss=f"{loss.item():.3f}", iou=f"{st['iou_last']:.2f}")
         done = step + 1
+        if done % 5 == 0:
+            _trim_heap()
         if cfg.ckpt_every and done % cfg.ckpt_every == 0:
             checkpoint(done)
         if cfg.val_every and done % cfg.val_every == 0 and done < cfg.steps:
