@@ -46,6 +46,7 @@ from ibisagent.segmenters.onnx_encoder import (
     OPENVINO_PIP_HINT,
     PIP_HINT,
     _atomic_target,
+    build_with_fallback,
     compile_openvino,
     default_onnx_dir,
     default_threads,
@@ -463,26 +464,7 @@ def decoder_runner(
         hit = _RUNNERS.get(key)
         if hit is not None and hit[0] is pe and hit[1] is md and hit[2] == versions:
             return hit[3]
-        runner: _ExportedDecoder | None = None
-        if kind == "auto":
-            errors = []
-            for candidate in AUTO_ORDER:
-                try:
-                    runner = _build_runner(candidate, parts, multimask, threads)
-                    break
-                except Exception as exc:  # any export/runtime failure: try the next runtime
-                    errors.append(f"{candidate}: {exc}")
-            if runner is None:
-                msg = "; ".join(errors)
-                if msg not in _WARNED:
-                    _WARNED.add(msg)
-                    warnings.warn(f"ONNX decoder unavailable, using PyTorch ({msg})", RuntimeWarning, stacklevel=2)
-        else:
-            try:
-                runner = _build_runner(kind, parts, multimask, threads)
-            except (SegmenterUnavailable, SegmenterError):
-                raise
-            except Exception as exc:
-                raise SegmenterUnavailable(f"{kind} decoder failed: {exc}") from exc
+        runner = build_with_fallback(kind, AUTO_ORDER, lambda k: _build_runner(k, parts, multimask, threads),
+                                     "decoder", _WARNED)
         _RUNNERS[key] = (pe, md, versions, runner)
         return runner

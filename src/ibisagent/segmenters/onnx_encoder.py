@@ -44,6 +44,7 @@ from torch import nn
 from ibisagent.segmenters.base import SegmenterError, SegmenterUnavailable
 
 __all__ = [
+    "build_with_fallback",
     "DEFAULT_OPSET",
     "ENCODER_CHOICES",
     "ONNX_DIR_ENV",
@@ -350,6 +351,30 @@ def default_threads() -> int:
     return max(1, torch.get_num_threads())
 
 
+def build_with_fallback(kind: str, order: tuple[str, ...], build: Any, what: str, warned: set[str]) -> Any | None:
+    """Build the runner for an ``encoder=`` / ``decoder=`` choice: ``"auto"`` tries the runtimes of ``order`` in
+    turn and returns ``None`` (= use PyTorch, with one warning per distinct failure, remembered in ``warned``) when
+    none works; an explicit runtime raises :class:`SegmenterUnavailable` when it cannot be built."""
+    if kind == "auto":
+        errors = []
+        for candidate in order:
+            try:
+                return build(candidate)
+            except Exception as exc:  # any export/runtime failure: try the next runtime
+                errors.append(f"{candidate}: {exc}")
+        msg = "; ".join(errors)
+        if msg not in warned:
+            warned.add(msg)
+            warnings.warn(f"ONNX {what} unavailable, using PyTorch ({msg})", RuntimeWarning, stacklevel=3)
+        return None
+    try:
+        return build(kind)
+    except (SegmenterUnavailable, SegmenterError):
+        raise
+    except Exception as exc:
+        raise SegmenterUnavailable(f"{kind} {what} failed: {exc}") from exc
+
+
 def _build_runner(kind: str, module: nn.Module, input_size: int, threads: int) -> _ExportedEncoder:
     if kind == "openvino":
         return OpenVinoEncoder(module, input_size=input_size, threads=threads)
@@ -372,27 +397,8 @@ def encoder_runner(module: nn.Module, kind: str = "auto", input_size: int = 256,
         hit = _RUNNERS.get(key)
         if hit is not None and hit[0] is module:
             return hit[1]
-        runner: _ExportedEncoder | None = None
-        if kind == "auto":
-            errors = []
-            for candidate in AUTO_ORDER:
-                try:
-                    runner = _build_runner(candidate, module, input_size, threads)
-                    break
-                except Exception as exc:  # any export/runtime failure: try the next runtime
-                    errors.append(f"{candidate}: {exc}")
-            if runner is None:
-                msg = "; ".join(errors)
-                if msg not in _WARNED:
-                    _WARNED.add(msg)
-                    warnings.warn(f"ONNX encoder unavailable, using PyTorch ({msg})", RuntimeWarning, stacklevel=2)
-        else:
-            try:
-                runner = _build_runner(kind, module, input_size, threads)
-            except (SegmenterUnavailable, SegmenterError):
-                raise
-            except Exception as exc:
-                raise SegmenterUnavailable(f"{kind} encoder failed: {exc}") from exc
+        runner = build_with_fallback(kind, AUTO_ORDER, lambda k: _build_runner(k, module, input_size, threads),
+                                     "encoder", _WARNED)
         _RUNNERS[key] = (module, runner)
         return runner
 
