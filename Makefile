@@ -58,7 +58,7 @@ bench: $(STAMP)
 # the dev data; run artifacts go to runs/; the final files are copied over the package's weights at the end.
 DATA ?= ../shared/data
 POLICY_B_ARGS ?= --stage all --segmenter litemedsam-click --rollout-clicks 3 --dagger-rounds 1 --synth-frac 0.5 \
-    --sft-steps 150 --sft-lr 1e-3 --ckpt-every 50 --val-cases 16 --grpo-iters 30 --grpo-cases 8 --group-size 4 \
+    --sft-steps 150 --sft-lr 1e-3 --ckpt-every 50 --val-cases 16 --grpo-iters 60 --grpo-cases 8 --group-size 4 \
     --max-turns 5 --seed 0 --run-dir runs/p3b --out runs/p3b/final.safetensors
 weights: $(STAMP)
 	$(BIN)/ibisagent train-segmenter --data $(DATA) --cache-dir runs/embeddings --cache-only
