@@ -193,4 +193,4 @@ def test_shipped_weights_follow_oracle_clicks(tmp_path_factory):
         curves.append(curve)
     mean = np.mean(curves, axis=0)
     assert mean[0] > 0.5, f"IoU after one oracle click {mean[0]:.3f}"
-    assert all(mean[k] >= mean[k - 1] - 0.01 for k in range(1, 5)), f"IoU fell with more clicks: {mean.round(3)}"
+    assert all(mean[k] >= mean[k - 1] for k in range(1, 5)), f"IoU fell with more clicks: {mean.round(3)}"
