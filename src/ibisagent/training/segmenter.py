@@ -250,7 +250,8 @@ def _build_bank(
         if c.mask is None:
             continue
         full = load_mask(c.mask)
-        if mask_to_model(full).sum() < min_area:
+        gt0 = mask_to_model(full)
+        if gt0.sum() < min_area:
             continue
         if c.image not in images:
             rows = []
@@ -262,13 +263,14 @@ def _build_bank(
                     continue
                 rows.append((get(key), fn))
             images[c.image] = rows
-        variants = []
-        for row, fn in images[c.image]:
+        rows = images[c.image]
+        if not rows:  # the original image's embedding is missing (cached_only)
+            continue
+        variants = [(rows[0][0], gt0)]  # the original: its mask is the one just checked
+        for row, fn in rows[1:]:
             gt = mask_to_model(np.ascontiguousarray(fn(full)))
             if gt.sum() >= min_area:
                 variants.append((row, gt))
-        if not images[c.image] or not variants or variants[0][0] != images[c.image][0][0]:
-            continue
         samples.append(_Sample(c.id, c.source, case_group(c), variants))
     if not samples:
         raise ValueError("no usable (image, mask) pairs: check --data / --datasets and that masks are not empty")
@@ -498,11 +500,9 @@ def _val_score(metrics: dict[str, float]) -> float:
 # Training driver
 # ----------------------------------------------------------------------------------------------------------------
 
-def _lr_at(step: int, cfg: SegmenterTrainConfig, elapsed_s: float = 0.0) -> float:
+def _lr_at(step: int, cfg: SegmenterTrainConfig) -> float:
     """Linear warm-up then cosine decay to 5% of the peak over ``cfg.steps``: a function of the step only, so a run
-    is reproducible whatever the machine's speed (``time_limit_min`` only stops the run early; ``elapsed_s`` is
-    ignored and kept for API compatibility)."""
-    del elapsed_s
+    is reproducible whatever the machine's speed (``time_limit_min`` only stops the run early)."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
@@ -705,7 +705,7 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
             picks.append(var[k])
         emb_idx = [row for row, _ in picks]
         gts = np.ascontiguousarray(np.stack([g for _, g in picks]))
-        lr = _lr_at(step, cfg, elapsed0 + time.perf_counter() - t0)
+        lr = _lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
         loss, st = simulate_batch(parts, bank[emb_idx].float(), gts, rng, cfg)
