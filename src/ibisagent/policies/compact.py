@@ -38,6 +38,7 @@ from scipy import ndimage
 from torch import nn
 
 from ibisagent.env import Observation
+from ibisagent.masks import error_regions
 from ibisagent.policies.base import BasePolicy, PolicyError, register_policy
 from ibisagent.protocol import Action, format_reply, to_normalized
 from ibisagent.reasoning import describe_box, describe_click, describe_stop, location_phrase
@@ -589,11 +590,12 @@ class CompactPolicy(BasePolicy):
         agree = float((belief & mask).sum() / union) if union else 1.0
         if obs.mask is not None and (forced_stop or agree >= self.belief_stop):
             return dataclasses.replace(choice, index=-1)
+        er = error_regions(mask, belief)  # FN: belief not yet covered; FP: mask beyond the belief
         best: tuple[float, bool, int, int] | None = None
-        for positive, region in ((True, belief & ~mask), (False, mask & ~belief)):
-            if not region.any() or (not positive and obs.mask is None):
+        for positive, dt in ((True, er.fn_dt), (False, er.fp_dt)):
+            if not dt.any() or (not positive and obs.mask is None):
                 continue
-            dt = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
+            dt = dt.copy()
             for cx, cy in self._clicked:
                 if 0 <= cy < h and 0 <= cx < w:
                     dt[cy, cx] = 0
