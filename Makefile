@@ -14,7 +14,7 @@ help:
 	@echo "make test    install and run the test suite"
 	@echo "make lint    ruff"
 	@echo "make bench   run the benchmarks (slow; results go to docs/benchmarks.md by hand)"
-	@echo "make weights retrain the shipped segmenter and policy weights from ../shared/data (~2 h on 2 cores)"
+	@echo "make weights retrain the shipped segmenter and policy weights from ../shared/data (~2.5 h on 2 cores)"
 
 $(STAMP): pyproject.toml constraints/cpu.txt constraints/nodeps.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -60,6 +60,14 @@ DATA ?= ../shared/data
 POLICY_B_ARGS ?= --stage all --segmenter litemedsam-click --rollout-clicks 3 --dagger-rounds 1 --synth-frac 0.5 \
     --sft-steps 150 --sft-lr 1e-3 --ckpt-every 50 --val-cases 16 --grpo-iters 60 --grpo-cases 8 --group-size 4 \
     --max-turns 5 --seed 0 --run-dir runs/p3b --out runs/p3b/final.safetensors
+# stage 3 (SFT, then GRPO): fine-tune on the dev data plus 2D cases cut from the train-split 3D label volumes
+VOLUME_ARGS ?= --volume-stride 2 --volume-datasets totalsegmentator_examples_ct_mr,pyradiomics_testcases_mri
+POLICY_C_SFT_ARGS ?= --stage sft --segmenter litemedsam-click $(VOLUME_ARGS) --rollout-clicks 3 --dagger-rounds 1 \
+    --synth-frac 0.5 --sft-steps 2000 --sft-lr 7e-4 --ckpt-every 250 --val-cases 16 --seed 0 --threads 2 \
+    --run-dir runs/p5 --out runs/p5/sft_stage.safetensors
+POLICY_C_GRPO_ARGS ?= --stage grpo --segmenter litemedsam-click $(VOLUME_ARGS) --val-cases 16 --grpo-iters 30 \
+    --grpo-cases 8 --group-size 4 --max-turns 5 --grpo-lr 5e-5 --kl-coef 0.1 --seed 0 --threads 1 \
+    --run-dir runs/p5 --out runs/p5/final.safetensors
 weights: $(STAMP)
 	$(BIN)/ibisagent train-segmenter --data $(DATA) --cache-dir runs/embeddings --cache-only
 	$(BIN)/ibisagent train-segmenter --data $(DATA) --cache-dir runs/embeddings --run-dir runs/s3 \
@@ -69,8 +77,12 @@ weights: $(STAMP)
 	    --out runs/p3a/a.safetensors
 	$(BIN)/ibisagent train-policy $(POLICY_B_ARGS) --data $(DATA) --init runs/p3a/a.safetensors \
 	    --segmenter-weights runs/s3/click.safetensors --cache-dir runs/embeddings
+	$(BIN)/ibisagent train-policy $(POLICY_C_SFT_ARGS) --data $(DATA) --init runs/p3b/final.safetensors \
+	    --segmenter-weights runs/s3/click.safetensors --cache-dir runs/embeddings
+	$(BIN)/ibisagent train-policy $(POLICY_C_GRPO_ARGS) --data $(DATA) \
+	    --segmenter-weights runs/s3/click.safetensors --cache-dir runs/embeddings
 	cp runs/s3/click.safetensors src/ibisagent/weights/litemedsam_click.safetensors
-	cp runs/p3b/final.safetensors src/ibisagent/weights/compact_policy.safetensors
+	cp runs/p5/final.safetensors src/ibisagent/weights/compact_policy.safetensors
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

@@ -8,7 +8,8 @@
 # vs the same policy with an empty query), and an end-to-end timing run without the on-disk embedding cache.
 # Environment: SFT_WEIGHTS (default runs/policy/sft.safetensors), SEG (default litemedsam-click), CACHE (default
 # runs/embeddings), THREADS (default 1), TIMING_CASES (default 12), SEGW (click-segmenter weights file; default the
-# shipped one), ONLY (space-separated subset of the run names below).
+# shipped one), POLICY_WEIGHTS (policy weights file for every compact row but sft; default the shipped one), ONLY
+# (space-separated subset of the run names below).
 set -euo pipefail
 DATA=${1:-../shared/data}
 OUT=${2:-runs/bench_policy}
@@ -21,6 +22,7 @@ COMPACT_SETS=ph2_dermoscopy,hc18_fetal_head_ultrasound,busi_breast_ultrasound,po
 CT_SETS=sammed2d_demo_ct,totalsegmentator_examples_ct_mr
 PY=${PY:-.venv/bin/python}
 SEGARG=${SEGW:+--segmenter-arg weights=$SEGW}
+PW=${POLICY_WEIGHTS:+--policy-arg weights=$POLICY_WEIGHTS}
 EVAL="$PY -m ibisagent.evaluation.cli eval $DATA --split val --segmenter $SEG $SEGARG --cache-dir $CACHE --threads $THREADS --quiet"
 mkdir -p "$OUT"
 
@@ -33,27 +35,31 @@ run() {  # name, extra args...
 
 # --- main table: the four compact-object sets -----------------------------------------------------------------
 run sft          --datasets $COMPACT_SETS --policy compact --policy-arg weights="$SFT_WEIGHTS"
-run grpo         --datasets $COMPACT_SETS --policy compact
-run grpo_box     --datasets $COMPACT_SETS --policy compact-box
-run grpo_belief  --datasets $COMPACT_SETS --policy compact --policy-arg click_rule=belief
+run sft_maps     --datasets $COMPACT_SETS --policy compact --policy-arg weights="$SFT_WEIGHTS" --policy-arg click_rule=maps
+run grpo         --datasets $COMPACT_SETS --policy compact $PW
+run grpo_box     --datasets $COMPACT_SETS --policy compact-box $PW
+run grpo_maps    --datasets $COMPACT_SETS --policy compact $PW --policy-arg click_rule=maps
+run grpo_belief  --datasets $COMPACT_SETS --policy compact $PW --policy-arg click_rule=belief
 run oracle       --datasets $COMPACT_SETS --policy oracle
 run oracle_5     --datasets $COMPACT_SETS --policy oracle --max-steps 5
 run center_click --datasets $COMPACT_SETS --policy center-click
 run gt_box       --datasets $COMPACT_SETS --policy gt-box
 
 # --- the query is used: multi-object CT slices ----------------------------------------------------------------
-run ct_query       --datasets $CT_SETS --policy compact
-run ct_query_blind --datasets $CT_SETS --policy compact --policy-arg query_blind=true
+run ct_query       --datasets $CT_SETS --policy compact $PW
+run ct_query_blind --datasets $CT_SETS --policy compact $PW --policy-arg query_blind=true
+run ct_maps        --datasets $CT_SETS --policy compact $PW --policy-arg click_rule=maps
+run ct_maps_blind  --datasets $CT_SETS --policy compact $PW --policy-arg click_rule=maps --policy-arg query_blind=true
 run ct_oracle      --datasets $CT_SETS --policy oracle
 
 # --- end to end time per case: no disk cache (one encoder pass per image, shared by segmenter and policy) ------
 echo "== timing (no disk cache, $TIMING_CASES cases)"
 if [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" timing "* ]]; then
 $PY -m ibisagent.evaluation.cli eval "$DATA" --split val --segmenter "$SEG" $SEGARG --threads "$THREADS" --quiet \
-  --datasets $COMPACT_SETS --policy compact --limit "$TIMING_CASES" --out "$OUT/timing" || true
+  --datasets $COMPACT_SETS --policy compact $PW --limit "$TIMING_CASES" --out "$OUT/timing" || true
 fi
 
-$PY -m ibisagent.evaluation.cli compare "$OUT"/{sft,grpo,grpo_box,grpo_belief,oracle,oracle_5,center_click,gt_box} --by-dataset \
+$PY -m ibisagent.evaluation.cli compare "$OUT"/{sft,sft_maps,grpo,grpo_maps,grpo_belief,grpo_box,oracle,oracle_5,center_click,gt_box} --by-dataset \
   | tee "$OUT/table_compact.md" || true
-$PY -m ibisagent.evaluation.cli compare "$OUT"/{ct_query,ct_query_blind,ct_oracle} | tee "$OUT/table_ct.md" || true
+$PY -m ibisagent.evaluation.cli compare "$OUT"/{ct_query,ct_query_blind,ct_maps,ct_maps_blind,ct_oracle} --by-dataset | tee "$OUT/table_ct.md" || true
 $PY -m ibisagent.evaluation.cli compare "$OUT"/timing | tee "$OUT/table_timing.md" || true

@@ -239,3 +239,31 @@ def test_belief_rule_clicks_the_deepest_disagreement_and_stops_on_agreement() ->
     done = pol.decide(obs(belief, [(x, y)], [1]))  # mask == belief: agreement 1.0 >= 0.9
     assert done.index == -1
     assert "Terminate" in pol.reply_for(obs(belief, [(x, y)], [1]), done)
+
+
+@pytest.mark.slow
+def test_shipped_policy_finds_the_named_ct_organ() -> None:
+    """The query is used: on a CT slice of a patient never trained on (the bundled SAM-Med2D AMOS slice, a
+    validation image), the first click lands in the organ the query names; the query-blind variant clicks the
+    same point whatever is asked."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    d = Path(__file__).resolve().parents[1] / "src" / "ibisagent" / "demo_data"
+    img = np.asarray(Image.open(d / "images/sammed2d_amos_0006_90.png").convert("RGB"))
+    masks = {o: np.asarray(Image.open(d / f"masks/sammed2d_amos_0006_90_000__{o}.png").convert("L")) > 0
+             for o in ("aorta", "liver")}
+    seg = create_segmenter("litemedsam-click")
+    first: dict[tuple[bool, str], tuple[int, int]] = {}
+    for blind in (False, True):
+        for organ in masks:
+            pol = create_policy("compact", query_blind=blind)
+            ep = Agent(pol, seg).segment(img, f"the {organ} in this abdominal/thoracic CT slice")
+            x, y = (int(v) for v in ep.steps[0].points[0])
+            first[blind, organ] = (x, y)
+    for organ, m in masks.items():
+        x, y = first[False, organ]
+        assert m[y, x], f"first click for {organ!r} at {(x, y)} is outside it"
+    assert first[True, "aorta"] == first[True, "liver"]
+    assert first[False, "aorta"] != first[False, "liver"]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ibisagent.policies.compact import GRID, load_policy_net
@@ -147,3 +148,18 @@ def test_synthetic_states_are_consistent_with_their_oracle_labels() -> None:
     m[:, RES // 2 :] = False
     t = target_from_masks(m, g, case.sampling)
     assert t is not None and t[1].sum() == 0 and np.nonzero(t[0])[1].min() >= GRID // 2
+
+
+def test_grpo_without_stop_keeps_the_stop_head(tiny_data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train_policy(_cfg(tiny_data, run, stage="sft"))
+    sft, _ = load_policy_net(run / "sft.safetensors")
+    out = train_policy(_cfg(tiny_data, run, stage="grpo", grpo_iters=2, grpo_stop=False, grpo_lr=1e-2))
+    net, _ = load_policy_net(out)
+    for (name, a), b in zip(sft.state_dict().items(), net.state_dict().values()):
+        if name.startswith("stop."):
+            assert torch.equal(a, b), name  # the stop head keeps its SFT weights
+    moved = [n for (n, a), b in zip(sft.state_dict().items(), net.state_dict().values()) if not torch.equal(a, b)]
+    assert moved, "the click maps must be trained"
+    it = _rows(run / "grpo_iters.csv")
+    assert len(it) == 2 and all(math.isfinite(float(r["loss"])) for r in it)

@@ -63,6 +63,7 @@ from ibisagent.policies.compact import (
     cell_to_pixel,
     fake_embedding,
     load_policy_net,
+    masked_logits,
     pool_to_grid,
     save_policy_net,
     select_actions,
@@ -109,6 +110,13 @@ class PolicyTrainConfig:
     threads: int = field(default=1, metadata={"help": "torch CPU threads (1 is fastest on a busy 2-core machine)"})
     batch_rollouts: int = field(default=16, metadata={"help": "episodes per lockstep batch"})
     cached_only: bool = field(default=False, metadata={"help": "skip images whose embedding is not cached yet"})
+    volume_stride: int = field(default=0, metadata={"help": "also train on 2D cases cut from the train-split 3D label "
+                                                            "volumes, every N-th slice (0 = none; "
+                                                            "ibisagent.training.volume_slices)"})
+    volume_datasets: list[str] | None = field(default=None, metadata={"help": "dataset folders whose volumes are "
+                                                                             "cut into slices (default: all)"})
+    volume_guard: int = field(default=3, metadata={"help": "slices kept away from each validation slice of a volume"})
+    volume_min_area: int = field(default=40, metadata={"help": "smallest structure (pixels) of a volume slice case"})
     init: str = field(default="", metadata={"help": "start SFT from these policy weights (.safetensors)"})
     # --- SFT
     sft_steps: int = field(default=500, metadata={"help": "SFT optimizer steps"})
@@ -135,6 +143,10 @@ class PolicyTrainConfig:
     kl_coef: float = field(default=0.04, metadata={"help": "KL-to-SFT coefficient (k3 estimator)"})
     max_turns: int = field(default=5, metadata={"help": "turns per GRPO episode (Terminate counts)"})
     grpo_minutes: float = field(default=0.0, metadata={"help": "stop GRPO after this many minutes (0 = none)"})
+    grpo_stop: bool = field(default=True, metadata={"help": "let GRPO train the stop decision too; with "
+                                                            "--no-grpo-stop it optimizes where to click (the click "
+                                                            "distribution given that the policy clicks) and the stop "
+                                                            "head keeps its SFT weights"})
     # --- bookkeeping
     ckpt_every: int = field(default=50, metadata={"help": "checkpoint every N SFT steps (GRPO: every 5 iterations)"})
     resume: bool = field(default=False, metadata={"help": "continue from run_dir checkpoints"})
@@ -255,18 +267,18 @@ class _Backend:
 def _load_cases(cfg: PolicyTrainConfig, split: str, backend: _Backend, texts: dict[str, int],
                 flip: bool, limit: int = 0, cached_only: bool = False) -> list[_Case]:
     """The split's usable masks (not thin structures, >= 16 px) as episodes, with their embeddings banked. With
-    ``limit`` a deterministic mix of datasets is kept (order by a hash of the case id)."""
+    ``limit`` a deterministic mix of datasets is kept (order by a hash of the case id). For the train split,
+    ``cfg.volume_stride`` adds cases cut from the 3D label volumes. Images are mirrored (``flip``) only when the
+    query names no side (a mirrored "left kidney" would be the right one)."""
     import hashlib
 
     from ibisagent.training.segmenter import load_mask, load_rgb
+    from ibisagent.training.volume_slices import mirror_safe, volume_slice_cases
 
     rows = [c for c in load_manifest(cfg.data, split=split, datasets=cfg.datasets)  # type: ignore[arg-type]
             if c.mask is not None and c.object not in THIN_OBJECTS]
     if limit:
         rows = sorted(rows, key=lambda c: hashlib.sha1(c.id.encode()).hexdigest())[:limit]
-    out: list[_Case] = []
-    emb_rows: dict[tuple[Path, bool], int] = {}
-    kept: dict[tuple[Path, bool], np.ndarray] = {}  # images, for segmenters other than LiteMedSAM
     last: list[Any] = [None, None]
 
     def image(path: Path) -> np.ndarray:
@@ -274,30 +286,42 @@ def _load_cases(cfg: PolicyTrainConfig, split: str, backend: _Backend, texts: di
             last[0], last[1] = path, load_rgb(path)
         return last[1]
 
-    for c in rows:
-        gt = load_mask(c.mask)  # type: ignore[arg-type]
+    # (id, source, query, image key, image getter, mask getter)
+    items: list[tuple[str, str, str, str, Any, Any]] = [
+        (c.id, c.source, c.query, str(c.image), lambda p=c.image: image(p), lambda p=c.mask: load_mask(p))
+        for c in rows]
+    if split == "train" and cfg.volume_stride > 0:
+        vols = volume_slice_cases(cfg.data, stride=cfg.volume_stride, min_area=cfg.volume_min_area,
+                                  guard=cfg.volume_guard, datasets=cfg.volume_datasets or cfg.datasets,
+                                  exclude_objects=THIN_OBJECTS)
+        items += [(v.id, v.source, v.query, v.image_key, lambda v=v: v.image, lambda v=v: v.gt) for v in vols]
+    out: list[_Case] = []
+    emb_rows: dict[tuple[str, bool], int] = {}
+    kept: dict[tuple[str, bool], np.ndarray] = {}  # images, for segmenters other than LiteMedSAM
+    for cid, source, query, key_img, get_image, get_mask in items:
+        gt = get_mask()
         if gt.sum() < 16:
             continue
-        if cached_only and not backend.cached(image(c.image)):
+        if cached_only and not backend.cached(get_image()):
             continue
-        texts.setdefault(c.query, len(texts))
+        texts.setdefault(query, len(texts))
         rows_e = []
-        for mirrored in (False, True) if flip else (False,):
-            key = (c.image, mirrored)
+        for mirrored in (False, True) if flip and mirror_safe(query) else (False,):
+            key = (key_img, mirrored)
             if mirrored and cached_only and key not in emb_rows and not backend.cached(
-                    np.ascontiguousarray(image(c.image)[:, ::-1])):
+                    np.ascontiguousarray(get_image()[:, ::-1])):
                 continue
             if key not in emb_rows:
-                img = image(c.image)
+                img = get_image()
                 if img.shape[:2] != gt.shape:
-                    raise PolicyTrainError(f"{c.id}: mask {gt.shape} and image {img.shape[:2]} differ in size")
+                    raise PolicyTrainError(f"{cid}: mask {gt.shape} and image {img.shape[:2]} differ in size")
                 im = np.ascontiguousarray(img[:, ::-1]) if mirrored else img
                 emb_rows[key] = backend.embed(im)
                 if not backend.lite:
                     kept[key] = im
             rows_e.append(emb_rows[key])
-        out.append(_Case(c.id, c.source, c.query, texts[c.query], rows_e[0], gt, pool_to_grid(gt.astype(np.float32)),
-                         kept.get((c.image, False)), rows_e[1] if len(rows_e) > 1 else -1, str(c.image)))
+        out.append(_Case(cid, source, query, texts[query], rows_e[0], gt, pool_to_grid(gt.astype(np.float32)),
+                         kept.get((key_img, False)), rows_e[1] if len(rows_e) > 1 else -1, key_img))
     return out
 
 
@@ -857,6 +881,10 @@ def _run_grpo(cfg: PolicyTrainConfig, run: Path, backend: _Backend, text_bank: t
                                             "action": rb.action, **{k: getattr(rb, k) for k in COMPONENTS},
                                             "total": round(rb.total, 4), "iou_after": round(rb.iou_after, 4),
                                             "advantage": round(av, 4)})
+        if not cfg.grpo_stop:  # only the clicks are optimized: the stop head's choices are not scored
+            recs = [r for r in recs if r["s"]["index"] >= 0]
+            for p in net.stop.parameters():
+                p.requires_grad_(False)
         if not recs:
             it += 1
             continue
@@ -867,13 +895,17 @@ def _run_grpo(cfg: PolicyTrainConfig, run: Path, backend: _Backend, text_bank: t
         adv = torch.tensor([r["s"]["adv"] for r in recs], dtype=torch.float32)
         emb = torch.stack([backend.embs[r["ep"].case.emb] for r in recs]).float()
         txt = text_bank[[r["ep"].case.text for r in recs]]
+        logp = action_log_prob if cfg.grpo_stop else _click_log_prob
         with torch.no_grad():
             rm, rs, _ = ref(emb, planes, txt)
-            ref_lp = action_log_prob(rm, rs, planes, acts)
+            ref_lp = logp(rm, rs, planes, acts)
+            if not cfg.grpo_stop:  # the sampling policy's click log-probs (the net has not changed since the rollouts)
+                om, os_, _ = net(emb, planes, txt)
+                old = logp(om, os_, planes, acts)
         stats: dict[str, float] = {}
         for _ in range(cfg.grpo_epochs):
             maps, stop, _ = net(emb, planes, txt)
-            lp = action_log_prob(maps, stop, planes, acts)
+            lp = logp(maps, stop, planes, acts)
             ratio = torch.exp(lp - old)
             surr = torch.minimum(ratio * adv, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * adv)
             d = ref_lp - lp
@@ -911,6 +943,13 @@ def _run_grpo(cfg: PolicyTrainConfig, run: Path, backend: _Backend, text_bank: t
     summary = {"grpo_iters": it, "grpo_minutes": round((elapsed_before + time.perf_counter() - t_start) / 60, 1)}
     summary.update({f"grpo_{k}": v for k, v in _validate(net, backend, text_bank, val, cfg).items()})
     return summary
+
+
+def _click_log_prob(maps: torch.Tensor, stop_logit: torch.Tensor, planes: torch.Tensor,
+                    actions: torch.Tensor) -> torch.Tensor:
+    """log P(click cell | the policy clicks): the click part of :func:`action_log_prob` (``actions`` >= 0)."""
+    logits, _ = masked_logits(maps, planes)
+    return torch.log_softmax(logits, 1).gather(1, actions.clamp_min(0)[:, None])[:, 0]
 
 
 def _plot_grpo(run: Path) -> None:
@@ -998,7 +1037,7 @@ def add_parser(subparsers: Any) -> None:
         if f.type in ("bool", bool):
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
                            help=helptext)
-        elif f.name == "datasets":
+        elif f.name in ("datasets", "volume_datasets"):
             p.add_argument(flag, dest=f.name, default=None, help=helptext + " (comma-separated)")
         else:
             typ = {"int": int, "float": float}.get(str(f.type), str)
@@ -1010,8 +1049,9 @@ def _cli(args: argparse.Namespace) -> int:
     import sys
 
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(PolicyTrainConfig)}
-    if isinstance(kw.get("datasets"), str):
-        kw["datasets"] = [d for d in kw["datasets"].split(",") if d]
+    for name in ("datasets", "volume_datasets"):
+        if isinstance(kw.get(name), str):
+            kw[name] = [d for d in kw[name].split(",") if d]
     try:
         train_policy(PolicyTrainConfig(**kw))
     except (PolicyTrainError, ValueError) as exc:
