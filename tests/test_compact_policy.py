@@ -267,3 +267,25 @@ def test_shipped_policy_finds_the_named_ct_organ() -> None:
         assert m[y, x], f"first click for {organ!r} at {(x, y)} is outside it"
     assert first[True, "aorta"] == first[True, "liver"]
     assert first[False, "aorta"] != first[False, "liver"]
+
+
+def test_probability_text_never_reads_zero() -> None:
+    from ibisagent.policies.compact import _prob_text
+
+    assert _prob_text(0.4321) == "0.43"
+    assert _prob_text(0.0004) == "4.0e-04"
+    assert _prob_text(0.0) == "0.0e+00"
+
+
+def test_a_stop_forced_by_the_click_budget_says_so(blob) -> None:
+    img, gt = blob
+    pol = CompactPolicy(weights="random", embedder="fake", max_clicks=2, stop_threshold=2.0)  # never stops by itself
+    ep = Agent(pol, "fake").segment(img, "the bright blob", gt)
+    assert ep.n_clicks == 2 and ep.stop_reason == "terminate"
+    last = ep.steps[-1].raw
+    assert validate_reply(last, "reference").ok, last
+    assert "budget" in last and "may still need correction" in last
+    # a stop the policy chose itself keeps the ordinary wording
+    pol = CompactPolicy(weights="random", embedder="fake", max_clicks=2, stop_threshold=0.0)
+    ep = Agent(pol, "fake").segment(img, "the bright blob", gt)
+    assert "budget" not in ep.steps[-1].raw

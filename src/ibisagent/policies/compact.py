@@ -625,6 +625,14 @@ class CompactPolicy(BasePolicy):
         target = self.target_name()
         agree = _grid_iou(choice.obj > 0, choice.planes[0] > 0.5)
         if choice.index < 0:
+            n = len(self._clicked)
+            if mask is not None and n >= self.max_clicks and choice.stop_prob < self.stop_threshold:
+                # stopped by the click budget, not because the mask looks finished: say so
+                think = (f"I have placed {n} points, the budget of one episode, so I stop here although my stop "
+                         f"probability is only {choice.stop_prob:.2f} and my estimate of {target} agrees with the "
+                         f"mask at about {agree:.2f} IoU; the mask may still need correction.")
+                answer = f"Stopped at the click budget; the mask of {target} may be incomplete."
+                return format_reply(Action.terminate(), think, answer)
             think, answer = describe_stop(mask=mask, target=target, rng=self._rng)
             think += (f" My stop probability is {choice.stop_prob:.2f}, and my estimate of the object agrees with the "
                       f"mask at about {agree:.2f} IoU.")
@@ -644,17 +652,19 @@ class CompactPolicy(BasePolicy):
             region = np.zeros((GRID, GRID), bool)
             region[max(r - 1, 0) : r + 2, max(c - 1, 0) : c + 2] = True
         region = region[(np.arange(h) * GRID // h)[:, None], (np.arange(w) * GRID // w)[None, :]]
-        flat = choice.maps.reshape(-1).astype(np.float64)
-        peak = float(np.exp(flat[choice.index] - flat.max()) / np.exp(flat - flat.max()).sum())
+        # the chosen cell's probability under the click distribution the policy samples from (allowed cells only)
+        logits, _ = masked_logits(torch.from_numpy(np.asarray(choice.maps, np.float32))[None],
+                                  torch.from_numpy(np.asarray(choice.planes, np.float32))[None])
+        peak = float(torch.softmax(logits.double(), 1)[0, choice.index])
         think = describe_click(positive=positive, x=x, y=y, width=w, height=h, target=target, region=region,
                                mask=mask, rng=self._rng)
         kind = "positive" if positive else "negative"
         if choice.pixel is not None:
             gap = "my object estimate covers but the mask misses" if positive else "the mask covers beyond my estimate"
             think += (f" The point is the deepest pixel of the largest region {gap} ({kind} click); my {kind} map"
-                      f" gives its cell probability {peak:.3f}")
+                      f" gives its cell probability {_prob_text(peak)}")
         else:
-            think += (f" My {kind} map peaks in the {location_phrase(x, y, w, h)} (cell probability {peak:.3f});"
+            think += (f" My {kind} map peaks in the {location_phrase(x, y, w, h)} (cell probability {_prob_text(peak)});"
                       f" stop probability {choice.stop_prob:.2f}")
         think += f", object estimate vs mask IoU {agree:.2f}." if mask is not None else "."
         act = (Action.positive if positive else Action.negative)(to_normalized(x, w), to_normalized(y, h))
@@ -689,6 +699,12 @@ class CompactPolicy(BasePolicy):
         think = describe_box(box=box, width=w, height=h, target=self.target_name(), rng=self._rng)
         think += " The box encloses the part of my object map above probability 0.5 around its peak."
         return format_reply(box_action(box, w, h), think)
+
+
+def _prob_text(p: float) -> str:
+    """A probability for the reasoning text: two decimals, or scientific notation when that would read 0.00 (a
+    softmax over 8192 cells puts small numbers on single cells)."""
+    return f"{p:.2f}" if p >= 0.005 else f"{p:.1e}"
 
 
 def _grid_iou(a: np.ndarray, b: np.ndarray) -> float:
