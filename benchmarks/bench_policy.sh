@@ -35,10 +35,8 @@ run() {  # name, extra args...
 
 # --- main table: the four compact-object sets -----------------------------------------------------------------
 run sft          --datasets $COMPACT_SETS --policy compact --policy-arg weights="$SFT_WEIGHTS"
-run sft_maps     --datasets $COMPACT_SETS --policy compact --policy-arg weights="$SFT_WEIGHTS" --policy-arg click_rule=maps
 run grpo         --datasets $COMPACT_SETS --policy compact $PW
 run grpo_box     --datasets $COMPACT_SETS --policy compact-box $PW
-run grpo_maps    --datasets $COMPACT_SETS --policy compact $PW --policy-arg click_rule=maps
 run grpo_belief  --datasets $COMPACT_SETS --policy compact $PW --policy-arg click_rule=belief
 run oracle       --datasets $COMPACT_SETS --policy oracle
 run oracle_5     --datasets $COMPACT_SETS --policy oracle --max-steps 5
@@ -48,8 +46,6 @@ run gt_box       --datasets $COMPACT_SETS --policy gt-box
 # --- the query is used: multi-object CT slices ----------------------------------------------------------------
 run ct_query       --datasets $CT_SETS --policy compact $PW
 run ct_query_blind --datasets $CT_SETS --policy compact $PW --policy-arg query_blind=true
-run ct_maps        --datasets $CT_SETS --policy compact $PW --policy-arg click_rule=maps
-run ct_maps_blind  --datasets $CT_SETS --policy compact $PW --policy-arg click_rule=maps --policy-arg query_blind=true
 run ct_oracle      --datasets $CT_SETS --policy oracle
 
 # --- end to end time per case: no disk cache (one encoder pass per image, shared by segmenter and policy) ------
@@ -59,7 +55,7 @@ $PY -m ibisagent.evaluation.cli eval "$DATA" --split val --segmenter "$SEG" $SEG
   --datasets $COMPACT_SETS --policy compact $PW --limit "$TIMING_CASES" --out "$OUT/timing" || true
 fi
 
-$PY -m ibisagent.evaluation.cli compare "$OUT"/{sft,sft_maps,grpo,grpo_maps,grpo_belief,grpo_box,oracle,oracle_5,center_click,gt_box} --by-dataset \
+$PY -m ibisagent.evaluation.cli compare "$OUT"/{sft,grpo,grpo_belief,grpo_box,oracle,oracle_5,center_click,gt_box} --by-dataset \
   | tee "$OUT/table_compact.md" || true
-$PY -m ibisagent.evaluation.cli compare "$OUT"/{ct_query,ct_query_blind,ct_maps,ct_maps_blind,ct_oracle} --by-dataset | tee "$OUT/table_ct.md" || true
+$PY -m ibisagent.evaluation.cli compare "$OUT"/{ct_query,ct_query_blind,ct_oracle} --by-dataset | tee "$OUT/table_ct.md" || true
 $PY -m ibisagent.evaluation.cli compare "$OUT"/timing | tee "$OUT/table_timing.md" || true

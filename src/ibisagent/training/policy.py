@@ -858,6 +858,9 @@ def _run_grpo(cfg: PolicyTrainConfig, run: Path, backend: _Backend, text_bank: t
     t_start = time.perf_counter()
     steps_csv, iters_csv = run / "grpo_steps.csv", run / "grpo_iters.csv"
     per_batch = max(1, cfg.batch_rollouts // cfg.group_size)
+    if not cfg.grpo_stop:  # the stop head keeps its SFT weights
+        for p in net.stop.parameters():
+            p.requires_grad_(False)
     while it < cfg.grpo_iters:
         pick = rng.choice(len(train), size=min(cfg.grpo_cases, len(train)), replace=False).tolist()
         cases = [train[i] for i in pick]
@@ -883,8 +886,6 @@ def _run_grpo(cfg: PolicyTrainConfig, run: Path, backend: _Backend, text_bank: t
                                             "advantage": round(av, 4)})
         if not cfg.grpo_stop:  # only the clicks are optimized: the stop head's choices are not scored
             recs = [r for r in recs if r["s"]["index"] >= 0]
-            for p in net.stop.parameters():
-                p.requires_grad_(False)
         if not recs:
             it += 1
             continue

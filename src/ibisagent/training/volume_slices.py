@@ -131,36 +131,37 @@ def volume_slice_cases(
         for c in load_manifest(folder):
             im = load_image(c.image).array[..., 0]
             flat.setdefault(im.tobytes(), (im, c.split))
-        val_2d = [im for im, split in flat.values() if split == "val"]
-        all_2d = [im for im, _ in flat.values()]
+        images_2d = [im for im, _ in flat.values()]
+        is_val = [split == "val" for _, split in flat.values()]
         vols = [(row, load_volume(row.image), load_volume(row.mask)) for row in rows]  # type: ignore[arg-type]
-        # every validation image must be found in a volume (in some display transform): a volume could otherwise
-        # hold a validation slice we cannot see (resampled or cropped exports), so the folder is left out
+        # each 2D image of the folder located in each volume, in each display transform; every validation image
+        # must be found somewhere: a volume could otherwise hold a validation slice we cannot see (resampled or
+        # cropped exports), so the folder is left out
         blocked: dict[int, set[int]] = {i: set() for i in range(len(vols))}
         located: set[int] = set()
         stacks: dict[tuple[int, tuple[bool, bool, bool]], list[np.ndarray]] = {}
+        matching: dict[int, list[tuple[bool, bool, bool]]] = {i: [] for i in range(len(vols))}
         for i, (row, vol, lab) in enumerate(vols):
             if vol.shape != lab.shape:
                 raise ValueError(f"{row.id}: image volume {vol.shape} and label volume {lab.shape} differ")
             win = volume_window(vol)[0]
             for t in _TRANSFORMS:
                 stacks[i, t] = _render(vol, win, t)
-                for j, ks in _locate(stacks[i, t], val_2d).items():
-                    if ks:
+                hits = _locate(stacks[i, t], images_2d)
+                if any(hits.values()):
+                    matching[i].append(t)
+                for j, ks in hits.items():
+                    if is_val[j] and ks:
                         located.add(j)
-                    for k in ks:
-                        blocked[i].update(range(k - guard, k + guard + 1))
-        if len(located) < len(val_2d):
+                        for k in ks:
+                            blocked[i].update(range(k - guard, k + guard + 1))
+        if len(located) < sum(is_val):
             continue
         for i, (row, vol, lab) in enumerate(vols):
             if split_of(f"{folder.name}/{row.image.name}") == "val":
                 continue
             # render like the folder's own 2D slices of this volume when there are any, else radiological
-            transform = display_transform(vol.affine, 2, "radiological")
-            for t in _TRANSFORMS:
-                if any(_locate(stacks[i, t], all_2d).values()):
-                    transform = t
-                    break
+            transform = matching[i][0] if matching[i] else display_transform(vol.affine, 2, "radiological")
             names = class_names(row)
             binary = not names
             if binary:
