@@ -4,7 +4,8 @@
 #   benchmarks/bench_policy.sh [DATA] [OUT]
 #
 # Rows: compact SFT only, compact SFT+GRPO (shipped), compact box-first, compact with the belief click rule, the oracle
-# with the same segmenter (upper bound; also with the policy's 5-turn budget), the click-free baselines center-click and gt-box; then the query test on multi-object CT slices (compact
+# with the same segmenter (stopping at IoU 0.8 as in the paper; also with the policy's 5-turn budget, and never
+# stopping before 5 clicks: the upper bound), the click-free baselines center-click and gt-box; then the query test on multi-object CT slices (compact
 # vs the same policy with an empty query), and an end-to-end timing run without the on-disk embedding cache.
 # Environment: SFT_WEIGHTS (default runs/policy/sft.safetensors), SEG (default litemedsam-click), CACHE (default
 # runs/embeddings), THREADS (default 1), TIMING_CASES (default 12), SEGW (click-segmenter weights file; default the
@@ -40,6 +41,8 @@ run grpo_box     --datasets $COMPACT_SETS --policy compact-box $PW
 run grpo_belief  --datasets $COMPACT_SETS --policy compact $PW --policy-arg click_rule=belief
 run oracle       --datasets $COMPACT_SETS --policy oracle
 run oracle_5     --datasets $COMPACT_SETS --policy oracle --max-steps 5
+# the oracle never stops on its own (the paper's oracle stops at IoU 0.8): 5 clicks, the upper bound at 5 turns
+run oracle_keep_5 --datasets $COMPACT_SETS --policy oracle --no-stop --max-steps 5
 run center_click --datasets $COMPACT_SETS --policy center-click
 run gt_box       --datasets $COMPACT_SETS --policy gt-box
 
@@ -55,7 +58,7 @@ $PY -m ibisagent.evaluation.cli eval "$DATA" --split val --segmenter "$SEG" $SEG
   --datasets $COMPACT_SETS --policy compact $PW --limit "$TIMING_CASES" --out "$OUT/timing" || true
 fi
 
-$PY -m ibisagent.evaluation.cli compare "$OUT"/{sft,grpo,grpo_belief,grpo_box,oracle,oracle_5,center_click,gt_box} --by-dataset \
+$PY -m ibisagent.evaluation.cli compare "$OUT"/{sft,grpo,grpo_belief,grpo_box,oracle,oracle_5,oracle_keep_5,center_click,gt_box} --by-dataset --paired \
   | tee "$OUT/table_compact.md" || true
 $PY -m ibisagent.evaluation.cli compare "$OUT"/{ct_query,ct_query_blind,ct_oracle} --by-dataset | tee "$OUT/table_ct.md" || true
 $PY -m ibisagent.evaluation.cli compare "$OUT"/timing | tee "$OUT/table_timing.md" || true

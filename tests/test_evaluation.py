@@ -22,6 +22,7 @@ from ibisagent.evaluation import (
     curve_auc,
     iou_at,
     noc,
+    paired_differences,
     read_cases,
     run_eval,
 )
@@ -370,6 +371,19 @@ def test_cli_eval_report_and_compare(real_manifest: Path, tmp_path: Path, capsys
     sa = json.loads((a / "summary.json").read_text())
     assert f"| mean IoU | {sa['mean_iou']:.3f} | {sb['mean_iou']:.3f} |" in table
     assert "IoU real" in table
+    # paired differences: b - a per case, recomputed here from the two cases.csv files
+    assert cli_main(["compare", str(a), str(b), "--paired"]) == 0
+    paired = capsys.readouterr().out
+    ra = {r["case_id"]: r for r in csv.DictReader((a / "cases.csv").open())}
+    rb = {r["case_id"]: r for r in csv.DictReader((b / "cases.csv").open())}
+    d = [float(rb[k]["iou"]) - float(ra[k]["iou"]) for k in ra]
+    m = sum(d) / len(d)
+    se = (sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
+    better, worse = sum(x > 0.005 for x in d), sum(x < -0.005 for x in d)
+    assert f"| b | {len(d)} | {m:+.3f} +- {se:.3f} |" in paired
+    assert f"| {better} / {worse} / {len(d) - better - worse} |" in paired
+    with pytest.raises(CompareError, match="baseline"):
+        paired_differences([a])
     csv_text = compare_runs([a, b], fmt="csv")
     assert next(csv.reader(csv_text.splitlines())) == ["metric", "a", "b"]
     with pytest.raises(CompareError, match="no summary.json"):

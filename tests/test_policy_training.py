@@ -163,3 +163,38 @@ def test_grpo_without_stop_keeps_the_stop_head(tiny_data: Path, tmp_path: Path) 
     assert moved, "the click maps must be trained"
     it = _rows(run / "grpo_iters.csv")
     assert len(it) == 2 and all(math.isfinite(float(r["loss"])) for r in it)
+
+
+def test_grpo_temperature_scores_the_tempered_policy(tiny_data: Path, tmp_path: Path) -> None:
+    """Rollouts at temperature 0.5: the loss must use the log-probs of the tempered policy, so on the first (and only)
+    pass, before any update, every importance ratio is 1 (none clipped)."""
+    run = tmp_path / "run"
+    train_policy(_cfg(tiny_data, run, stage="sft"))
+    train_policy(_cfg(tiny_data, run, stage="grpo", grpo_iters=2, grpo_epochs=1, grpo_temperature=0.5, grpo_absorbing=True,
+                      clip=1e-4))
+    it = _rows(run / "grpo_iters.csv")
+    assert len(it) == 2 and all(float(r["clip_frac"]) == 0.0 for r in it), it
+    with pytest.raises(PolicyTrainError, match="grpo_temperature"):
+        train_policy(_cfg(tiny_data, run, stage="grpo", grpo_iters=1, grpo_temperature=0.0))
+
+
+def test_absorbing_stop_compares_stops_over_the_same_number_of_turns() -> None:
+    """Summed per-step rewards favour long episodes: every turn earns format + length. With the absorbing stop the
+    early stop at a good mask keeps its Terminate reward for the remaining turns and wins over a worse click."""
+    from types import SimpleNamespace
+
+    from ibisagent.training.policy import _episode_rewards
+
+    def ep(*steps: tuple[int, float]) -> SimpleNamespace:
+        return SimpleNamespace(steps=[{"index": i, "reward": SimpleNamespace(total=t)} for i, t in steps])
+
+    stop_now = ep((-1, 1.2))  # Terminate at a good mask (format 1, answer 3, placement 1, length 1) / 5
+    click_then_stop = ep((5, 0.8), (-1, 0.8))  # a harmful click (placement -1, no progress), then a stop
+    assert _episode_rewards(stop_now) == [1.2]
+    assert _episode_rewards(stop_now, pad_to=3) == [1.2, 1.2, 1.2]
+    assert _episode_rewards(click_then_stop, pad_to=3) == [0.8, 0.8, 0.8]
+    assert _episode_rewards(ep((5, 1.0), (6, 1.0)), pad_to=3) == [1.0, 1.0]  # no Terminate: nothing to pad
+    plain = grpo_advantages([_episode_rewards(stop_now), _episode_rewards(click_then_stop)])
+    absorbing = grpo_advantages([_episode_rewards(stop_now, 3), _episode_rewards(click_then_stop, 3)])
+    assert absorbing[0][0] > absorbing[1][0]
+    assert plain[0][0] - plain[1][0] < absorbing[0][0] - absorbing[1][0]

@@ -2,7 +2,7 @@
 and the medical interactive-segmentation challenge protocol (``--protocol box+5clicks``)."""
 
 from ibisagent.evaluation.challenge import BoxFirstPolicy, ChallengeClicker, challenge_click, challenge_metrics
-from ibisagent.evaluation.compare import CompareError, compare_runs
+from ibisagent.evaluation.compare import CompareError, compare_runs, paired_differences
 from ibisagent.evaluation.harness import (
     CASE_COLUMNS,
     CaseError,
@@ -31,6 +31,7 @@ __all__ = [
     "challenge_click",
     "challenge_metrics",
     "compare_runs",
+    "paired_differences",
     "curve_auc",
     "iou_at",
     "load_case_arrays",

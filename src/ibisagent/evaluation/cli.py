@@ -78,6 +78,10 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="output folders of `ibisagent eval`")
     p.add_argument("--by-dataset", action="store_true", help="add per-dataset mean IoU rows")
     p.add_argument("--format", choices=("md", "csv"), default="md", help="markdown (default) or CSV")
+    p.add_argument("--paired", action="store_true",
+                   help="also print per-case differences of each run against the first one (mean IoU and steps "
+                        "difference with standard error and 95%% interval, cases better / worse): whether a "
+                        "difference between two policies is more than noise")
     p.set_defaults(func=run_compare)
     return p
 
@@ -149,10 +153,12 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from .compare import CompareError, compare_runs
+    from .compare import CompareError, compare_runs, paired_differences
 
     try:
         print(compare_runs(args.runs, by_dataset=args.by_dataset, fmt=args.format), end="")
+        if args.paired:
+            print("\n" + paired_differences(args.runs), end="")
     except CompareError as exc:
         return _err(str(exc))
     return 0

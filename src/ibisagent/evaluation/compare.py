@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CompareError", "compare_runs", "load_run"]
+__all__ = ["CompareError", "compare_runs", "load_run", "paired_differences"]
 
 
 class CompareError(ValueError):
@@ -45,6 +45,61 @@ def _unique_labels(paths: Sequence[Path]) -> list[str]:
     if len(set(labels)) < len(labels):
         labels = [str(p) for p in paths]
     return labels
+
+
+def _case_rows(path: Path) -> dict[str, dict[str, str]]:
+    """case_id -> row of a run's cases.csv, for the cases that finished (status ok)."""
+    import csv
+
+    f = path / "cases.csv"
+    if not f.is_file():
+        raise CompareError(f"{path} has no cases.csv: paired differences need the per-case results of `ibisagent eval`")
+    with f.open(encoding="utf-8", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if rows and not {"case_id", "iou", "steps"} <= set(rows[0]):
+        raise CompareError(f"{f} lacks case_id/iou/steps columns: not written by `ibisagent eval`")
+    return {r["case_id"]: r for r in rows if r.get("status", "ok") == "ok" and r.get("iou") not in (None, "")}
+
+
+def paired_differences(dirs: Sequence[str | Path], *, tie: float = 0.005) -> str:
+    """Per-case differences of every run against the first (the baseline), over the cases both finished: mean
+    difference of IoU and of steps with its standard error and a normal-approximation 95 % interval, and how many
+    cases got better / worse by more than ``tie`` IoU. A markdown table."""
+    import math
+
+    if len(dirs) < 2:
+        raise CompareError("paired differences need a baseline run and at least one other run")
+    paths = [Path(d) for d in dirs]
+    labels = _unique_labels(paths)
+    base = _case_rows(paths[0])
+
+    def stats(d: list[float]) -> tuple[float, float]:
+        m = sum(d) / len(d)
+        if len(d) < 2:
+            return m, float("nan")
+        var = sum((x - m) ** 2 for x in d) / (len(d) - 1)
+        return m, math.sqrt(var / len(d))
+
+    lines = [f"Paired differences against `{labels[0]}` (run minus baseline, per case; +- = standard error, "
+             "95 % interval = mean +- 1.96 SE)", "",
+             "| run | paired cases | IoU diff | 95 % interval | better / worse / within " + f"{tie:g}"
+             + " | steps diff |", "|---|---|---|---|---|---|"]
+    for label, path in zip(labels[1:], paths[1:]):
+        other = _case_rows(path)
+        ids = sorted(set(base) & set(other))
+        if not ids:
+            lines.append(f"| {label} | 0 | - | - | - | - |")
+            continue
+        d_iou = [float(other[i]["iou"]) - float(base[i]["iou"]) for i in ids]
+        d_steps = [float(other[i]["steps"]) - float(base[i]["steps"]) for i in ids]
+        m, se = stats(d_iou)
+        ms, ses = stats(d_steps)
+        better = sum(x > tie for x in d_iou)
+        worse = sum(x < -tie for x in d_iou)
+        interval = "-" if math.isnan(se) else f"[{m - 1.96 * se:+.3f}, {m + 1.96 * se:+.3f}]"
+        lines.append(f"| {label} | {len(ids)} | {m:+.3f} +- {se:.3f} | {interval} | {better} / {worse} / "
+                     f"{len(ids) - better - worse} | {ms:+.2f} +- {ses:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def compare_runs(dirs: Sequence[str | Path], *, by_dataset: bool = False, fmt: str = "md") -> str:

@@ -142,6 +142,16 @@ class PolicyTrainConfig:
     clip: float = field(default=0.2, metadata={"help": "PPO/GRPO ratio clip"})
     kl_coef: float = field(default=0.04, metadata={"help": "KL-to-SFT coefficient (k3 estimator)"})
     max_turns: int = field(default=5, metadata={"help": "turns per GRPO episode (Terminate counts)"})
+    grpo_absorbing: bool = field(default=False, metadata={"help": "score a stopped episode's remaining turns (up to "
+                                                                   "--max-turns) with its Terminate step's reward, "
+                                                                   "as an absorbing stop state: early and late stops "
+                                                                   "are then compared over the same number of turns "
+                                                                   "(plain sums of per-step rewards favour longer "
+                                                                   "episodes)"})
+    grpo_temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the GRPO rollouts; the "
+                                                                  "policy optimized is the one at this temperature "
+                                                                  "(below 1: episodes closer to the greedy policy "
+                                                                  "that is deployed)"})
     grpo_minutes: float = field(default=0.0, metadata={"help": "stop GRPO after this many minutes (0 = none)"})
     grpo_stop: bool = field(default=True, metadata={"help": "let GRPO train the stop decision too; with "
                                                             "--no-grpo-stop it optimizes where to click (the click "
@@ -861,6 +871,15 @@ def _run_grpo(cfg: PolicyTrainConfig, run: Path, backend: _Backend, text_bank: t
     if not cfg.grpo_stop:  # the stop head keeps its SFT weights
         for p in net.stop.parameters():
             p.requires_grad_(False)
+    t = cfg.grpo_temperature
+
+    def logp(m: torch.Tensor, st: torch.Tensor, pl: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """log-prob of the rollout actions under the policy at the rollout temperature (clicks only without
+        --grpo-stop)"""
+        if cfg.grpo_stop:
+            return action_log_prob(m, st, pl, a, temperature=t)
+        return _click_log_prob(m / t, st, pl, a)
+
     while it < cfg.grpo_iters:
         pick = rng.choice(len(train), size=min(cfg.grpo_cases, len(train)), replace=False).tolist()
         cases = [train[i] for i in pick]
@@ -868,12 +887,12 @@ def _run_grpo(cfg: PolicyTrainConfig, run: Path, backend: _Backend, text_bank: t
         net.eval()
         for b0 in range(0, len(cases), per_batch):
             group = [c for c in cases[b0 : b0 + per_batch] for _ in range(cfg.group_size)]
-            eps += _play(net, backend, text_bank, group, cfg, 1.0, gen, True, cfg.max_turns)
+            eps += _play(net, backend, text_bank, group, cfg, cfg.grpo_temperature, gen, True, cfg.max_turns)
         # advantages per case group
         recs: list[dict[str, Any]] = []
         for g0 in range(0, len(eps), cfg.group_size):
             grp = eps[g0 : g0 + cfg.group_size]
-            adv = grpo_advantages([[s["reward"].total for s in e.steps] for e in grp])
+            adv = grpo_advantages([_episode_rewards(e, cfg.max_turns if cfg.grpo_absorbing else 0) for e in grp])
             for gi, (e, a) in enumerate(zip(grp, adv)):
                 for s, av in zip(e.steps, a):
                     s["adv"] = av
@@ -896,7 +915,6 @@ def _run_grpo(cfg: PolicyTrainConfig, run: Path, backend: _Backend, text_bank: t
         adv = torch.tensor([r["s"]["adv"] for r in recs], dtype=torch.float32)
         emb = torch.stack([backend.embs[r["ep"].case.emb] for r in recs]).float()
         txt = text_bank[[r["ep"].case.text for r in recs]]
-        logp = action_log_prob if cfg.grpo_stop else _click_log_prob
         with torch.no_grad():
             rm, rs, _ = ref(emb, planes, txt)
             ref_lp = logp(rm, rs, planes, acts)
@@ -946,6 +964,16 @@ def _run_grpo(cfg: PolicyTrainConfig, run: Path, backend: _Backend, text_bank: t
     return summary
 
 
+def _episode_rewards(e: _Ep, pad_to: int = 0) -> list[float]:
+    """The per-step total rewards of an episode; with ``pad_to``, an episode that ended with Terminate is extended to
+    ``pad_to`` turns by repeating the Terminate step's reward (the stop state is absorbing). The advantages of the
+    padded turns are computed but belong to no action."""
+    r = [s["reward"].total for s in e.steps]
+    if pad_to and e.steps and e.steps[-1]["index"] < 0 and len(r) < pad_to:
+        r += [r[-1]] * (pad_to - len(r))
+    return r
+
+
 def _click_log_prob(maps: torch.Tensor, stop_logit: torch.Tensor, planes: torch.Tensor,
                     actions: torch.Tensor) -> torch.Tensor:
     """log P(click cell | the policy clicks): the click part of :func:`action_log_prob` (``actions`` >= 0)."""
@@ -971,6 +999,8 @@ def train_policy(config: PolicyTrainConfig | dict[str, Any]) -> Path:
         raise PolicyTrainError("--data is required (a folder with index.jsonl or a folder of such folders)")
     if cfg.group_size < 2:
         raise PolicyTrainError("group_size must be >= 2 (the recipe uses >= 4)")
+    if not cfg.grpo_temperature > 0:
+        raise PolicyTrainError(f"grpo_temperature must be > 0, got {cfg.grpo_temperature}")
     if not Path(cfg.data).exists():
         raise PolicyTrainError(f"data folder {cfg.data} does not exist")
     torch.set_num_threads(max(1, cfg.threads))
