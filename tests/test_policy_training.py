@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -198,3 +199,36 @@ def test_absorbing_stop_compares_stops_over_the_same_number_of_turns() -> None:
     absorbing = grpo_advantages([_episode_rewards(stop_now, 3), _episode_rewards(click_then_stop, 3)])
     assert absorbing[0][0] > absorbing[1][0]
     assert plain[0][0] - plain[1][0] < absorbing[0][0] - absorbing[1][0]
+
+
+def test_grpo_holdout_keeps_grpo_images_out_of_sft(tiny_data: Path, tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from ibisagent.training.policy import split_holdout
+
+    cases = [SimpleNamespace(id=f"c{i}", image_key=f"/data/images/im{i // 2}.png") for i in range(40)]
+    cases += [SimpleNamespace(id=f"v{k}", image_key=f"ts/vol{k % 3}.nii.gz#z{k}") for k in range(30)]
+    sft, grpo = split_holdout(cases, 0.4)  # type: ignore[arg-type]
+    assert sft and grpo and {c.id for c in sft}.isdisjoint({c.id for c in grpo})
+    assert len(sft) + len(grpo) == len(cases)
+    group = {c.image_key.split("#")[0] for c in grpo}
+    assert not group & {c.image_key.split("#")[0] for c in sft}  # an image or a volume is never split
+    assert split_holdout(cases, 0.4) == (sft, grpo)  # stable
+    assert split_holdout(cases, 0.0) == (cases, cases)
+    # where the data lives does not change the split
+    moved = [SimpleNamespace(id=c.id, image_key=c.image_key if "#" in c.image_key else "/elsewhere" + c.image_key)
+             for c in cases]  # 2D keys are absolute paths; volume keys are already relative to the data folder
+    assert [c.id for c in split_holdout(moved, 0.4)[1]] == [c.id for c in grpo]  # type: ignore[arg-type]
+    # a run: every GRPO episode is on a held-out case (of the tiny set, b2 and b3 hash below 0.125)
+    expected = {f"b{i}" for i in range(4)
+                if int(hashlib.sha1(f"blobs/images/b{i}.png".encode()).hexdigest()[:8], 16) / 2**32 < 0.125}
+    assert expected == {"b2", "b3"}
+    run = tmp_path / "run"
+    cfg = dict(max_cases=4, grpo_holdout=0.125)
+    train_policy(_cfg(tiny_data, run, stage="sft", **cfg))
+    train_policy(_cfg(tiny_data, run, stage="grpo", grpo_iters=2, grpo_cases=4, **cfg))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["grpo_masks"] == len(expected) and summary["sft_masks"] == 4 - len(expected)
+    assert {r["case"] for r in _rows(run / "grpo_steps.csv")} == expected
+    with pytest.raises(PolicyTrainError, match="grpo_holdout"):
+        train_policy(_cfg(tiny_data, run, stage="sft", grpo_holdout=1.0))

@@ -142,6 +142,11 @@ class PolicyTrainConfig:
     clip: float = field(default=0.2, metadata={"help": "PPO/GRPO ratio clip"})
     kl_coef: float = field(default=0.04, metadata={"help": "KL-to-SFT coefficient (k3 estimator)"})
     max_turns: int = field(default=5, metadata={"help": "turns per GRPO episode (Terminate counts)"})
+    grpo_holdout: float = field(default=0.0, metadata={"help": "fraction of the train images (whole volumes for "
+                                                                 "volume slices) kept out of SFT and used only by "
+                                                                 "GRPO, so that GRPO learns on images the SFT policy "
+                                                                 "never saw (0 = both stages use all; give the same "
+                                                                 "value to the sft and grpo commands)"})
     grpo_absorbing: bool = field(default=False, metadata={"help": "score a stopped episode's remaining turns (up to "
                                                                    "--max-turns) with its Terminate step's reward, "
                                                                    "as an absorbing stop state: early and late stops "
@@ -531,6 +536,25 @@ class _Bank:
     def load_state_dict(self, d: dict[str, Any]) -> None:
         self.frac, self.logit, self.clicks = d["frac"], d["logit"], d["clicks"]
         self.meta, self.target = d["meta"], d["target"]
+
+
+def split_holdout(cases: list[_Case], frac: float) -> tuple[list[_Case], list[_Case]]:
+    """(SFT cases, GRPO cases): a stable ``frac`` of the images goes to GRPO only. Images are grouped by their source
+    (the volume for slices cut from one volume, ``<folder>/<file>#z<k>`` keys), so no volume is split between stages.
+    The hash uses the last three parts of the path (``<dataset>/images/<file>``), so the split does not depend on
+    where the data folder lives. With ``frac`` 0 both stages get every case."""
+    import hashlib
+
+    if frac <= 0:
+        return cases, cases
+
+    def held(c: _Case) -> bool:
+        group = "/".join(Path(c.image_key.split("#", 1)[0]).parts[-3:])
+        return int(hashlib.sha1(group.encode()).hexdigest()[:8], 16) / 2**32 < frac
+
+    grpo = [c for c in cases if held(c)]
+    sft = [c for c in cases if not held(c)]
+    return sft, grpo
 
 
 def _subset(cases: list[_Case], n: int, rng: np.random.Generator) -> list[_Case]:
@@ -1017,12 +1041,21 @@ def train_policy(config: PolicyTrainConfig | dict[str, Any]) -> Path:
     if not train:
         raise PolicyTrainError(f"no usable train cases under {cfg.data}")
     text_bank = _text_bank(texts)
+    if not 0 <= cfg.grpo_holdout < 1:
+        raise PolicyTrainError(f"grpo_holdout must be in [0, 1), got {cfg.grpo_holdout}")
+    sft_train, grpo_train = split_holdout(train, cfg.grpo_holdout)
+    if not sft_train or not grpo_train:
+        raise PolicyTrainError(f"--grpo-holdout {cfg.grpo_holdout} leaves {len(sft_train)} SFT and {len(grpo_train)} "
+                               "GRPO cases; both stages need some")
     log(f"{len(train)} train masks ({'with' if cfg.flip else 'no'} mirrored embeddings), {len(val)} val; segmenter "
         f"{cfg.segmenter}; {len(backend.embs)} embeddings loaded in {time.perf_counter() - t0:.0f}s")
     summary: dict[str, Any] = {"segmenter": cfg.segmenter, "segmenter_weights": cfg.segmenter_weights or "shipped",
                                "train_cases": len(train), "val_cases": len(val), "seed": cfg.seed}
+    if cfg.grpo_holdout > 0:
+        summary.update({"sft_masks": len(sft_train), "grpo_masks": len(grpo_train)})
+        log(f"--grpo-holdout {cfg.grpo_holdout}: SFT on {len(sft_train)} masks, GRPO on the other {len(grpo_train)}")
     if cfg.stage in ("sft", "all"):
-        net, s = _run_sft(cfg, run, backend, text_bank, train, val, log, gen)
+        net, s = _run_sft(cfg, run, backend, text_bank, sft_train, val, log, gen)
         summary.update(s)
     else:
         sft_path = run / "sft.safetensors"
@@ -1031,7 +1064,7 @@ def train_policy(config: PolicyTrainConfig | dict[str, Any]) -> Path:
         net, meta = load_policy_net(sft_path)
         summary.update({k: _maybe_json(v) for k, v in meta.items() if k.startswith("sft")})
     if cfg.stage in ("grpo", "all") and cfg.grpo_iters > 0:
-        summary.update(_run_grpo(cfg, run, backend, text_bank, train, val, net, log, gen))
+        summary.update(_run_grpo(cfg, run, backend, text_bank, grpo_train, val, net, log, gen))
     summary["total_minutes"] = round((time.perf_counter() - t0) / 60, 1)
     summary["decoder_calls"] = backend.calls
     out = Path(cfg.out) if cfg.out else POLICY_WEIGHTS
