@@ -232,3 +232,5 @@ def test_grpo_holdout_keeps_grpo_images_out_of_sft(tiny_data: Path, tmp_path: Pa
     assert {r["case"] for r in _rows(run / "grpo_steps.csv")} == expected
     with pytest.raises(PolicyTrainError, match="grpo_holdout"):
         train_policy(_cfg(tiny_data, run, stage="sft", grpo_holdout=1.0))
+    with pytest.raises(PolicyTrainError, match="same value"):  # GRPO must get the images SFT left out
+        train_policy(_cfg(tiny_data, run, stage="grpo", grpo_iters=1, max_cases=4))

@@ -863,7 +863,7 @@ def _run_sft(cfg: PolicyTrainConfig, run: Path, backend: _Backend, text_bank: to
         _plot(run / "sft_curves.png", {k: [float(r[k]) for r in rows_csv] for k in keys},
               [float(r["step"]) for r in rows_csv], "SFT")
     summary = {"sft_steps": step, "sft_states": len(bank), "sft_minutes": round(
-        (elapsed_before + time.perf_counter() - t_start) / 60, 1)}
+        (elapsed_before + time.perf_counter() - t_start) / 60, 1), "sft_holdout": cfg.grpo_holdout}
     summary.update({f"sft_{k}": v for k, v in _validate(net, backend, text_bank, val, cfg).items()})
     save_policy_net(net, run / "sft.safetensors", {"stage": "sft", **summary})
     log(f"SFT done: {summary}")
@@ -1062,6 +1062,10 @@ def train_policy(config: PolicyTrainConfig | dict[str, Any]) -> Path:
         if not sft_path.exists():
             raise PolicyTrainError(f"stage grpo needs {sft_path} (run --stage sft first)")
         net, meta = load_policy_net(sft_path)
+        if "sft_holdout" in meta and float(meta["sft_holdout"]) != cfg.grpo_holdout:
+            raise PolicyTrainError(f"{sft_path} was trained with --grpo-holdout {meta['sft_holdout']}: give the same "
+                                   f"value to the grpo stage (got {cfg.grpo_holdout}), or GRPO would not get the images "
+                                   "SFT left out")
         summary.update({k: _maybe_json(v) for k, v in meta.items() if k.startswith("sft")})
     if cfg.stage in ("grpo", "all") and cfg.grpo_iters > 0:
         summary.update(_run_grpo(cfg, run, backend, text_bank, grpo_train, val, net, log, gen))
