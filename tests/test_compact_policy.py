@@ -289,3 +289,44 @@ def test_a_stop_forced_by_the_click_budget_says_so(blob) -> None:
     pol = CompactPolicy(weights="random", embedder="fake", max_clicks=2, stop_threshold=0.0)
     ep = Agent(pol, "fake").segment(img, "the bright blob", gt)
     assert "budget" not in ep.steps[-1].raw
+
+
+def test_tta_averages_the_mirrored_pass() -> None:
+    """With test-time augmentation the outputs are the mean of the network on the image and on its mirror (mirrored
+    back): for a mirror-symmetric image and state they are exactly mirror-symmetric, which one pass is not."""
+    from ibisagent.env import Observation
+
+    h, w = 64, 128
+    img = np.zeros((h, w, 3), np.uint8)
+    img[20:44, 32:96] = 200  # symmetric about the vertical centre line
+    mask = img[..., 0] > 0
+
+    def obs(m):
+        return Observation(image=img, overlay=img, query="the bar", step=1, mask=m, logits=None,
+                           points=np.asarray([[40, 32], [87, 32]], np.float32), labels=np.asarray([1, 1]),
+                           box=None, chat=(), grammar="reference")
+
+    plain = CompactPolicy(weights="random", embedder="fake", seed=0)
+    tta = CompactPolicy(weights="random", embedder="fake", seed=0, tta=True)
+    tta.net.load_state_dict(plain.net.state_dict())
+    for p in (plain, tta):
+        p.begin_episode(image=img, query="the bar")
+    a, b = plain.decide(obs(mask)), tta.decide(obs(mask))
+    assert np.allclose(b.maps, b.maps[..., ::-1], atol=1e-5) and np.allclose(b.obj, b.obj[..., ::-1], atol=1e-5)
+    assert not np.allclose(a.maps, a.maps[..., ::-1], atol=1e-3)
+    # and it is the average of the two passes
+    emb = tta._emb_flip
+    assert emb is not None and torch.equal(emb, tta._emb)  # the mirrored image is the image itself
+    with torch.no_grad():
+        m2 = plain.net(emb, torch.from_numpy(a.planes[..., ::-1].copy())[None], plain._text)[0][0].numpy()
+    assert np.allclose(b.maps, (a.maps + m2[..., ::-1]) / 2, atol=1e-5)
+
+
+def test_tta_skips_the_mirrored_pass_for_a_side_named_query() -> None:
+    img = np.zeros((64, 128, 3), np.uint8)
+    img[10:30, 5:40] = 200
+    pol = CompactPolicy(weights="random", embedder="fake", tta=True)
+    pol.begin_episode(image=img, query="the kidney left in this CT slice")
+    assert pol._emb_flip is None
+    pol.begin_episode(image=img, query="the liver in this CT slice")
+    assert pol._emb_flip is not None

@@ -41,6 +41,7 @@ from ibisagent.env import Observation
 from ibisagent.masks import error_regions
 from ibisagent.policies.base import BasePolicy, PolicyError, register_policy
 from ibisagent.protocol import Action, format_reply, to_normalized
+from ibisagent.queries import mirror_safe
 from ibisagent.reasoning import describe_box, describe_click, describe_stop, location_phrase
 
 __all__ = [
@@ -481,6 +482,9 @@ class CompactPolicy(BasePolicy):
             truth: click the deepest pixel of the larger disagreement region between its object belief and the
             mask; stop when they agree at IoU >= ``belief_stop``).
         belief_stop: agreement (IoU of belief and mask) at which the ``belief`` rule stops.
+        tta: test-time augmentation: also run the network on the mirrored image and state (one more encoder pass per
+            image) and average the two outputs (click maps, stop logit, object map), mirrored back. Skipped when the
+            query names a side (left/right). Slower; off by default.
     """
 
     name = "compact"
@@ -499,6 +503,7 @@ class CompactPolicy(BasePolicy):
         threads: int = 1,
         click_rule: str = "maps",
         belief_stop: float = 0.9,
+        tta: bool = False,
     ) -> None:
         super().__init__()
         if first_action not in ("click", "box"):
@@ -507,6 +512,8 @@ class CompactPolicy(BasePolicy):
             raise PolicyError("click_rule must be 'maps' or 'belief'")
         self.click_rule = click_rule
         self.belief_stop = float(belief_stop)
+        self.tta = bool(tta)
+        self._emb_flip: torch.Tensor | None = None
         if isinstance(weights, CompactPolicyNet):
             self.net, self.meta = weights, {}
         elif weights == "random":
@@ -535,6 +542,11 @@ class CompactPolicy(BasePolicy):
     def begin_episode(self, *, image: np.ndarray, query: str, gt: np.ndarray | None = None) -> None:
         super().begin_episode(image=image, query=query, gt=gt)
         self._emb = torch.from_numpy(np.array(self.embedder(image), dtype=np.float32).reshape(1, -1, GRID, GRID))
+        self._emb_flip = None
+        if self.tta and mirror_safe(query):  # a mirrored "left kidney" would be the right one: no mirrored pass
+            flipped = np.ascontiguousarray(np.asarray(image)[:, ::-1])
+            self._emb_flip = torch.from_numpy(
+                np.array(self.embedder(flipped), dtype=np.float32).reshape(1, -1, GRID, GRID))
         self._text = torch.from_numpy(self.text_embedding(query))[None]
         self._clicked = set()
         self.last = None
@@ -561,6 +573,8 @@ class CompactPolicy(BasePolicy):
         try:
             with torch.inference_mode():
                 maps, stop, obj = self.net(self._emb, pt, self._text)
+                if self._emb_flip is not None:
+                    maps, stop, obj = self._mirror_average(obs, maps, stop, obj)
                 force = torch.tensor([len(obs.points) >= self.max_clicks])
                 acts, lps, p_stops = select_actions(maps, stop, pt, temperature=self.temperature,
                                                     stop_threshold=self.stop_threshold, force_stop=force,
@@ -573,6 +587,18 @@ class CompactPolicy(BasePolicy):
             choice = self._belief_choice(choice, obs, bool(force[0]))
         self.last = choice
         return choice
+
+    def _mirror_average(self, obs: Observation, maps: torch.Tensor, stop: torch.Tensor,
+                        obj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Average the outputs with those for the mirrored image and state (mirrored back onto this image's grid)."""
+        w = obs.width
+        pts = np.asarray(obs.points, np.float32).reshape(-1, 2).copy()
+        pts[:, 0] = w - 1 - pts[:, 0]
+        mask = None if obs.mask is None else np.ascontiguousarray(np.asarray(obs.mask)[..., ::-1])
+        logits = None if obs.logits is None else np.ascontiguousarray(np.asarray(obs.logits)[..., ::-1])
+        planes = state_planes(mask, logits, pts, obs.labels, (obs.height, w), obs.step)
+        m2, s2, o2 = self.net(self._emb_flip, torch.from_numpy(planes)[None], self._text)
+        return (maps + m2.flip(-1)) / 2, (stop + s2) / 2, (obj + o2.flip(-1)) / 2
 
     def belief_mask(self, obj: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
         """The network's object map (64x64 logits) upsampled to the image (bilinear) and thresholded at 0."""

@@ -25,7 +25,6 @@ a label volume with values {0, 1} only is a binary mask of the row's ``object``.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,12 +33,12 @@ import numpy as np
 from ibisagent.io.images import Window, apply_window
 from ibisagent.io.manifest import Case, iter_manifest_dirs, load_manifest, split_of
 from ibisagent.io.volumes import Volume, display_transform, load_volume, to_display, volume_window
+from ibisagent.queries import mirror_safe
 
 __all__ = ["VolumeSlice", "class_names", "mirror_safe", "volume_slice_cases"]
 
 #: slices of a 2D image whose mean absolute pixel difference to a volume slice is below this are the same slice
 _SAME_SLICE = 3.0
-_SIDE = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 
 
 @dataclass
@@ -53,11 +52,6 @@ class VolumeSlice:
     image_key: str  # "<folder>/<volume file>#z<k>": cases of one slice share it
     image: np.ndarray
     gt: np.ndarray
-
-
-def mirror_safe(query: str) -> bool:
-    """Whether a left-right mirrored image still matches ``query`` (False when it names a side)."""
-    return _SIDE.search(query) is None
 
 
 def class_names(case: Case) -> dict[int, str]:
