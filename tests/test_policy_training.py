@@ -234,3 +234,33 @@ def test_grpo_holdout_keeps_grpo_images_out_of_sft(tiny_data: Path, tmp_path: Pa
         train_policy(_cfg(tiny_data, run, stage="sft", grpo_holdout=1.0))
     with pytest.raises(PolicyTrainError, match="same value"):  # GRPO must get the images SFT left out
         train_policy(_cfg(tiny_data, run, stage="grpo", grpo_iters=1, max_cases=4))
+
+
+def test_grpo_stop_only_trains_only_the_stop_head(tiny_data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train_policy(_cfg(tiny_data, run, stage="sft"))
+    sft, _ = load_policy_net(run / "sft.safetensors")
+    out = train_policy(_cfg(tiny_data, run, stage="grpo", grpo_iters=3, grpo_stop_only=True, grpo_lr=5e-2,
+                            grpo_epochs=1))
+    net, _ = load_policy_net(out)
+    moved = {n for (n, a), b in zip(sft.state_dict().items(), net.state_dict().values()) if not torch.equal(a, b)}
+    assert moved and all(n.startswith("stop.") for n in moved), moved
+    assert len(_rows(run / "grpo_iters.csv")) == 3
+    with pytest.raises(PolicyTrainError, match="choose one"):
+        train_policy(_cfg(tiny_data, run, stage="grpo", grpo_iters=1, grpo_stop_only=True, grpo_stop=False))
+
+
+def test_greedy_clicks_sample_only_stop_or_click() -> None:
+    from ibisagent.policies.compact import select_actions
+
+    maps = torch.randn(64, 2, GRID, GRID)
+    planes = torch.zeros(64, 6, GRID, GRID)
+    planes[:, 0, :8, :8] = 1.0
+    planes[:, 4] = 1.0  # a mask exists: stopping is allowed
+    stop = torch.zeros(64)  # P(stop) = 0.5
+    gen = torch.Generator().manual_seed(0)
+    acts, _, _ = select_actions(maps, stop, planes, temperature=1.0, generator=gen, greedy_clicks=True)
+    greedy, _, _ = select_actions(maps, torch.full((64,), -20.0), planes)
+    clicked = acts >= 0
+    assert 0 < int(clicked.sum()) < 64  # both decisions are sampled
+    assert torch.equal(acts[clicked], greedy[clicked])  # every click is the best cell

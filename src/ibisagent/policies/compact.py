@@ -196,11 +196,13 @@ def policy_entropy(maps: torch.Tensor, stop_logit: torch.Tensor, planes: torch.T
 def select_actions(
     maps: torch.Tensor, stop_logit: torch.Tensor, planes: torch.Tensor, *, temperature: float = 0.0,
     stop_threshold: float = 0.5, force_stop: torch.Tensor | None = None, generator: torch.Generator | None = None,
+    greedy_clicks: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pick one action per state: greedy (``temperature`` 0: stop if P(stop) >= ``stop_threshold``, else the best
     allowed cell) or sampled at ``temperature``. ``force_stop`` (B,) bool forces Terminate where stopping is allowed.
     Returns (actions (B,) with -1 = stop, log-probs (B,) under the sampling temperature (1 when greedy),
-    P(stop) (B,) at temperature 1)."""
+    P(stop) (B,) at temperature 1). With ``greedy_clicks`` (and ``temperature`` > 0) only stop-or-click is sampled;
+    the click is the best allowed cell, as deployed."""
     logits, stop_ok = masked_logits(maps, planes)
     p_stop = torch.sigmoid(stop_logit) * stop_ok
     if temperature <= 0:
@@ -208,8 +210,11 @@ def select_actions(
         stop = stop_ok & (p_stop >= stop_threshold)
         t_eval = 1.0
     else:
-        probs = torch.softmax(logits / temperature, 1)
-        acts = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        if greedy_clicks:
+            acts = torch.argmax(logits, 1)
+        else:
+            probs = torch.softmax(logits / temperature, 1)
+            acts = torch.multinomial(probs, 1, generator=generator)[:, 0]
         ps_t = torch.sigmoid(stop_logit / temperature) * stop_ok
         stop = torch.rand(ps_t.shape, generator=generator) < ps_t
         t_eval = temperature

@@ -142,6 +142,9 @@ class PolicyTrainConfig:
     clip: float = field(default=0.2, metadata={"help": "PPO/GRPO ratio clip"})
     kl_coef: float = field(default=0.04, metadata={"help": "KL-to-SFT coefficient (k3 estimator)"})
     max_turns: int = field(default=5, metadata={"help": "turns per GRPO episode (Terminate counts)"})
+    grpo_stop_only: bool = field(default=False, metadata={"help": "GRPO trains only the stop head (when to stop); "
+                                                                   "the rollouts click the best cell, as deployed, "
+                                                                   "and only stop-or-click is sampled"})
     grpo_holdout: float = field(default=0.0, metadata={"help": "fraction of the train images (whole volumes for "
                                                                  "volume slices) kept out of SFT and used only by "
                                                                  "GRPO, so that GRPO learns on images the SFT policy "
@@ -598,7 +601,7 @@ def sft_loss(net: CompactPolicyNet, emb: torch.Tensor, planes: torch.Tensor, tex
 
 def _play(net: CompactPolicyNet, backend: _Backend, text_bank: torch.Tensor, cases: list[_Case],
           cfg: PolicyTrainConfig, temperature: float, gen: torch.Generator, score: bool,
-          max_turns: int, max_clicks: int = DEFAULT_MAX_CLICKS) -> list[_Ep]:
+          max_turns: int, max_clicks: int = DEFAULT_MAX_CLICKS, greedy_clicks: bool = False) -> list[_Ep]:
     """Full episodes of the policy (lockstep): replies written by :class:`CompactPolicy`, rewards per step when
     ``score``. Greedy when ``temperature`` is 0."""
     from ibisagent.rewards import score_transition
@@ -616,7 +619,7 @@ def _play(net: CompactPolicyNet, backend: _Backend, text_bank: torch.Tensor, cas
         maps, stop, obj = _net_forward(net, backend, text_bank, live, planes)
         force = torch.tensor([len(e.points) >= min(max_turns - 1, max_clicks) for e in live])
         acts, lps, p_stop = select_actions(maps, stop, torch.from_numpy(planes), temperature=temperature,
-                                           force_stop=force, generator=gen)
+                                           force_stop=force, generator=gen, greedy_clicks=greedy_clicks)
         clickers, clicks = [], []
         for i, e in enumerate(live):
             ch = ActionChoice(int(acts[i]), float(lps[i]), float(p_stop[i]), planes[i], maps[i].numpy(),
@@ -895,11 +898,18 @@ def _run_grpo(cfg: PolicyTrainConfig, run: Path, backend: _Backend, text_bank: t
     if not cfg.grpo_stop:  # the stop head keeps its SFT weights
         for p in net.stop.parameters():
             p.requires_grad_(False)
+    if cfg.grpo_stop_only:  # everything but the stop head keeps its SFT weights
+        stop_params = {id(p) for p in net.stop.parameters()}
+        for p in net.parameters():
+            p.requires_grad_(id(p) in stop_params)
     t = cfg.grpo_temperature
+    recompute_old = not cfg.grpo_stop or cfg.grpo_stop_only  # the rollout log-probs were of the full action
 
     def logp(m: torch.Tensor, st: torch.Tensor, pl: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """log-prob of the rollout actions under the policy at the rollout temperature (clicks only without
-        --grpo-stop)"""
+        --grpo-stop, stop-or-click only with --grpo-stop-only)"""
+        if cfg.grpo_stop_only:
+            return _stop_log_prob(st / t, pl, a)
         if cfg.grpo_stop:
             return action_log_prob(m, st, pl, a, temperature=t)
         return _click_log_prob(m / t, st, pl, a)
@@ -911,7 +921,8 @@ def _run_grpo(cfg: PolicyTrainConfig, run: Path, backend: _Backend, text_bank: t
         net.eval()
         for b0 in range(0, len(cases), per_batch):
             group = [c for c in cases[b0 : b0 + per_batch] for _ in range(cfg.group_size)]
-            eps += _play(net, backend, text_bank, group, cfg, cfg.grpo_temperature, gen, True, cfg.max_turns)
+            eps += _play(net, backend, text_bank, group, cfg, cfg.grpo_temperature, gen, True, cfg.max_turns,
+                         greedy_clicks=cfg.grpo_stop_only)
         # advantages per case group
         recs: list[dict[str, Any]] = []
         for g0 in range(0, len(eps), cfg.group_size):
@@ -942,7 +953,7 @@ def _run_grpo(cfg: PolicyTrainConfig, run: Path, backend: _Backend, text_bank: t
         with torch.no_grad():
             rm, rs, _ = ref(emb, planes, txt)
             ref_lp = logp(rm, rs, planes, acts)
-            if not cfg.grpo_stop:  # the sampling policy's click log-probs (the net has not changed since the rollouts)
+            if recompute_old:  # the sampling policy's log-probs of the part trained (unchanged since the rollouts)
                 om, os_, _ = net(emb, planes, txt)
                 old = logp(om, os_, planes, acts)
         stats: dict[str, float] = {}
@@ -998,6 +1009,13 @@ def _episode_rewards(e: _Ep, pad_to: int = 0) -> list[float]:
     return r
 
 
+def _stop_log_prob(stop_logit: torch.Tensor, planes: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """log P(stop) for stop actions (-1), log P(click) for clicks; 0 where stopping is not allowed (no mask yet)."""
+    _, stop_ok = allowed_actions(planes)
+    lp = torch.where(actions < 0, F.logsigmoid(stop_logit), F.logsigmoid(-stop_logit))
+    return torch.where(stop_ok, lp, torch.zeros_like(lp))
+
+
 def _click_log_prob(maps: torch.Tensor, stop_logit: torch.Tensor, planes: torch.Tensor,
                     actions: torch.Tensor) -> torch.Tensor:
     """log P(click cell | the policy clicks): the click part of :func:`action_log_prob` (``actions`` >= 0)."""
@@ -1023,6 +1041,8 @@ def train_policy(config: PolicyTrainConfig | dict[str, Any]) -> Path:
         raise PolicyTrainError("--data is required (a folder with index.jsonl or a folder of such folders)")
     if cfg.group_size < 2:
         raise PolicyTrainError("group_size must be >= 2 (the recipe uses >= 4)")
+    if cfg.grpo_stop_only and not cfg.grpo_stop:
+        raise PolicyTrainError("--grpo-stop-only trains the stop head, --no-grpo-stop freezes it: choose one")
     if not cfg.grpo_temperature > 0:
         raise PolicyTrainError(f"grpo_temperature must be > 0, got {cfg.grpo_temperature}")
     if not Path(cfg.data).exists():
