@@ -60,14 +60,15 @@ DATA ?= ../shared/data
 POLICY_B_ARGS ?= --stage all --segmenter litemedsam-click --rollout-clicks 3 --dagger-rounds 1 --synth-frac 0.5 \
     --sft-steps 150 --sft-lr 1e-3 --ckpt-every 50 --val-cases 16 --grpo-iters 60 --grpo-cases 8 --group-size 4 \
     --max-turns 5 --seed 0 --run-dir runs/p3b --out runs/p3b/final.safetensors
-# stage 3 (SFT, then GRPO): fine-tune on the dev data plus 2D cases cut from the train-split 3D label volumes
+# stages 3 (SFT) and 4 (GRPO): fine-tune on the dev data plus 2D cases cut from the train-split 3D label volumes;
+# 30 % of the train images are kept out of SFT and used only by GRPO (--grpo-holdout, same value in both commands)
 VOLUME_ARGS ?= --volume-stride 2 --volume-datasets totalsegmentator_examples_ct_mr,pyradiomics_testcases_mri
 POLICY_C_SFT_ARGS ?= --stage sft --segmenter litemedsam-click $(VOLUME_ARGS) --rollout-clicks 3 --dagger-rounds 1 \
     --synth-frac 0.5 --sft-steps 2000 --sft-lr 7e-4 --ckpt-every 250 --val-cases 16 --seed 0 --threads 2 \
-    --run-dir runs/p5 --out runs/p5/sft_stage.safetensors
+    --grpo-holdout 0.3 --run-dir runs/p6 --out runs/p6/sft_stage.safetensors
 POLICY_C_GRPO_ARGS ?= --stage grpo --segmenter litemedsam-click $(VOLUME_ARGS) --val-cases 16 --grpo-iters 30 \
     --grpo-cases 8 --group-size 4 --max-turns 5 --grpo-lr 5e-5 --kl-coef 0.1 --seed 0 --threads 1 \
-    --run-dir runs/p5 --out runs/p5/final.safetensors
+    --grpo-holdout 0.3 --run-dir runs/p6 --out runs/p6/final.safetensors
 weights: $(STAMP)
 	$(BIN)/ibisagent train-segmenter --data $(DATA) --cache-dir runs/embeddings --cache-only
 	$(BIN)/ibisagent train-segmenter --data $(DATA) --cache-dir runs/embeddings --run-dir runs/s3 \
@@ -82,7 +83,7 @@ weights: $(STAMP)
 	$(BIN)/ibisagent train-policy $(POLICY_C_GRPO_ARGS) --data $(DATA) \
 	    --segmenter-weights runs/s3/click.safetensors --cache-dir runs/embeddings
 	cp runs/s3/click.safetensors src/ibisagent/weights/litemedsam_click.safetensors
-	cp runs/p5/final.safetensors src/ibisagent/weights/compact_policy.safetensors
+	cp runs/p6/final.safetensors src/ibisagent/weights/compact_policy.safetensors
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache
