@@ -330,3 +330,10 @@ def test_tta_skips_the_mirrored_pass_for_a_side_named_query() -> None:
     assert pol._emb_flip is None
     pol.begin_episode(image=img, query="the liver in this CT slice")
     assert pol._emb_flip is not None
+
+
+def test_flag_options_accept_text_and_refuse_nonsense() -> None:
+    assert not CompactPolicy(weights="random", embedder="fake", tta="False").tta
+    assert CompactPolicy(weights="random", embedder="fake", query_blind="true").query_blind
+    with pytest.raises(PolicyError, match="tta must be true or false"):
+        CompactPolicy(weights="random", embedder="fake", tta="maybe")

@@ -468,6 +468,18 @@ class ActionChoice:
     pixel: tuple[int, int] | None = None
 
 
+def _flag(value: Any, name: str) -> bool:
+    """A boolean option that may arrive as text from the command line ("true", "False", "1", ...)."""
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v in ("true", "1", "yes", "on"):
+            return True
+        if v in ("false", "0", "no", "off", ""):
+            return False
+        raise PolicyError(f"{name} must be true or false, got {value!r}")
+    return bool(value)
+
+
 class CompactPolicy(BasePolicy):
     """Learned CPU policy (image embedding + query text + mask + clicks -> next click or stop).
 
@@ -517,7 +529,7 @@ class CompactPolicy(BasePolicy):
             raise PolicyError("click_rule must be 'maps' or 'belief'")
         self.click_rule = click_rule
         self.belief_stop = float(belief_stop)
-        self.tta = bool(tta)
+        self.tta = _flag(tta, "tta")
         self._emb_flip: torch.Tensor | None = None
         if isinstance(weights, CompactPolicyNet):
             self.net, self.meta = weights, {}
@@ -531,7 +543,7 @@ class CompactPolicy(BasePolicy):
         self.temperature = float(temperature)
         self.max_clicks = int(max_clicks)
         self.stop_threshold = float(stop_threshold)
-        self.query_blind = bool(query_blind)
+        self.query_blind = _flag(query_blind, "query_blind")
         self.threads = int(threads)
         self.embedder = _Embedder(embedder)
         self._seed = seed
