@@ -47,18 +47,21 @@ def _unique_labels(paths: Sequence[Path]) -> list[str]:
     return labels
 
 
-def _case_rows(path: Path) -> dict[str, dict[str, str]]:
-    """case_id -> row of a run's cases.csv, for the cases that finished (status ok)."""
-    import csv
+def _case_rows(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
+    """(source, case_id) -> parsed row of a run's cases.csv (:func:`~ibisagent.evaluation.harness.read_cases`: the
+    last row of a rerun case wins), for the cases that finished (status ok, an IoU)."""
+    from .harness import CASES_CSV, read_cases
 
-    f = path / "cases.csv"
+    f = path / CASES_CSV
     if not f.is_file():
-        raise CompareError(f"{path} has no cases.csv: paired differences need the per-case results of `ibisagent eval`")
-    with f.open(encoding="utf-8", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if rows and not {"case_id", "iou", "steps"} <= set(rows[0]):
+        raise CompareError(f"{path} has no {CASES_CSV}: paired differences need the per-case results of "
+                           "`ibisagent eval`")
+    with f.open(encoding="utf-8") as fh:
+        header = set(fh.readline().strip().split(","))
+    if not {"case_id", "iou", "steps"} <= header:
         raise CompareError(f"{f} lacks case_id/iou/steps columns: not written by `ibisagent eval`")
-    return {r["case_id"]: r for r in rows if r.get("status", "ok") == "ok" and r.get("iou") not in (None, "")}
+    return {(r["source"], r["case_id"]): r for r in read_cases(path)
+            if r.get("status") == "ok" and r.get("iou") is not None}
 
 
 def paired_differences(dirs: Sequence[str | Path], *, tie: float = 0.005) -> str:

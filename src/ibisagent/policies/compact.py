@@ -591,7 +591,7 @@ class CompactPolicy(BasePolicy):
             with torch.inference_mode():
                 maps, stop, obj = self.net(self._emb, pt, self._text)
                 if self._emb_flip is not None:
-                    maps, stop, obj = self._mirror_average(obs, maps, stop, obj)
+                    maps, stop, obj = self._mirror_average(pt, maps, stop, obj)
                 force = torch.tensor([len(obs.points) >= self.max_clicks])
                 acts, lps, p_stops = select_actions(maps, stop, pt, temperature=self.temperature,
                                                     stop_threshold=self.stop_threshold, force_stop=force,
@@ -605,16 +605,11 @@ class CompactPolicy(BasePolicy):
         self.last = choice
         return choice
 
-    def _mirror_average(self, obs: Observation, maps: torch.Tensor, stop: torch.Tensor,
+    def _mirror_average(self, planes: torch.Tensor, maps: torch.Tensor, stop: torch.Tensor,
                         obj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Average the outputs with those for the mirrored image and state (mirrored back onto this image's grid)."""
-        w = obs.width
-        pts = np.asarray(obs.points, np.float32).reshape(-1, 2).copy()
-        pts[:, 0] = w - 1 - pts[:, 0]
-        mask = None if obs.mask is None else np.ascontiguousarray(np.asarray(obs.mask)[..., ::-1])
-        logits = None if obs.logits is None else np.ascontiguousarray(np.asarray(obs.logits)[..., ::-1])
-        planes = state_planes(mask, logits, pts, obs.labels, (obs.height, w), obs.step)
-        m2, s2, o2 = self.net(self._emb_flip, torch.from_numpy(planes)[None], self._text)
+        """Average the outputs with those for the mirrored image and state, mirrored back. The state is mirrored on
+        the 64 x 64 grid, as the training's mirror augmentation does."""
+        m2, s2, o2 = self.net(self._emb_flip, planes.flip(-1), self._text)
         return (maps + m2.flip(-1)) / 2, (stop + s2) / 2, (obj + o2.flip(-1)) / 2
 
     def belief_mask(self, obj: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
