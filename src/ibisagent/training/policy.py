@@ -1043,6 +1043,8 @@ def train_policy(config: PolicyTrainConfig | dict[str, Any]) -> Path:
         raise PolicyTrainError("group_size must be >= 2 (the recipe uses >= 4)")
     if cfg.grpo_stop_only and not cfg.grpo_stop:
         raise PolicyTrainError("--grpo-stop-only trains the stop head, --no-grpo-stop freezes it: choose one")
+    if not 0 <= cfg.grpo_holdout < 1:
+        raise PolicyTrainError(f"grpo_holdout must be in [0, 1), got {cfg.grpo_holdout}")
     if not cfg.grpo_temperature > 0:
         raise PolicyTrainError(f"grpo_temperature must be > 0, got {cfg.grpo_temperature}")
     if not Path(cfg.data).exists():
@@ -1061,8 +1063,6 @@ def train_policy(config: PolicyTrainConfig | dict[str, Any]) -> Path:
     if not train:
         raise PolicyTrainError(f"no usable train cases under {cfg.data}")
     text_bank = _text_bank(texts)
-    if not 0 <= cfg.grpo_holdout < 1:
-        raise PolicyTrainError(f"grpo_holdout must be in [0, 1), got {cfg.grpo_holdout}")
     sft_train, grpo_train = split_holdout(train, cfg.grpo_holdout)
     if not sft_train or not grpo_train:
         raise PolicyTrainError(f"--grpo-holdout {cfg.grpo_holdout} leaves {len(sft_train)} SFT and {len(grpo_train)} "
