@@ -264,3 +264,76 @@ def test_greedy_clicks_sample_only_stop_or_click() -> None:
     clicked = acts >= 0
     assert 0 < int(clicked.sum()) < 64  # both decisions are sampled
     assert torch.equal(acts[clicked], greedy[clicked])  # every click is the best cell
+
+
+def test_augment_adds_warped_variants_to_sft_only(tiny_data: Path, tmp_path: Path) -> None:
+    from ibisagent.training.augment import augment_mask, augment_params, kept_fraction
+    from ibisagent.training.policy import AUG_TAG, held_out, split_holdout
+    from ibisagent.training.segmenter import load_mask
+
+    # the variants the trainer should make: 2 per image the held-out split leaves to SFT, minus masks pushed off
+    variants = []
+    for i in range(4):
+        img = tiny_data / f"images/b{i}.png"
+        if held_out(str(img), 0.125):
+            continue
+        gt = load_mask(tiny_data / f"masks/b{i}__blob.png")
+        for k in (1, 2):
+            p = augment_params(str(img), k)
+            m = augment_mask(gt, p)
+            if kept_fraction(gt, m, p) >= 0.8 and m.sum() >= 16:
+                variants.append(f"b{i}{AUG_TAG}{k}")
+    assert variants
+    run = tmp_path / "run"
+    cfg = dict(max_cases=4, grpo_holdout=0.125, augment=2)
+    train_policy(_cfg(tiny_data, run, stage="sft", **cfg))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["train_cases"] == 4 + len(variants)
+    assert summary["sft_masks"] == 2 + len(variants) and summary["grpo_masks"] == 2
+    train_policy(_cfg(tiny_data, run, stage="grpo", grpo_iters=1, grpo_cases=4, **cfg))
+    assert {r["case"] for r in _rows(run / "grpo_steps.csv")} == {"b2", "b3"}  # GRPO keeps to the originals
+    # split_holdout keeps a variant with its image and never gives variants to GRPO
+    from types import SimpleNamespace
+
+    cases = [SimpleNamespace(id=f"c{i}{t}", image_key=f"/d/s/images/im{i}.png{t}")
+             for i in range(30) for t in ("", f"{AUG_TAG}1")]
+    sft, grpo = split_holdout(cases, 0.3)  # type: ignore[arg-type]
+    assert grpo and all(AUG_TAG not in c.image_key for c in grpo)
+    held = {c.image_key for c in grpo}
+    assert all(c.image_key.split("#")[0] not in held for c in sft)
+    assert all(AUG_TAG not in c.image_key for c in split_holdout(cases, 0.0)[1])
+    with pytest.raises(PolicyTrainError, match="augment"):
+        train_policy(_cfg(tiny_data, run, stage="sft", augment=-1))
+
+
+def test_encoding_progress_is_logged_and_the_cache_reused(tiny_data: Path, tmp_path: Path) -> None:
+    from ibisagent.segmenters.base import SegmenterUnavailable, create_segmenter
+
+    try:
+        create_segmenter("litemedsam-click")
+    except (KeyError, SegmenterUnavailable) as exc:
+        pytest.skip(f"litemedsam-click unavailable: {exc}")
+    cache = tmp_path / "emb"
+    kw = dict(segmenter="litemedsam-click", cache_dir=str(cache), max_cases=1, sft_steps=1, rollout_clicks=1,
+              augment=1, threads=2)
+    run1, run2 = tmp_path / "r1", tmp_path / "r2"
+    train_policy(_cfg(tiny_data, run1, **kw))
+    log1 = (run1 / "train.log").read_text()
+    assert "encoding images: 1 done" in log1
+    assert len(list(cache.rglob("*.npy"))) + len(list(cache.rglob("*.npz"))) == 3  # image, mirrored, one variant
+    train_policy(_cfg(tiny_data, run2, **kw))
+    assert "encoding images" not in (run2 / "train.log").read_text()  # all three read back from the disk cache
+
+
+def test_variants_share_their_originals_sampling_weight() -> None:
+    from types import SimpleNamespace
+
+    from ibisagent.training.policy import AUG_TAG, case_weights
+
+    plain = [SimpleNamespace(id="a"), SimpleNamespace(id="b")]
+    assert case_weights(plain) is None  # uniform sampling, as without --augment
+    cases = plain + [SimpleNamespace(id=f"b{AUG_TAG}1"), SimpleNamespace(id=f"b{AUG_TAG}2"),
+                     SimpleNamespace(id="vol#z3")]
+    w = case_weights(cases)  # type: ignore[arg-type]
+    assert w is not None
+    np.testing.assert_allclose(w, [1 / 3, 1 / 9, 1 / 9, 1 / 9, 1 / 3])

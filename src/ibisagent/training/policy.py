@@ -84,6 +84,10 @@ __all__ = [
 THIN_OBJECTS = frozenset({"retinal blood vessels", "cell membranes", "all cell nuclei"})
 
 
+#: image-key marker of augmented variants (``<image>#aug<k>``)
+AUG_TAG = "#aug"
+
+
 class PolicyTrainError(ValueError):
     """Bad training input (no usable cases, unknown segmenter, wrong stage)."""
 
@@ -117,6 +121,10 @@ class PolicyTrainConfig:
                                                                              "cut into slices (default: all)"})
     volume_guard: int = field(default=3, metadata={"help": "slices kept away from each validation slice of a volume"})
     volume_min_area: int = field(default=40, metadata={"help": "smallest structure (pixels) of a volume slice case"})
+    augment: int = field(default=0, metadata={"help": "SFT augmentation: this many random variants (zoom, rotation, "
+                                                      "shift, contrast, gamma) of each 2D train image, each encoded "
+                                                      "once (on-disk cache); GRPO keeps to the originals "
+                                                      "(ibisagent.training.augment)"})
     init: str = field(default="", metadata={"help": "start SFT from these policy weights (.safetensors)"})
     # --- SFT
     sft_steps: int = field(default=500, metadata={"help": "SFT optimizer steps"})
@@ -218,6 +226,8 @@ class _Backend:
         self.lite = hasattr(self.seg, "parts") and hasattr(self.seg, "embed")
         self.embs: list[torch.Tensor] = []  # (256, 64, 64) float16
         self.calls = 0
+        self.encoded = 0  # images run through the encoder (not found in a cache)
+        self.on_encode: Any = None  # called with the running count after each encoder pass (progress)
 
     def cached(self, image: np.ndarray) -> bool:
         """Whether the image's embedding is in one of the disk caches (always True for non-LiteMedSAM backends)."""
@@ -244,7 +254,12 @@ class _Backend:
                     if e is not None:
                         break
             if e is None:
-                e = self.seg.embed(im)
+                runs = self.seg.encoder_runs
+                e = self.seg.embed(im)  # reads the disk cache first
+                if self.seg.encoder_runs > runs:
+                    self.encoded += 1
+                    if self.on_encode is not None:
+                        self.on_encode(self.encoded)
         else:
             e = fake_embedding(image)
         self.embs.append(torch.from_numpy(np.array(e, np.float32).reshape(-1, GRID, GRID)).half())
@@ -308,6 +323,10 @@ def _load_cases(cfg: PolicyTrainConfig, split: str, backend: _Backend, texts: di
     items: list[tuple[str, str, str, str, Any, Any]] = [
         (c.id, c.source, c.query, str(c.image), lambda p=c.image: image(p), lambda p=c.mask: load_mask(p))
         for c in rows]
+    if split == "train" and cfg.augment > 0:
+        # variants of the held-out images would never be used (GRPO keeps to the originals): not encoded
+        items += _augmented_items([c for c in rows if not held_out(str(c.image), cfg.grpo_holdout)], cfg.augment,
+                                  image)
     if split == "train" and cfg.volume_stride > 0:
         vols = volume_slice_cases(cfg.data, stride=cfg.volume_stride, min_area=cfg.volume_min_area,
                                   guard=cfg.volume_guard, datasets=cfg.volume_datasets or cfg.datasets,
@@ -318,13 +337,13 @@ def _load_cases(cfg: PolicyTrainConfig, split: str, backend: _Backend, texts: di
     kept: dict[tuple[str, bool], np.ndarray] = {}  # images, for segmenters other than LiteMedSAM
     for cid, source, query, key_img, get_image, get_mask in items:
         gt = get_mask()
-        if gt.sum() < 16:
+        if gt is None or gt.sum() < 16:
             continue
         if cached_only and not backend.cached(get_image()):
             continue
         texts.setdefault(query, len(texts))
         rows_e = []
-        for mirrored in (False, True) if flip and mirror_safe(query) else (False,):
+        for mirrored in (False, True) if flip and mirror_safe(query) and AUG_TAG not in key_img else (False,):
             key = (key_img, mirrored)
             if mirrored and cached_only and key not in emb_rows and not backend.cached(
                     np.ascontiguousarray(get_image()[:, ::-1])):
@@ -341,6 +360,45 @@ def _load_cases(cfg: PolicyTrainConfig, split: str, backend: _Backend, texts: di
         out.append(_Case(cid, source, query, texts[query], rows_e[0], gt, pool_to_grid(gt.astype(np.float32)),
                          kept.get((key_img, False)), rows_e[1] if len(rows_e) > 1 else -1, key_img))
     return out
+
+
+def case_weights(cases: list[_Case]) -> np.ndarray | None:
+    """SFT sampling probability of each case when ``--augment`` variants are present: an original and its variants
+    share one original's weight, so augmentation adds variety without changing the mix of datasets (variants exist
+    only for 2D images, not for volume slices). None without variants: uniform sampling, as before."""
+    if not any(AUG_TAG in c.id for c in cases):
+        return None
+    origin = [c.id.split(AUG_TAG, 1)[0] for c in cases]
+    counts: dict[str, int] = {}
+    for o in origin:
+        counts[o] = counts.get(o, 0) + 1
+    w = np.array([1.0 / counts[o] for o in origin])
+    return w / w.sum()
+
+
+def _augmented_items(rows: list[Any], variants: int, image: Any) -> list[tuple[str, str, str, str, Any, Any]]:
+    """Case items for ``variants`` warped copies of each 2D row's image (same layout as the originals' items). Image
+    keys get ``#aug<k>``, so the held-out split keeps a variant with its original; a mask pushed partly off the
+    image by the warp (less than 80 % kept) is dropped for that variant."""
+    from ibisagent.training.augment import augment_image, augment_mask, augment_params, kept_fraction
+    from ibisagent.training.segmenter import load_mask
+
+    last: list[Any] = [None, None]
+
+    def aug_image(path: Path, k: int) -> np.ndarray:
+        if last[0] != (path, k):
+            last[0], last[1] = (path, k), augment_image(image(path), augment_params(str(path), k))
+        return last[1]
+
+    def aug_mask(path: Path, mask_path: Path, k: int) -> np.ndarray | None:
+        p = augment_params(str(path), k)
+        gt = load_mask(mask_path)
+        warped = augment_mask(gt, p)
+        return warped if kept_fraction(gt, warped, p) >= 0.8 else None
+
+    return [(f"{c.id}{AUG_TAG}{k}", c.source, c.query, f"{c.image}{AUG_TAG}{k}",
+             lambda p=c.image, k=k: aug_image(p, k), lambda p=c.image, m=c.mask, k=k: aug_mask(p, m, k))
+            for k in range(1, variants + 1) for c in rows]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -545,19 +603,24 @@ def split_holdout(cases: list[_Case], frac: float) -> tuple[list[_Case], list[_C
     """(SFT cases, GRPO cases): a stable ``frac`` of the images goes to GRPO only. Images are grouped by their source
     (the volume for slices cut from one volume, ``<folder>/<file>#z<k>`` keys), so no volume is split between stages.
     The hash uses the last three parts of the path (``<dataset>/images/<file>``), so the split does not depend on
-    where the data folder lives. With ``frac`` 0 both stages get every case."""
+    where the data folder lives. With ``frac`` 0 both stages get every case. Augmented variants (``--augment``) are
+    SFT data only."""
+    if frac <= 0:
+        return cases, [c for c in cases if AUG_TAG not in c.image_key]
+
+    grpo = [c for c in cases if held_out(c.image_key, frac) and AUG_TAG not in c.image_key]
+    sft = [c for c in cases if not held_out(c.image_key, frac)]
+    return sft, grpo
+
+
+def held_out(image_key: str, frac: float) -> bool:
+    """Whether the image (or volume) behind ``image_key`` is in the held-out ``frac`` of :func:`split_holdout`."""
     import hashlib
 
     if frac <= 0:
-        return cases, cases
-
-    def held(c: _Case) -> bool:
-        group = "/".join(Path(c.image_key.split("#", 1)[0]).parts[-3:])
-        return int(hashlib.sha1(group.encode()).hexdigest()[:8], 16) / 2**32 < frac
-
-    grpo = [c for c in cases if held(c)]
-    sft = [c for c in cases if not held(c)]
-    return sft, grpo
+        return False
+    group = "/".join(Path(image_key.split("#", 1)[0]).parts[-3:])
+    return int(hashlib.sha1(group.encode()).hexdigest()[:8], 16) / 2**32 < frac
 
 
 def _subset(cases: list[_Case], n: int, rng: np.random.Generator) -> list[_Case]:
@@ -802,6 +865,7 @@ def _run_sft(cfg: PolicyTrainConfig, run: Path, backend: _Backend, text_bank: to
     n_syn = int(round(cfg.sft_batch * cfg.synth_frac)) if len(bank) else cfg.sft_batch
     dagger_at = [int(cfg.sft_steps * (k + 1) / (cfg.dagger_rounds + 1)) for k in range(cfg.dagger_rounds if real else 0)]
     warm = max(1, cfg.sft_steps // 20)
+    case_p, state_p = case_weights(train), None
     csv_path = run / "sft_log.csv"
     while step < cfg.sft_steps:
         if dagger_done < len(dagger_at) and step >= dagger_at[dagger_done]:
@@ -816,10 +880,20 @@ def _run_sft(cfg: PolicyTrainConfig, run: Path, backend: _Backend, text_bank: to
         for g in opt.param_groups:
             g["lr"] = lr
         n_real = cfg.sft_batch - n_syn if len(bank) else 0
-        syn_rows = rng.integers(0, len(train), n_syn).tolist()
+        if case_p is None:
+            syn_rows = rng.integers(0, len(train), n_syn).tolist()
+        else:
+            syn_rows = rng.choice(len(train), n_syn, p=case_p).tolist()
         sp, st_, ss = synth_batch(synth_cases, syn_rows, rng, cfg.stop_iou)
         if n_real:
-            planes, tgt, stop, rows = bank.batch(rng.integers(0, len(bank), n_real).tolist())
+            if case_p is None:
+                real_rows = rng.integers(0, len(bank), n_real).tolist()
+            else:
+                if state_p is None or len(state_p) != len(bank):
+                    state_p = case_p[[m[0] for m in bank.meta]]
+                    state_p = state_p / state_p.sum()
+                real_rows = rng.choice(len(bank), n_real, p=state_p).tolist()
+            planes, tgt, stop, rows = bank.batch(real_rows)
             planes, tgt, stop = torch.cat([planes, sp]), torch.cat([tgt, st_]), torch.cat([stop, ss])
             rows = torch.cat([rows, torch.tensor(syn_rows, dtype=torch.long)])
         else:
@@ -1045,6 +1119,8 @@ def train_policy(config: PolicyTrainConfig | dict[str, Any]) -> Path:
         raise PolicyTrainError("--grpo-stop-only trains the stop head, --no-grpo-stop freezes it: choose one")
     if not 0 <= cfg.grpo_holdout < 1:
         raise PolicyTrainError(f"grpo_holdout must be in [0, 1), got {cfg.grpo_holdout}")
+    if cfg.augment < 0:
+        raise PolicyTrainError(f"augment must be >= 0 (variants per image), got {cfg.augment}")
     if not cfg.grpo_temperature > 0:
         raise PolicyTrainError(f"grpo_temperature must be > 0, got {cfg.grpo_temperature}")
     if not Path(cfg.data).exists():
@@ -1057,6 +1133,8 @@ def train_policy(config: PolicyTrainConfig | dict[str, Any]) -> Path:
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     t0 = time.perf_counter()
     backend = _Backend(cfg.segmenter, cfg.segmenter_weights, cfg.cache_dir)
+    backend.on_encode = lambda n: log(f"encoding images: {n} done ({time.perf_counter() - t0:.0f}s)") \
+        if n == 1 or n % 50 == 0 else None
     texts: dict[str, int] = {}
     train = _load_cases(cfg, "train", backend, texts, cfg.flip, cfg.max_cases, cfg.cached_only)
     val = _load_cases(cfg, "val", backend, texts, False, cfg.val_cases, cfg.cached_only) if cfg.val_cases > 0 else []
