@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-__all__ = ["AugmentParams", "augment_image", "augment_mask", "augment_params", "kept_fraction"]
+__all__ = ["AugmentParams", "augment_image", "augment_mask", "augment_params", "kept_fraction", "portable_key"]
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,11 @@ class AugmentParams:
     gamma: float = 1.0
 
 
-def _image_key(key: str) -> str:
-    return "/".join(Path(key.split("#", 1)[0]).parts[-3:]) + ("#" + key.split("#", 1)[1] if "#" in key else "")
+def portable_key(key: str) -> str:
+    """``key`` (an image path, optionally ``path#part``) without where the data lives: the last three parts of the
+    path (``<dataset>/images/<file>``), with the ``#part`` kept."""
+    path, sep, part = key.partition("#")
+    return "/".join(Path(path).parts[-3:]) + sep + part
 
 
 def augment_params(key: str, variant: int, *, zoom: tuple[float, float] = (0.8, 1.25), max_angle: float = 15.0,
@@ -44,7 +47,7 @@ def augment_params(key: str, variant: int, *, zoom: tuple[float, float] = (0.8, 
     """The ``variant``-th (>= 1) random variant of the image with key ``key`` (a path or ``path#slice``)."""
     if variant < 1:
         raise ValueError("variant numbers start at 1 (0 is the original image)")
-    seed = int(hashlib.sha1(f"{_image_key(key)}|aug{variant}".encode()).hexdigest()[:8], 16)
+    seed = int(hashlib.sha1(f"{portable_key(key)}|aug{variant}".encode()).hexdigest()[:8], 16)
     rng = np.random.default_rng(seed)
     z = float(math.exp(rng.uniform(math.log(zoom[0]), math.log(zoom[1]))))
     return AugmentParams(

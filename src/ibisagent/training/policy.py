@@ -368,10 +368,10 @@ def case_weights(cases: list[_Case]) -> np.ndarray | None:
     only for 2D images, not for volume slices). None without variants: uniform sampling, as before."""
     if not any(AUG_TAG in c.id for c in cases):
         return None
+    from collections import Counter
+
     origin = [c.id.split(AUG_TAG, 1)[0] for c in cases]
-    counts: dict[str, int] = {}
-    for o in origin:
-        counts[o] = counts.get(o, 0) + 1
+    counts = Counter(origin)
     w = np.array([1.0 / counts[o] for o in origin])
     return w / w.sum()
 
@@ -617,9 +617,11 @@ def held_out(image_key: str, frac: float) -> bool:
     """Whether the image (or volume) behind ``image_key`` is in the held-out ``frac`` of :func:`split_holdout`."""
     import hashlib
 
+    from ibisagent.training.augment import portable_key
+
     if frac <= 0:
         return False
-    group = "/".join(Path(image_key.split("#", 1)[0]).parts[-3:])
+    group = portable_key(image_key.split("#", 1)[0])
     return int(hashlib.sha1(group.encode()).hexdigest()[:8], 16) / 2**32 < frac
 
 
