@@ -40,14 +40,18 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("data", help="folder with index.jsonl, or a folder of such folders")
     p.add_argument("--out", required=True, help="output folder (created; an existing run there is resumed)")
     p.add_argument("--policy", default=None,
-                   help="policy name (default: oracle; challenge for --protocol box+5clicks)")
+                   help="policy name (default: compact, the learned agent that needs no ground truth; challenge for "
+                        "--protocol box+5clicks; oracle for the simulated annotator)")
     p.add_argument("--segmenter", default=None,
                    help="segmenter name (default: litemedsam-click when its weights are installed, else litemedsam)")
     p.add_argument("--max-steps", type=int, default=20, help="policy turns per episode, Terminate included (20)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first K selected cases")
     p.add_argument("--workers", type=int, default=1, help="worker processes (each builds its own segmenter)")
     p.add_argument("--split", choices=("train", "val", "all"), default="all",
-                   help="deterministic per-image split of the manifest (default all; our benchmarks use val)")
+                   help="deterministic split of the manifest (default all; our benchmarks use val)")
+    p.add_argument("--split-by", choices=("group", "image"), default="group",
+                   help="what the split hashes: group (default: the row's patient / volume / video, so a patient "
+                        "is never on both sides) or image (the split before 0.2, to reproduce older figures)")
     p.add_argument("--datasets", default=None, help="comma-separated dataset folder names to keep")
     p.add_argument("--policy-arg", action="append", metavar="K=V", help="policy option (repeatable), e.g. "
                    "iou_threshold=0.9 or box_jitter=0.1")
@@ -127,10 +131,11 @@ def run_eval_command(args: argparse.Namespace) -> int:
         policy_args.setdefault("iou_threshold", 1.01)
     if args.cache_dir:
         segmenter_args.setdefault("cache_dir", args.cache_dir)
-    policy = args.policy or ("challenge" if args.protocol == "box+5clicks" else "oracle")
+    policy = args.policy or ("challenge" if args.protocol == "box+5clicks" else "compact")
     config = EvalConfig(
         data=args.data, out=args.out, policy=policy, segmenter=args.segmenter, policy_args=policy_args,
         segmenter_args=segmenter_args, protocol=args.protocol, max_steps=args.max_steps, split=args.split,
+        split_by=args.split_by,
         datasets=[d.strip() for d in args.datasets.split(",") if d.strip()] if args.datasets else None,
         limit=args.limit, workers=args.workers, seed=args.seed, nsd_tolerance=args.nsd_tolerance,
         threads=args.threads,

@@ -34,7 +34,7 @@ import numpy as np
 
 from ibisagent.agent import Agent, Episode
 from ibisagent.env import EnvConfig
-from ibisagent.io.manifest import Case, load_manifest
+from ibisagent.io.manifest import SPLIT_BY, Case, load_manifest
 from ibisagent.masks import as_bool, dice, hd95, iou, nsd, rle_encode
 from ibisagent.policies.base import Policy, create_policy
 from ibisagent.segmenters.base import Segmenter, SegmenterUnavailable, create_segmenter
@@ -78,7 +78,7 @@ _INT_COLS = ("height", "width", "area_px", "steps", "clicks", "interactions", "m
 _CURVE_COLS = ("iou_curve", "dice_curve", "nsd_curve")
 #: settings that must match for a rerun into the same folder to resume it
 _RESUME_KEYS = ("data", "policy", "segmenter", "policy_args", "segmenter_args", "protocol", "max_steps", "split",
-                "datasets", "seed", "nsd_tolerance", "segmenter_weights")
+                "split_by", "datasets", "seed", "nsd_tolerance", "segmenter_weights")
 
 
 class EvalConfigError(ValueError):
@@ -95,13 +95,14 @@ class EvalConfig:
 
     data: str
     out: str
-    policy: str = "oracle"
+    policy: str = "compact"
     segmenter: str | None = None
     policy_args: dict[str, Any] = field(default_factory=dict)
     segmenter_args: dict[str, Any] = field(default_factory=dict)
     protocol: str = "agent"
     max_steps: int = 20
     split: str = "all"
+    split_by: str = "group"
     datasets: list[str] | None = None
     limit: int | None = None
     workers: int = 1
@@ -124,6 +125,8 @@ class EvalConfig:
             raise EvalConfigError(f"--workers must be >= 1, got {self.workers}")
         if self.split not in ("train", "val", "all"):
             raise EvalConfigError(f"--split must be train, val or all, got {self.split!r}")
+        if self.split_by not in SPLIT_BY:
+            raise EvalConfigError(f"--split-by must be one of {', '.join(SPLIT_BY)}, got {self.split_by!r}")
         if self.nsd_tolerance <= 0:
             raise EvalConfigError(f"NSD tolerance must be positive, got {self.nsd_tolerance}")
 
@@ -530,7 +533,8 @@ def run_config_dict(config: EvalConfig) -> dict[str, Any]:
     return {
         "policy": config.policy, "segmenter": config.segmenter, "policy_args": config.policy_args,
         "segmenter_args": config.segmenter_args, "protocol": config.protocol, "max_steps": config.max_steps,
-        "max_interactions": config.max_interactions, "split": config.split, "datasets": config.datasets,
+        "max_interactions": config.max_interactions, "split": config.split,
+        "split_by": config.split_by, "datasets": config.datasets,
         "limit": config.limit, "seed": config.seed, "workers": config.workers, "nsd_tolerance": config.nsd_tolerance,
         "data": str(Path(config.data).resolve()), "command": config.command,
         "versions": _versions(config),
@@ -561,7 +565,8 @@ def _check_resume(out: Path, config: EvalConfig) -> None:
 
 def select_cases(config: EvalConfig) -> list[Case]:
     """The cases a run covers: split and dataset filters, 2D only, then the first ``limit``."""
-    cases = load_manifest(config.data, split=config.split, datasets=config.datasets)  # type: ignore[arg-type]
+    cases = load_manifest(config.data, split=config.split, datasets=config.datasets,  # type: ignore[arg-type]
+                          split_by=config.split_by)
     if config.datasets:
         known = {c.source for c in load_manifest(config.data, split="all")}
         unknown = sorted(set(config.datasets) - known)

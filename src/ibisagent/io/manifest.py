@@ -13,10 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["Case", "ManifestError", "load_manifest", "iter_manifest_dirs", "split_of", "VAL_FRACTION"]
+__all__ = ["Case", "ManifestError", "load_manifest", "iter_manifest_dirs", "split_of", "SPLIT_BY", "VAL_FRACTION"]
 
-#: fraction of images (not masks) that go to the validation split
+#: fraction of groups (patients, volumes, videos; images for rows without a group) that go to the validation split
 VAL_FRACTION = 0.2
+#: what the train/val split hashes: ``group`` (default: the row's patient / volume / video, so one patient's slices
+#: never land on both sides; rows without a group fall back to their image) or ``image`` (the split of releases
+#: before 0.2, kept to reproduce their figures)
+SPLIT_BY = ("group", "image")
 
 
 class ManifestError(ValueError):
@@ -37,6 +41,8 @@ class Case:
     source: str = ""  # the dataset folder name, e.g. "ph2_dermoscopy"
     is_3d: bool = False
     label_type: str = ""
+    group: str = ""  # the patient / volume / video the image comes from ("" when the row has none)
+    split_by: str = field(default="group", compare=False)
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -45,13 +51,22 @@ class Case:
         return f"{self.source}/{self.image.name}"
 
     @property
+    def split_key(self) -> str:
+        """What the split hashes: ``<folder>/group:<group>`` (a ``_3d`` folder shares its 2D sibling's key, so a
+        patient's slices and volume fall on one side), or the image key with ``split_by="image"`` or no group."""
+        if self.split_by == "group" and self.group:
+            return f"{self.source.removesuffix('_3d')}/group:{self.group}"
+        return self.image_key
+
+    @property
     def split(self) -> Literal["train", "val"]:
-        return split_of(self.image_key)
+        return split_of(self.split_key)
 
 
-def split_of(image_key: str, val_fraction: float = VAL_FRACTION) -> Literal["train", "val"]:
-    """Deterministic train/val split by image (never the same image in both): a hash of the image key."""
-    h = int.from_bytes(hashlib.sha1(image_key.encode()).digest()[:8], "big") / 2**64
+def split_of(key: str, val_fraction: float = VAL_FRACTION) -> Literal["train", "val"]:
+    """Deterministic train/val split: a hash of the key (:attr:`Case.split_key`, a group or an image), independent
+    of where the data lives."""
+    h = int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big") / 2**64
     return "val" if h < val_fraction else "train"
 
 
@@ -97,11 +112,15 @@ def load_manifest(
     split: Literal["train", "val", "all"] = "all",
     include_3d: bool = False,
     datasets: list[str] | None = None,
+    split_by: str = "group",
 ) -> list[Case]:
     """All cases under ``root`` (a dataset folder or a folder of them), optionally one split, 2D only by default.
 
-    ``datasets`` filters by folder name (e.g. ``["ph2_dermoscopy"]``).
+    ``datasets`` filters by folder name (e.g. ``["ph2_dermoscopy"]``); ``split_by`` is ``"group"`` (default) or
+    ``"image"`` (see :data:`SPLIT_BY`).
     """
+    if split_by not in SPLIT_BY:
+        raise ManifestError(f"split_by must be one of {', '.join(SPLIT_BY)}, got {split_by!r}")
     cases: list[Case] = []
     for folder in iter_manifest_dirs(root):
         if datasets and folder.name not in datasets:
@@ -110,7 +129,7 @@ def load_manifest(
             is_3d = bool(row.get("is_3d", False))
             if is_3d and not include_3d:
                 continue
-            known = {"id", "image", "mask", "query", "object", "modality", "dataset", "is_3d", "label_type"}
+            known = {"id", "image", "mask", "query", "object", "modality", "dataset", "is_3d", "label_type", "group"}
             case = Case(
                 id=str(row["id"]),
                 image=(folder / row["image"]).resolve(),
@@ -122,6 +141,8 @@ def load_manifest(
                 source=folder.name,
                 is_3d=is_3d,
                 label_type=str(row.get("label_type", "")),
+                group=str(row.get("group") or ""),
+                split_by=split_by,
                 extra={k: v for k, v in row.items() if k not in known},
             )
             if split != "all" and case.split != split:

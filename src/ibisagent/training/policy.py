@@ -107,6 +107,8 @@ class PolicyTrainConfig:
     cache_dir: str = field(default="runs/embeddings", metadata={"help": "on-disk embedding cache (comma-separated: "
                                                                       "the first is written, the others only read)"})
     datasets: list[str] | None = field(default=None, metadata={"help": "only these dataset folders"})
+    split_by: str = field(default="group", metadata={"help": "train/val split by group (patient / volume / video) "
+                                                           "or image (the split of the weights before 0.2)"})
     max_cases: int = field(default=0, metadata={"help": "use at most this many train masks (0 = all; for tests)"})
     flip: bool = field(default=True, metadata={"help": "SFT augmentation: mirrored image embeddings with mirrored "
                                                        "states and targets"})
@@ -308,7 +310,8 @@ def _load_cases(cfg: PolicyTrainConfig, split: str, backend: _Backend, texts: di
     from ibisagent.training.segmenter import load_mask, load_rgb
     from ibisagent.training.volume_slices import mirror_safe, volume_slice_cases
 
-    rows = [c for c in load_manifest(cfg.data, split=split, datasets=cfg.datasets)  # type: ignore[arg-type]
+    rows = [c for c in load_manifest(cfg.data, split=split, datasets=cfg.datasets,  # type: ignore[arg-type]
+                                     split_by=cfg.split_by)
             if c.mask is not None and c.object not in THIN_OBJECTS]
     if limit:
         rows = sorted(rows, key=lambda c: hashlib.sha1(c.id.encode()).hexdigest())[:limit]
@@ -330,7 +333,7 @@ def _load_cases(cfg: PolicyTrainConfig, split: str, backend: _Backend, texts: di
     if split == "train" and cfg.volume_stride > 0:
         vols = volume_slice_cases(cfg.data, stride=cfg.volume_stride, min_area=cfg.volume_min_area,
                                   guard=cfg.volume_guard, datasets=cfg.volume_datasets or cfg.datasets,
-                                  exclude_objects=THIN_OBJECTS)
+                                  exclude_objects=THIN_OBJECTS, split_by=cfg.split_by)
         items += [(v.id, v.source, v.query, v.image_key, lambda v=v: v.image, lambda v=v: v.gt) for v in vols]
     out: list[_Case] = []
     emb_rows: dict[tuple[str, bool], int] = {}

@@ -86,6 +86,8 @@ class SegmenterTrainConfig:
     run_dir: str = field(default=str(DEFAULT_RUN_DIR), metadata={"help": "checkpoints, losses.csv, curve png"})
     cache_dir: str = field(default="runs/embeddings", metadata={"help": "on-disk embedding cache"})
     datasets: list[str] | None = field(default=None, metadata={"help": "only these dataset folders"})
+    split_by: str = field(default="group", metadata={"help": "train/val split by group (patient / volume / video) "
+                                                           "or image (the split of the weights before 0.2)"})
     max_images: int = field(default=0, metadata={"help": "use at most this many train images (0 = all; for tests)"})
     steps: int = field(default=600, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=8, metadata={"help": "masks per batch"})
@@ -594,8 +596,8 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
     if cfg.resume and not last.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint {last} (run without --resume first)")
 
-    train_cases = load_manifest(cfg.data, split="train", datasets=cfg.datasets)
-    val_cases = load_manifest(cfg.data, split="val", datasets=cfg.datasets)
+    train_cases = load_manifest(cfg.data, split="train", datasets=cfg.datasets, split_by=cfg.split_by)
+    val_cases = load_manifest(cfg.data, split="val", datasets=cfg.datasets, split_by=cfg.split_by)
     if cfg.max_images:
         keep = sorted({c.image for c in train_cases})[: cfg.max_images]
         train_cases = [c for c in train_cases if c.image in set(keep)]

@@ -7,8 +7,8 @@ policy can learn to find *the named* organ among many.
 
 Rules, so that validation stays clean:
 
-* A volume whose own image key falls in the validation split (:func:`ibisagent.io.manifest.split_of`) gives no
-  training slices.
+* A volume whose row falls in the validation split (:attr:`ibisagent.io.manifest.Case.split`: by its group, the
+  patient, which its 2D sibling folder shares; by its image key with ``split_by="image"``) gives no training slices.
 * The dataset folder's 2D **validation** images are located in its volumes (a slice whose windowed pixels equal the
   2D image, in any of the 8 flips/transposes); that slice and ``guard`` slices on each side are never used. When a
   validation image cannot be located (a resampled or cropped export), the folder's volumes are not used at all.
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ibisagent.io.images import Window, apply_window
-from ibisagent.io.manifest import Case, iter_manifest_dirs, load_manifest, split_of
+from ibisagent.io.manifest import Case, iter_manifest_dirs, load_manifest
 from ibisagent.io.volumes import Volume, display_transform, load_volume, to_display, volume_window
 from ibisagent.queries import mirror_safe
 
@@ -104,6 +104,7 @@ def volume_slice_cases(
     guard: int = 3,
     datasets: list[str] | None = None,
     exclude_objects: frozenset[str] = frozenset(),
+    split_by: str = "group",
 ) -> list[VolumeSlice]:
     """Training cases from the train-split 3D rows under ``root`` (see the module docstring).
 
@@ -118,11 +119,11 @@ def volume_slice_cases(
     for folder in iter_manifest_dirs(root):
         if datasets and folder.name not in datasets:
             continue
-        rows = [c for c in load_manifest(folder, include_3d=True) if c.is_3d and c.mask is not None]
+        rows = [c for c in load_manifest(folder, include_3d=True, split_by=split_by) if c.is_3d and c.mask is not None]
         if not rows:
             continue
         flat = {}
-        for c in load_manifest(folder):
+        for c in load_manifest(folder, split_by=split_by):
             im = load_image(c.image).array[..., 0]
             flat.setdefault(im.tobytes(), (im, c.split))
         images_2d = [im for im, _ in flat.values()]
@@ -152,7 +153,7 @@ def volume_slice_cases(
         if len(located) < sum(is_val):
             continue
         for i, (row, vol, lab) in enumerate(vols):
-            if split_of(f"{folder.name}/{row.image.name}") == "val":
+            if row.split == "val":
                 continue
             # render like the folder's own 2D slices of this volume when there are any, else radiological
             transform = matching[i][0] if matching[i] else display_transform(vol.affine, 2, "radiological")
