@@ -337,3 +337,35 @@ def test_variants_share_their_originals_sampling_weight() -> None:
     w = case_weights(cases)  # type: ignore[arg-type]
     assert w is not None
     np.testing.assert_allclose(w, [1 / 3, 1 / 9, 1 / 9, 1 / 9, 1 / 3])
+
+
+def test_sample_temperature_balances_datasets_and_objects() -> None:
+    from types import SimpleNamespace
+
+    from ibisagent.training.policy import PolicyTrainError, case_weights
+
+    cases = [SimpleNamespace(id=f"a{i}", source="big") for i in range(90)]
+    cases += [SimpleNamespace(id=f"b{i}", source="small") for i in range(10)]
+    objs = ["liver"] * 80 + ["spleen"] * 10 + ["lesion"] * 10
+    assert case_weights(cases, 1.0, objs) is None  # every mask alike, as before
+    w = case_weights(cases, 0.5, objs)
+    assert w is not None
+    np.testing.assert_allclose(w.sum(), 1.0)
+    p_small = w[90:].sum()
+    np.testing.assert_allclose(p_small, 10**0.5 / (90**0.5 + 10**0.5))  # square-root sampling over datasets
+    p_liver, p_spleen = w[:80].sum(), w[80:90].sum()
+    np.testing.assert_allclose(p_liver / p_spleen, (80 / 10) ** 0.5)  # and over objects within a dataset
+    w0 = case_weights(cases, 0.0, objs)
+    np.testing.assert_allclose([w0[:80].sum(), w0[80:90].sum(), w0[90:].sum()], [0.25, 0.25, 0.5])
+    with pytest.raises(PolicyTrainError):
+        case_weights(cases, -1.0, objs)
+
+
+def test_query_variants_keep_the_side_and_the_query_first() -> None:
+    from ibisagent.queries import mirror_safe, query_variants
+
+    v = query_variants("the left lung in this chest X-ray", "left lung", "X-ray")
+    assert v[0] == "the left lung in this chest X-ray" and "left lung" in v and len(v) == len(set(v)) >= 5
+    assert all(not mirror_safe(q) for q in v)  # every wording names the side: never mirrored in training
+    assert "the optic cup in this fundus image" in query_variants("the optic cup", "optic cup", "fundus")
+    assert query_variants("the polyp", "") == ["the polyp"]

@@ -68,6 +68,15 @@ def finite_mean(values: Sequence[float]) -> float | None:
 
 
 def group_of(object_name: str) -> str:
-    """``"thin"`` for thin structures (by object name, see :data:`THIN_KEYWORDS`), else ``"regular"``."""
+    """``"thin"`` for thin or scattered structures (:data:`ibisagent.queries.UNCLICKABLE_OBJECTS`, or a name with one
+    of :data:`THIN_KEYWORDS`, except compact vessel cross-sections), else ``"regular"``."""
+    from ibisagent.queries import is_unclickable
+
     name = object_name.lower()
-    return "thin" if any(k in name for k in THIN_KEYWORDS) else "regular"
+    if is_unclickable(name):
+        return "thin"
+    return "thin" if any(k in name for k in THIN_KEYWORDS) and name not in _COMPACT_VESSELS else "regular"
+
+
+#: vessel cross-sections (ultrasound): compact objects despite the word
+_COMPACT_VESSELS = frozenset({"blood vessel", "common carotid artery"})

@@ -70,6 +70,7 @@ from ibisagent.policies.compact import (
     state_planes,
 )
 from ibisagent.policies.oracle import next_click
+from ibisagent.queries import UNCLICKABLE_OBJECTS, is_unclickable, query_variants
 
 __all__ = [
     "PolicyTrainConfig",
@@ -81,7 +82,7 @@ __all__ = [
 ]
 
 #: objects clicks cannot outline (left out of training; reported separately by the evaluation)
-THIN_OBJECTS = frozenset({"retinal blood vessels", "cell membranes", "all cell nuclei"})
+THIN_OBJECTS = UNCLICKABLE_OBJECTS  # thin / scattered structures clicks cannot outline (ibisagent.queries)
 
 
 #: image-key marker of augmented variants (``<image>#aug<k>``)
@@ -128,6 +129,14 @@ class PolicyTrainConfig:
                                                       "once (on-disk cache); GRPO keeps to the originals "
                                                       "(ibisagent.training.augment)"})
     init: str = field(default="", metadata={"help": "start SFT from these policy weights (.safetensors)"})
+    sample_temperature: float = field(default=1.0, metadata={"help": "SFT sampling balance over datasets and objects: "
+                                                                     "P(dataset) ~ n^T, P(object | dataset) ~ n^T, "
+                                                                     "uniform within (1 = every mask alike, as "
+                                                                     "before; 0.5 = large sets down-weighted; 0 = "
+                                                                     "every dataset and object alike)"})
+    query_variants: bool = field(default=False, metadata={"help": "SFT on varied wordings of each query (the "
+                                                                  "object's name alone and in short templates, "
+                                                                  "ibisagent.queries.query_variants) half the time"})
     # --- SFT
     sft_steps: int = field(default=500, metadata={"help": "SFT optimizer steps"})
     sft_batch: int = field(default=16, metadata={"help": "states per SFT batch"})
@@ -197,6 +206,8 @@ class _Case:
     image: np.ndarray | None = None  # kept only for generic segmenters (not LiteMedSAM)
     emb_flip: int = -1  # row of the mirrored image's embedding (SFT augmentation), -1 if none
     image_key: str = ""  # cases with the same key share an image (other objects for synthetic states)
+    alt_texts: tuple[int, ...] = ()  # rows of the text bank with other wordings of the query (--query-variants)
+    object: str = ""  # what the mask marks (sampling balance over objects)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -312,7 +323,7 @@ def _load_cases(cfg: PolicyTrainConfig, split: str, backend: _Backend, texts: di
 
     rows = [c for c in load_manifest(cfg.data, split=split, datasets=cfg.datasets,  # type: ignore[arg-type]
                                      split_by=cfg.split_by)
-            if c.mask is not None and c.object not in THIN_OBJECTS]
+            if c.mask is not None and not is_unclickable(c.object)]
     if limit:
         rows = sorted(rows, key=lambda c: hashlib.sha1(c.id.encode()).hexdigest())[:limit]
     last: list[Any] = [None, None]
@@ -322,6 +333,8 @@ def _load_cases(cfg: PolicyTrainConfig, split: str, backend: _Backend, texts: di
             last[0], last[1] = path, load_rgb(path)
         return last[1]
 
+    # object and modality of each case id, for query variants
+    named: dict[str, tuple[str, str]] = {c.id: (c.object, c.modality) for c in rows}
     # (id, source, query, image key, image getter, mask getter)
     items: list[tuple[str, str, str, str, Any, Any]] = [
         (c.id, c.source, c.query, str(c.image), lambda p=c.image: image(p), lambda p=c.mask: load_mask(p))
@@ -335,6 +348,7 @@ def _load_cases(cfg: PolicyTrainConfig, split: str, backend: _Backend, texts: di
                                   guard=cfg.volume_guard, datasets=cfg.volume_datasets or cfg.datasets,
                                   exclude_objects=THIN_OBJECTS, split_by=cfg.split_by)
         items += [(v.id, v.source, v.query, v.image_key, lambda v=v: v.image, lambda v=v: v.gt) for v in vols]
+        named.update({v.id: (v.object, v.query.rsplit(" ", 2)[-2]) for v in vols})
     out: list[_Case] = []
     emb_rows: dict[tuple[str, bool], int] = {}
     kept: dict[tuple[str, bool], np.ndarray] = {}  # images, for segmenters other than LiteMedSAM
@@ -345,6 +359,10 @@ def _load_cases(cfg: PolicyTrainConfig, split: str, backend: _Backend, texts: di
         if cached_only and not backend.cached(get_image()):
             continue
         texts.setdefault(query, len(texts))
+        alt: tuple[int, ...] = ()
+        if cfg.query_variants:
+            obj_name, modality = named.get(cid.split(AUG_TAG, 1)[0], ("", ""))
+            alt = tuple(texts.setdefault(q, len(texts)) for q in query_variants(query, obj_name, modality)[1:])
         rows_e = []
         for mirrored in (False, True) if flip and mirror_safe(query) and AUG_TAG not in key_img else (False,):
             key = (key_img, mirrored)
@@ -361,21 +379,46 @@ def _load_cases(cfg: PolicyTrainConfig, split: str, backend: _Backend, texts: di
                     kept[key] = im
             rows_e.append(emb_rows[key])
         out.append(_Case(cid, source, query, texts[query], rows_e[0], gt, pool_to_grid(gt.astype(np.float32)),
-                         kept.get((key_img, False)), rows_e[1] if len(rows_e) > 1 else -1, key_img))
+                         kept.get((key_img, False)), rows_e[1] if len(rows_e) > 1 else -1, key_img, alt,
+                         named.get(cid.split(AUG_TAG, 1)[0], ("", ""))[0]))
     return out
 
 
-def case_weights(cases: list[_Case]) -> np.ndarray | None:
-    """SFT sampling probability of each case when ``--augment`` variants are present: an original and its variants
-    share one original's weight, so augmentation adds variety without changing the mix of datasets (variants exist
-    only for 2D images, not for volume slices). None without variants: uniform sampling, as before."""
-    if not any(AUG_TAG in c.id for c in cases):
-        return None
+def case_weights(cases: list[_Case], temperature: float = 1.0, objects: list[str] | None = None) -> np.ndarray | None:
+    """SFT sampling probability of each case.
+
+    Balance (``temperature`` T, ``--sample-temperature``): P(dataset folder) ~ n_d^T with n_d its masks,
+    P(object | folder) ~ n_o^T with n_o the folder's masks of that object, uniform within; T = 1 gives every mask the
+    same weight (the default, as before), T = 0.5 down-weights the large folders and objects (square-root sampling),
+    T = 0 gives every folder, then every object, the same weight. ``objects`` names each case's object (default:
+    every case of a folder is one object). With ``--augment`` variants an original and its variants share one
+    original's weight, so augmentation adds variety without changing the mix (variants exist only for 2D images,
+    not for volume slices). None when sampling is uniform (T = 1, no variants)."""
     from collections import Counter
 
+    has_aug = any(AUG_TAG in c.id for c in cases)
+    if temperature == 1.0 and not has_aug:
+        return None
+    if temperature < 0:
+        raise PolicyTrainError(f"--sample-temperature must be >= 0, got {temperature}")
     origin = [c.id.split(AUG_TAG, 1)[0] for c in cases]
-    counts = Counter(origin)
-    w = np.array([1.0 / counts[o] for o in origin])
+    per_origin = Counter(origin)
+    srcs = [getattr(c, "source", "") for c in cases]
+    objs = objects if objects is not None else [""] * len(cases)
+    # counts over originals only (a variant does not make its dataset larger)
+    n_src: Counter[str] = Counter()
+    n_obj: Counter[tuple[str, str]] = Counter()
+    for src, o, ob in zip(srcs, origin, objs):
+        n_src[src] += 1 / per_origin[o]
+        n_obj[src, ob] += 1 / per_origin[o]
+    src_mass = {s: n ** temperature for s, n in n_src.items()}
+    total = sum(src_mass.values())
+    obj_mass: dict[tuple[str, str], float] = {k: n ** temperature for k, n in n_obj.items()}
+    obj_total: Counter[str] = Counter()
+    for (src, _), m in obj_mass.items():
+        obj_total[src] += m
+    w = np.array([src_mass[src] / total * obj_mass[src, ob] / obj_total[src] / n_obj[src, ob] / per_origin[o]
+                  for src, o, ob in zip(srcs, origin, objs)])
     return w / w.sum()
 
 
@@ -870,7 +913,7 @@ def _run_sft(cfg: PolicyTrainConfig, run: Path, backend: _Backend, text_bank: to
     n_syn = int(round(cfg.sft_batch * cfg.synth_frac)) if len(bank) else cfg.sft_batch
     dagger_at = [int(cfg.sft_steps * (k + 1) / (cfg.dagger_rounds + 1)) for k in range(cfg.dagger_rounds if real else 0)]
     warm = max(1, cfg.sft_steps // 20)
-    case_p, state_p = case_weights(train), None
+    case_p, state_p = case_weights(train, cfg.sample_temperature, [c.object for c in train]), None
     csv_path = run / "sft_log.csv"
     while step < cfg.sft_steps:
         if dagger_done < len(dagger_at) and step >= dagger_at[dagger_done]:
@@ -913,7 +956,11 @@ def _run_sft(cfg: PolicyTrainConfig, run: Path, backend: _Backend, text_bank: to
             planes[mirror] = planes[mirror].flip(-1)
             tgt[mirror] = tgt[mirror].flip(-1)
             obj[mirror] = obj[mirror].flip(-1)
-        txt = text_bank[[train[r].text for r in rows.tolist()]]
+        txt_rows = [train[r].text for r in rows.tolist()]
+        if cfg.query_variants:  # half the time another wording of the query
+            txt_rows = [int(rng.choice(train[r].alt_texts)) if train[r].alt_texts and rng.random() < 0.5 else t
+                        for r, t in zip(rows.tolist(), txt_rows)]
+        txt = text_bank[txt_rows]
         loss, parts = sft_loss(net, emb, planes, txt, tgt, stop, obj, cfg.obj_weight)
         opt.zero_grad()
         loss.backward()

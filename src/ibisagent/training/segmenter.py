@@ -43,6 +43,7 @@ from PIL import Image
 from scipy import ndimage
 
 from ibisagent.io.manifest import Case, load_manifest
+from ibisagent.queries import UNCLICKABLE_OBJECTS
 from ibisagent.segmenters.embedding_cache import DiskEmbeddingCache, embedding_key
 
 __all__ = [
@@ -58,7 +59,7 @@ __all__ = [
 
 IMG = 256
 #: objects made of many thin/small parts, reported separately (clicks cannot outline them)
-THIN_OBJECTS = frozenset({"retinal blood vessels", "cell membranes", "all cell nuclei"})
+THIN_OBJECTS = UNCLICKABLE_OBJECTS  # thin / scattered structures clicks cannot outline (ibisagent.queries)
 #: datasets with one compact object per image
 COMPACT_SOURCES = frozenset(
     {"ph2_dermoscopy", "hc18_fetal_head_ultrasound", "busi_breast_ultrasound", "polyp_colonoscopy_small"}
