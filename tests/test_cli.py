@@ -73,3 +73,21 @@ def test_demo_on_bundled_case(tmp_path, capsys) -> None:
 def test_console_script_runs() -> None:
     out = subprocess.run([sys.executable, "-m", "ibisagent.cli", "list"], capture_output=True, text=True, check=True)
     assert "oracle" in out.stdout and "fake" in out.stdout
+
+
+def test_segment_reports_the_policys_confidence(tmp_path, capsys) -> None:
+    img = np.full((60, 70, 3), 20, np.uint8)
+    img[10:40, 20:50] = 220
+    Image.fromarray(img).save(tmp_path / "img.png")
+    rc = main(["segment", str(tmp_path / "img.png"), "--query", "the bright block", "--policy", "compact",
+               "--policy-arg", "weights=random", "--policy-arg", "embedder=fake", "--segmenter", "fake",
+               "--out", str(tmp_path / "out"), "--json"])
+    assert rc == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out.strip().splitlines()[-1])
+    assert 0.0 <= result["predicted_iou"] <= 1.0
+    assert result["low_confidence"] == (result["predicted_iou"] < 0.5)
+    assert "predicted IoU" in captured.err
+    assert ("low confidence: check the mask" in captured.err) == result["low_confidence"]
+    trace = json.loads((tmp_path / "out" / "trace.json").read_text())
+    assert trace["predicted_iou"] == result["predicted_iou"]

@@ -337,3 +337,30 @@ def test_flag_options_accept_text_and_refuse_nonsense() -> None:
     assert CompactPolicy(weights="random", embedder="fake", query_blind="true").query_blind
     with pytest.raises(PolicyError, match="tta must be true or false"):
         CompactPolicy(weights="random", embedder="fake", tta="maybe")
+
+
+def test_predicted_iou_is_the_belief_agreement_and_reaches_the_episode(blob) -> None:
+    img, gt = blob
+    pol = CompactPolicy(weights="random", embedder="fake", max_clicks=2)
+    ep = Agent(pol, "fake").segment(img, "the bright blob", gt)
+    assert ep.predicted_iou is not None and 0.0 <= ep.predicted_iou <= 1.0
+    belief = pol.belief_mask(pol.last.obj, gt.shape)
+    m = ep.final_mask
+    expected = (belief & m).sum() / max(1, (belief | m).sum())
+    assert ep.predicted_iou == pytest.approx(expected)
+    assert pol.predicted_iou(belief) == pytest.approx(1.0)  # a mask equal to the belief: full agreement
+    js = ep.to_json()
+    assert js["predicted_iou"] == pytest.approx(round(ep.predicted_iou, 4))
+    assert js["low_confidence"] == (ep.predicted_iou < 0.5)
+    # scripted policies have no estimate
+    ep2 = Agent("oracle", "fake").segment(img, "the bright blob", gt)
+    assert ep2.predicted_iou is None and ep2.to_json()["low_confidence"] is False
+
+
+def test_text_only_mode_is_one_box_then_terminate(blob) -> None:
+    img, gt = blob
+    pol = create_policy("text-only", weights="random", embedder="fake")
+    assert pol.name == "text-only" and pol.grammar == "extended"
+    ep = Agent(pol, "fake").segment(img, "the bright blob")
+    assert [s.kind for s in ep.steps] == ["box", "terminate"]
+    assert ep.predicted_iou is not None

@@ -423,3 +423,16 @@ def test_gt_box_equals_calling_the_segmenter_directly(real_manifest: Path, tmp_p
     assert row["status"] == "ok" and row["interactions"] == 1
     assert row["iou"] == pytest.approx(direct, abs=1e-4)
     assert direct > 0.5  # the box-trained model segments a dermoscopy lesion from its box
+
+
+def test_confidence_ranking_reports_spearman_and_the_low_confidence_cases() -> None:
+    from ibisagent.evaluation.summary import confidence_ranking
+
+    rows = [{"predicted_iou": p, "iou": r} for p, r in [(0.9, 0.95), (0.8, 0.7), (0.3, 0.2), (0.1, 0.4)]]
+    out = confidence_ranking(rows)
+    assert out is not None
+    assert out["spearman"] == pytest.approx(0.8)
+    assert out["low_confidence_cases"] == 2
+    assert out["mean_iou_low_confidence"] == pytest.approx(0.3)
+    assert out["mean_iou_confident"] == pytest.approx(0.825)
+    assert confidence_ranking([{"predicted_iou": "", "iou": 0.5}] * 5) is None

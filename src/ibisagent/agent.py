@@ -23,7 +23,10 @@ from ibisagent.overlay import display_overlay
 from ibisagent.policies.base import Policy, create_policy
 from ibisagent.segmenters.base import Segmenter, create_segmenter
 
-__all__ = ["Agent", "Episode", "StepRecord", "run_episode"]
+__all__ = ["LOW_CONFIDENCE", "Agent", "Episode", "StepRecord", "run_episode"]
+
+#: a predicted IoU below this is reported as low confidence ("check the mask")
+LOW_CONFIDENCE = 0.5
 
 
 @dataclass
@@ -66,7 +69,14 @@ class Episode:
     policy_s: float = 0.0
     segmenter_s: float = 0.0
     total_s: float = 0.0
+    #: the policy's own estimate of the final mask's IoU (None for policies without one): no ground truth needed
+    predicted_iou: float | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def low_confidence(self) -> bool:
+        """Whether the policy's own quality estimate is below :data:`LOW_CONFIDENCE` (check the mask)."""
+        return self.predicted_iou is not None and self.predicted_iou < LOW_CONFIDENCE
 
     @property
     def final_mask(self) -> np.ndarray:
@@ -99,6 +109,8 @@ class Episode:
             "query": self.query, "image_shape": list(self.image_shape), "stop_reason": self.stop_reason,
             "n_steps": len(self.steps), "n_interactions": self.n_interactions, "final_iou": self.final_iou,
             "final_dice": self.final_dice,
+            "predicted_iou": None if self.predicted_iou is None else round(self.predicted_iou, 4),
+            "low_confidence": self.low_confidence,
             "final_mask_rle": rle_encode(self.final_mask),
             "timings": {"encoder_s": round(self.encoder_s, 4), "policy_s": round(self.policy_s, 4),
                         "segmenter_s": round(self.segmenter_s, 4), "total_s": round(self.total_s, 4)},
@@ -165,6 +177,8 @@ def run_episode(
             ep.stop_reason = info["stop_reason"]
             break
     ep.mask = env.session.mask
+    estimate = getattr(policy, "predicted_iou", None)
+    ep.predicted_iou = estimate(ep.final_mask) if callable(estimate) else None
     ep.segmenter_s = env.segmenter.timings.decoder_s - dec0
     ep.total_s = time.perf_counter() - t_start
     return ep

@@ -208,6 +208,8 @@ def _run_one(agent, loaded, gt, query: str, out: Path, *, overlays: bool, quiet:
         "image": str(loaded.source), "query": query, "policy": agent.policy.name, "segmenter": agent.segmenter.name,
         "stop_reason": ep.stop_reason, "steps": len(ep.steps), "interactions": ep.n_interactions,
         "mask_pixels": int(ep.final_mask.sum()), "iou": ep.final_iou, "dice": ep.final_dice,
+        "predicted_iou": None if ep.predicted_iou is None else round(ep.predicted_iou, 4),
+        "low_confidence": ep.low_confidence,
         "seconds": {"total": round(ep.total_s, 3), "encoder": round(ep.encoder_s, 3),
                     "policy": round(ep.policy_s, 3), "segmenter": round(ep.segmenter_s, 3)},
         "mask": str(mask_path), "trace": str(out / "trace.json"),
@@ -217,6 +219,10 @@ def _run_one(agent, loaded, gt, query: str, out: Path, *, overlays: bool, quiet:
         iou = f", IoU {ep.final_iou:.3f}, Dice {ep.final_dice:.3f}" if ep.final_iou is not None else ""
         print(f"done: {ep.stop_reason} after {len(ep.steps)} steps ({ep.n_interactions} prompts){iou}; "
               f"{ep.total_s:.2f} s (encoder {ep.encoder_s:.2f} s). Mask: {mask_path}", file=sys.stderr)
+        if ep.predicted_iou is not None:
+            note = "; low confidence: check the mask" if ep.low_confidence else ""
+            print(f"predicted IoU (the policy's own estimate, no ground truth): {ep.predicted_iou:.2f}{note}",
+                  file=sys.stderr)
     return result
 
 

@@ -69,10 +69,10 @@ CASE_COLUMNS = (
     "status", "error", "iou", "dice", "hd95", "nsd", "steps", "clicks", "interactions", "max_interactions",
     "stop_reason", "encoder_s", "segmenter_s", "policy_s", "total_s", "noc_80", "noc_85", "noc_90",
     "iou_curve", "dice_curve", "nsd_curve", "dsc_auc", "nsd_auc", "dsc_final", "nsd_final",
-    "seconds_per_interaction",
+    "seconds_per_interaction", "predicted_iou",
 )
 _FLOAT_COLS = ("iou", "dice", "hd95", "nsd", "encoder_s", "segmenter_s", "policy_s", "total_s", "dsc_auc", "nsd_auc",
-               "dsc_final", "nsd_final", "seconds_per_interaction")
+               "dsc_final", "nsd_final", "seconds_per_interaction", "predicted_iou")
 _INT_COLS = ("height", "width", "area_px", "steps", "clicks", "interactions", "max_interactions", "noc_80", "noc_85",
              "noc_90")
 _CURVE_COLS = ("iou_curve", "dice_curve", "nsd_curve")
@@ -340,7 +340,7 @@ class Runner:
             "steps": len(ep.steps), "clicks": ep.n_clicks, "interactions": ep.n_interactions,
             "stop_reason": ep.stop_reason or "",
             "encoder_s": _r(ep.encoder_s), "segmenter_s": _r(ep.segmenter_s), "policy_s": _r(ep.policy_s),
-            "total_s": _r(ep.total_s),
+            "total_s": _r(ep.total_s), "predicted_iou": _r(ep.predicted_iou),
             "iou_curve": [_r(v) for v in iou_curve], "dice_curve": [_r(v) for v in dice_curve],
         }
         for t in NOC_THRESHOLDS:

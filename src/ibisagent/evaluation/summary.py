@@ -130,8 +130,30 @@ def summarize_extra(rows: Sequence[dict[str, Any]], config: dict[str, Any]) -> d
         "by_modality": _grouped(ok, lambda r: r.get("modality") or "unknown", lambda g: block(g, budget)),
         "by_group": _grouped(ok, lambda r: r.get("group") or "regular", lambda g: _extra_block(g, budget)),
         "iou_curve": mean_curve(ok, budget),
+        "confidence": confidence_ranking(ok),
         "errors": errors,
     }
+
+
+def confidence_ranking(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """How well the policy's own quality estimate (``predicted_iou``) ranks the cases: Spearman's rank correlation
+    with the real IoU, the mean IoU of the cases it flags as low confidence and of the others. None when the policy
+    gives no estimate."""
+    from scipy.stats import spearmanr
+
+    from ibisagent.agent import LOW_CONFIDENCE
+
+    pairs = [(float(r["predicted_iou"]), float(r["iou"])) for r in rows
+             if r.get("predicted_iou") not in (None, "") and r.get("iou") is not None]
+    if len(pairs) < 3:
+        return None
+    pred, real = zip(*pairs)
+    rho = spearmanr(pred, real).statistic if len(set(pred)) > 1 and len(set(real)) > 1 else float("nan")
+    low = [b for a, b in pairs if a < LOW_CONFIDENCE]
+    high = [b for a, b in pairs if a >= LOW_CONFIDENCE]
+    return {"cases": len(pairs), "spearman": None if rho != rho else round(float(rho), 4),
+            "low_confidence_threshold": LOW_CONFIDENCE, "low_confidence_cases": len(low),
+            "mean_iou_low_confidence": _mean(low), "mean_iou_confident": _mean(high)}
 
 
 def write_summaries(out: str | Path, rows: Sequence[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:

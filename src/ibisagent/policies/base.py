@@ -55,6 +55,11 @@ class BasePolicy:
     def act(self, obs: Observation) -> str:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def predicted_iou(self, mask: np.ndarray) -> float | None:
+        """The policy's own estimate of the IoU of ``mask`` (the episode's final mask) with the target, or None when
+        the policy has no estimate (scripted policies)."""
+        return None
+
 
 _REGISTRY: dict[str, tuple[Callable[..., Policy], str]] = {}
 

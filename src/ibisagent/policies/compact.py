@@ -612,6 +612,17 @@ class CompactPolicy(BasePolicy):
         m2, s2, o2 = self.net(self._emb_flip, planes.flip(-1), self._text)
         return (maps + m2.flip(-1)) / 2, (stop + s2) / 2, (obj + o2.flip(-1)) / 2
 
+    def predicted_iou(self, mask: np.ndarray) -> float | None:
+        """Quality estimate of the final mask: its IoU with the network's own object belief (from the last decision,
+        upsampled to the image). Needs no ground truth; a low value means the mask and what the network thinks the
+        query names disagree (docs/benchmarks.md reports how well it ranks cases)."""
+        if self.last is None:
+            return None
+        m = np.asarray(mask, bool)
+        belief = self.belief_mask(self.last.obj, m.shape)
+        union = int((belief | m).sum())
+        return float((belief & m).sum() / union) if union else 0.0
+
     def belief_mask(self, obj: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
         """The network's object map (64x64 logits) upsampled to the image (bilinear) and thresholded at 0."""
         t = torch.from_numpy(np.asarray(obj, np.float32))[None, None]
@@ -771,3 +782,13 @@ def _make_compact(**cfg: Any) -> CompactPolicy:
 def _make_compact_box(**cfg: Any) -> CompactPolicy:
     cfg.setdefault("first_action", "box")
     return CompactPolicy(**cfg)
+
+
+@register_policy("text-only", "single shot from the query: the compact policy's box around its object belief, then "
+                              "Terminate (the baseline that shows the agent's multi-step gain)")
+def _make_text_only(**cfg: Any) -> CompactPolicy:
+    cfg.setdefault("first_action", "box")
+    cfg.setdefault("max_clicks", 0)
+    pol = CompactPolicy(**cfg)
+    pol.name = "text-only"
+    return pol
