@@ -79,3 +79,16 @@ def test_dev_data_has_no_group_on_both_sides(shared_data: Path) -> None:
     assert sides and all(len(s) == 1 for s in sides.values())
     val = sum(1 for s in sides.values() if s == {"val"})
     assert 0.1 < val / len(sides) < 0.3
+
+
+def test_per_dataset_spreads_over_patients(tmp_path: Path) -> None:
+    from ibisagent.evaluation.harness import spread_per_dataset
+
+    _folder(tmp_path, "ct", _rows(5, 4))
+    _folder(tmp_path, "us", _rows(2, 1))
+    cases = load_manifest(tmp_path)
+    picked = spread_per_dataset(cases, 6)
+    ct = [c for c in picked if c.source == "ct"]
+    assert len(ct) == 6 and len({c.group for c in ct}) == 5  # every patient before a second slice of one
+    assert len([c for c in picked if c.source == "us"]) == 2
+    assert {c.id for c in picked} == {c.id for c in spread_per_dataset(list(reversed(cases)), 6)}  # order-free

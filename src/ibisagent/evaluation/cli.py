@@ -46,6 +46,8 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="segmenter name (default: litemedsam-click when its weights are installed, else litemedsam)")
     p.add_argument("--max-steps", type=int, default=20, help="policy turns per episode, Terminate included (20)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first K selected cases")
+    p.add_argument("--per-dataset", type=int, default=None, metavar="K",
+                   help="at most K cases of each dataset folder, spread over its patients (a stable choice)")
     p.add_argument("--workers", type=int, default=1, help="worker processes (each builds its own segmenter)")
     p.add_argument("--split", choices=("train", "val", "all"), default="all",
                    help="deterministic split of the manifest (default all; our benchmarks use val)")
@@ -137,7 +139,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
         segmenter_args=segmenter_args, protocol=args.protocol, max_steps=args.max_steps, split=args.split,
         split_by=args.split_by,
         datasets=[d.strip() for d in args.datasets.split(",") if d.strip()] if args.datasets else None,
-        limit=args.limit, workers=args.workers, seed=args.seed, nsd_tolerance=args.nsd_tolerance,
+        limit=args.limit, per_dataset=args.per_dataset, workers=args.workers, seed=args.seed, nsd_tolerance=args.nsd_tolerance,
         threads=args.threads,
         retry_errors=args.retry_errors, overwrite=args.overwrite, report=not args.no_report,
         command=shlex.join(["ibisagent", *sys.argv[sys.argv.index("eval"):]]) if "eval" in sys.argv else "",

@@ -78,7 +78,7 @@ _INT_COLS = ("height", "width", "area_px", "steps", "clicks", "interactions", "m
 _CURVE_COLS = ("iou_curve", "dice_curve", "nsd_curve")
 #: settings that must match for a rerun into the same folder to resume it
 _RESUME_KEYS = ("data", "policy", "segmenter", "policy_args", "segmenter_args", "protocol", "max_steps", "split",
-                "split_by", "datasets", "seed", "nsd_tolerance", "segmenter_weights")
+                "split_by", "datasets", "per_dataset", "seed", "nsd_tolerance", "segmenter_weights")
 
 
 class EvalConfigError(ValueError):
@@ -105,6 +105,7 @@ class EvalConfig:
     split_by: str = "group"
     datasets: list[str] | None = None
     limit: int | None = None
+    per_dataset: int | None = None
     workers: int = 1
     seed: int = 0
     nsd_tolerance: float = 2.0
@@ -121,6 +122,8 @@ class EvalConfig:
             raise EvalConfigError(f"--max-steps must be >= 1, got {self.max_steps}")
         if self.limit is not None and self.limit < 1:
             raise EvalConfigError(f"--limit must be >= 1, got {self.limit}")
+        if self.per_dataset is not None and self.per_dataset < 1:
+            raise EvalConfigError(f"--per-dataset must be >= 1, got {self.per_dataset}")
         if self.workers < 1:
             raise EvalConfigError(f"--workers must be >= 1, got {self.workers}")
         if self.split not in ("train", "val", "all"):
@@ -535,7 +538,7 @@ def run_config_dict(config: EvalConfig) -> dict[str, Any]:
         "segmenter_args": config.segmenter_args, "protocol": config.protocol, "max_steps": config.max_steps,
         "max_interactions": config.max_interactions, "split": config.split,
         "split_by": config.split_by, "datasets": config.datasets,
-        "limit": config.limit, "seed": config.seed, "workers": config.workers, "nsd_tolerance": config.nsd_tolerance,
+        "limit": config.limit, "per_dataset": config.per_dataset, "seed": config.seed, "workers": config.workers, "nsd_tolerance": config.nsd_tolerance,
         "data": str(Path(config.data).resolve()), "command": config.command,
         "versions": _versions(config),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
@@ -572,9 +575,34 @@ def select_cases(config: EvalConfig) -> list[Case]:
         unknown = sorted(set(config.datasets) - known)
         if unknown:
             raise EvalConfigError(f"unknown dataset folder(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    if config.per_dataset is not None:
+        cases = spread_per_dataset(cases, config.per_dataset)
     if config.limit is not None:
         cases = cases[: config.limit]
     return cases
+
+
+def spread_per_dataset(cases: list[Case], k: int) -> list[Case]:
+    """At most ``k`` cases of each dataset folder, spread over its groups (patients): one case of each group in a
+    stable hashed order, then a second of each, ...; independent of where the data lives. Folder order is kept."""
+    import hashlib
+
+    def h(s: str) -> str:
+        return hashlib.sha1(s.encode()).hexdigest()
+
+    by_src: dict[str, dict[str, list[Case]]] = {}
+    for c in cases:
+        by_src.setdefault(c.source, {}).setdefault(c.split_key, []).append(c)
+    keep: set[tuple[str, str]] = set()
+    for groups in by_src.values():
+        queues = [sorted(g, key=lambda c: h(c.id)) for _, g in sorted(groups.items(), key=lambda kv: h(kv[0]))]
+        picked: list[Case] = []
+        depth = 0
+        while len(picked) < k and any(len(q) > depth for q in queues):
+            picked += [q[depth] for q in queues if len(q) > depth][: k - len(picked)]
+            depth += 1
+        keep.update((c.source, c.id) for c in picked)
+    return [c for c in cases if (c.source, c.id) in keep]
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
