@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import socket
 import threading
@@ -19,7 +20,16 @@ from app_fixtures import BLOB_CENTER, blob_image, write_blob_case
 from ibisagent.masks import iou, rle_decode
 from ibisagent.runtime import SegmenterHub
 from ibisagent.segmenters.fake import FakeSegmenter
-from ibisagent.server import Busy, Limiter, PathRejected, ServerConfig, create_app, resolve_data_path, sniff_upload
+from ibisagent.server import (
+    Busy,
+    Limiter,
+    PathRejected,
+    ServerConfig,
+    create_app,
+    resolve_data_path,
+    sniff_upload,
+    uvicorn_config,
+)
 from ibisagent.session import Session
 
 fastapi_testclient = pytest.importorskip("fastapi.testclient")
@@ -238,13 +248,13 @@ def test_episode_rejections(root):
     assert r.status_code == 422
     r = c.post("/v1/episode", json={"image_path": "images/blob.png", "query": "x", "policy": "nope",
                                     "mask_path": "masks/blob__lesion.png"})
-    assert r.status_code == 422 and "unknown policy" in r.json()["error"]
+    assert r.status_code == 422 and "unknown" in r.json()["error"]
     r = c.post("/v1/episode", json={"image_path": "../x.png", "query": "x"})
     assert r.status_code == 400
 
 
 def test_health(root):
-    c = _client(root)
+    c = _client(root, health_details=True)
     j = c.get("/health").json()
     assert j["status"] == "ok" and j["segmenter"] == "fake" and j["limits"]["concurrency"] == 2
     c.post("/segment", json={"image_path": "images/blob.png", "clicklist": [[1, 1]], "labels": [1]})
@@ -292,11 +302,12 @@ def _free_port() -> int:
 
 @contextmanager
 def live_server(app):
-    """Run ``app`` with uvicorn on a free 127.0.0.1 port in a thread; yields the base URL."""
+    """Run ``app`` with uvicorn (configured as ``ibisagent serve`` runs it: :func:`uvicorn_config`) on a free
+    127.0.0.1 port in a thread; yields the base URL."""
     import uvicorn
 
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    server = uvicorn.Server(uvicorn_config(app, app.state.service.config, port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
@@ -339,7 +350,7 @@ def test_loopback_server_under_short_load(root):
     8-client, 20-s run)."""
     import httpx
 
-    app = create_app(ServerConfig(data_root=root, segmenter="fake", max_queue=16))
+    app = create_app(ServerConfig(data_root=root, segmenter="fake", max_queue=16, health_details=True))
     with live_server(app) as url:
         errors: list[str] = []
         counts = [0] * 4
@@ -403,3 +414,220 @@ def test_serve_cli_errors(capsys, tmp_path, monkeypatch):
     assert args.func(args) == 2 and "not a folder" in capsys.readouterr().err
     with pytest.raises(ValueError):
         ServerConfig(data_root=tmp_path, max_concurrency=0)
+
+
+# ------------------------------------------------------------------------------------- issue 17: bad inputs are 4xx
+
+BIG = "9" * 5000  # a 5000-digit integer (json.dumps cannot write it: bodies with it are built as text)
+
+
+def _raw_post(c, route: str, text: str):
+    return c.post(route, content=text.encode(), headers={"content-type": "application/json"})
+
+
+def _assert_4xx(r, body=None) -> None:
+    assert 400 <= r.status_code < 500, (body, r.status_code, r.text[:200])
+    err = r.json()["error"]
+    assert isinstance(err, str) and err and "\n" not in err and "Traceback" not in err, err
+
+
+SEG = '{"image_path": "images/blob.png", '
+BAD_SEGMENT_BODIES = [
+    SEG + f'"clicklist": [[{BIG}, 1]], "labels": [1]}}',  # 5000-digit coordinate
+    SEG + f'"clicklist": [[1, 1]], "labels": [{BIG}]}}',
+    SEG + f'"clicklist": [[1{"0" * 400}, 1]], "labels": [1]}}',  # parses, but overflows a float
+    SEG + '"clicklist": [[1, 1]], "labels": [1], "window": {}}',
+    SEG + '"clicklist": [[1, 1]], "labels": [1], "window": [[1], 2]}',
+    SEG + '"clicklist": [[1, 1]], "labels": [1], "window": [true, 2]}',
+    SEG + '"clicklist": [[1, 1]], "labels": [0.5]}',  # was a negative click
+    SEG + '"clicklist": [[1, 1]], "labels": [true]}',
+    SEG + '"clicklist": [[1, 1]], "labels": ["1"]}',
+    SEG + '"clicklist": [[1, 1]], "labels": [1], "slice_index": true}',
+    SEG + '"clicklist": [[1, 1]], "labels": [1], "slice_index": -1}',  # was the last slice
+    SEG + '"clicklist": [[1, 1]], "labels": [1], "slice_index": 1.5}',
+    SEG + f'"clicklist": [[1, 1]], "labels": [1], "slice_index": 1{"0" * 30}}}',
+    SEG + '"clicklist": [[[1, 1]]], "labels": [1]}',  # nested one level too deep
+    SEG + '"clicklist": [["1", 1]], "labels": [1]}',  # a string coordinate
+    SEG + '"clicklist": [[true, 1]], "labels": [1]}',
+    SEG + '"clicklist": [[NaN, 1]], "labels": [1]}',
+    SEG + '"clicklist": [[1e400, 1]], "labels": [1]}',
+    SEG + '"clicklist": [[Infinity, 1]], "labels": [1]}',
+    SEG + '"clicklist": [[1, 1], [2, 2]], "labels": [1, 1], "mask_feedback": "no"}',
+    SEG + '"clicklist": [[1, 1]], "points": [[1, 1]], "labels": [1]}',
+    SEG + '"clicklist": [], "labels": [], "box": [1, 2, 3, "4"]}',
+    SEG + '"clicklist": [], "labels": [], "box": {"x1": 1}}',
+    SEG + '"clicklist": [[1, 1]], "labels": [1], "dtype": []}',
+    '[' * 100_000 + ']' * 100_000,  # nested 100k levels deep
+    '{"a": ' * 100_000 + '1' + '}' * 100_000,
+    '{"image_path": "images/blob.png", "clicklist": [[1, 1]], "labels": [1]',  # truncated
+    '\xff\xfe not utf-8',
+]
+
+
+@pytest.mark.parametrize("text", BAD_SEGMENT_BODIES, ids=range(len(BAD_SEGMENT_BODIES)))
+def test_malformed_segment_requests_are_4xx_with_a_reason(root, text):
+    c = _client(root)
+    for route in ("/segment", "/v1/segment"):
+        r = c.post(route, content=text.encode("utf-8", "surrogateescape") if text.isascii() else text.encode("latin-1"),
+                   headers={"content-type": "application/json"})
+        _assert_4xx(r, text[:80])
+
+
+def test_label_half_is_refused_not_a_negative_click(root):
+    c = _client(root)
+    r = c.post("/v1/segment", json={"image_path": "images/blob.png", "clicklist": [[130, 100]], "labels": [0.5]})
+    assert r.status_code == 422 and "label 0 must be 1" in r.json()["error"]
+    r = c.post("/v1/segment", json={"image_path": "images/blob.png", "clicklist": [[130, 100]], "labels": [1.0]})
+    assert r.status_code == 200  # an integral float is the same label
+
+
+def test_slice_index_must_be_a_non_negative_integer(root):
+    from app_fixtures import write_blob_volume
+
+    write_blob_volume(root)
+    c = _client(root)
+    base = {"image_path": "vol.nii.gz", "clicklist": [[40, 30]], "labels": [1]}
+    assert c.post("/v1/segment", json={**base, "slice_index": 2}).status_code == 200
+    for bad in (True, -1, 2.0, "2"):
+        r = c.post("/v1/segment", json={**base, "slice_index": bad})
+        assert r.status_code == 422 and "slice_index" in r.json()["error"], (bad, r.text)
+
+
+def test_click_cap_per_request(root):
+    c = _client(root)  # the default: 64 clicks
+    base = {"image_path": "images/blob.png"}
+    r = c.post("/v1/segment", json={**base, "clicklist": [[130, 100]] * 64, "labels": [1] * 64})
+    assert r.status_code == 200
+    r = c.post("/v1/segment", json={**base, "clicklist": [[130, 100]] * 65, "labels": [1] * 65})
+    assert r.status_code == 413 and "limit is 64" in r.json()["error"]
+
+
+EP = {"image_path": "images/blob.png", "mask_path": "masks/blob__lesion.png", "query": "segment the lesion"}
+
+
+@pytest.mark.parametrize("extra", [
+    {"policy": "hf"},  # not enabled by default (needs a checkpoint)
+    {"policy": ["oracle"]},
+    {"policy": "openai"},
+    {"max_steps": 0},  # was the default (20)
+    {"max_steps": -3},  # was 1
+    {"max_steps": 2.5},  # was 2
+    {"max_steps": 50},  # over the server's limit: was silently 20
+    {"max_steps": True},
+    {"max_steps": "abc"},
+    {"slice_index": True},
+    {"slice_index": -1},
+    {"window": {}},
+    {"mask_path": [1]},
+    {"query": ["x"]},
+    {"query": "x" * 5000},
+])
+def test_bad_episode_requests_are_4xx(root, extra):
+    c = _client(root)
+    r = c.post("/v1/episode", json={**EP, **extra})
+    _assert_4xx(r, extra)
+    key = next(iter(extra))
+    assert key in r.json()["error"] or key == "policy", r.json()
+
+
+def test_episode_with_an_unavailable_policy_is_4xx(root):
+    c = _client(root, policies=("oracle", "hf"))  # enabled, but no checkpoint configured
+    r = c.post("/v1/episode", json={**EP, "policy": "hf"})
+    _assert_4xx(r)
+    assert "not available" in r.json()["error"]
+    r = _raw_post(c, "/v1/episode", json.dumps(EP)[:-1] + f', "max_steps": {BIG}}}')
+    _assert_4xx(r)
+    r = c.post("/v1/episode", files={"image": ("x.png", (root / "images/blob.png").read_bytes(), "image/png")},
+               data={"query": "q", "policy": "oracle", "max_steps": "0"})
+    _assert_4xx(r)
+
+
+# ------------------------------------------------------------------------------------------ fuzzing the JSON routes
+
+_NASTY: list = [None, True, False, 0, -1, 1, 0.5, -0.0, 2**63, 10**30, 1e308, "", " ", "x", "1", "../x",
+                "/etc/passwd", "images/blob.png", "masks/blob__lesion.png", "images", "\x00", "é" * 10, "x" * 5000,
+                [], {}, [[]], [1], [1, 2], [1, 2, 3], [[1, 2]], [[1, 2, 3]], [[130, 100], [10, 10]], {"a": 1},
+                "ct-soft-tissue", [40, 400], [0, 0], [[1], 2], "oracle", "hf", "compact", "uint8", "float32"]
+_KEYS = ["image_path", "mask_path", "clicklist", "points", "labels", "box", "slice_index", "window",
+         "mask_feedback", "dtype", "query", "policy", "max_steps", "extra"]
+
+
+def _random_value(rng, depth: int = 0):
+    r = rng.random()
+    if r < 0.55 or depth > 2:
+        return _NASTY[int(rng.integers(len(_NASTY)))]
+    if r < 0.8:
+        return [_random_value(rng, depth + 1) for _ in range(int(rng.integers(0, 4)))]
+    return {str(_KEYS[int(rng.integers(len(_KEYS)))]): _random_value(rng, depth + 1)
+            for _ in range(int(rng.integers(0, 3)))}
+
+
+def _mutate(rng, body: dict) -> dict:
+    body = json.loads(json.dumps(body))
+    for _ in range(int(rng.integers(1, 4))):
+        key = _KEYS[int(rng.integers(len(_KEYS)))]
+        op = rng.random()
+        if op < 0.15:
+            body.pop(key, None)
+        elif op < 0.3 and isinstance(body.get("clicklist"), list) and body["clicklist"]:
+            pt = body["clicklist"][int(rng.integers(len(body["clicklist"])))]
+            if isinstance(pt, list) and pt:
+                pt[int(rng.integers(len(pt)))] = _random_value(rng)
+        elif op < 0.4 and isinstance(body.get("labels"), list) and body["labels"]:
+            body["labels"][int(rng.integers(len(body["labels"])))] = _random_value(rng)
+        else:
+            body[key] = _random_value(rng)
+    return body
+
+
+def _text_mutation(rng, text: str) -> str:
+    op = int(rng.integers(5))
+    i = int(rng.integers(len(text) + 1))
+    if op == 0:
+        return text[:i]
+    if op == 1:
+        return text[:i] + BIG + text[i:]
+    if op == 2:
+        return text[:i] + rng.choice(["NaN", "-Infinity", "[" * 5000, "}", '"', "\\u0000", "1e999"]) + text[i:]
+    if op == 3:
+        return "[" * int(rng.integers(1, 3000)) + text
+    return text.replace("1", BIG[: int(rng.integers(1, 5000))], 1)
+
+
+def test_fuzz_json_routes_never_500(root, caplog):
+    """A seeded, bounded fuzzer (about 10 s): mutated and random bodies on every JSON route get a 2xx or a 4xx with
+    a one-line reason, never a 500 (the test client re-raises server exceptions) nor an error log."""
+    import logging
+
+    from app_fixtures import write_blob_volume
+
+    write_blob_volume(root)
+    caplog.set_level(logging.WARNING)
+    c = _client(root, max_episode_steps=4)
+    rng = np.random.default_rng(17)
+    seg = {"image_path": "images/blob.png", "clicklist": [[130, 100], [10, 10]], "labels": [1, 0]}
+    ep = {**EP, "max_steps": 3}
+    vol = {"image_path": "vol.nii.gz", "slice_index": 2, "window": "ct-soft-tissue", "clicklist": [[40, 30]],
+           "labels": [1]}
+    routes = [("/segment", seg), ("/v1/segment", seg), ("/v1/segment", vol), ("/v1/episode", ep)]
+    t_end = time.perf_counter() + 10.0
+    n = 0
+    statuses: dict[int, int] = {}
+    while time.perf_counter() < t_end and n < 3000:
+        route, base = routes[n % len(routes)]
+        kind = rng.random()
+        if kind < 0.6:
+            text = json.dumps(_mutate(rng, base))
+        elif kind < 0.8:
+            text = _text_mutation(rng, json.dumps(base))
+        else:
+            text = json.dumps(_random_value(rng))
+        r = c.post(route, content=text.encode(), headers={"content-type": "application/json"})
+        statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+        assert r.status_code < 500, (route, text[:300], r.text[:300])
+        if r.status_code >= 400:
+            _assert_4xx(r, text[:300])
+        n += 1
+    assert n >= 200 and statuses.get(200, 0) > 0 and sum(v for k, v in statuses.items() if k >= 400) > n // 4, statuses
+    bad = [rec for rec in caplog.records if rec.levelno >= logging.ERROR or rec.exc_info]
+    assert not bad, [rec.getMessage()[:200] for rec in bad[:3]]

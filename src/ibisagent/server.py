@@ -10,25 +10,39 @@ Endpoints:
 * ``POST /v1/episode`` — run the agent: a multipart upload (``image`` file, optional ``mask`` file, form fields
   ``query``, ``policy``, ``max_steps``) or JSON with ``image_path``/``mask_path`` under the data root; replies with the
   episode trace (:meth:`ibisagent.agent.Episode.to_json`).
-* ``GET /health`` — status, segmenter, load and cache counters.
+* ``GET /health`` — liveness and versions (segmenter, load and cache counters, limits and config only with
+  ``--health-details``).
 
 Safety: paths must lie under ``--data-root`` (no ``..``, no absolute paths elsewhere, no symlinks leading out:
-400/403); request bodies over ``--max-body-mb`` get 413; uploads are type-sniffed (PNG/JPEG/DICOM) and pixel-capped
-(415/413); at most ``--max-concurrency`` requests run at once and ``--max-queue`` wait, more get 503; a request that
-takes longer than ``--timeout`` gets 504. The server binds to 127.0.0.1 unless ``--host`` says otherwise.
+400/403); request bodies over ``--max-body-mb`` get 413; uploads are type-sniffed (PNG/JPEG/DICOM) and images are
+pixel-capped from their declared size before decoding (415/413); every field is type- and range-checked (422 with
+a one-line reason); at most 64 clicks per request. Requests run in two lanes: normal ones (one segmenter pass) on
+``--max-concurrency`` workers, heavy ones (episodes, ``mask_feedback`` replays) on ``--max-heavy`` workers; each
+lane lets ``--max-queue`` wait, more get 503. Segmenter passes are handed out first come first served, so a heavy
+request gives way to a normal one after every pass, and a request that passes ``--timeout`` gets 504 and stops at
+its next pass. A request must arrive (headers and body) within ``--read-timeout`` seconds and at most
+``--max-connections`` connections are open at once. An optional bearer token (``--token`` / ``$IBISAGENT_TOKEN``)
+guards every route but ``/health``. The server binds to 127.0.0.1 unless ``--host`` says otherwise.
 """
 
 
 import argparse
 import asyncio
+import hmac
 import io
 import json
+import logging
+import math
 import os
+import platform
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
@@ -41,19 +55,32 @@ from ibisagent.segmenters.base import Segmenter, SegmenterError, SegmenterUnavai
 
 __all__ = [
     "DATA_ROOT_ENV",
+    "TOKEN_ENV",
+    "DEFAULT_POLICIES",
+    "Deadline",
+    "FairLock",
     "PathRejected",
     "RequestRejected",
     "ServerConfig",
     "Limiter",
     "add_parser",
     "create_app",
+    "guarded_protocol",
     "resolve_data_path",
     "sniff_upload",
+    "uvicorn_config",
 ]
 
 #: environment variable with the default data root of ``ibisagent serve``
 DATA_ROOT_ENV = "IBISAGENT_DATA_ROOT"
+#: environment variable with the bearer token of ``ibisagent serve`` (``--token`` overrides it)
+TOKEN_ENV = "IBISAGENT_TOKEN"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+#: policies ``/v1/episode`` may run unless ``--policies`` says otherwise: the ones that need no server-side setup
+#: (``hf`` needs a checkpoint, ``openai`` an endpoint: enable them explicitly)
+DEFAULT_POLICIES = ("oracle", "oracle-box", "gt-box", "center-click", "compact", "compact-box")
+
+log = logging.getLogger("ibisagent.server")
 
 
 class RequestRejected(ValueError):
@@ -68,6 +95,13 @@ class PathRejected(RequestRejected):
     """An ``image_path`` outside the data root, with ``..``, or that does not exist."""
 
 
+class RequestTimedOut(RequestRejected):
+    """The request passed its deadline (504); raised between segmenter passes so its worker stops."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"request took longer than {seconds:g} s", 504)
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Settings of one server process."""
@@ -75,30 +109,176 @@ class ServerConfig:
     data_root: Path
     segmenter: str = field(default_factory=default_segmenter_name)
     max_concurrency: int = 2
+    max_heavy: int = 1
     max_queue: int = 16
     max_body_bytes: int = 16 * 2**20
     max_upload_bytes: int = 12 * 2**20
     max_pixels: int = 4096 * 4096
-    max_clicks: int = 256
+    max_voxels: int = 512 * 512 * 1024
+    max_clicks: int = 64
+    max_query_chars: int = 1000
     timeout_s: float = 60.0
+    read_timeout_s: float = 15.0
+    keep_alive_s: float = 5.0
+    max_connections: int = 64
     default_policy: str = "oracle"
+    policies: tuple[str, ...] = DEFAULT_POLICIES
     max_episode_steps: int = 20
+    token: str | None = field(default=None, repr=False)
+    health_details: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("max_concurrency", "max_body_bytes", "max_upload_bytes", "max_pixels", "max_clicks"):
+        for name in ("max_concurrency", "max_heavy", "max_body_bytes", "max_upload_bytes", "max_pixels",
+                     "max_voxels", "max_clicks", "max_query_chars", "max_connections", "max_episode_steps"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_queue < 0:
             raise ValueError("max_queue must be >= 0")
-        if not self.timeout_s > 0:
-            raise ValueError("timeout_s must be positive")
+        for name in ("timeout_s", "read_timeout_s", "keep_alive_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive")
+        if self.token is not None and not self.token.strip():
+            raise ValueError("the token must not be empty")
+        if self.default_policy not in self.policies:  # the default policy is always enabled
+            object.__setattr__(self, "policies", (*self.policies, self.default_policy))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Request fields: every value is type- and range-checked here (422 with a one-line reason), nothing is coerced
+# ----------------------------------------------------------------------------------------------------------------
+
+_INT_MAX = 2**31 - 1
+_EXACT_FLOAT_INT = 2**53
+
+
+def _show(value: Any, limit: int = 40) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**limit:
+        return "a number with more digits than allowed"
+    text = json.dumps(value) if isinstance(value, (list, dict, str, int, float, bool, type(None))) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _finite(value: Any, what: str, limit: float = 2.0**24) -> float:
+    """``value`` as a finite float of magnitude at most ``limit`` (pixel coordinates: exact in float32); 422 for
+    booleans, strings, huge numbers, NaN and infinities."""
+    if not _is_number(value):
+        raise RequestRejected(f"{what} must be a number, got {_show(value)}", 422)
+    if isinstance(value, int) and abs(value) > _EXACT_FLOAT_INT:
+        raise RequestRejected(f"{what} is out of range: {_show(value)}", 422)
+    f = float(value)
+    if not math.isfinite(f):
+        raise RequestRejected(f"{what} must be a finite number, got {f}", 422)
+    if abs(f) > limit:
+        raise RequestRejected(f"{what} is out of range: {f:g} (limit +-{limit:g})", 422)
+    return f
+
+
+def _int_field(value: Any, what: str, lo: int, hi: int, hint: str = "", form: bool = False) -> int:
+    """An integer in ``lo..hi`` (a JSON integer; with ``form`` also a decimal string, as multipart fields are);
+    422 otherwise."""
+    if form and isinstance(value, str) and value.strip().lstrip("+-").isdigit() and len(value.strip()) <= 12:
+        value = int(value.strip())
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise RequestRejected(f"{what} must be an integer from {lo} to {hi}{hint}, got {_show(value)}", 422)
+    return value
+
+
+def _bool_field(value: Any, what: str) -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise RequestRejected(f"{what} must be true or false, got {_show(value)}", 422)
+    return value
+
+
+def _str_field(value: Any, what: str, max_chars: int) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise RequestRejected(f"{what} must be a string, got {_show(value)}", 422)
+    if len(value) > max_chars:
+        raise RequestRejected(f"{what} is {len(value)} characters; the limit is {max_chars}", 422)
+    return value
+
+
+def _window_field(value: Any) -> str | tuple[float, float] | None:
+    """``window``: a preset name or a ``[center, width]`` pair of numbers (the image loader checks the values)."""
+    if value is None or isinstance(value, str):
+        return _str_field(value, "window", 64)
+    if isinstance(value, list) and len(value) == 2:
+        return _finite(value[0], "window center", 1e12), _finite(value[1], "window width", 1e12)
+    raise RequestRejected(f"window must be a preset name (e.g. 'ct-soft-tissue') or [center, width], got "
+                          f"{_show(value)}", 422)
+
+
+def _slice_field(value: Any, form: bool = False) -> int | None:
+    if value is None or (form and value == ""):
+        return None
+    return _int_field(value, "slice_index", 0, _INT_MAX, " (0 = the first slice of a volume)", form=form)
+
+
+def _prompt_fields(req: dict[str, Any], max_clicks: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(points (N, 2) float32, labels (N,) int64, box (4,) or None) from ``clicklist``/``points``, ``labels``,
+    ``box``; every click an ``[x, y]`` pair of finite numbers, every label exactly 1 or 0."""
+    if "clicklist" in req and "points" in req:
+        raise RequestRejected("give the clicks as 'clicklist' or as 'points', not both", 422)
+    clicks = req.get("clicklist", req.get("points"))
+    labels = req.get("labels")
+    clicks = [] if clicks is None else clicks
+    labels = [] if labels is None else labels
+    if not isinstance(clicks, list) or not isinstance(labels, list):
+        raise RequestRejected("clicklist and labels must be JSON lists", 422)
+    if len(clicks) > max_clicks or len(labels) > max_clicks:
+        raise RequestRejected(f"{max(len(clicks), len(labels))} clicks; the limit is {max_clicks} per request", 413)
+    if len(clicks) != len(labels):
+        raise RequestRejected(f"{len(clicks)} clicks but {len(labels)} labels", 422)
+    pts = np.zeros((len(clicks), 2), np.float32)
+    for i, c in enumerate(clicks):
+        if not isinstance(c, list) or len(c) != 2:
+            raise RequestRejected(f"click {i} must be an [x, y] pair of pixel coordinates, got {_show(c)}", 422)
+        pts[i] = (_finite(c[0], f"click {i} x"), _finite(c[1], f"click {i} y"))
+    labs = np.zeros(len(labels), np.int64)
+    for i, v in enumerate(labels):
+        if not _is_number(v) or v not in (0, 1):
+            raise RequestRejected(f"label {i} must be 1 (positive click) or 0 (negative click), got {_show(v)}", 422)
+        labs[i] = int(v)
+    box = req.get("box")
+    bx = None
+    if box is not None:
+        if not isinstance(box, list) or len(box) != 4:
+            raise RequestRejected(f"box must be [x1, y1, x2, y2] pixel numbers, got {_show(box)}", 422)
+        bx = np.array([_finite(v, "box coordinate") for v in box], np.float32)
+    return pts, labs, bx
+
+
+@dataclass(frozen=True)
+class SegmentRequest:
+    """A checked /segment or /v1/segment request."""
+
+    image_path: Any
+    points: np.ndarray
+    labels: np.ndarray
+    box: np.ndarray | None
+    slice_index: int | None
+    window: str | tuple[float, float] | None
+    mask_feedback: bool
+    dtype: str = "uint8"
+
+    @property
+    def passes(self) -> int:
+        """Segmenter passes the request costs (a mask_feedback replay runs one per click)."""
+        return len(self.points) if self.mask_feedback and len(self.points) > 1 else 1
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Paths
 # ----------------------------------------------------------------------------------------------------------------
 
-def resolve_data_path(root: Path, user_path: Any) -> Path:
+def resolve_data_path(root: Path, user_path: Any, what: str = "image_path") -> Path:
     """Resolve a client-given path against ``root`` and refuse anything that does not stay inside it.
 
     Relative paths are taken relative to ``root``; absolute paths must already point inside it. ``..`` components
@@ -106,28 +286,30 @@ def resolve_data_path(root: Path, user_path: Any) -> Path:
     missing file 404.
     """
     if not isinstance(user_path, str) or not user_path.strip():
-        raise PathRejected("image_path must be a non-empty string", 400)
+        raise PathRejected(f"{what} must be a non-empty string", 400)
     if "\x00" in user_path:
-        raise PathRejected("image_path contains a NUL byte", 400)
+        raise PathRejected(f"{what} contains a NUL byte", 400)
+    if len(user_path) > 4096:
+        raise PathRejected(f"{what} is longer than 4096 characters", 400)
     parts = set(PurePosixPath(user_path).parts) | set(PureWindowsPath(user_path).parts)
     if ".." in parts:
-        raise PathRejected("image_path must not contain '..' components", 400)
+        raise PathRejected(f"{what} must not contain '..' components", 400)
     root_real = root.resolve()
     given = Path(user_path)
     candidate = given if given.is_absolute() else root_real / given
     if given.is_absolute() and not (_inside(Path(os.path.normpath(given)), root_real)
                                     or _inside(Path(os.path.normpath(given)), Path(os.path.abspath(root)))):
-        raise PathRejected("image_path is outside the server's data root", 403)
+        raise PathRejected(f"{what} is outside the server's data root", 403)
     try:
         real = candidate.resolve(strict=True)
     except FileNotFoundError:
-        raise PathRejected(f"image_path not found under the data root: {user_path}", 404) from None
-    except (OSError, RuntimeError) as exc:  # symlink loops, permission problems
-        raise PathRejected(f"image_path cannot be resolved: {exc}", 400) from None
+        raise PathRejected(f"{what} not found under the data root: {_show(user_path, 200)}", 404) from None
+    except (OSError, RuntimeError) as exc:  # symlink loops, permission problems, names too long
+        raise PathRejected(f"{what} cannot be resolved: {exc.strerror or exc}", 400) from None
     if not _inside(real, root_real):
-        raise PathRejected("image_path resolves outside the server's data root (symlink?)", 403)
+        raise PathRejected(f"{what} resolves outside the server's data root (symlink?)", 403)
     if not (real.is_file() or real.is_dir()):
-        raise PathRejected("image_path is not a regular file", 400)
+        raise PathRejected(f"{what} is not a regular file", 400)
     return real
 
 
@@ -136,7 +318,7 @@ def _inside(path: Path, root: Path) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Uploads
+# Uploads and declared image sizes
 # ----------------------------------------------------------------------------------------------------------------
 
 _MAGIC = ((b"\x89PNG\r\n\x1a\n", ".png"), (b"\xff\xd8\xff", ".jpg"))
@@ -161,8 +343,73 @@ def _check_pixels(shape: tuple[int, ...], max_pixels: int) -> None:
         raise RequestRejected(f"image is {shape[1]}x{shape[0]} pixels; the limit is {max_pixels} pixels", 413)
 
 
+def declared_size(path: Path) -> tuple[int, int, int] | None:
+    """(height, width, elements the loader reads) of an image file or DICOM folder from its header alone, without
+    decoding pixels; None when the header cannot be read (the loader then reports the problem)."""
+    from ibisagent.io.images import image_format, read_dicom
+
+    try:
+        fmt = image_format(path)
+        name = path.name.lower()
+        if fmt == "raster" and name.endswith((".tif", ".tiff")):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                shape = tuple(int(s) for s in tif.series[0].shape)
+                page = tif.pages[0].shape
+            return int(page[0]), int(page[1]), int(np.prod(shape, dtype=np.float64))
+        if fmt == "raster":
+            from PIL import Image
+
+            with Image.open(path) as im:  # reads the header only
+                w, h = im.size
+            return h, w, h * w
+        if fmt == "nifti":
+            import nibabel as nib
+
+            shape = tuple(int(s) for s in nib.load(str(path)).shape)  # header only: the data is read lazily
+            h, w = (shape + (1, 1))[:2]
+            return h, w, int(np.prod(shape, dtype=np.float64))
+        if fmt == "dicom":
+            ds = read_dicom(path, stop_before_pixels=True)
+            h, w = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+            frames = int(ds.get("NumberOfFrames", 1) or 1)
+            return h, w, h * w * frames
+        if fmt == "dicom-series":
+            files = []
+            for i, entry in enumerate(os.scandir(path)):
+                if i > 100_000:
+                    break
+                if entry.is_file():
+                    files.append(entry.path)
+            if not files:
+                return None
+            ds = read_dicom(Path(sorted(files)[0]), stop_before_pixels=True)
+            h, w = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+            return h, w, h * w * len(files)
+    except Exception as exc:  # PIL's DecompressionBombError among them: a header claiming a gigantic image
+        if type(exc).__name__ == "DecompressionBombError":
+            return _INT_MAX, _INT_MAX, _INT_MAX
+        return None
+    return None
+
+
+def _check_declared(path: Path, cfg: ServerConfig, what: str = "image") -> None:
+    """413 when the file's header declares more pixels (or volume voxels) than the server's limits."""
+    size = declared_size(path)
+    if size is None:
+        return
+    h, w, total = size
+    if h >= _INT_MAX:
+        raise RequestRejected(f"{what} declares a size far above the limit of {cfg.max_pixels} pixels", 413)
+    if h * w > cfg.max_pixels:
+        raise RequestRejected(f"{what} is {w}x{h} pixels; the limit is {cfg.max_pixels} pixels", 413)
+    if total > cfg.max_voxels:
+        raise RequestRejected(f"{what} holds {total} pixels or voxels in all; the limit is {cfg.max_voxels}", 413)
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Bounded concurrency with a queue limit and per-request timeouts
+# Bounded work: lanes with a queue limit, deadlines checked between segmenter passes, fair turns
 # ----------------------------------------------------------------------------------------------------------------
 
 class Busy(RequestRejected):
@@ -170,18 +417,61 @@ class Busy(RequestRejected):
         super().__init__(message, 503)
 
 
+class Deadline:
+    """The time a request must finish by; :meth:`check` raises :class:`RequestTimedOut` once it has passed."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = float(seconds)
+        self.end = time.monotonic() + self.seconds
+
+    def expired(self) -> bool:
+        return time.monotonic() >= self.end
+
+    def check(self) -> None:
+        if self.expired():
+            raise RequestTimedOut(self.seconds)
+
+
+class FairLock:
+    """A lock handed out in the order it was asked for (``threading.Lock`` lets a thread that just released it take
+    it again at once, so a long replay would starve the others)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._queue: deque[object] = deque()
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        me = object()
+        with self._cond:
+            self._queue.append(me)
+            while self._queue[0] is not me:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._queue.popleft()
+                self._cond.notify_all()
+
+    def waiting(self) -> int:
+        with self._cond:
+            return max(0, len(self._queue) - 1)
+
+
 class Limiter:
     """At most ``concurrency`` jobs run (in a thread pool), at most ``max_queue`` wait; more are refused (503).
 
     ``run(fn, timeout)`` raises :class:`Busy` when the queue is full and ``TimeoutError`` when waiting plus running
     takes longer than ``timeout``; a job that timed out keeps its slot until its thread finishes, so the number of
-    running threads never exceeds ``concurrency``.
+    running threads never exceeds ``concurrency`` (the service's jobs check their :class:`Deadline` between segmenter
+    passes, so they end soon after).
     """
 
-    def __init__(self, concurrency: int, max_queue: int) -> None:
+    def __init__(self, concurrency: int, max_queue: int, name: str = "serve") -> None:
         self.concurrency = int(concurrency)
         self.max_queue = int(max_queue)
-        self.pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="ibisagent-serve")
+        self.pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix=f"ibisagent-{name}")
         self._sem: asyncio.Semaphore | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.waiting = 0
@@ -214,10 +504,12 @@ class Limiter:
         self.running += 1
         fut = loop.run_in_executor(self.pool, fn)
 
-        def _release(_: Any) -> None:
+        def _release(f: Any) -> None:
             self.running -= 1
             self.completed += 1
             sem.release()
+            if not f.cancelled():
+                f.exception()  # retrieved: a job that ended after its 504 must not log "never retrieved"
 
         fut.add_done_callback(_release)
         try:
@@ -231,6 +523,10 @@ class Limiter:
                 "waiting": self.waiting, "completed": self.completed, "rejected": self.rejected,
                 "timed_out": self.timed_out}
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# ASGI middleware: body size limit, bearer token
+# ----------------------------------------------------------------------------------------------------------------
 
 class BodyLimitMiddleware:
     """ASGI middleware: refuse bodies larger than ``max_bytes`` with 413 (by Content-Length, or while reading)."""
@@ -284,10 +580,49 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
 
-async def _send_json(send: Callable, status: int, payload: dict) -> None:
+def _bearer(scope: dict) -> bytes | None:
+    """The token of an ``Authorization: Bearer <token>`` header (None when there is none)."""
+    for name, value in scope.get("headers") or []:
+        if name == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            return token.strip() if scheme.lower() == b"bearer" else b""
+    return None
+
+
+def token_ok(scope: dict, token: str | None) -> bool:
+    """Whether the request carries ``token`` (always True when the server has none)."""
+    if token is None:
+        return True
+    given = _bearer(scope)
+    return bool(given) and hmac.compare_digest(given, token.encode())
+
+
+class TokenMiddleware:
+    """ASGI middleware: every path but ``open_paths`` needs ``Authorization: Bearer <token>`` (401 without one,
+    403 with a wrong one), checked before the body is read."""
+
+    def __init__(self, app: Any, token: str, open_paths: tuple[str, ...] = ("/health",)) -> None:
+        self.app = app
+        self.token = token
+        self.open_paths = open_paths
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope.get("path") in self.open_paths or token_ok(scope, self.token):
+            await self.app(scope, receive, send)
+            return
+        if _bearer(scope) is None:
+            await _send_json(send, 401, {"error": "this server needs a token: send 'Authorization: Bearer <token>'"},
+                             [(b"www-authenticate", b"Bearer")])
+        else:
+            await _send_json(send, 403, {"error": "invalid token"})
+
+
+async def _send_json(send: Callable, status: int, payload: dict,
+                     extra_headers: list[tuple[bytes, bytes]] | None = None) -> None:
     body = json.dumps(payload).encode()
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *(extra_headers or [])]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -296,7 +631,12 @@ async def _send_json(send: Callable, status: int, payload: dict) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 class SegmentService:
-    """Loads images under the data root and runs the shared segmenter / agent on them."""
+    """Loads images under the data root and runs the shared segmenter / agent on them.
+
+    Every segmenter pass (one ``predict``, one episode step) takes a turn of a :class:`FairLock` and checks the
+    request's :class:`Deadline` first, so heavy requests give way to normal ones after each pass and stop once they
+    have timed out.
+    """
 
     def __init__(self, config: ServerConfig, hub: SegmenterHub | None = None) -> None:
         self.config = config
@@ -305,13 +645,28 @@ class SegmentService:
             raise ValueError(f"data root {config.data_root} is not a folder")
         self.hub = hub or SegmenterHub()
         self.images = ImageCache()
+        self.turns = FairLock()
+        self.passes = 0
 
     def segmenter(self) -> Segmenter:
         return self.hub.get(self.config.segmenter)
 
+    @contextmanager
+    def turn(self, image: np.ndarray, key: str, deadline: Deadline | None) -> Iterator[Segmenter]:
+        """One segmenter pass on ``image``: wait for this request's turn, check its deadline, bind the image."""
+        if deadline is not None:
+            deadline.check()
+        with self.turns.hold():
+            if deadline is not None:
+                deadline.check()
+            with self.hub.bound(self.config.segmenter, image, key) as seg:
+                self.passes += 1
+                yield seg
+
     def load(self, image_path: Any, slice_index: int | None = None, window: Any = None) -> tuple[np.ndarray, str]:
-        """(HxWx3 uint8 image, content key) of a path under the data root."""
+        """(HxWx3 uint8 image, content key) of a path under the data root (its declared size checked first)."""
         path = resolve_data_path(self.root, image_path)
+        _check_declared(path, self.config)
         try:
             loaded, key = self.images.load(path, slice_index, window)
         except ValueError as exc:  # ImageLoadError / WindowError: bad file or options
@@ -323,105 +678,115 @@ class SegmentService:
         """A ground-truth mask under the data root (binary PNG/TIFF/NPY or a NIfTI label map slice)."""
         from ibisagent.io import load_mask
 
-        path = resolve_data_path(self.root, mask_path)
+        path = resolve_data_path(self.root, mask_path, "mask_path")
+        _check_declared(path, self.config, "mask")
         kwargs = {"slice_index": slice_index} if slice_index is not None else {}
         try:
             return load_mask(path, shape=shape, **kwargs)
         except ValueError as exc:
             raise RequestRejected(f"mask_path: {exc}", 422) from exc
 
-    def segment(self, req: dict[str, Any]) -> tuple[np.ndarray, float, dict[str, float]]:
-        """Mask, score and timings for a /segment request body (already JSON-decoded)."""
+    def parse_segment(self, req: dict[str, Any]) -> SegmentRequest:
+        """Check a /segment request body (already JSON-decoded); 4xx with the reason for anything malformed."""
+        pts, labels, box = _prompt_fields(req, self.config.max_clicks)
+        dtype = req.get("dtype", "uint8")
+        if dtype not in ("uint8", "bool", "float32"):
+            raise RequestRejected("dtype must be one of uint8, bool, float32", 422)
+        return SegmentRequest(image_path=req.get("image_path"), points=pts, labels=labels, box=box,
+                              slice_index=_slice_field(req.get("slice_index")), window=_window_field(req.get("window")),
+                              mask_feedback=_bool_field(req.get("mask_feedback"), "mask_feedback"), dtype=str(dtype))
+
+    def segment(self, req: SegmentRequest | dict[str, Any],
+                deadline: Deadline | None = None) -> tuple[np.ndarray, float, dict[str, float]]:
+        """Mask, score and timings for a /segment request."""
+        if isinstance(req, dict):
+            req = self.parse_segment(req)
         t0 = time.perf_counter()
-        pts, labels, box = self._prompts(req)
-        slice_index = req.get("slice_index")
-        if slice_index is not None and not isinstance(slice_index, int):
-            raise RequestRejected("slice_index must be an integer", 422)
-        image, key = self.load(req.get("image_path"), slice_index, req.get("window"))
+        image, key = self.load(req.image_path, req.slice_index, req.window)
         t1 = time.perf_counter()
         h, w = image.shape[:2]
+        pts, labels, box = req.points, req.labels, req.box
         if not len(pts) and box is None:
             return np.zeros((h, w), bool), float("nan"), {"load_s": t1 - t0, "segment_s": 0.0}
-        feedback = bool(req.get("mask_feedback", False))
-        with self.hub.bound(self.config.segmenter, image, key) as seg:
-            t2 = time.perf_counter()
-            try:
-                if feedback and len(pts) > 1:  # replay clicks one by one with the previous logits, as a session does
-                    logits = None
-                    for k in range(1, len(pts) + 1):
+        waited = 0.0
+        try:
+            if req.passes > 1:  # replay clicks one by one with the previous logits, as a session does
+                logits = None
+                for k in range(1, len(pts) + 1):
+                    tw = time.perf_counter()
+                    with self.turn(image, key, deadline) as seg:
+                        waited += time.perf_counter() - tw
                         res = seg.predict(pts[:k], labels[:k], box, logits)
-                        logits = res.logits
-                else:
+                    logits = res.logits
+            else:
+                tw = time.perf_counter()
+                with self.turn(image, key, deadline) as seg:
+                    waited += time.perf_counter() - tw
                     res = seg.predict(pts if len(pts) else None, labels if len(labels) else None, box)
-            except SegmenterError as exc:
-                raise RequestRejected(str(exc), 422) from exc
+        except RequestTimedOut:
+            raise
+        except SegmenterError as exc:
+            raise RequestRejected(str(exc), 422) from exc
         t3 = time.perf_counter()
         score = float(res.score)
-        return res.mask, score, {"load_s": t1 - t0, "wait_s": t2 - t1, "segment_s": t3 - t2}
+        return res.mask, score, {"load_s": t1 - t0, "wait_s": waited, "segment_s": t3 - t1 - waited}
 
-    def _prompts(self, req: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        clicks = req.get("clicklist", req.get("points", []))
-        labels = req.get("labels", [])
-        if clicks is None:
-            clicks = []
-        if labels is None:
-            labels = []
-        if not isinstance(clicks, list) or not isinstance(labels, list):
-            raise RequestRejected("clicklist and labels must be JSON lists", 422)
-        if len(clicks) > self.config.max_clicks:
-            raise RequestRejected(f"{len(clicks)} clicks; the limit is {self.config.max_clicks}", 413)
+    def make_policy(self, policy_name: str) -> Any:
+        """A fresh instance of an enabled policy; 422 with the reason when it is not enabled or cannot start."""
+        from ibisagent.policies.base import PolicyError, create_policy, list_policies
+
+        if policy_name not in self.config.policies:
+            known = "not enabled on this server" if policy_name in list_policies() else "unknown"
+            raise RequestRejected(f"policy {policy_name!r} is {known}; this server runs: "
+                                  f"{', '.join(self.config.policies)}", 422)
         try:
-            pts = np.asarray(clicks, dtype=np.float32).reshape(-1, 2) if clicks else np.zeros((0, 2), np.float32)
-            labs = np.asarray(labels, dtype=np.int64).reshape(-1) if labels else np.zeros((0,), np.int64)
-        except (TypeError, ValueError) as exc:
-            raise RequestRejected(f"clicklist must be [[x, y], ...] numbers and labels 1/0 numbers ({exc})",
-                                  422) from None
-        if pts.shape[0] != len(clicks):
-            raise RequestRejected("each click must be an [x, y] pair of pixel coordinates", 422)
-        if len(pts) != len(labs):
-            raise RequestRejected(f"{len(pts)} clicks but {len(labs)} labels", 422)
-        box = req.get("box")
-        bx = None
-        if box is not None:
-            try:
-                bx = np.asarray(box, dtype=np.float32).reshape(4)
-            except (TypeError, ValueError):
-                raise RequestRejected("box must be [x1, y1, x2, y2] pixel numbers", 422) from None
-        return pts, labs, bx
-
-    def episode(self, image: np.ndarray, query: str, gt: np.ndarray | None, policy_name: str,
-                max_steps: int) -> dict[str, Any]:
-        """Run the agent on ``image`` and return the episode trace as JSON-ready data."""
-        from ibisagent.policies.base import PolicyError, create_policy
-
-        try:
-            policy = create_policy(policy_name)
+            return create_policy(policy_name)
         except KeyError as exc:
             raise RequestRejected(str(exc.args[0]), 422) from None
-        if getattr(policy, "requires_gt", False) and gt is None:
-            raise RequestRejected(f"policy {policy_name!r} needs a ground-truth mask: send one as 'mask'", 422)
+        except (PolicyError, SegmenterUnavailable, ImportError, OSError) as exc:
+            raise RequestRejected(f"policy {policy_name!r} is not available on this server: {exc}", 422) from None
+
+    def episode(self, image: np.ndarray, query: str, gt: np.ndarray | None, policy_name: str,
+                max_steps: int, deadline: Deadline | None = None) -> dict[str, Any]:
+        """Run the agent on ``image`` and return the episode trace as JSON-ready data (one turn per step)."""
+        from ibisagent.policies.base import PolicyError
+
         if gt is not None and gt.shape != image.shape[:2]:
             raise RequestRejected(f"mask is {gt.shape[1]}x{gt.shape[0]} but the image is "
                                   f"{image.shape[1]}x{image.shape[0]}", 422)
+        policy = self.make_policy(policy_name)
+        if getattr(policy, "requires_gt", False) and gt is None:
+            raise RequestRejected(f"policy {policy_name!r} needs a ground-truth mask: send one as 'mask'", 422)
         key = image_key(image)
-        with self.hub.bound(self.config.segmenter, image, key) as seg:
-            env = env_for(seg, policy, max_steps=max_steps)
-            ep = None
-            try:
-                for _, step_ep in iter_episode(env, policy, image, query, gt):
-                    ep = step_ep
-            except (PolicyError, SegmenterError) as exc:
-                raise RequestRejected(str(exc), 422) from exc
+        env = env_for(self.segmenter(), policy, max_steps=max_steps)
+        ep = None
+        try:
+            for _, step_ep in iter_episode(env, policy, image, query, gt,
+                                           step_guard=lambda: self.turn(image, key, deadline)):
+                ep = step_ep
+        except RequestTimedOut:
+            raise
+        except (PolicyError, SegmenterError) as exc:
+            raise RequestRejected(str(exc), 422) from exc
         assert ep is not None
         out = ep.to_json()
         out["segmenter"] = self.config.segmenter
         out["policy"] = policy_name
         return out
 
-    def health(self) -> dict[str, Any]:
-        return {"status": "ok", "segmenter": self.config.segmenter, "data_root": str(self.root),
-                "segmenters_loaded": self.hub.loaded(), "set_image_calls": self.hub.set_image_calls,
-                "image_cache": {"items": len(self.images), "hits": self.images.hits, "misses": self.images.misses}}
+    def health(self, details: bool = False) -> dict[str, Any]:
+        """Liveness and versions; with ``details`` also the segmenter, data root and counters."""
+        from ibisagent import __version__
+
+        out: dict[str, Any] = {"status": "ok", "versions": {"ibisagent": __version__,
+                                                            "python": platform.python_version()}}
+        if details:
+            out.update({"segmenter": self.config.segmenter, "data_root": str(self.root),
+                        "segmenters_loaded": self.hub.loaded(), "set_image_calls": self.hub.set_image_calls,
+                        "segmenter_passes": self.passes,
+                        "image_cache": {"items": len(self.images), "hits": self.images.hits,
+                                        "misses": self.images.misses}})
+        return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -436,60 +801,85 @@ def _npy_bytes(mask: np.ndarray, dtype: str) -> bytes:
     return buf.getvalue()
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_json_body(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object; 400 with a one-line reason for anything else (bad syntax or encoding,
+    NaN/Infinity, numbers over 4300 digits, nesting deeper than the parser allows)."""
+    try:
+        body = json.loads(raw, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise RequestRejected("request body is not valid JSON: it is nested too deeply", 400) from None
+    except json.JSONDecodeError as exc:
+        raise RequestRejected(f"request body is not valid JSON: {exc}", 400) from None
+    except ValueError as exc:  # undecodable bytes, NaN/Infinity, integers over the int-string digit limit
+        reason = "a number has too many digits" if "digits" in str(exc) else str(exc).split("\n")[0]
+        raise RequestRejected(f"request body is not valid JSON: {reason}", 400) from None
+    if not isinstance(body, dict):
+        raise RequestRejected("request body must be a JSON object", 400)
+    return body
+
+
 def create_app(config: ServerConfig, hub: SegmenterHub | None = None, warm: bool = False) -> Any:
     """The FastAPI application. ``warm=True`` builds the segmenter now instead of on the first request."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response
 
     service = SegmentService(config, hub)
-    limiter = Limiter(config.max_concurrency, config.max_queue)
+    normal = Limiter(config.max_concurrency, config.max_queue, "serve")
+    heavy = Limiter(config.max_heavy, config.max_queue, "heavy")
     if warm:
         service.segmenter()
     app = FastAPI(title="ibisagent tool server", version="1", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
-    app.state.limiter = limiter
+    app.state.limiter = normal
+    app.state.heavy_limiter = heavy
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
+    if config.token is not None:  # outermost: refuse before the body is read
+        app.add_middleware(TokenMiddleware, token=config.token)
 
     @app.exception_handler(RequestRejected)
     async def _rejected(_: Request, exc: RequestRejected) -> JSONResponse:
-        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+        return JSONResponse({"error": str(exc).split("\n")[0]}, status_code=exc.status)
 
     async def _json_body(request: Request) -> dict[str, Any]:
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RequestRejected(f"request body is not valid JSON: {exc}", 400) from None
-        if not isinstance(body, dict):
-            raise RequestRejected("request body must be a JSON object", 400)
-        return body
+        return parse_json_body(await request.body())
 
-    async def _limited(fn: Callable[[], Any]) -> Any:
+    async def _limited(job: Callable[[Deadline], Any], passes: int = 1) -> Any:
+        """Run ``job(deadline)`` in the normal lane (one pass) or the heavy lane (more)."""
+        lane = heavy if passes > 1 else normal
+        deadline = Deadline(config.timeout_s)
         try:
-            return await limiter.run(fn, config.timeout_s)
+            return await lane.run(lambda: job(deadline), config.timeout_s)
         except TimeoutError:
-            raise RequestRejected(f"request took longer than {config.timeout_s:g} s", 504) from None
+            raise RequestTimedOut(config.timeout_s) from None
         except SegmenterUnavailable as exc:
             raise RequestRejected(f"segmenter unavailable: {exc}", 503) from exc
         except KeyError as exc:  # unknown segmenter name at first use
             raise RequestRejected(str(exc.args[0]) if exc.args else "unknown name", 500) from exc
 
     @app.get("/health")
-    async def health() -> JSONResponse:
-        return JSONResponse({**service.health(), "limits": limiter.stats(), "config": _config_json(config)})
+    async def health(request: Request) -> JSONResponse:
+        details = config.health_details and token_ok(request.scope, config.token)
+        out = service.health(details)
+        if details:
+            out["limits"] = {**normal.stats(), "heavy": heavy.stats(), "waiting_for_segmenter": service.turns.waiting()}
+            out["config"] = _config_json(config)
+        return JSONResponse(out)
 
     @app.post("/segment")
     async def segment(request: Request) -> Response:
-        body = await _json_body(request)
-        dtype = str(body.get("dtype", "uint8"))
-        mask, _, _ = await _limited(lambda: service.segment(body))
-        return Response(_npy_bytes(mask, dtype), media_type="application/octet-stream")
+        req = service.parse_segment(await _json_body(request))
+        mask, _, _ = await _limited(lambda d: service.segment(req, d), req.passes)
+        return Response(_npy_bytes(mask, req.dtype), media_type="application/octet-stream")
 
     @app.post("/v1/segment")
     async def segment_json(request: Request) -> JSONResponse:
-        body = await _json_body(request)
+        req = service.parse_segment(await _json_body(request))
         t = time.perf_counter()
-        mask, score, timings = await _limited(lambda: service.segment(body))
+        mask, score, timings = await _limited(lambda d: service.segment(req, d), req.passes)
         timings = {k: round(v, 5) for k, v in timings.items()}
         timings["total_s"] = round(time.perf_counter() - t, 5)
         return JSONResponse({"mask_rle": rle_encode(mask), "score": None if score != score else score,
@@ -504,25 +894,26 @@ def create_app(config: ServerConfig, hub: SegmenterHub | None = None, warm: bool
             image, gt, fields = await _read_upload(request, service)
         else:
             fields = await _json_body(request)
-        query = fields.get("query")
-        if not isinstance(query, str) or not query.strip():
+        query = _str_field(fields.get("query"), "query", config.max_query_chars)
+        if query is None or not query.strip():
             raise RequestRejected("query (the text instruction, e.g. 'segment the tumor') is required", 422)
-        policy = str(fields.get("policy") or config.default_policy)
-        try:
-            max_steps = int(fields.get("max_steps") or config.max_episode_steps)
-        except (TypeError, ValueError):
-            raise RequestRejected("max_steps must be an integer", 422) from None
-        max_steps = max(1, min(max_steps, config.max_episode_steps))
+        policy = _str_field(fields.get("policy"), "policy", 64) or config.default_policy
+        raw_steps = fields.get("max_steps")
+        max_steps = config.max_episode_steps if raw_steps is None else _int_field(
+            raw_steps, "max_steps", 1, config.max_episode_steps, form=image is not None)
+        slice_index = _slice_field(fields.get("slice_index"), form=image is not None)
+        window = _window_field(fields.get("window") or None if image is not None else fields.get("window"))
+        mask_path = fields.get("mask_path")
 
-        def job() -> dict[str, Any]:
+        def job(deadline: Deadline) -> dict[str, Any]:
             img, mask = image, gt
             if img is None:  # JSON request: image (and mask) from under the data root
-                img, _ = service.load(fields.get("image_path"), fields.get("slice_index"), fields.get("window"))
-                if fields.get("mask_path"):
-                    mask = service.load_mask(fields["mask_path"], img.shape[:2], fields.get("slice_index"))
-            return service.episode(img, query.strip(), mask, policy, max_steps)
+                img, _ = service.load(fields.get("image_path"), slice_index, window)
+                if mask_path is not None:
+                    mask = service.load_mask(mask_path, img.shape[:2], slice_index)
+            return service.episode(img, query.strip(), mask, policy, max_steps, deadline)
 
-        return JSONResponse(await _limited(job))
+        return JSONResponse(await _limited(job, passes=max_steps + 1))
 
     return app
 
@@ -535,40 +926,39 @@ async def _read_upload(request: Any, service: SegmentService) -> tuple[np.ndarra
     try:
         form = await request.form(max_files=2, max_fields=16, max_part_size=cfg.max_upload_bytes)
     except Exception as exc:  # malformed multipart or a part over the limit
-        raise RequestRejected(f"bad multipart upload: {exc}", 400) from None
+        raise RequestRejected(f"bad multipart upload: {str(exc).splitlines()[0] if str(exc) else exc!r}",
+                              400) from None
     fields = {k: v for k, v in form.items() if not isinstance(v, UploadFile)}
     up = form.get("image")
     if not isinstance(up, UploadFile):
         raise RequestRejected("multipart upload needs an 'image' file field", 422)
-    image = _decode_upload(await up.read(), cfg, rgb=True)
+    slice_index = _slice_field(fields.get("slice_index"), form=True)  # a multi-frame DICOM upload needs one
+    window = _window_field(fields.get("window") or None)
+    image = _decode_upload(await up.read(), cfg, rgb=True, slice_index=slice_index, window=window)
     gt = None
     mup = form.get("mask")
     if isinstance(mup, UploadFile):
-        gt = _decode_upload(await mup.read(), cfg, rgb=False)
+        gt = _decode_upload(await mup.read(), cfg, rgb=False, slice_index=slice_index)
     return image, gt, fields
 
 
-def _decode_upload(data: bytes, cfg: ServerConfig, rgb: bool) -> np.ndarray:
+def _decode_upload(data: bytes, cfg: ServerConfig, rgb: bool, slice_index: int | None = None,
+                   window: Any = None) -> np.ndarray:
+    what = "image" if rgb else "mask"
     suffix = sniff_upload(data, cfg.max_upload_bytes)
-    if suffix in (".png", ".jpg"):
-        from PIL import Image
-
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                _check_pixels((im.height, im.width), cfg.max_pixels)
-        except RequestRejected:
-            raise
-        except Exception as exc:
-            raise RequestRejected(f"upload is not a readable image: {exc}", 415) from None
     from ibisagent.io import load_image, load_mask
 
     with tempfile.TemporaryDirectory(prefix="ibisagent-upload-") as tmp:
         path = Path(tmp) / f"upload{suffix}"
         path.write_bytes(data)
+        _check_declared(path, cfg, f"the {what} upload")
         try:
-            arr = load_image(path).array if rgb else load_mask(path)
+            if rgb:
+                arr = load_image(path, slice_index=slice_index, window=window).array
+            else:
+                arr = load_mask(path, **({"slice_index": slice_index} if slice_index is not None else {}))
         except ValueError as exc:
-            raise RequestRejected(f"cannot read the {'image' if rgb else 'mask'} upload: {exc}", 415) from None
+            raise RequestRejected(f"cannot read the {what} upload: {exc}", 415) from None
     _check_pixels(arr.shape, cfg.max_pixels)
     return arr
 
@@ -576,7 +966,84 @@ def _decode_upload(data: bytes, cfg: ServerConfig, rgb: bool) -> np.ndarray:
 def _config_json(config: ServerConfig) -> dict[str, Any]:
     d = asdict(config)
     d["data_root"] = str(config.data_root)
+    d["token"] = "set" if config.token is not None else None
     return d
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Connection guards (uvicorn's h11 protocol has no request-read timeout and no connection cap)
+# ----------------------------------------------------------------------------------------------------------------
+
+def guarded_protocol(read_timeout_s: float, max_connections: int) -> type:
+    """uvicorn's h11 protocol with two guards: a request (headers and body) must arrive within ``read_timeout_s``
+    of its first byte (or of the connection's opening), else the connection is closed (408 when the headers were
+    in); and a connection beyond ``max_connections`` open ones is answered 503 and closed at once."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    busy_body = json.dumps({"error": f"too many open connections (limit {max_connections}), retry later"}).encode()
+    busy = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            b"content-length: " + str(len(busy_body)).encode() + b"\r\n\r\n" + busy_body)
+    late_body = json.dumps({"error": f"request not received within {read_timeout_s:g} s"}).encode()
+
+    class GuardedH11Protocol(H11Protocol):
+        _read_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                transport.write(busy)
+                transport.close()
+                return
+            self._arm()
+
+        def _arm(self) -> None:
+            if self._read_timer is None:
+                self._read_timer = self.loop.call_later(read_timeout_s, self._read_timed_out)
+
+        def _disarm(self) -> None:
+            if self._read_timer is not None:
+                self._read_timer.cancel()
+                self._read_timer = None
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state in (h11.IDLE, h11.SEND_BODY):
+                self._arm()  # a request is on its way: it must be complete in time
+            else:
+                self._disarm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _read_timed_out(self) -> None:
+            self._read_timer = None
+            if self.transport.is_closing() or self.conn.their_state not in (h11.IDLE, h11.SEND_BODY):
+                return
+            if self.conn.our_state is h11.SEND_RESPONSE and self.cycle is not None and not self.cycle.response_started:
+                try:
+                    out = self.conn.send(h11.Response(status_code=408, headers=[
+                        (b"content-type", b"application/json"), (b"content-length", str(len(late_body)).encode()),
+                        (b"connection", b"close")]))
+                    out = (out or b"") + (self.conn.send(h11.Data(data=late_body)) or b"")
+                    out += self.conn.send(h11.EndOfMessage()) or b""
+                    self.transport.write(out)
+                except h11.LocalProtocolError:
+                    pass
+            self.transport.close()
+
+    return GuardedH11Protocol
+
+
+def uvicorn_config(app: Any, config: ServerConfig, host: str = "127.0.0.1", port: int = 8765,
+                   log_level: str = "warning") -> Any:
+    """The ``uvicorn.Config`` that ``ibisagent serve`` runs: the guarded protocol, the keep-alive timeout."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                          http=guarded_protocol(config.read_timeout_s, config.max_connections),
+                          timeout_keep_alive=config.keep_alive_s)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -590,7 +1057,8 @@ def add_parser(subparsers: Any) -> None:
         help="run the segmenter/agent HTTP tool server (POST /segment as in the reference release)",
         description="HTTP tool server: POST /segment (reference request, .npy mask reply), POST /v1/segment "
                     "(JSON + RLE mask), POST /v1/episode (run the agent on an uploaded image), GET /health. "
-                    "Images are read only from under --data-root. Binds to 127.0.0.1 unless --host says otherwise.",
+                    "Images are read only from under --data-root. Binds to 127.0.0.1 unless --host says otherwise; "
+                    "to serve other machines put it behind a reverse proxy that terminates TLS, and set a token.",
     )
     p.add_argument("--data-root", default=os.environ.get(DATA_ROOT_ENV),
                    help=f"folder the image_path of requests must lie in (default ${DATA_ROOT_ENV})")
@@ -599,11 +1067,34 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--segmenter", default=None,
                    help="segmenter backend (default litemedsam-click when its weights exist, else litemedsam)")
     p.add_argument("--policy", default="oracle", help="default policy of /v1/episode (default oracle)")
-    p.add_argument("--max-concurrency", type=int, default=2, help="requests processed at once (default 2)")
-    p.add_argument("--max-queue", type=int, default=16, help="requests allowed to wait; more get 503 (default 16)")
+    p.add_argument("--policies", default=",".join(DEFAULT_POLICIES),
+                   help=f"comma-separated policies /v1/episode may run (default {','.join(DEFAULT_POLICIES)}; "
+                        "hf and openai need server-side setup and are off unless named here)")
+    p.add_argument("--token", default=None,
+                   help=f"bearer token every route but /health requires (default ${TOKEN_ENV}; prefer the "
+                        "environment variable: a command line is visible to other users)")
+    p.add_argument("--health-details", action="store_true",
+                   help="/health also reports the segmenter, data root, counters, limits and config (to token "
+                        "holders when a token is set); default: liveness and versions only")
+    p.add_argument("--max-concurrency", type=int, default=2, help="normal requests processed at once (default 2)")
+    p.add_argument("--max-heavy", type=int, default=1,
+                   help="heavy requests (episodes, mask_feedback replays) processed at once, in their own lane "
+                        "(default 1)")
+    p.add_argument("--max-queue", type=int, default=16,
+                   help="requests allowed to wait per lane; more get 503 (default 16)")
+    p.add_argument("--max-clicks", type=int, default=64, help="clicks per request; more get 413 (default 64)")
     p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body in MiB; more gets 413")
     p.add_argument("--max-upload-mb", type=float, default=12.0, help="largest uploaded image in MiB")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request before 504 (default 60)")
+    p.add_argument("--max-pixels", type=int, default=4096 * 4096,
+                   help="largest image (width x height) accepted, checked from the file header (default 16 Mpixel)")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds per request (queueing included) before 504; the work stops at its next "
+                        "segmenter pass (default 60)")
+    p.add_argument("--read-timeout", type=float, default=15.0,
+                   help="seconds a request (headers and body) may take to arrive; slower connections are closed "
+                        "(default 15)")
+    p.add_argument("--max-connections", type=int, default=64,
+                   help="open connections at once; more are answered 503 and closed (default 64)")
     p.add_argument("--warm", action="store_true", help="load the segmenter at start instead of on first request")
     p.set_defaults(func=_serve_main)
 
@@ -613,27 +1104,37 @@ def _serve_main(args: argparse.Namespace) -> int:
         print(f"error: give --data-root (or set ${DATA_ROOT_ENV}): the folder requests may read images from",
               file=sys.stderr)
         return 2
+    token = args.token if args.token is not None else (os.environ.get(TOKEN_ENV) or None)
     try:
+        from ibisagent.policies.base import list_policies
         from ibisagent.segmenters.base import list_segmenters
 
         seg = args.segmenter or default_segmenter_name()
         if seg not in list_segmenters():
             raise ValueError(f"unknown segmenter {seg!r}; known: {', '.join(list_segmenters())}")
+        policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
+        unknown = [p for p in (*policies, args.policy) if p not in list_policies()]
+        if unknown:
+            raise ValueError(f"unknown policy {unknown[0]!r}; known: {', '.join(list_policies())}")
         cfg = ServerConfig(
-            data_root=Path(args.data_root), segmenter=seg, default_policy=args.policy,
-            max_concurrency=args.max_concurrency, max_queue=args.max_queue,
-            max_body_bytes=int(args.max_body_mb * 2**20), max_upload_bytes=int(args.max_upload_mb * 2**20),
-            timeout_s=args.timeout,
+            data_root=Path(args.data_root), segmenter=seg, default_policy=args.policy, policies=policies,
+            max_concurrency=args.max_concurrency, max_heavy=args.max_heavy, max_queue=args.max_queue,
+            max_clicks=args.max_clicks, max_body_bytes=int(args.max_body_mb * 2**20),
+            max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels, timeout_s=args.timeout,
+            read_timeout_s=args.read_timeout, max_connections=args.max_connections, token=token,
+            health_details=args.health_details,
         )
         app = create_app(cfg, warm=args.warm)
     except (ValueError, SegmenterUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.host not in LOOPBACK:
-        print(f"warning: binding to {args.host}: the server is reachable from other machines", file=sys.stderr)
+        print(f"warning: binding to {args.host}: the server is reachable from other machines"
+              + ("" if token else f" without a token (set ${TOKEN_ENV})") + "; it speaks plain HTTP: terminate TLS "
+              "in a reverse proxy", file=sys.stderr)
     import uvicorn
 
     print(f"ibisagent serve: http://{args.host}:{args.port} (segmenter {cfg.segmenter}, data root "
-          f"{Path(cfg.data_root).resolve()})", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+          f"{Path(cfg.data_root).resolve()}{', token required' if token else ''})", file=sys.stderr)
+    uvicorn.Server(uvicorn_config(app, cfg, args.host, args.port)).run()
     return 0
