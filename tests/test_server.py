@@ -631,3 +631,314 @@ def test_fuzz_json_routes_never_500(root, caplog):
     assert n >= 200 and statuses.get(200, 0) > 0 and sum(v for k, v in statuses.items() if k >= 400) > n // 4, statuses
     bad = [rec for rec in caplog.records if rec.levelno >= logging.ERROR or rec.exc_info]
     assert not bad, [rec.getMessage()[:200] for rec in bad[:3]]
+
+
+# ------------------------------------------------------------------------------ issue 17: heavy requests, deadlines
+
+class CountingSlowFake(FakeSegmenter):
+    """A fake whose every decoder pass sleeps ``delay`` s (no CPU) and is counted."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+        self.calls = 0
+
+    def _decode(self, *args):
+        self.calls += 1
+        time.sleep(self.delay)
+        return super()._decode(*args)
+
+
+def _feedback_body(n: int) -> dict:
+    pts = [[130 + (i % 7), 100 + (i % 5)] for i in range(n)]
+    return {"image_path": "images/blob.png", "clicklist": pts, "labels": [1] * n, "mask_feedback": True}
+
+
+def test_timed_out_replay_stops_consuming_the_worker(root):
+    seg = CountingSlowFake(0.05)
+    c = _client(root, hub=SegmenterHub(factory=lambda name: seg), timeout_s=0.5)
+    t = time.perf_counter()
+    r = c.post("/v1/segment", json=_feedback_body(64))  # 64 passes x 50 ms = 3.2 s of work
+    assert r.status_code == 504 and time.perf_counter() - t < 2.0
+    time.sleep(0.3)
+    after_504 = seg.calls
+    time.sleep(0.5)
+    assert seg.calls == after_504 < 20, (after_504, seg.calls)  # the replay stopped at its next pass
+
+
+def test_normal_requests_keep_their_latency_while_heavy_ones_run(root):
+    """Two 40-click mask_feedback replays (40 x 40 ms each) in flight; 1-click requests behind them are still
+    answered in about one pass (they take turns with the replays) instead of waiting for the replays to finish."""
+    import httpx
+
+    seg = CountingSlowFake(0.04)
+    app = create_app(ServerConfig(data_root=root, segmenter="fake", timeout_s=20),
+                     hub=SegmenterHub(factory=lambda name: seg))
+    heavy_codes: list[int] = []
+    normal: list[tuple[int, float]] = []
+    with live_server(app) as url:
+        def heavy() -> None:
+            heavy_codes.append(httpx.post(f"{url}/v1/segment", json=_feedback_body(40), timeout=30).status_code)
+
+        threads = [threading.Thread(target=heavy) for _ in range(2)]
+        for th in threads:
+            th.start()
+        time.sleep(0.3)
+        with httpx.Client(base_url=url, timeout=30) as cl:
+            for _ in range(5):
+                t = time.perf_counter()
+                r = cl.post("/segment", json={"image_path": "images/blob.png", "clicklist": [[130, 100]],
+                                              "labels": [1]})
+                normal.append((r.status_code, time.perf_counter() - t))
+        heavy_running = any(th.is_alive() for th in threads)
+        for th in threads:
+            th.join()
+    assert heavy_running, "the heavy requests ended before the normal ones were measured"
+    assert [code for code, _ in normal] == [200] * 5
+    assert max(dt for _, dt in normal) < 1.0, normal  # one or two 40 ms passes of waiting, not seconds
+    assert sorted(heavy_codes) == [200, 200], heavy_codes  # the second replay queued in the heavy lane
+
+
+def test_feedback_replay_matches_session_after_taking_turns(root):
+    """Interleaving passes with other requests on another image does not change a replay's mask."""
+    from app_fixtures import write_blob_case as write
+
+    write(root, name="other", seed=5)
+    seg = CountingSlowFake(0.01)
+    c = _client(root, hub=SegmenterHub(factory=lambda name: seg))
+    body = {"image_path": "images/blob.png", "clicklist": [[130, 100], [150, 100], [120, 90]], "labels": [1, 0, 1],
+            "mask_feedback": True}
+    alone = c.post("/v1/segment", json=body).json()["mask_rle"]
+    results: list = []
+
+    def other() -> None:
+        for _ in range(10):
+            c.post("/v1/segment", json={"image_path": "images/other.png", "clicklist": [[20, 20]], "labels": [1]})
+
+    th = threading.Thread(target=other)
+    th.start()
+    for _ in range(3):
+        results.append(c.post("/v1/segment", json=body).json()["mask_rle"])
+    th.join()
+    assert all(r == alone for r in results)
+
+
+# ------------------------------------------------------------------------ issue 17: slow clients, connection cap
+
+def _slow_sockets(url: str, n: int, head: bytes) -> list[socket.socket]:
+    host, port = url.removeprefix("http://").split(":")
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection((host, int(port)), timeout=5)
+        s.sendall(head)
+        socks.append(s)
+    return socks
+
+
+def _closed(s: socket.socket) -> bool:
+    s.settimeout(0.01)
+    try:
+        data = s.recv(4096)
+    except (TimeoutError, BlockingIOError):
+        return False
+    except OSError:
+        return True
+    if data:  # an answer (408) arrived: the server closes right after it
+        s.settimeout(1.0)
+        try:
+            while s.recv(4096):
+                pass
+        except OSError:
+            pass
+        return True
+    return True
+
+
+def test_slow_clients_are_closed_within_the_read_timeout(root):
+    """Five clients send a request 1 byte per second (headers, or a declared body); all are closed within the
+    read timeout (1 s here) while a normal request is still served; bounded to about 3 s."""
+    import httpx
+
+    app = create_app(ServerConfig(data_root=root, segmenter="fake", read_timeout_s=1.0))
+    with live_server(app) as url:
+        body = b'{"image_path": "images/blob.png", "clicklist": [[130, 100]], "labels": [1]}'
+        slow_head = _slow_sockets(url, 3, b"P")
+        slow_body = _slow_sockets(url, 2, b"POST /segment HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                                          b"content-length: %d\r\n\r\n{" % len(body))
+        socks = slow_head + slow_body
+        t0 = time.perf_counter()
+        closed_at: dict[int, float] = {}
+        ok = httpx.post(f"{url}/segment", content=body, headers={"content-type": "application/json"}, timeout=5)
+        assert ok.status_code == 200
+        while time.perf_counter() - t0 < 3.0 and len(closed_at) < len(socks):
+            for i, s in enumerate(socks):
+                if i in closed_at:
+                    continue
+                if _closed(s):
+                    closed_at[i] = time.perf_counter() - t0
+                    continue
+                try:
+                    s.send(b"O" if i < 3 else b" ")  # one more byte
+                except OSError:
+                    closed_at[i] = time.perf_counter() - t0
+            time.sleep(1.0 if len(closed_at) < len(socks) else 0)
+        for s in socks:
+            s.close()
+    assert len(closed_at) == len(socks), closed_at
+    assert max(closed_at.values()) < 2.5, closed_at
+
+
+def test_slow_body_gets_408(root):
+    app = create_app(ServerConfig(data_root=root, segmenter="fake", read_timeout_s=0.5))
+    with live_server(app) as url:
+        (s,) = _slow_sockets(url, 1, b"POST /segment HTTP/1.1\r\nhost: x\r\ncontent-length: 50\r\n\r\n{")
+        s.settimeout(3)
+        data = b""
+        try:
+            while chunk := s.recv(4096):
+                data += chunk
+        except OSError:
+            pass
+        s.close()
+    assert data.startswith(b"HTTP/1.1 408") and b"not received within" in data, data[:200]
+
+
+def test_connection_cap(root):
+    import httpx
+
+    app = create_app(ServerConfig(data_root=root, segmenter="fake", max_connections=3, read_timeout_s=5))
+    with live_server(app) as url:
+        idle = _slow_sockets(url, 3, b"")
+        time.sleep(0.2)
+        r = httpx.get(f"{url}/health", timeout=5)
+        assert r.status_code == 503 and "too many open connections" in r.json()["error"]
+        for s in idle:
+            s.close()
+        time.sleep(0.2)
+        assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+
+
+# ------------------------------------------------------------------------------ issue 17: health, token, image size
+
+def test_health_is_liveness_and_versions_only_by_default(root):
+    c = _client(root)
+    j = c.get("/health").json()
+    assert j["status"] == "ok" and "ibisagent" in j["versions"] and "python" in j["versions"]
+    text = c.get("/health").text
+    assert str(root) not in text and "config" not in j and "data_root" not in text
+    c = _client(root, health_details=True, token="s3cret-token")
+    assert "config" not in c.get("/health").json()  # details only for token holders
+    j = c.get("/health", headers={"authorization": "Bearer s3cret-token"}).json()
+    assert j["data_root"] == str(root.resolve()) and j["config"]["token"] == "set"
+    assert "s3cret-token" not in json.dumps(j)
+
+
+def test_bearer_token_guards_every_route_but_health(root):
+    c = _client(root, token="s3cret-token")
+    body = {"image_path": "images/blob.png", "clicklist": [[130, 100]], "labels": [1]}
+    assert c.get("/health").status_code == 200
+    for route in ("/segment", "/v1/segment", "/v1/episode", "/nowhere"):
+        r = c.post(route, json=body)
+        assert r.status_code == 401 and "Bearer" in r.json()["error"] and r.headers["www-authenticate"] == "Bearer"
+        r = c.post(route, json=body, headers={"authorization": "Bearer wrong"})
+        assert r.status_code == 403 and r.json()["error"] == "invalid token"
+        r = c.post(route, json=body, headers={"authorization": "Basic czNjcmV0LXRva2Vu"})
+        assert r.status_code == 403
+    r = c.post("/segment", json=body, headers={"authorization": "Bearer s3cret-token"})
+    assert r.status_code == 200
+
+
+def test_serve_cli_token_from_env_and_guarded_config(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    import uvicorn
+
+    from ibisagent.server import TOKEN_ENV, add_parser
+
+    seen: dict = {}
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: seen.setdefault("config", self.config))
+    monkeypatch.setenv(TOKEN_ENV, "from-env")
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--data-root", str(tmp_path), "--segmenter", "fake", "--read-timeout", "7",
+                              "--max-connections", "9"])
+    assert args.func(args) == 0
+    cfg = seen["config"]
+    assert cfg.app.state.service.config.token == "from-env" and cfg.timeout_keep_alive == 5
+    assert cfg.http.__name__ == "GuardedH11Protocol" and "token required" in capsys.readouterr().err
+    args = parser.parse_args(["serve", "--data-root", str(tmp_path), "--segmenter", "fake", "--policies", "nope"])
+    assert args.func(args) == 2 and "unknown policy" in capsys.readouterr().err
+
+
+def _huge_png(path: Path, side: int = 6000) -> None:
+    from PIL import Image
+
+    Image.new("1", (side, side)).save(path)  # 36 Mpixel, a few KB on disk
+
+
+def test_too_large_image_is_refused_from_its_header(root):
+    _huge_png(root / "images" / "huge.png")
+    c = _client(root)
+    service = c.app.state.service
+    calls = []
+    real_load = service.images.load
+    service.images.load = lambda *a, **k: calls.append(a) or real_load(*a, **k)
+    t = time.perf_counter()
+    r = c.post("/v1/segment", json={"image_path": "images/huge.png", "clicklist": [[1, 1]], "labels": [1]})
+    dt = time.perf_counter() - t
+    assert r.status_code == 413 and "6000x6000" in r.json()["error"]
+    assert not calls and dt < 1.0, dt  # refused before any decoding
+    r = c.post("/v1/episode", json={"image_path": "images/huge.png", "mask_path": "masks/blob__lesion.png",
+                                    "query": "q"})
+    assert r.status_code == 413
+    r = c.post("/v1/episode", json={"image_path": "images/blob.png", "mask_path": "images/huge.png", "query": "q"})
+    assert r.status_code == 413 and "mask" in r.json()["error"]
+
+
+def test_too_large_volume_is_refused_from_its_header(root):
+    import nibabel as nib
+
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((2000, 2000, 2000))
+    hdr.set_data_dtype(np.float32)
+    with open(root / "big.nii", "wb") as fh:  # the header alone: decoding it would fail as truncated
+        hdr.write_to(fh)
+        fh.write(b"\0" * 16)
+    c = _client(root)
+    r = c.post("/v1/segment", json={"image_path": "big.nii", "slice_index": 0, "clicklist": [[1, 1]], "labels": [1]})
+    assert r.status_code == 413 and "limit" in r.json()["error"]
+
+
+def _huge_dicom(path: Path) -> None:
+    """A CT DICOM whose header declares 6000x6000 pixels (the pixel data is a stub: only the header is read)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = CTImageStorage, meta.MediaStorageSOPInstanceUID, "CT"
+    ds.Rows = ds.Columns = 6000
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.PixelData = b"\0\0" * 8
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_too_large_upload_is_refused_from_its_header(root, tmp_path):
+    pytest.importorskip("pydicom")
+    _huge_png(tmp_path / "huge.png")
+    _huge_dicom(tmp_path / "huge.dcm")
+    c = _client(root)
+    for name in ("huge.png", "huge.dcm"):
+        t = time.perf_counter()
+        r = c.post("/v1/episode", files={"image": (name, (tmp_path / name).read_bytes(), "application/octet-stream")},
+                   data={"query": "q"})
+        assert r.status_code == 413 and "6000x6000" in r.json()["error"], r.text
+        assert time.perf_counter() - t < 1.0
+    (root / "huge.dcm").write_bytes((tmp_path / "huge.dcm").read_bytes())
+    r = c.post("/v1/segment", json={"image_path": "huge.dcm", "clicklist": [[1, 1]], "labels": [1]})
+    assert r.status_code == 413 and "6000x6000" in r.json()["error"], r.text
