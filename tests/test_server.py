@@ -846,6 +846,10 @@ def test_bearer_token_guards_every_route_but_health(root):
         assert r.status_code == 403
     r = c.post("/segment", json=body, headers={"authorization": "Bearer s3cret-token"})
     assert r.status_code == 200
+    r = c.get("/segment", headers={"authorization": "Bearer s3cret-token"})
+    assert r.status_code == 405 and "routes: POST /segment" in r.json()["error"]
+    r = c.get("/nowhere", headers={"authorization": "Bearer s3cret-token"})
+    assert r.status_code == 404 and "Not Found" in r.json()["error"]
 
 
 def test_serve_cli_token_from_env_and_guarded_config(tmp_path, monkeypatch, capsys):

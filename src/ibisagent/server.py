@@ -31,7 +31,6 @@ import asyncio
 import hmac
 import io
 import json
-import logging
 import math
 import os
 import platform
@@ -79,9 +78,6 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 #: policies ``/v1/episode`` may run unless ``--policies`` says otherwise: the ones that need no server-side setup
 #: (``hf`` needs a checkpoint, ``openai`` an endpoint: enable them explicitly)
 DEFAULT_POLICIES = ("oracle", "oracle-box", "gt-box", "center-click", "compact", "compact-box")
-
-log = logging.getLogger("ibisagent.server")
-
 
 class RequestRejected(ValueError):
     """A request the server refuses; ``status`` is the HTTP status code to answer with."""
@@ -826,6 +822,7 @@ def create_app(config: ServerConfig, hub: SegmenterHub | None = None, warm: bool
     """The FastAPI application. ``warm=True`` builds the segmenter now instead of on the first request."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     service = SegmentService(config, hub)
     normal = Limiter(config.max_concurrency, config.max_queue, "serve")
@@ -843,6 +840,11 @@ def create_app(config: ServerConfig, hub: SegmenterHub | None = None, warm: bool
     @app.exception_handler(RequestRejected)
     async def _rejected(_: Request, exc: RequestRejected) -> JSONResponse:
         return JSONResponse({"error": str(exc).split("\n")[0]}, status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:  # 404, 405: same body shape
+        return JSONResponse({"error": f"{exc.detail} (routes: POST /segment, POST /v1/segment, POST /v1/episode, "
+                                      "GET /health)"}, status_code=exc.status_code, headers=exc.headers)
 
     async def _json_body(request: Request) -> dict[str, Any]:
         return parse_json_body(await request.body())
