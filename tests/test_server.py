@@ -384,7 +384,7 @@ def test_real_litemedsam_request(root):
     import torch
 
     torch.set_num_threads(2)
-    c = _client(root, segmenter="litemedsam", timeout_s=300)
+    c = _client(root, segmenter="litemedsam", timeout_s=300, health_details=True)
     _, disk = blob_image()
     cx, cy = BLOB_CENTER
     r = c.post("/v1/segment", json={"image_path": "images/blob.png", "clicklist": [], "labels": [],
