@@ -104,8 +104,8 @@ def _err(msg: str) -> int:
 
 
 def _report_only(out: Path) -> int:
-    from .harness import read_cases
     from .report import write_report
+    from .runfiles import read_cases
     from .summary import write_summaries
 
     f = out / "summary.json"

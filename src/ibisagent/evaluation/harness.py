@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import hashlib
-import importlib
 import json
 import math
 import multiprocessing as mp
@@ -35,12 +34,14 @@ import numpy as np
 from ibisagent.agent import Agent, Episode
 from ibisagent.env import EnvConfig
 from ibisagent.io.manifest import SPLIT_BY, Case, load_manifest
-from ibisagent.masks import as_bool, dice, hd95, iou, nsd, rle_encode
+from ibisagent.masks import dice, hd95, iou, nsd, rle_encode
 from ibisagent.policies.base import Policy, create_policy
 from ibisagent.segmenters.base import Segmenter, SegmenterUnavailable, create_segmenter
 
+from .cases import CaseError, load_case_arrays
 from .challenge import CHALLENGE_CLICKS, CHALLENGE_PROTOCOL, NSD_MIN_DSC, BoxFirstPolicy, challenge_metrics
 from .metrics import NOC_THRESHOLDS, group_of, noc
+from .runfiles import CASE_COLUMNS, CASES_CSV, PREDICTIONS, RUN_CONFIG, read_cases, read_predictions
 
 __all__ = [
     "CASE_COLUMNS",
@@ -53,29 +54,13 @@ __all__ = [
     "default_segmenter",
     "load_case_arrays",
     "read_cases",
+    "read_predictions",
     "run_eval",
 ]
 
 #: ``agent``: the policy plays the episode under the reference rules; ``box+5clicks``: the challenge protocol
 PROTOCOLS = ("agent", CHALLENGE_PROTOCOL)
 
-CASES_CSV = "cases.csv"
-PREDICTIONS = "predictions.jsonl"
-RUN_CONFIG = "run_config.json"
-
-#: columns of cases.csv, in order
-CASE_COLUMNS = (
-    "case_id", "source", "dataset", "modality", "object", "group", "split", "height", "width", "area_px",
-    "status", "error", "iou", "dice", "hd95", "nsd", "steps", "clicks", "interactions", "max_interactions",
-    "stop_reason", "encoder_s", "segmenter_s", "policy_s", "total_s", "noc_80", "noc_85", "noc_90",
-    "iou_curve", "dice_curve", "nsd_curve", "dsc_auc", "nsd_auc", "dsc_final", "nsd_final",
-    "seconds_per_interaction", "predicted_iou",
-)
-_FLOAT_COLS = ("iou", "dice", "hd95", "nsd", "encoder_s", "segmenter_s", "policy_s", "total_s", "dsc_auc", "nsd_auc",
-               "dsc_final", "nsd_final", "seconds_per_interaction", "predicted_iou")
-_INT_COLS = ("height", "width", "area_px", "steps", "clicks", "interactions", "max_interactions", "noc_80", "noc_85",
-             "noc_90")
-_CURVE_COLS = ("iou_curve", "dice_curve", "nsd_curve")
 #: settings that must match for a rerun into the same folder to resume it
 _RESUME_KEYS = ("data", "policy", "segmenter", "policy_args", "segmenter_args", "protocol", "max_steps", "split",
                 "split_by", "datasets", "per_dataset", "seed", "nsd_tolerance", "segmenter_weights")
@@ -83,10 +68,6 @@ _RESUME_KEYS = ("data", "policy", "segmenter", "policy_args", "segmenter_args", 
 
 class EvalConfigError(ValueError):
     """Evaluation settings that cannot work (unknown protocol, output folder from a different run, ...)."""
-
-
-class CaseError(ValueError):
-    """A case that cannot be evaluated (unreadable image or mask, size mismatch, empty mask)."""
 
 
 @dataclass
@@ -175,70 +156,10 @@ def default_segmenter() -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Loading cases
-# ----------------------------------------------------------------------------------------------------------------
-
-def _pil_load(case: Case) -> tuple[np.ndarray, np.ndarray]:
-    """Fallback loader for raster images/masks when ``ibisagent.io.load_case`` is not available."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(case.image) as im:
-            if im.mode in ("I;16", "I;16B", "I", "F"):
-                arr = np.asarray(im, dtype=np.float64)
-                lo, hi = np.percentile(arr, (0.5, 99.5))
-                arr = np.clip((arr - lo) / max(hi - lo, 1e-9), 0, 1) * 255
-                image = np.repeat(arr.round().astype(np.uint8)[..., None], 3, axis=2)
-            else:
-                image = np.asarray(im.convert("RGB"))
-    except (OSError, UnidentifiedImageError) as exc:
-        raise CaseError(f"cannot read image {case.image}: {exc}") from exc
-    assert case.mask is not None
-    try:
-        with Image.open(case.mask) as mk:
-            mask = np.asarray(mk.convert("L")) > 0
-    except (OSError, UnidentifiedImageError) as exc:
-        raise CaseError(f"cannot read mask {case.mask}: {exc}") from exc
-    return image, mask
-
-
-def load_case_arrays(case: Case) -> tuple[np.ndarray, np.ndarray]:
-    """The case's HxWx3 uint8 image and boolean mask. Raises :class:`CaseError` for unusable cases."""
-    if case.mask is None:
-        raise CaseError(f"case {case.id} has no mask: evaluation needs a ground truth")
-    loader = None
-    try:
-        loader = getattr(importlib.import_module("ibisagent.io"), "load_case", None)
-    except ImportError:
-        loader = None
-    if loader is not None:
-        try:
-            loaded, mask = loader(case)
-        except (ValueError, OSError) as exc:
-            raise CaseError(str(exc)) from exc
-        image = np.asarray(getattr(loaded, "array", loaded))
-    else:
-        image, mask = _pil_load(case)
-    try:
-        mask = as_bool(mask)
-    except ValueError as exc:
-        raise CaseError(f"mask {case.mask}: {exc}") from exc
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise CaseError(f"image {case.image} loaded as {image.shape} {image.dtype}, expected HxWx3 uint8")
-    if mask.shape != image.shape[:2]:
-        raise CaseError(f"mask is {mask.shape[0]}x{mask.shape[1]} but the image is {image.shape[0]}x{image.shape[1]}")
-    if not mask.any():
-        raise CaseError(f"mask {case.mask} is empty")
-    return image, mask
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Running one case
 # ----------------------------------------------------------------------------------------------------------------
 
 def _make_policy(name: str, args: dict[str, Any], seed: int) -> Policy:
-    if name == "challenge":
-        importlib.import_module("ibisagent.evaluation.challenge")
     try:
         if "seed" not in args:
             try:
@@ -399,53 +320,6 @@ class _CaseWriter:
     def close(self) -> None:
         self._csv.close()
         self._pred.close()
-
-
-def _parse_row(raw: dict[str, str]) -> dict[str, Any]:
-    row: dict[str, Any] = dict(raw)
-    for k in _FLOAT_COLS:
-        v = raw.get(k, "")
-        row[k] = float(v) if v not in ("", None) else None
-    for k in _INT_COLS:
-        v = raw.get(k, "")
-        row[k] = int(float(v)) if v not in ("", None) else None
-    for k in _CURVE_COLS:
-        v = raw.get(k, "")
-        row[k] = json.loads(v) if v else []
-    return row
-
-
-def read_cases(out: str | Path) -> list[dict[str, Any]]:
-    """The rows of ``OUT/cases.csv`` with numbers and curves parsed; the last row of a case wins (reruns)."""
-    path = Path(out) / CASES_CSV
-    if not path.is_file():
-        return []
-    rows: dict[tuple[str, str], dict[str, Any]] = {}
-    with path.open(newline="", encoding="utf-8") as f:
-        for raw in csv.DictReader(f):
-            if not raw.get("case_id"):
-                continue  # a line cut short by a crash
-            try:
-                row = _parse_row(raw)
-            except (ValueError, json.JSONDecodeError):
-                continue
-            rows[(row["source"], row["case_id"])] = row
-    return list(rows.values())
-
-
-def read_predictions(out: str | Path) -> dict[tuple[str, str], dict[str, Any]]:
-    """The final mask (RLE) and prompts of each case from ``OUT/predictions.jsonl`` (last record wins)."""
-    path = Path(out) / PREDICTIONS
-    preds: dict[tuple[str, str], dict[str, Any]] = {}
-    if not path.is_file():
-        return preds
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        preds[(rec.get("source", ""), rec.get("case_id", ""))] = rec
-    return preds
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .harness import read_cases, read_predictions
+from .runfiles import read_cases, read_predictions
 from .summary import mean_curve
 
 __all__ = ["GALLERY_SIZE", "markdown_table", "write_report"]
@@ -102,7 +102,7 @@ def _gallery(out: Path, rows: list[dict[str, Any]], data: str | None) -> str | N
     from ibisagent.masks import rle_decode
     from ibisagent.overlay import display_overlay
 
-    from .harness import CaseError, load_case_arrays
+    from .cases import CaseError, load_case_arrays
 
     try:
         cases = {(c.source, c.id): c for c in load_manifest(data, split="all")}

@@ -25,7 +25,7 @@ from PIL import Image
 from ibisagent.masks import rle_decode
 from ibisagent.overlay import policy_overlay
 from ibisagent.prompts import PromptTemplate, load_prompts
-from ibisagent.synthesis.caseio import load_mask_file, load_rgb
+from ibisagent.io.caseio import load_mask_file, load_rgb
 from ibisagent.synthesis.runner import iter_trajectories
 
 __all__ = ["ExportError", "ImageStore", "Sample", "iter_samples", "load_trajectories"]

@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from .images import ImageLoadError, LoadedImage, _check_index, _read_pil, _read_tiff, _suffix, load_image
+from .images import ImageLoadError, LoadedImage, _check_index, _read_pil, _read_tiff, _suffix
+from .loader import load_image
 from .manifest import Case
 from .volumes import Volume, _check_axis, display_transform, from_display, load_volume, to_display
 

@@ -65,7 +65,7 @@ def _cached(cache: OrderedDict[str, np.ndarray], key: str, load: Callable[[], np
 
 def load_ground_truth(ground_truth: Any) -> np.ndarray:
     """A boolean mask from a mask-image path, an RLE dict, its JSON string, or an array."""
-    from ibisagent.synthesis.caseio import CaseError, load_mask_file
+    from ibisagent.io.caseio import CaseError, load_mask_file
 
     if isinstance(ground_truth, np.ndarray):
         return ground_truth.astype(bool)
@@ -86,7 +86,7 @@ def load_ground_truth(ground_truth: Any) -> np.ndarray:
 
 
 def _load_image(path: str) -> np.ndarray:
-    from ibisagent.synthesis.caseio import CaseError, load_rgb
+    from ibisagent.io.caseio import CaseError, load_rgb
 
     try:
         return _cached(_IMAGES, path, lambda: load_rgb(path))

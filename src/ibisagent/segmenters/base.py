@@ -7,6 +7,7 @@ clicks in pixel coordinates (x = column, y = row) with labels 1 (positive) / 0 (
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -209,14 +210,11 @@ def create_segmenter(name: str, **cfg: Any) -> Segmenter:
     return _REGISTRY[name].factory(**cfg)
 
 
-def _load_builtin() -> None:
-    # Importing the modules registers their backends; heavy imports (torch) happen inside factories.
-    from ibisagent.segmenters import fake  # noqa: F401
+#: modules that register the built-in backends when imported; loaded by name because they are the registry's
+#: plug-ins (they import this module, this module does not import them). Heavy imports happen inside factories.
+BUILTIN_BACKENDS = ("ibisagent.segmenters.fake", "ibisagent.segmenters.litemedsam", "ibisagent.segmenters.sam2")
 
-    for mod in ("litemedsam", "sam2"):
-        try:
-            __import__(f"ibisagent.segmenters.{mod}")
-        except ModuleNotFoundError as exc:  # module not written yet or optional dependency missing at import
-            if exc.name and exc.name.startswith("ibisagent"):
-                continue
-            raise
+
+def _load_builtin() -> None:
+    for module in BUILTIN_BACKENDS:
+        importlib.import_module(module)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ibisagent.io.manifest import Case
+from .manifest import Case
 
 __all__ = ["CaseError", "load_case_arrays", "load_mask_file", "load_rgb"]
 
@@ -32,7 +32,7 @@ def load_rgb(path: str | Path) -> np.ndarray:
     if not p.is_file():
         raise CaseError(f"image {p} does not exist", "unreadable_image")
     try:
-        from ibisagent.io.images import load_image  # type: ignore[attr-defined]
+        from .loader import load_image
     except ImportError:
         load_image = None
     try:
@@ -85,7 +85,7 @@ def _reason(exc: Exception) -> str:
 def _from_io(case: Case) -> tuple[np.ndarray, np.ndarray] | None:
     """The (image, mask) pair from ``ibisagent.io.load_case`` if that function exists and gives something usable."""
     try:
-        from ibisagent.io import load_case  # type: ignore[attr-defined]
+        from .masks_io import load_case
     except ImportError:
         return None
     try:
