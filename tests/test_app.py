@@ -241,8 +241,8 @@ def test_bundled_examples_and_app_build(case):
 def test_cli_parsers_register():
     import argparse
 
-    from ibisagent.server import add_parser as add_serve
-    from ibisagent.ui.app import add_parser as add_app
+    from ibisagent.cli.app import add_parser as add_app
+    from ibisagent.cli.serve import add_parser as add_serve
 
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()
@@ -257,7 +257,7 @@ def test_cli_parsers_register():
 def test_app_cli_rejects_unknown_segmenter(capsys):
     import argparse
 
-    from ibisagent.ui.app import add_parser
+    from ibisagent.cli.app import add_parser
 
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers())

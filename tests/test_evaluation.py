@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ibisagent.cli import main as cli_main
+from ibisagent.cli.util import parse_kv
 from ibisagent.evaluation import (
     SUMMARY_KEYS,
     EvalConfig,
@@ -26,8 +28,6 @@ from ibisagent.evaluation import (
     read_cases,
     run_eval,
 )
-from ibisagent.evaluation.cli import main as cli_main
-from ibisagent.evaluation.cli import parse_kv
 from ibisagent.evaluation.compare import CompareError
 from ibisagent.evaluation.metrics import group_of, pad_curve
 from ibisagent.segmenters.base import Segmenter, SegResult, register_segmenter

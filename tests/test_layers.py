@@ -175,6 +175,17 @@ def test_dynamic_imports_only_in_plugin_loaders() -> None:
     assert not stray, f"importlib/__import__ of ibisagent modules outside the plug-in loaders: {stray}"
 
 
+def test_command_line_parsing_lives_in_the_cli_layer() -> None:
+    """Domain modules export config dataclasses and functions; only ``ibisagent.cli`` builds argparse parsers."""
+    outside = sorted(m for m, p in _modules().items()
+                     if m != "ibisagent.cli" and not m.startswith("ibisagent.cli.")
+                     and any(isinstance(n, ast.Import | ast.ImportFrom)
+                             and ("argparse" in [a.name for a in getattr(n, "names", [])] or
+                                  getattr(n, "module", None) == "argparse")
+                             for n in ast.walk(ast.parse(p.read_text(encoding="utf-8")))))
+    assert not outside, f"argparse used outside ibisagent.cli: {outside}"
+
+
 def test_the_checker_finds_cycles() -> None:
     """The checker itself: a cycle made by a function-level import is found, between units and inside a package."""
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None

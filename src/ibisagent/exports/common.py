@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ibisagent.io.caseio import load_mask_file, load_rgb
 from ibisagent.masks import rle_decode
 from ibisagent.overlay import policy_overlay
 from ibisagent.prompts import PromptTemplate, load_prompts
-from ibisagent.io.caseio import load_mask_file, load_rgb
 from ibisagent.synthesis.runner import iter_trajectories
 
 __all__ = ["ExportError", "ImageStore", "Sample", "iter_samples", "load_trajectories"]

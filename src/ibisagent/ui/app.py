@@ -9,9 +9,6 @@ The logic lives in :class:`ibisagent.ui.annotator.Annotator`; this module only w
 """
 
 
-import argparse
-import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +17,7 @@ from ibisagent.runtime import SegmenterHub, default_segmenter_name, find_bundled
 from ibisagent.segmenters.base import SegmenterUnavailable
 from ibisagent.ui.annotator import WINDOW_CHOICES, Annotator
 
-__all__ = ["AppConfig", "ExampleCase", "add_parser", "build_app", "bundled_examples", "display_factor", "display_scaled"]
+__all__ = ["AppConfig", "ExampleCase", "build_app", "bundled_examples", "display_factor", "display_scaled"]
 
 IMAGE_TYPES = [".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".nii", ".gz"]
 #: errors shown to the user as a message (bad input, a backend that cannot run here, an unknown name)
@@ -286,45 +283,3 @@ def build_app(config: AppConfig | None = None, hub: SegmenterHub | None = None) 
         reset_btn.click(on_reset, [state, segmenter, policy], shown)
         export_btn.click(on_export, [fmt, state, segmenter, policy], download)
     return demo
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# CLI
-# ----------------------------------------------------------------------------------------------------------------
-
-def add_parser(subparsers: Any) -> None:
-    """Add ``ibisagent app``."""
-    p = subparsers.add_parser(
-        "app",
-        help="start the annotation web app (Gradio) on 127.0.0.1",
-        description="Web app: open an image or volume, type a query, watch the agent segment step by step, correct "
-                    "it with your own clicks, download the mask. Binds to 127.0.0.1 unless --host says otherwise.",
-    )
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    p.add_argument("--segmenter", default=None,
-                   help="default segmenter (default litemedsam-click when its weights exist, else litemedsam)")
-    p.add_argument("--policy", default="oracle", help="default policy (default oracle)")
-    p.add_argument("--examples", default=None, help="manifest folder of examples (default: the bundled cases)")
-    p.add_argument("--max-steps", type=int, default=20, help="agent turns per episode (default 20)")
-    p.set_defaults(func=_app_main)
-
-
-def _app_main(args: argparse.Namespace) -> int:
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    try:
-        cfg = AppConfig(segmenter=args.segmenter, policy=args.policy, examples=bundled_examples(args.examples),
-                        max_steps=args.max_steps)
-        from ibisagent.segmenters.base import list_segmenters
-
-        if cfg.segmenter not in list_segmenters():
-            raise ValueError(f"unknown segmenter {cfg.segmenter!r}; known: {', '.join(list_segmenters())}")
-        demo = build_app(cfg)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: binding to {args.host}: the app is reachable from other machines", file=sys.stderr)
-    demo.queue(default_concurrency_limit=2).launch(server_name=args.host, server_port=args.port,
-                                                   share=False, show_error=True)
-    return 0

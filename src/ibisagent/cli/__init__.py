@@ -1,5 +1,10 @@
 """The ``ibisagent`` command line: one subcommand per job, each calling one public function.
 
+This package is the CLI layer: ``segment`` / ``demo`` / ``list`` live here, every other area's subcommands in one
+module of this package each (``ibisagent.cli.evaluation``, ``.synthesis``, ``.exports``, ``.training``, ``.serve``,
+``.app``, ``.export_encoder``); domain modules export config dataclasses and functions only. Options generated from
+a config dataclass come from :func:`ibisagent.cli.util.add_dataclass_args`.
+
 Exit codes: 0 success, 2 bad input (a message says what to fix), 1 an unexpected failure (``--debug`` shows the
 traceback), 130 interrupted.
 """
@@ -15,20 +20,19 @@ from pathlib import Path
 from typing import Any
 
 from ibisagent import __version__
+from ibisagent.cli.util import UserError, parse_kv
 
 __all__ = ["main", "build_parser", "parse_kv", "default_policy", "default_segmenter", "UserError"]
 
 #: modules that add subcommands through ``add_parser(subparsers)``; missing optional dependencies hide them
 _AREA_MODULES = [
-    "ibisagent.evaluation.cli",
-    "ibisagent.synthesis.cli",
-    "ibisagent.exports.cli",
-    "ibisagent.training.segmenter",
-    "ibisagent.training.policy",
-    "ibisagent.training.llm_cli",
-    "ibisagent.server",
-    "ibisagent.ui.app",
-    "ibisagent.segmenters.onnx_encoder",
+    "ibisagent.cli.evaluation",
+    "ibisagent.cli.synthesis",
+    "ibisagent.cli.exports",
+    "ibisagent.cli.training",
+    "ibisagent.cli.serve",
+    "ibisagent.cli.app",
+    "ibisagent.cli.export_encoder",
 ]
 
 DESCRIPTION = """\
@@ -45,26 +49,6 @@ Common jobs:
   ibisagent eval DATA --policy oracle --out DIR    score a policy + segmenter on a dataset folder
   ibisagent list                                   show the available policies, segmenters and prompt templates
 """
-
-
-class UserError(ValueError):
-    """Bad input from the user: reported as one line, exit code 2."""
-
-
-def parse_kv(items: list[str] | None, what: str = "option") -> dict[str, Any]:
-    """``["k=v", ...]`` -> dict; values are JSON when they parse (numbers, true/false, null, lists), else strings.
-    Dashes in keys become underscores. ``what`` names the option in the error message."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not key:
-            raise UserError(f"{what} expects KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 def default_segmenter() -> str:
