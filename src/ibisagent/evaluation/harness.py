@@ -146,13 +146,21 @@ class EvalResult:
     interrupted: bool = False
 
 
-def default_segmenter() -> str:
-    """``litemedsam-click`` when its weights are installed, else the box-trained ``litemedsam``."""
+def _shipped_click_weights() -> Path | None:
+    """The click-tuned LiteMedSAM weights file, or None when the LiteMedSAM backend cannot be imported here."""
     try:
         from ibisagent.segmenters.litemedsam import CLICK_WEIGHTS
-    except Exception:  # noqa: BLE001 - torch or the model package may be missing; fall back to the name
+    except Exception:  # noqa: BLE001 - torch or the model package may be missing
+        return None
+    return CLICK_WEIGHTS
+
+
+def default_segmenter() -> str:
+    """``litemedsam-click`` when its weights are installed, else the box-trained ``litemedsam``."""
+    shipped = _shipped_click_weights()
+    if shipped is None:  # the backend cannot be imported: fall back to the name
         return "litemedsam-click"
-    return "litemedsam-click" if CLICK_WEIGHTS.is_file() else "litemedsam"
+    return "litemedsam-click" if shipped.is_file() else "litemedsam"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -395,11 +403,10 @@ def weights_id(config: EvalConfig) -> dict[str, str] | None:
     if config.segmenter != "litemedsam-click":
         return None
     weights = config.segmenter_args.get("weights")
-    try:
-        from ibisagent.segmenters.litemedsam import CLICK_WEIGHTS
-    except Exception:  # noqa: BLE001 - informational only
+    shipped = _shipped_click_weights()
+    if shipped is None:  # informational only
         return None
-    path = Path(weights) if weights not in (None, "click") else CLICK_WEIGHTS
+    path = Path(weights) if weights not in (None, "click") else shipped
     if not path.is_file():
         return None
     return {"file": path.name, "sha1": hashlib.sha1(path.read_bytes()).hexdigest()[:12]}
