@@ -28,6 +28,20 @@ PLUGIN_LOADERS = {
 }
 
 
+#: the layer order of docs/design.md ("Layout after issue 18"): a unit may import units of LOWER layers only
+LAYERS = (
+    ("protocol", "masks", "overlay", "io", "segmenters", "queries", "reasoning", "text_encoder", "demo",
+     "prompt_templates"),
+    ("prompts", "session", "rewards"),
+    ("env",),
+    ("policies",),
+    ("agent", "synthesis", "training"),
+    ("evaluation", "exports", "runtime", "testing"),
+    ("server", "ui"),
+    ("cli",),
+)
+
+
 def _module_name(path: Path) -> str:
     parts = list(path.relative_to(PKG.parent).with_suffix("").parts)
     if parts[-1] == "__init__":
@@ -162,6 +176,18 @@ SUBPACKAGES = sorted(m for m, p in _modules().items() if p.name == "__init__.py"
 def test_no_cycle_between_top_level_units() -> None:
     cycle = find_cycle(unit_graph(EDGES))
     assert cycle is None, "import cycle between top-level units:\n" + _why(cycle, EDGES, _unit)
+
+
+def test_units_import_only_lower_layers() -> None:
+    layer = {f"ibisagent.{u}": i for i, units in enumerate(LAYERS) for u in units}
+    units = {_unit(m) for m in EDGES if m != "ibisagent"}
+    unknown = sorted(units - set(layer))
+    assert not unknown, f"units without a layer (add them to LAYERS here and in docs/design.md): {unknown}"
+    upward = [f"{a} (layer {layer[a]}) -> {b} (layer {layer[b]}): "
+              + "; ".join(sorted(f"{m} -> {t}" for m, ts in EDGES.items() if _unit(m) == a
+                                 for t in ts if _unit(t) == b))
+              for a, bs in sorted(unit_graph(EDGES).items()) for b in sorted(bs) if layer[b] >= layer[a]]
+    assert not upward, "imports that do not go down the layer order:\n  " + "\n  ".join(upward)
 
 
 @pytest.mark.parametrize("package", SUBPACKAGES)
