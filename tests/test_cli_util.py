@@ -1,6 +1,6 @@
 """The CLI layer: the one dataclass -> argparse generator, and every subcommand keeps the options it had before the
 parsers moved into ``ibisagent.cli`` (``cli_options_before_issue18.json``, taken from ``ibisagent <cmd> --help`` at
-commit 4fd26e0)."""
+commit a2c7ced)."""
 
 from __future__ import annotations
 
