@@ -1,6 +1,6 @@
 """The CLI layer: the one dataclass -> argparse generator, and every subcommand keeps the options it had before the
 parsers moved into ``ibisagent.cli`` (``cli_options_before_issue18.json``, taken from ``ibisagent <cmd> --help`` at
-commit a2c7ced)."""
+commit 93cfc26)."""
 
 from __future__ import annotations
 
