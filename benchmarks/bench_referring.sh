@@ -22,7 +22,7 @@ THREADS=${THREADS:-1}
 PY=${PY:-.venv/bin/python}
 PW=${POLICY_WEIGHTS:+--policy-arg weights=$POLICY_WEIGHTS}
 PREV=${POLICY_PREV:-runs/compact_ea75922.safetensors}
-EVAL="$PY -m ibisagent.evaluation.cli eval $DATA --split val --per-dataset $K --segmenter litemedsam-click --cache-dir $CACHE --threads $THREADS --quiet"
+EVAL="$PY -m ibisagent.cli eval $DATA --split val --per-dataset $K --segmenter litemedsam-click --cache-dir $CACHE --threads $THREADS --quiet"
 mkdir -p "$OUT"
 run() {  # name, extra args...
   local name=$1; shift
