@@ -190,3 +190,55 @@ def test_litemedsam_sessions_interleaved_use_the_embedding_cache():
     np.testing.assert_array_equal(ma, ref.add_click(20, 20))
     assert ma.shape == (60, 70)
     assert seg.encoder_runs == 2  # switching back and forth hit the cache
+
+
+# --- registry options, episode rules, saved overlays (issue 17) -----------------------------------------------------
+def test_unknown_factory_options_list_the_valid_ones():
+    from ibisagent.options import UnknownOptionError
+    from ibisagent.policies import create_policy
+    from ibisagent.segmenters import create_segmenter
+
+    with pytest.raises(UnknownOptionError, match="segmenter 'fake' has no option 'colour'; its options: "
+                                                 "radius_frac, tolerance") as exc:
+        create_segmenter("fake", colour=1)
+    assert isinstance(exc.value, TypeError) and isinstance(exc.value, ValueError)
+    with pytest.raises(UnknownOptionError, match="policy 'gt-box' has no option 'seed'; its options: \\(none\\)"):
+        create_policy("gt-box", seed=1)
+    assert create_segmenter("fake", tolerance=3).tolerance == 3.0
+
+
+@pytest.mark.parametrize("kw", [{"max_steps": 0}, {"max_steps": -2}, {"max_repeats": 0}, {"max_steps": 2.5},
+                                {"max_steps": True}])
+def test_env_config_refuses_a_step_budget_below_one(kw):
+    with pytest.raises(ValueError, match=">= 1"):
+        EnvConfig(**kw)
+
+
+def test_display_overlay_downscales_huge_images_only():
+    from ibisagent.overlay import display_overlay
+
+    img = np.zeros((3000, 1500, 3), np.uint8)
+    mask = np.zeros((3000, 1500), bool)
+    mask[1000:2000, 500:1000] = True
+    vis = display_overlay(img, mask, [(750.0, 1500.0)], [1], max_side=1000)
+    assert vis.shape == (1000, 500, 3)
+    assert tuple(vis[500, 250]) != (0, 0, 0)  # the click (scaled to 250, 500) is drawn
+    small = display_overlay(img[:100, :100], mask[:100, :100], max_side=1000)
+    assert small.shape == (100, 100, 3)
+
+
+def test_saved_overlays_are_downscaled_and_not_repeated(tmp_path, monkeypatch):
+    from PIL import Image
+
+    import ibisagent.agent as agent_mod
+
+    monkeypatch.setattr(agent_mod, "DISPLAY_MAX_SIDE", 64)
+    a, ga, _, _ = _images()
+    ep = Agent("oracle", FakeSegmenter(), EnvConfig(max_steps=5)).segment(a, "block", ga)
+    assert ep.steps[-1].kind == "terminate"
+    ep.save(tmp_path, a)
+    files = sorted(f.name for f in tmp_path.glob("step_*.png"))
+    assert f"step_{ep.steps[-1].step:02d}.png" not in files  # the Terminate step changed nothing
+    assert len(files) == sum(s.kind in ("positive", "negative", "box") for s in ep.steps)
+    assert Image.open(tmp_path / files[0]).size == (64, round(60 * 64 / 70))
+    assert np.asarray(Image.open(tmp_path / "mask.png")).shape == (60, 70)  # the mask stays full size

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from ibisagent.options import check_options, keyword_options
+
 __all__ = [
     "SegResult",
     "Segmenter",
@@ -31,6 +33,7 @@ __all__ = [
     "create_segmenter",
     "list_segmenters",
     "register_segmenter",
+    "segmenter_options",
 ]
 
 
@@ -249,7 +252,17 @@ def create_segmenter(name: str, **cfg: Any) -> Segmenter:
     _load_builtin()
     if name not in _REGISTRY:
         raise KeyError(f"unknown segmenter {name!r}; known: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name].factory(**cfg)
+    factory = _REGISTRY[name].factory
+    check_options(f"segmenter {name!r}", factory, cfg)  # UnknownOptionError (a TypeError) listing the valid ones
+    return factory(**cfg)
+
+
+def segmenter_options(name: str) -> tuple[str, ...] | None:
+    """The keyword options ``create_segmenter(name, ...)`` accepts (None when it takes any)."""
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown segmenter {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+    return keyword_options(_REGISTRY[name].factory)
 
 
 def _load_builtin() -> None:
