@@ -242,3 +242,19 @@ def test_saved_overlays_are_downscaled_and_not_repeated(tmp_path, monkeypatch):
     assert len(files) == sum(s.kind in ("positive", "negative", "box") for s in ep.steps)
     assert Image.open(tmp_path / files[0]).size == (64, round(60 * 64 / 70))
     assert np.asarray(Image.open(tmp_path / "mask.png")).shape == (60, 70)  # the mask stays full size
+
+
+def test_policy_overlay_memory_is_bounded_by_the_image_size():
+    import tracemalloc
+
+    from ibisagent.overlay import policy_overlay
+
+    img = np.full((1500, 1500, 3), 90, np.uint8)
+    mask = np.zeros((1500, 1500), bool)
+    mask[200:400, 300:700] = True
+    tracemalloc.start()
+    out = policy_overlay(img, mask)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 2 * img.nbytes  # the output copy, the mask, the masked pixels: not a float32 copy (4x)
+    assert tuple(out[300, 500]) == (68, 110, 68) and tuple(out[0, 0]) == (90, 90, 90)

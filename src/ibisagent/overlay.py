@@ -39,10 +39,11 @@ def policy_overlay(image: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     m = np.asarray(mask).astype(bool)
     if m.shape != img.shape[:2]:
         raise ValueError(f"mask {m.shape} does not match image {img.shape[:2]}")
-    out = img.astype(np.float32)
+    out = img.copy()  # blend only the mask's pixels (a float copy of a whole 6000x6000 image would be 430 MB)
     color = np.asarray(OVERLAY_COLOR, np.float32)
-    out[m] = (1 - OVERLAY_ALPHA) * out[m] + OVERLAY_ALPHA * color
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    blended = (1 - OVERLAY_ALPHA) * img[m].astype(np.float32) + OVERLAY_ALPHA * color
+    out[m] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    return out
 
 
 def display_overlay(
