@@ -291,3 +291,19 @@ def test_done_line_reports_wall_time(tmp_path, capsys, monkeypatch):
     assert result["seconds"]["wall"] >= result["seconds"]["episode"] + 0.6
     shown = re.search(r"; ([0-9.]+) s wall \(episode ([0-9.]+) s", captured.err)
     assert shown and float(shown.group(1)) >= float(shown.group(2)) + 0.6, captured.err
+
+
+def test_make_test_installs_nothing_system_wide():
+    """`make test` must not apt-get install Chromium (root, unasked): that is `make test-browser`'s job."""
+    import shutil
+    from pathlib import Path
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    repo = Path(__file__).resolve().parents[1]
+    dry = subprocess.run(["make", "-n", "-C", str(repo), "test", "STAMP=/dev/null"], capture_output=True, text=True)
+    assert dry.returncode == 0, dry.stderr
+    assert "apt-get" not in dry.stdout and "pytest" in dry.stdout and "-rs" in dry.stdout
+    browser = subprocess.run(["make", "-n", "-C", str(repo), "test-browser", "STAMP=/dev/null"],
+                             capture_output=True, text=True)
+    assert "apt-get" in browser.stdout

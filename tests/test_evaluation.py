@@ -445,3 +445,13 @@ def test_confidence_ranking_reports_spearman_and_the_low_confidence_cases() -> N
     assert out["mean_iou_low_confidence"] == pytest.approx(0.3)
     assert out["mean_iou_confident"] == pytest.approx(0.825)
     assert confidence_ranking([{"predicted_iou": "", "iou": 0.5}] * 5) is None
+
+
+def test_cli_eval_says_when_noc_is_not_measurable(squares: Path, tmp_path: Path, capsys):
+    out = tmp_path / "stop"
+    assert cli_main(["eval", str(squares), "--segmenter", "_eval-test-grow", "--policy", "oracle", "--limit", "1",
+                     "--out", str(out), "--quiet", "--no-report"]) == 0
+    captured = capsys.readouterr()
+    assert "NoC@85 not measurable" in captured.out
+    assert "NoC@85: 1 of 1 cases" in captured.err and "--no-stop" in captured.err
+    assert json.loads((out / "summary.json").read_text())["noc"]["85"] is None
