@@ -132,6 +132,9 @@ def _err(capsys) -> str:
                                                  "radius_frac, tolerance"),
     (["-q", "x", "--volume-index", "1"], "--volume-index 1 applies to 4D NIfTI"),
     (["-q", "x", "--mask-threshold", "nan"], "--mask-threshold must be a finite number"),
+    (["-q", "x", "--axis", "7"], "--axis must be 0, 1 or 2"),
+    (["-q", "x", "--segmenter-arg", "tolerance=abc"], "--segmenter-arg for segmenter 'fake': could not convert"),
+    (["-q", "x", "--out", ""], "--out is empty"),
 ])
 def test_segment_refuses_coercions(tmp_path, capsys, extra, needle):
     img, gt = _block_case(tmp_path)
@@ -139,6 +142,7 @@ def test_segment_refuses_coercions(tmp_path, capsys, extra, needle):
     err = _err(capsys)
     assert rc == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
     assert needle in err
+    assert not (tmp_path / "o").exists()  # a refused run leaves no output folder behind
 
 
 def test_segment_volume_slice_checks_name_the_cli_options(tmp_path, capsys):
@@ -307,3 +311,9 @@ def test_make_test_installs_nothing_system_wide():
     browser = subprocess.run(["make", "-n", "-C", str(repo), "test-browser", "STAMP=/dev/null"],
                              capture_output=True, text=True)
     assert "apt-get" in browser.stdout
+
+
+def test_app_refuses_bad_numbers_before_starting(capsys):
+    for extra, needle in ((["--max-steps", "0"], "--max-steps must be >= 1"), (["--port", "70000"], "--port")):
+        assert main(["app", "--segmenter", "fake", *extra]) == 2
+        assert needle in capsys.readouterr().err

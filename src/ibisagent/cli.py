@@ -200,12 +200,25 @@ def _check_agent_args(args: argparse.Namespace) -> tuple[dict[str, Any], dict[st
 def _build_agent(args: argparse.Namespace, needs_gt_ok: bool):
     from ibisagent.agent import Agent
     from ibisagent.env import EnvConfig
+    from ibisagent.policies.base import create_policy
+    from ibisagent.segmenters.base import create_segmenter
 
     policy_kwargs, segmenter_kwargs = _check_agent_args(args)
     policy = args.policy or default_policy()
     segmenter = args.segmenter or default_segmenter()
     cfg = EnvConfig(max_steps=args.max_steps, history=args.history, prompts=args.prompts or "reference")
-    agent = Agent(policy, segmenter, cfg, policy_kwargs=policy_kwargs, segmenter_kwargs=segmenter_kwargs)
+    built: dict[str, Any] = {}
+    for flag, what, name, kwargs, create in (
+        ("--policy-arg", "policy", policy, policy_kwargs, create_policy),
+        ("--segmenter-arg", "segmenter", segmenter, segmenter_kwargs, create_segmenter),
+    ):
+        try:
+            built[what] = create(name, **kwargs)
+        except (ValueError, TypeError) as exc:  # a bad option value: say which option of what
+            if not kwargs or isinstance(exc, UserError):
+                raise
+            raise UserError(f"{flag} for {what} {name!r}: {exc}") from exc
+    agent = Agent(built["policy"], built["segmenter"], cfg)
     if agent.policy.requires_gt and not needs_gt_ok:
         raise UserError(f"policy {policy!r} needs the ground-truth mask: pass --mask GT, or use a learned policy "
                         "(e.g. --policy compact)")
@@ -307,27 +320,31 @@ def _check_query(query: str) -> str:
     return q
 
 
-def check_output_dir(out: Path, option: str = "--out") -> Path:
-    """Make sure ``out`` is (or can be created as) a writable folder, before any work: create it and write and
-    delete a probe file. Raises :class:`UserError` with one line saying what is wrong."""
+def check_output_dir(out: str | Path, option: str = "--out") -> Path:
+    """Make sure ``out`` is a writable folder or can be created as one, before any work, without creating it: the
+    folder (or its nearest existing parent) must be a folder where a probe file can be written and deleted.
+    Raises :class:`UserError` with one line saying what is wrong."""
     import os
     import tempfile
 
+    if not str(out).strip():  # Path("") would be the current folder
+        raise UserError(f"{option} is empty: name an output folder")
+    out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{option} {out} is a file, not a folder")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UserError(f"{option} {out}: {parent} is a file, not a folder")
-            break
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{option} {out}: {existing} is a file, not a folder")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".ibisagent_write_check_", dir=out)
+        fd, probe = tempfile.mkstemp(prefix=".ibisagent_write_check_", dir=existing)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
         reason = exc.strerror or str(exc)
-        raise UserError(f"{option} {out} is not writable ({reason}); choose another output folder") from exc
+        where = "" if existing == out else f" (its folder {existing} is not writable)"
+        raise UserError(f"{option} {out} is not writable{where} ({reason}); choose another output folder") from exc
     return out
 
 
@@ -353,6 +370,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
     t_start = getattr(args, "t_start", None) or time.perf_counter()
     query = _check_query(args.query)
+    if args.axis not in (0, 1, 2):
+        raise UserError(f"--axis must be 0, 1 or 2 (a voxel axis of the volume), got {args.axis}")
     _check_min(args.slice, "--slice", 0)
     _check_min(args.volume_index, "--volume-index", 0)
     if args.mask_threshold is not None and not math.isfinite(args.mask_threshold):
@@ -360,7 +379,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if args.mask_threshold is not None and args.mask_label is not None:
         raise UserError("pass either --mask-threshold or --mask-label, not both")
     _check_agent_args(args)
-    out = check_output_dir(Path(args.out))
+    out = check_output_dir(args.out)
     window = _parse_window(args.window)
     try:
         loaded = load_image(args.image, slice_index=args.slice, axis=args.axis, window=window,
@@ -406,7 +425,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise UserError(f"no bundled case {args.case!r}; choose one of: {', '.join(c.id for c in cases)} or 'all'")
     t0 = getattr(args, "t_start", None) or time.perf_counter()
     _check_agent_args(args)
-    check_output_dir(Path(args.out))
+    check_output_dir(args.out)
     agent = _build_agent(args, needs_gt_ok=True)
     results = []
     for case in chosen:

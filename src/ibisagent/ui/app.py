@@ -320,6 +320,12 @@ def add_parser(subparsers: Any) -> None:
 
 def _app_main(args: argparse.Namespace) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    if args.max_steps < 1:
+        print(f"error: --max-steps must be >= 1, got {args.max_steps}", file=sys.stderr)
+        return 2
+    if not 0 < args.port < 65536:
+        print(f"error: --port must be 1..65535, got {args.port}", file=sys.stderr)
+        return 2
     try:
         cfg = AppConfig(segmenter=args.segmenter, policy=args.policy, examples=bundled_examples(args.examples),
                         max_steps=args.max_steps)
