@@ -73,9 +73,10 @@ def test_every_subcommand_keeps_its_options() -> None:
     before = json.loads((Path(__file__).parent / "cli_options_before_issue18.json").read_text())
     now = {name: sorted(o for a in p._actions for o in (a.option_strings or [a.dest]))
            for name, p in _subcommands().items()}
-    assert sorted(now) == sorted(before)
-    for name, opts in before.items():
-        assert now[name] == opts, name
+    assert set(before) <= set(now)
+    for name, opts in before.items():  # options may be added, never lost
+        missing = sorted(set(opts) - set(now[name]))
+        assert not missing, f"{name} lost {missing}"
 
 
 @pytest.mark.parametrize("command,module,cls", [

@@ -30,6 +30,7 @@ PLUGIN_LOADERS = {
 
 #: the layer order of docs/design.md ("Layout after issue 18"): a unit may import units of LOWER layers only
 LAYERS = (
+    ("options",),
     ("protocol", "masks", "overlay", "io", "segmenters", "queries", "reasoning", "text_encoder", "demo",
      "prompt_templates"),
     ("prompts", "session", "rewards"),

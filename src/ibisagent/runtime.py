@@ -70,13 +70,15 @@ class _Slot:
     segmenter: Segmenter
     lock: threading.Lock
     key: str | None = None  # the image the segmenter currently holds
+    generation: int | None = None  # the segmenter's image_generation when ``key`` was recorded
 
 
 class SegmenterHub:
     """Creates each named segmenter once and serializes its use.
 
     ``bound(name, image, key)`` locks the segmenter and makes sure it holds ``image`` (``set_image`` only when another
-    image was set since; the LiteMedSAM backends also keep an LRU of embeddings, so switching back is cheap).
+    image was set since, through the hub or not: the segmenter's ``image_generation`` tells; the LiteMedSAM backends
+    also keep an LRU of embeddings, so switching back is cheap).
     ``factory`` builds a segmenter from a name (tests pass their own).
     """
 
@@ -104,22 +106,30 @@ class SegmenterHub:
         slot = self._slot(name)
         key = key or image_key(image)
         with slot.lock:
-            if slot.key != key or not slot.segmenter.is_image_set:
+            seg = slot.segmenter
+            if slot.key != key or seg.image_generation is None or seg.image_generation != slot.generation:
                 slot.key = None
-                slot.segmenter.set_image(image)
+                seg.set_image(image)
                 self.set_image_calls += 1
-                slot.key = key
+                slot.key, slot.generation = key, seg.image_generation
             try:
-                yield slot.segmenter
+                yield seg
             except ValueError:  # bad input (SegmenterError, ...): checked before the backend touched its state
                 raise
             except BaseException:
                 slot.key = None  # the block may have left the segmenter in an unknown state
                 raise
+            finally:
+                if seg.image_generation != slot.generation:  # the block set an image itself (e.g. env.reset)
+                    if seg.holds(image):
+                        slot.generation = seg.image_generation
+                    else:
+                        slot.key = None
 
     def note_image(self, name: str, key: str) -> None:
         """Record that code inside ``bound`` set image ``key`` on the segmenter itself (e.g. ``env.reset``)."""
-        self._slot(name).key = key
+        slot = self._slot(name)
+        slot.key, slot.generation = key, slot.segmenter.image_generation
 
     def loaded(self) -> list[str]:
         with self._lock:

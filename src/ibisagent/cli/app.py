@@ -25,7 +25,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--segmenter", default=None,
                    help="default segmenter (default litemedsam-click when its weights exist, else litemedsam)")
-    p.add_argument("--policy", default="oracle", help="default policy (default oracle)")
+    p.add_argument("--policy", default=None,
+                   help="default policy (default: the learned `compact` policy when its weights are installed; "
+                        "`oracle` needs a ground-truth mask)")
     p.add_argument("--examples", default=None, help="manifest folder of examples (default: the bundled cases)")
     p.add_argument("--max-steps", type=int, default=20, help="agent turns per episode (default 20)")
     p.set_defaults(func=_app_main)
@@ -33,6 +35,12 @@ def add_parser(subparsers: Any) -> None:
 
 def _app_main(args: argparse.Namespace) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    if args.max_steps < 1:
+        print(f"error: --max-steps must be >= 1, got {args.max_steps}", file=sys.stderr)
+        return 2
+    if not 0 < args.port < 65536:
+        print(f"error: --port must be 1..65535, got {args.port}", file=sys.stderr)
+        return 2
     try:
         cfg = AppConfig(segmenter=args.segmenter, policy=args.policy, examples=bundled_examples(args.examples),
                         max_steps=args.max_steps)

@@ -152,9 +152,17 @@ def run_eval_command(args: argparse.Namespace) -> int:
               "to resume", file=sys.stderr)
         return 130
     s = result.summary or {}
+    noc85 = s.get("noc", {}).get("85")
     print(f"{s.get('cases', 0)} cases ({result.n_skipped} already done, {result.n_errors} errors this run): "
-          f"mean IoU {s.get('mean_iou')}, Dice {s.get('mean_dice')}, NoC@85 {s.get('noc', {}).get('85')}, "
+          f"mean IoU {s.get('mean_iou')}, Dice {s.get('mean_dice')}, "
+          f"NoC@85 {noc85 if noc85 is not None else 'not measurable'}, "
           f"steps {s.get('mean_steps')} -> {result.out / 'summary.json'}")
+    extra = result.out / "summary_extra.json"
+    if s.get("cases") and any(v is None for v in s.get("noc", {}).values()) and extra.is_file():
+        counts = json.loads(extra.read_text(encoding="utf-8"))["overall"].get("noc_not_measurable", {})
+        shown = ", ".join(f"NoC@{t}: {n} of {s['cases']} cases" for t, n in counts.items() if n)
+        print(f"note: NoC not measurable where the policy stopped below the threshold before its budget ({shown}); "
+              "reported as null. Measure it with a policy that keeps clicking (oracle: --no-stop)", file=sys.stderr)
     return 1 if s.get("cases", 0) == 0 else 0
 
 

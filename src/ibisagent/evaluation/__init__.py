@@ -14,7 +14,7 @@ from ibisagent.evaluation.harness import (
     read_cases,
     run_eval,
 )
-from ibisagent.evaluation.metrics import curve_auc, iou_at, noc
+from ibisagent.evaluation.metrics import curve_auc, iou_at, noc, noc_measured
 from ibisagent.evaluation.summary import SUMMARY_KEYS, summarize
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "iou_at",
     "load_case_arrays",
     "noc",
+    "noc_measured",
     "paired_differences",
     "read_cases",
     "run_eval",

@@ -40,7 +40,7 @@ from ibisagent.segmenters.base import Segmenter, SegmenterUnavailable, create_se
 
 from .cases import CaseError, load_case_arrays
 from .challenge import CHALLENGE_CLICKS, CHALLENGE_PROTOCOL, NSD_MIN_DSC, BoxFirstPolicy, challenge_metrics
-from .metrics import NOC_THRESHOLDS, group_of, noc
+from .metrics import NOC_THRESHOLDS, group_of, noc_measured
 from .runfiles import CASE_COLUMNS, CASES_CSV, PREDICTIONS, RUN_CONFIG, read_cases, read_predictions
 
 __all__ = [
@@ -276,7 +276,7 @@ class Runner:
             "iou_curve": [_r(v) for v in iou_curve], "dice_curve": [_r(v) for v in dice_curve],
         }
         for t in NOC_THRESHOLDS:
-            out[f"noc_{t}"] = noc(iou_curve, t / 100.0, cfg.max_interactions)
+            out[f"noc_{t}"] = noc_measured(iou_curve, t / 100.0, cfg.max_interactions, ep.stop_reason)
         if cfg.protocol == CHALLENGE_PROTOCOL:
             nsd_curve = [nsd(s.mask, gt, tolerance=cfg.nsd_tolerance) if d > NSD_MIN_DSC else 0.0
                          for s, d in zip(inter, dice_curve)]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .images import LoadedImage, WindowSpec, _load_dicom, _load_raster, image_format, resolve_window
+from .images import ImageLoadError, LoadedImage, WindowSpec, _load_dicom, _load_raster, image_format, resolve_window
 from .volumes import load_volume, slice_image
 
 __all__ = ["load_image"]
@@ -24,6 +24,7 @@ def load_image(
     axis: int = 2,
     window: WindowSpec = None,
     orientation: str = "radiological",
+    volume_index: int | None = None,
 ) -> LoadedImage:
     """Load a 2D image (or one slice/frame/page of a volume) as a :class:`LoadedImage`.
 
@@ -32,15 +33,18 @@ def load_image(
     usual scans), the frame (multi-frame DICOM) or the page (TIFF). Negative indices count from the end.
     ``window``: preset name (:data:`WINDOW_PRESETS`), ``(center, width)``, :class:`Window`, ``"percentile"`` or
     ``"minmax"``; None = automatic (see :mod:`ibisagent.io.images`). ``orientation`` applies to volume slices only
-    (see :func:`ibisagent.io.volumes.slice_image`).
+    (see :func:`ibisagent.io.volumes.slice_image`). ``volume_index`` picks the 3D volume of a 4D NIfTI file (default
+    the first; ``meta["n_volumes"]`` / ``meta["volume_index"]`` report it).
     """
     p = Path(path)
     fmt = image_format(p)
     if window is not None:
         resolve_window(np.zeros(1, dtype=np.float32), window)  # validate the spec early with a clear error
+    if volume_index not in (None, 0) and fmt != "nifti":
+        raise ImageLoadError(f"volume_index={volume_index} applies to 4D NIfTI files; {p.name} holds one volume")
     if fmt == "raster":
         return _load_raster(p, slice_index, window)
     if fmt == "dicom":
         return _load_dicom(p, slice_index, window)
-    vol = load_volume(p)
+    vol = load_volume(p, volume_index)
     return slice_image(vol, slice_index, axis=axis, window=window, orientation=orientation)

@@ -30,6 +30,7 @@ function and in the trainers' logs.
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -495,13 +496,19 @@ def _image_key(image: np.ndarray) -> str:
     return hashlib.blake2b(arr.tobytes(), digest_size=16, person=str(arr.shape).encode()[:16]).hexdigest()
 
 
+#: segmenter -> (content key, image_generation) of the image the scorer set on it last
+_SCORER_IMAGES: weakref.WeakKeyDictionary[Segmenter, tuple[str, int | None]] = weakref.WeakKeyDictionary()
+
+
 def ensure_image(seg: Segmenter, image: np.ndarray) -> None:
-    """``set_image`` unless this segmenter already holds exactly this image (checked by content hash)."""
+    """``set_image`` unless this segmenter still holds exactly this image: same content hash as the scorer's last
+    ``set_image`` on it, and nobody (a session, an environment, another scorer call) set another image since."""
     key = _image_key(image)
-    if seg.is_image_set and getattr(seg, "_reward_image_key", None) == key:
+    last = _SCORER_IMAGES.get(seg)
+    if last is not None and seg.image_generation is not None and last == (key, seg.image_generation):
         return
     seg.set_image(image)
-    seg._reward_image_key = key  # type: ignore[attr-defined]
+    _SCORER_IMAGES[seg] = (key, seg.image_generation)
 
 
 def _predict(seg: Segmenter, points: np.ndarray, labels: np.ndarray, box: np.ndarray | None,

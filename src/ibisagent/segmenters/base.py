@@ -3,17 +3,26 @@
 A segmenter caches one image (``set_image``), then answers ``predict`` calls that carry ALL prompts so far:
 clicks in pixel coordinates (x = column, y = row) with labels 1 (positive) / 0 (negative), an optional box
 (x1, y1, x2, y2 pixels, inclusive) and the previous call's low-resolution logits as mask feedback.
+
+One segmenter may serve several users (sessions, environments, the reward scorer, the app/server hub), each with its
+own image. The segmenter holds ONE image at a time, so each user must make sure it is theirs before predicting:
+``ensure_image(image)`` re-sets it only when the segmenter holds another one (``holds`` compares the array object;
+``image_generation`` changes on every ``set_image``, for users that key images by content). Re-setting is cheap for
+the LiteMedSAM backends, which keep an embedding cache keyed by image content.
 """
 
 from __future__ import annotations
 
 import importlib
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from ibisagent.options import check_options, keyword_options
 
 __all__ = [
     "SegResult",
@@ -25,7 +34,15 @@ __all__ = [
     "create_segmenter",
     "list_segmenters",
     "register_segmenter",
+    "segmenter_options",
 ]
+
+
+#: process-wide counter behind ``Segmenter.image_generation`` (unique across segmenters)
+_GENERATIONS = itertools.count(1)
+
+#: smallest image side a segmenter accepts (pixels)
+MIN_IMAGE_SIDE = 2
 
 
 class SegmenterError(ValueError):
@@ -73,14 +90,18 @@ def check_prompts(
     int64 (N,) labels and a float32 (4,) box or None. Raises :class:`SegmenterError` on bad input."""
     h, w = shape
     pts = np.zeros((0, 2), np.float32) if points is None else np.asarray(points, dtype=np.float32).reshape(-1, 2)
-    lab = np.zeros((0,), np.int64) if labels is None else np.asarray(labels, dtype=np.int64).reshape(-1)
+    raw_lab = np.zeros((0,), np.int64) if labels is None else np.asarray(labels).reshape(-1)
+    if raw_lab.dtype.kind not in "biuf" or (len(raw_lab) and not np.isin(raw_lab, (0, 1)).all()):
+        shown = sorted({str(v) for v in raw_lab.tolist()})[:10]
+        raise SegmenterError(f"labels must be 1 (positive) or 0 (negative), got {', '.join(shown)}")
+    lab = raw_lab.astype(np.int64)
     if len(pts) != len(lab):
         raise SegmenterError(f"{len(pts)} points but {len(lab)} labels")
-    if len(lab) and not np.isin(lab, (0, 1)).all():
-        raise SegmenterError(f"labels must be 1 (positive) or 0 (negative), got {sorted(set(lab.tolist()))}")
+    if len(pts) and not np.isfinite(pts).all():
+        bad = pts[~np.isfinite(pts).all(axis=1)]
+        raise SegmenterError(f"click coordinates must be finite numbers, got {bad.tolist()} (NaN or infinity)")
     if len(pts) and (
-        not np.isfinite(pts).all() or (pts[:, 0] < 0).any() or (pts[:, 1] < 0).any()
-        or (pts[:, 0] > w - 1).any() or (pts[:, 1] > h - 1).any()
+        (pts[:, 0] < 0).any() or (pts[:, 1] < 0).any() or (pts[:, 0] > w - 1).any() or (pts[:, 1] > h - 1).any()
     ):
         bad = pts[(pts[:, 0] < 0) | (pts[:, 1] < 0) | (pts[:, 0] > w - 1) | (pts[:, 1] > h - 1)]
         raise SegmenterError(f"click(s) {bad.tolist()} lie outside the {w}x{h} image (x in [0,{w-1}], y in [0,{h-1}])")
@@ -88,7 +109,7 @@ def check_prompts(
     if box is not None:
         bx = np.asarray(box, dtype=np.float32).reshape(-1)
         if bx.shape != (4,) or not np.isfinite(bx).all():
-            raise SegmenterError(f"box must be 4 finite numbers (x1, y1, x2, y2), got {box!r}")
+            raise SegmenterError(f"box must be 4 finite numbers (x1, y1, x2, y2), got {np.asarray(box).tolist()!r}")
         x1, y1, x2, y2 = bx.tolist()
         if not (0 <= x1 < x2 <= w - 1 + 1e-6 and 0 <= y1 < y2 <= h - 1 + 1e-6):
             raise SegmenterError(f"box {bx.tolist()} is not a valid box inside the {w}x{h} image")
@@ -108,6 +129,8 @@ class Segmenter:
     def __init__(self) -> None:
         self._shape: tuple[int, int] | None = None
         self._features: Any = None
+        self._held: np.ndarray | None = None  # the array object last passed to set_image
+        self._generation: int | None = None
         self.timings = Timings()
 
     # --- public API -------------------------------------------------------------------------------------------
@@ -121,25 +144,48 @@ class Segmenter:
             raise SegmenterError("no image set: call set_image(image) first")
         return self._shape
 
+    @property
+    def image_generation(self) -> int | None:
+        """A number that changes on every ``set_image`` (None when no image is set)."""
+        return self._generation if self._shape is not None else None
+
+    def holds(self, image: np.ndarray) -> bool:
+        """True when the image set last is this very array object (and is still set)."""
+        return self._shape is not None and self._held is image
+
+    def ensure_image(self, image: np.ndarray) -> None:
+        """``set_image(image)`` unless this segmenter already holds exactly this array object."""
+        if not self.holds(image):
+            self.set_image(image)
+
     def set_image(self, image: np.ndarray) -> None:
         """Encode an HxWx3 uint8 RGB image (or HxW grayscale) once; later ``predict`` calls reuse it."""
+        src = image
         img = np.asarray(image)
         if img.ndim == 2:
             img = np.repeat(img[..., None], 3, axis=2)
-        if img.ndim != 3 or img.shape[2] not in (3, 4) or img.shape[0] < 2 or img.shape[1] < 2:
-            raise SegmenterError(f"expected an HxWx3 image, got shape {img.shape}")
+        if img.ndim != 3 or img.shape[2] not in (3, 4):
+            raise SegmenterError(f"expected an HxWx3 (RGB) or HxW (gray) image, got an array of shape {img.shape}")
+        if img.shape[0] < MIN_IMAGE_SIDE or img.shape[1] < MIN_IMAGE_SIDE:
+            raise SegmenterError(f"the image is {img.shape[1]}x{img.shape[0]} pixels; the minimum size is "
+                                 f"{MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}")
         img = img[..., :3]
         if img.dtype != np.uint8:
             raise SegmenterError(f"expected uint8 RGB pixels, got {img.dtype}; use ibisagent.io to load/normalize")
+        self.reset_image()  # a failed encode leaves no image set rather than the previous one
         t = time.perf_counter()
         self._features = self._encode(np.ascontiguousarray(img))
         self.timings.encoder_s += time.perf_counter() - t
         self.timings.encoder_calls += 1
         self._shape = (int(img.shape[0]), int(img.shape[1]))
+        self._held = src
+        self._generation = next(_GENERATIONS)
 
     def reset_image(self) -> None:
         self._shape = None
         self._features = None
+        self._held = None
+        self._generation = None
 
     def predict(
         self,
@@ -207,7 +253,17 @@ def create_segmenter(name: str, **cfg: Any) -> Segmenter:
     _load_builtin()
     if name not in _REGISTRY:
         raise KeyError(f"unknown segmenter {name!r}; known: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name].factory(**cfg)
+    factory = _REGISTRY[name].factory
+    check_options(f"segmenter {name!r}", factory, cfg)  # UnknownOptionError (a TypeError) listing the valid ones
+    return factory(**cfg)
+
+
+def segmenter_options(name: str) -> tuple[str, ...] | None:
+    """The keyword options ``create_segmenter(name, ...)`` accepts (None when it takes any)."""
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown segmenter {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+    return keyword_options(_REGISTRY[name].factory)
 
 
 #: modules that register the built-in backends when imported; loaded by name because they are the registry's

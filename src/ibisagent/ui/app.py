@@ -55,9 +55,9 @@ class AppConfig:
     """What the app offers: segmenters, policies, defaults and examples."""
 
     def __init__(self, segmenters: list[str] | None = None, policies: list[str] | None = None,
-                 segmenter: str | None = None, policy: str = "oracle",
+                 segmenter: str | None = None, policy: str | None = None,
                  examples: list[ExampleCase] | None = None, max_steps: int = 20) -> None:
-        from ibisagent.policies.base import list_policies
+        from ibisagent.policies.base import default_policy, list_policies
         from ibisagent.segmenters.base import list_segmenters
 
         self.segmenters = segmenters or list(list_segmenters())
@@ -65,7 +65,8 @@ class AppConfig:
         self.segmenter = segmenter or default_segmenter_name()
         if self.segmenter not in self.segmenters:
             self.segmenters.insert(0, self.segmenter)
-        self.policy = policy
+        # the learned policy works on a user's own image; the oracle needs a ground-truth mask
+        self.policy = policy or default_policy()
         if self.policy not in self.policies:
             self.policies.insert(0, self.policy)
         self.examples = bundled_examples() if examples is None else examples
@@ -96,6 +97,7 @@ def build_app(config: AppConfig | None = None, hub: SegmenterHub | None = None) 
     cfg = config or AppConfig()
     hub = hub or SegmenterHub()
     examples = {e.label: e for e in cfg.examples}
+    first_example = next((e.label for e in cfg.examples if not e.is_3d), next(iter(examples), None))
 
     def new_state(segmenter: str, policy: str) -> Annotator:
         return Annotator(hub, segmenter or cfg.segmenter, policy or cfg.policy, max_steps=cfg.max_steps)
@@ -233,7 +235,11 @@ def build_app(config: AppConfig | None = None, hub: SegmenterHub | None = None) 
         state = gr.State(None)
         with gr.Row():
             with gr.Column(scale=1, min_width=340):
-                example = gr.Dropdown(choices=list(examples), value=None, label="Bundled example",
+                # where to open an image comes first: visible without scrolling (1400x1000 and up)
+                upload = gr.File(label="Open your own image: PNG/JPEG/DICOM, a NIfTI volume, or all files of a "
+                                       "DICOM series", file_types=IMAGE_TYPES, file_count="multiple",
+                                 type="filepath", elem_id="upload", height=110)
+                example = gr.Dropdown(choices=list(examples), value=first_example, label="... or a bundled example",
                                       elem_id="example", interactive=True)
                 query = gr.Textbox(label="Query", placeholder="segment the tumor", elem_id="query")
                 with gr.Row():
@@ -252,10 +258,7 @@ def build_app(config: AppConfig | None = None, hub: SegmenterHub | None = None) 
                     fmt = gr.Radio(["PNG", "NIfTI (.nii.gz)"], value="PNG", label="Mask format", elem_id="fmt")
                     export_btn = gr.Button("Export mask", elem_id="export")
                 download = gr.File(label="Mask file", interactive=False, elem_id="download", height=90)
-                with gr.Accordion("Open your own image", open=True):
-                    upload = gr.File(label="Image: PNG/JPEG/DICOM, a NIfTI volume, or all files of a DICOM series",
-                                     file_types=IMAGE_TYPES, file_count="multiple", type="filepath",
-                                     elem_id="upload", height=120)
+                with gr.Accordion("Ground truth, volume slice and window", open=True):
                     mask_up = gr.File(label="Ground-truth mask (optional: enables IoU and the oracle policy)",
                                       file_types=IMAGE_TYPES + [".npy"], type="filepath", elem_id="mask-upload",
                                       height=120)
@@ -271,6 +274,8 @@ def build_app(config: AppConfig | None = None, hub: SegmenterHub | None = None) 
 
         shown = [state, canvas, status, log]
         example.change(on_example, [example, state, segmenter, policy, window], [*shown, query, slider])
+        if first_example is not None:  # the dropdown shows the first example: open it with the page
+            demo.load(on_example, [example, state, segmenter, policy, window], [*shown, query, slider])
         upload.change(on_upload, [upload, state, segmenter, policy, window], [*shown, slider])
         mask_up.change(on_mask, [mask_up, state, segmenter, policy], shown)
         slider.release(on_slice, [slider, state, segmenter, policy], shown)
