@@ -67,7 +67,8 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads per process (default: torch's choice; workers use 1 each)")
     p.add_argument("--seed", type=int, default=0, help="random seed (policies that take one, numpy, random)")
-    p.add_argument("--nsd-tolerance", type=float, default=2.0, help="NSD tolerance in pixels (2)")
+    p.add_argument("--nsd-tolerance", type=float, default=2.0, help="NSD tolerance in pixels (2D images carry no pixel spacing; default 2, as the challenge). "
+                   "HD95 and NSD are surfel-area weighted (ibisagent.masks)")
     p.add_argument("--retry-errors", action="store_true", help="rerun cases recorded with an error")
     p.add_argument("--overwrite", action="store_true", help="discard an existing run in --out instead of resuming")
     p.add_argument("--no-report", action="store_true", help="skip report.md and its plots")

@@ -11,8 +11,9 @@ evaluation script ``CVPR25_iter_eval.py``), applied to 2D images:
    (the image edge counts as border); ties are broken by a fixed-seed (42) uniform draw among the maxima. The
    click is positive where the ground truth is set (under-segmentation), negative otherwise. A perfect prediction
    gets no click (the prediction stays).
-3. Metrics per case over the 6 predictions (box + 5 clicks): DSC and NSD (tolerance 2 px, spacing 1; NSD is set to
-   0 when DSC <= 0.2, as the challenge does). ``DSC_AUC`` / ``NSD_AUC`` are the trapezoidal areas under the metric
+3. Metrics per case over the 6 predictions (box + 5 clicks): DSC and NSD (:func:`challenge_nsd`: the challenge's
+   surfel-area-weighted NSD, :func:`ibisagent.masks.nsd`, at tolerance 2 in spacing units: 2 mm on volumes, 2 px
+   on our 2D images, which carry no pixel spacing; NSD is set to 0 when DSC <= 0.2, as the challenge does). ``DSC_AUC`` / ``NSD_AUC`` are the trapezoidal areas under the metric
    over the 5 click predictions at unit spacing (the challenge leaves the box prediction out of the AUC because
    the box prompt is optional there), so they range 0..4. ``DSC_Final`` / ``NSD_Final`` are the values after the
    last click; ``seconds_per_interaction`` is the case's total time (encoder + decoder + policy) / 6.
@@ -30,7 +31,7 @@ import numpy as np
 from scipy import ndimage
 
 from ibisagent.env import Observation
-from ibisagent.masks import bbox
+from ibisagent.masks import bbox, nsd
 from ibisagent.policies.base import BasePolicy, Policy, PolicyError, register_policy
 from ibisagent.policies.oracle import box_action
 from ibisagent.protocol import Action, format_reply, to_normalized
@@ -41,10 +42,12 @@ __all__ = [
     "CHALLENGE_CLICKS",
     "CHALLENGE_PROTOCOL",
     "NSD_MIN_DSC",
+    "NSD_TOLERANCE",
     "BoxFirstPolicy",
     "ChallengeClicker",
     "challenge_click",
     "challenge_metrics",
+    "challenge_nsd",
 ]
 
 CHALLENGE_PROTOCOL = "box+5clicks"
@@ -52,6 +55,8 @@ CHALLENGE_PROTOCOL = "box+5clicks"
 CHALLENGE_CLICKS = 5
 #: NSD is only computed when DSC exceeds this (else 0), as in the challenge script
 NSD_MIN_DSC = 0.2
+#: the challenge's NSD tolerance (2 mm with the volume's spacing; 2 px on 2D images without a spacing)
+NSD_TOLERANCE = 2.0
 _TIE_SEED = 42
 
 
@@ -144,6 +149,13 @@ class BoxFirstPolicy(BasePolicy):
         if obs.mask is None and obs.box is None:
             return gt_box_reply(self.gt)
         return self.inner.act(obs)
+
+
+def challenge_nsd(pred: np.ndarray, gt: np.ndarray, dsc: float, tolerance: float = NSD_TOLERANCE,
+                  spacing: Sequence[float] | None = None) -> float:
+    """The NSD the challenge script reports for one prediction with Dice ``dsc``: :func:`ibisagent.masks.nsd`
+    (surfel-area weighted) when ``dsc`` exceeds :data:`NSD_MIN_DSC`, else 0."""
+    return nsd(pred, gt, tolerance=tolerance, spacing=spacing) if dsc > NSD_MIN_DSC else 0.0
 
 
 def challenge_metrics(

@@ -34,13 +34,20 @@ import numpy as np
 from ibisagent.agent import Agent, Episode
 from ibisagent.env import EnvConfig
 from ibisagent.io.manifest import SPLIT_BY, Case, load_manifest
-from ibisagent.masks import dice, hd95, iou, nsd, rle_encode
+from ibisagent.masks import SURFACE_METRICS, dice, iou, rle_encode
 from ibisagent.policies.base import Policy, create_policy
 from ibisagent.segmenters.base import Segmenter, SegmenterUnavailable, create_segmenter
 
 from .cases import CaseError, load_case_arrays
-from .challenge import CHALLENGE_CLICKS, CHALLENGE_PROTOCOL, NSD_MIN_DSC, BoxFirstPolicy, challenge_metrics
-from .metrics import NOC_THRESHOLDS, group_of, noc_measured
+from .challenge import (
+    CHALLENGE_CLICKS,
+    CHALLENGE_PROTOCOL,
+    NSD_TOLERANCE,
+    BoxFirstPolicy,
+    challenge_metrics,
+    challenge_nsd,
+)
+from .metrics import NOC_THRESHOLDS, group_of, mask_metrics, noc_measured
 from .runfiles import CASE_COLUMNS, CASES_CSV, PREDICTIONS, RUN_CONFIG, read_cases, read_predictions
 
 __all__ = [
@@ -63,7 +70,8 @@ PROTOCOLS = ("agent", CHALLENGE_PROTOCOL)
 
 #: settings that must match for a rerun into the same folder to resume it
 _RESUME_KEYS = ("data", "policy", "segmenter", "policy_args", "segmenter_args", "protocol", "max_steps", "split",
-                "split_by", "datasets", "per_dataset", "seed", "nsd_tolerance", "segmenter_weights")
+                "split_by", "datasets", "per_dataset", "seed", "nsd_tolerance", "segmenter_weights",
+                "surface_metrics")
 
 
 class EvalConfigError(ValueError):
@@ -89,7 +97,7 @@ class EvalConfig:
     per_dataset: int | None = None
     workers: int = 1
     seed: int = 0
-    nsd_tolerance: float = 2.0
+    nsd_tolerance: float = NSD_TOLERANCE
     threads: int | None = None
     retry_errors: bool = False
     overwrite: bool = False
@@ -130,6 +138,7 @@ class EvalConfig:
         out = {k: d[k] for k in _RESUME_KEYS if k in d}
         out["data"] = str(Path(self.data).resolve())
         out["segmenter_weights"] = weights_id(self)
+        out["surface_metrics"] = SURFACE_METRICS  # a folder of border-pixel NSD rows is not resumed with surfel NSD
         return json.loads(json.dumps(out, default=str))
 
 
@@ -266,9 +275,10 @@ class Runner:
                  and s.mask is not None]
         iou_curve = [iou(s.mask, gt) for s in inter]
         dice_curve = [dice(s.mask, gt) for s in inter]
+        final_metrics = mask_metrics(final, gt, nsd_tolerance=cfg.nsd_tolerance)
         out: dict[str, Any] = {
-            "iou": _r(iou(final, gt)), "dice": _r(dice(final, gt)), "hd95": _r(hd95(final, gt), 3),
-            "nsd": _r(nsd(final, gt, tolerance=cfg.nsd_tolerance)),
+            "iou": _r(final_metrics["iou"]), "dice": _r(final_metrics["dice"]), "hd95": _r(final_metrics["hd95"], 3),
+            "nsd": _r(final_metrics["nsd"]),
             "steps": len(ep.steps), "clicks": ep.n_clicks, "interactions": ep.n_interactions,
             "stop_reason": ep.stop_reason or "",
             "encoder_s": _r(ep.encoder_s), "segmenter_s": _r(ep.segmenter_s), "policy_s": _r(ep.policy_s),
@@ -278,8 +288,7 @@ class Runner:
         for t in NOC_THRESHOLDS:
             out[f"noc_{t}"] = noc_measured(iou_curve, t / 100.0, cfg.max_interactions, ep.stop_reason)
         if cfg.protocol == CHALLENGE_PROTOCOL:
-            nsd_curve = [nsd(s.mask, gt, tolerance=cfg.nsd_tolerance) if d > NSD_MIN_DSC else 0.0
-                         for s, d in zip(inter, dice_curve)]
+            nsd_curve = [challenge_nsd(s.mask, gt, d, tolerance=cfg.nsd_tolerance) for s, d in zip(inter, dice_curve)]
             ch = challenge_metrics(dice_curve, nsd_curve, ep.total_s)
             out.update({k: _r(v) for k, v in ch.items() if not k.endswith("_curve")})
             out["nsd_curve"] = [_r(v) for v in ch["nsd_curve"]]
@@ -420,7 +429,7 @@ def run_config_dict(config: EvalConfig) -> dict[str, Any]:
         "max_interactions": config.max_interactions, "split": config.split,
         "split_by": config.split_by, "datasets": config.datasets,
         "limit": config.limit, "per_dataset": config.per_dataset, "seed": config.seed, "workers": config.workers, "nsd_tolerance": config.nsd_tolerance,
-        "data": str(Path(config.data).resolve()), "command": config.command,
+        "surface_metrics": SURFACE_METRICS, "data": str(Path(config.data).resolve()), "command": config.command,
         "versions": _versions(config),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count()},

@@ -3,12 +3,21 @@
 An *interaction* is a prompt sent to the segmenter (a click or a box). A curve is the metric after each
 interaction, in order. A policy that stops early keeps its last value for later interaction counts; its NoC for a
 threshold it stopped below is not measurable (:func:`noc_measured`).
+
+The per-mask metrics themselves (IoU, Dice, HD95, NSD) are those of :mod:`ibisagent.masks`; :func:`mask_metrics`
+is how the evaluation calls them. HD95 and NSD are surfel-area-weighted surface distances (DeepMind's
+surface-distance algorithm, as the CVPR 2025 challenge script and MONAI's ``use_subvoxels=True`` compute them) in
+spacing units: pixels for 2D images, which carry no pixel spacing; mm for volumes given their voxel spacing.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+
+import numpy as np
+
+from ibisagent.masks import dice, hd95, iou, nsd
 
 __all__ = [
     "IOU_AT_CLICKS",
@@ -18,6 +27,7 @@ __all__ = [
     "finite_mean",
     "group_of",
     "iou_at",
+    "mask_metrics",
     "noc",
     "noc_measured",
     "pad_curve",
@@ -29,6 +39,17 @@ IOU_AT_CLICKS = (1, 3, 5, 10)
 NOC_THRESHOLDS = (80, 85, 90)
 #: object names with these words are thin structures (vessels, membranes, all-nuclei maps): reported separately
 THIN_KEYWORDS = ("vessel", "membrane", "all cell nuclei", "all nuclei")
+
+
+def mask_metrics(pred: np.ndarray, gt: np.ndarray, nsd_tolerance: float = 2.0,
+                 spacing: Sequence[float] | None = None) -> dict[str, float]:
+    """IoU, Dice, HD95 and NSD (at ``nsd_tolerance``, spacing units) of one predicted mask against the ground truth.
+
+    Empty masks follow :mod:`ibisagent.masks`: both empty -> IoU = Dice = NSD = 1, HD95 = 0; exactly one empty ->
+    IoU = Dice = NSD = 0, HD95 = inf (the summary counts infinite HD95 apart from the mean).
+    """
+    return {"iou": iou(pred, gt), "dice": dice(pred, gt), "hd95": hd95(pred, gt, spacing=spacing),
+            "nsd": nsd(pred, gt, tolerance=nsd_tolerance, spacing=spacing)}
 
 
 def iou_at(curve: Sequence[float], k: int, empty_value: float = 0.0) -> float:

@@ -171,8 +171,9 @@ def write_report(out: str | Path) -> Path:
     if "challenge" in o:
         lines += ["## Challenge protocol (box + 5 clicks)", "",
                   "DSC_AUC / NSD_AUC: trapezoidal area under DSC / NSD over the 5 click predictions (0..4), as the "
-                  "CVPR 2025 interactive 3D challenge script computes it; NSD tolerance "
-                  f"{cfg.get('nsd_tolerance')} px; time per interaction = case time / 6.", ""]
+                  "CVPR 2025 interactive 3D challenge script computes it; NSD (surfel-area weighted, as the "
+                  f"challenge) at tolerance {cfg.get('nsd_tolerance')} px, 0 when DSC <= 0.2; "
+                  "time per interaction = case time / 6.", ""]
         hdr = ("dataset", "cases", "DSC_AUC", "NSD_AUC", "DSC_Final", "NSD_Final", "s/interaction")
 
         def ch_row(name: str, b: dict[str, Any]) -> list[Any]:

@@ -16,7 +16,10 @@ summary.json has exactly these top-level keys (:data:`SUMMARY_KEYS`):
 * ``config``: policy, segmenter, their args, protocol, max steps, split, versions, machine, date.
 
 Everything else (errors, HD95/NSD, the time split, per-modality and thin-structure groups, the challenge metrics,
-the mean IoU-vs-interactions curve) goes to summary_extra.json.
+the mean IoU-vs-interactions curve) goes to summary_extra.json. HD95 and NSD are the per-case values of
+:func:`ibisagent.evaluation.metrics.mask_metrics` (surfel-area-weighted, :mod:`ibisagent.masks`); ``mean_hd95`` and
+``median_hd95`` are over the finite HD95 values only (an empty prediction has HD95 = inf), ``hd95_infinite`` counts
+the others.
 """
 
 from __future__ import annotations
