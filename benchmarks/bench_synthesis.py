@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ibisagent.io import load_case_arrays
 from ibisagent.io.manifest import Case
 from ibisagent.masks import rle_decode
 from ibisagent.rewards import compute_score, score_step, score_transition
-from ibisagent.synthesis.caseio import load_case_arrays
 from ibisagent.synthesis.runner import SynthesisConfig, iter_skipped, iter_trajectories, run_synthesis, select_cases
 
 REPO = Path(__file__).resolve().parents[1]

@@ -25,12 +25,10 @@ from torch import nn
 
 from ibisagent import Agent
 from ibisagent.env import EnvConfig
-from ibisagent.evaluation.harness import load_case_arrays
-from ibisagent.io import load_manifest
+from ibisagent.io import load_case_arrays, load_manifest, load_mask, load_rgb
 from ibisagent.masks import iou
 from ibisagent.segmenters import create_segmenter
 from ibisagent.text_encoder import get_text_encoder
-from ibisagent.training.segmenter import load_mask, load_rgb
 
 COMPACT = ["ph2_dermoscopy", "hc18_fetal_head_ultrasound", "busi_breast_ultrasound", "polyp_colonoscopy_small"]
 

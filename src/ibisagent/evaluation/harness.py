@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import hashlib
-import importlib
 import json
 import math
 import multiprocessing as mp
@@ -34,8 +33,9 @@ import numpy as np
 
 from ibisagent.agent import Agent, Episode
 from ibisagent.env import EnvConfig
+from ibisagent.io import CaseError, load_case_arrays
 from ibisagent.io.manifest import SPLIT_BY, Case, load_manifest
-from ibisagent.masks import as_bool, dice, hd95, iou, nsd, rle_encode
+from ibisagent.masks import dice, hd95, iou, nsd, rle_encode
 from ibisagent.policies.base import Policy, create_policy
 from ibisagent.segmenters.base import Segmenter, SegmenterUnavailable, create_segmenter
 
@@ -45,13 +45,11 @@ from .metrics import NOC_THRESHOLDS, group_of, noc
 __all__ = [
     "CASE_COLUMNS",
     "PROTOCOLS",
-    "CaseError",
     "EvalConfig",
     "EvalConfigError",
     "EvalResult",
     "Runner",
     "default_segmenter",
-    "load_case_arrays",
     "read_cases",
     "run_eval",
 ]
@@ -83,10 +81,6 @@ _RESUME_KEYS = ("data", "policy", "segmenter", "policy_args", "segmenter_args", 
 
 class EvalConfigError(ValueError):
     """Evaluation settings that cannot work (unknown protocol, output folder from a different run, ...)."""
-
-
-class CaseError(ValueError):
-    """A case that cannot be evaluated (unreadable image or mask, size mismatch, empty mask)."""
 
 
 @dataclass
@@ -175,71 +169,11 @@ def default_segmenter() -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Loading cases
-# ----------------------------------------------------------------------------------------------------------------
-
-def _pil_load(case: Case) -> tuple[np.ndarray, np.ndarray]:
-    """Fallback loader for raster images/masks when ``ibisagent.io.load_case`` is not available."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(case.image) as im:
-            if im.mode in ("I;16", "I;16B", "I", "F"):
-                arr = np.asarray(im, dtype=np.float64)
-                lo, hi = np.percentile(arr, (0.5, 99.5))
-                arr = np.clip((arr - lo) / max(hi - lo, 1e-9), 0, 1) * 255
-                image = np.repeat(arr.round().astype(np.uint8)[..., None], 3, axis=2)
-            else:
-                image = np.asarray(im.convert("RGB"))
-    except (OSError, UnidentifiedImageError) as exc:
-        raise CaseError(f"cannot read image {case.image}: {exc}") from exc
-    assert case.mask is not None
-    try:
-        with Image.open(case.mask) as mk:
-            mask = np.asarray(mk.convert("L")) > 0
-    except (OSError, UnidentifiedImageError) as exc:
-        raise CaseError(f"cannot read mask {case.mask}: {exc}") from exc
-    return image, mask
-
-
-def load_case_arrays(case: Case) -> tuple[np.ndarray, np.ndarray]:
-    """The case's HxWx3 uint8 image and boolean mask. Raises :class:`CaseError` for unusable cases."""
-    if case.mask is None:
-        raise CaseError(f"case {case.id} has no mask: evaluation needs a ground truth")
-    loader = None
-    try:
-        loader = getattr(importlib.import_module("ibisagent.io"), "load_case", None)
-    except ImportError:
-        loader = None
-    if loader is not None:
-        try:
-            loaded, mask = loader(case)
-        except (ValueError, OSError) as exc:
-            raise CaseError(str(exc)) from exc
-        image = np.asarray(getattr(loaded, "array", loaded))
-    else:
-        image, mask = _pil_load(case)
-    try:
-        mask = as_bool(mask)
-    except ValueError as exc:
-        raise CaseError(f"mask {case.mask}: {exc}") from exc
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise CaseError(f"image {case.image} loaded as {image.shape} {image.dtype}, expected HxWx3 uint8")
-    if mask.shape != image.shape[:2]:
-        raise CaseError(f"mask is {mask.shape[0]}x{mask.shape[1]} but the image is {image.shape[0]}x{image.shape[1]}")
-    if not mask.any():
-        raise CaseError(f"mask {case.mask} is empty")
-    return image, mask
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Running one case
 # ----------------------------------------------------------------------------------------------------------------
 
 def _make_policy(name: str, args: dict[str, Any], seed: int) -> Policy:
-    if name == "challenge":
-        importlib.import_module("ibisagent.evaluation.challenge")
-    try:
+    try:  # the challenge policy is registered by importing .challenge (done at the top of this module)
         if "seed" not in args:
             try:
                 return create_policy(name, seed=seed, **args)

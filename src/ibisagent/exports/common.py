@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ibisagent.io import load_mask, load_rgb
 from ibisagent.masks import rle_decode
 from ibisagent.overlay import policy_overlay
 from ibisagent.prompts import PromptTemplate, load_prompts
-from ibisagent.synthesis.caseio import load_mask_file, load_rgb
 from ibisagent.synthesis.runner import iter_trajectories
 
 __all__ = ["ExportError", "ImageStore", "Sample", "iter_samples", "load_trajectories"]
@@ -116,7 +116,7 @@ class ImageStore:
             path = self.root / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             if not path.exists():
-                Image.fromarray(load_mask_file(src).astype(np.uint8) * 255).save(path)
+                Image.fromarray(load_mask(src).astype(np.uint8) * 255).save(path)
             self._masks[src] = rel
         return self._masks[src]
 

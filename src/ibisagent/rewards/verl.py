@@ -65,7 +65,7 @@ def _cached(cache: OrderedDict[str, np.ndarray], key: str, load: Callable[[], np
 
 def load_ground_truth(ground_truth: Any) -> np.ndarray:
     """A boolean mask from a mask-image path, an RLE dict, its JSON string, or an array."""
-    from ibisagent.synthesis.caseio import CaseError, load_mask_file
+    from ibisagent.io import load_mask
 
     if isinstance(ground_truth, np.ndarray):
         return ground_truth.astype(bool)
@@ -79,18 +79,18 @@ def load_ground_truth(ground_truth: Any) -> np.ndarray:
             except json.JSONDecodeError as exc:
                 raise RewardInputError(f"ground_truth looks like JSON but is not: {exc.msg}") from exc
         try:
-            return _cached(_MASKS, text, lambda: load_mask_file(text))
-        except CaseError as exc:
+            return _cached(_MASKS, text, lambda: load_mask(text))
+        except ValueError as exc:  # MaskError: missing, unreadable or not a mask
             raise RewardInputError(str(exc)) from exc
     raise RewardInputError(f"ground_truth must be a mask path, an RLE dict or its JSON, got {type(ground_truth)}")
 
 
 def _load_image(path: str) -> np.ndarray:
-    from ibisagent.synthesis.caseio import CaseError, load_rgb
+    from ibisagent.io import load_rgb
 
     try:
         return _cached(_IMAGES, path, lambda: load_rgb(path))
-    except CaseError as exc:
+    except ValueError as exc:  # ImageLoadError: missing or unreadable
         raise RewardInputError(str(exc)) from exc
 
 

@@ -29,9 +29,9 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from ibisagent.io import CaseError, load_case_arrays
 from ibisagent.io.manifest import Case, load_manifest
 from ibisagent.segmenters.base import Segmenter, SegmenterError, create_segmenter
-from ibisagent.synthesis.caseio import CaseError, load_case_arrays
 from ibisagent.synthesis.lookahead import rollout_lookahead
 from ibisagent.synthesis.reflective import rollout_box_reflective, rollout_reflective
 from ibisagent.synthesis.trajectories import (

@@ -318,7 +318,7 @@ def _load_cases(cfg: PolicyTrainConfig, split: str, backend: _Backend, texts: di
     query names no side (a mirrored "left kidney" would be the right one)."""
     import hashlib
 
-    from ibisagent.training.segmenter import load_mask, load_rgb
+    from ibisagent.io import load_mask, load_rgb
     from ibisagent.training.volume_slices import mirror_safe, volume_slice_cases
 
     rows = [c for c in load_manifest(cfg.data, split=split, datasets=cfg.datasets,  # type: ignore[arg-type]
@@ -426,8 +426,8 @@ def _augmented_items(rows: list[Any], variants: int, image: Any) -> list[tuple[s
     """Case items for ``variants`` warped copies of each 2D row's image (same layout as the originals' items). Image
     keys get ``#aug<k>``, so the held-out split keeps a variant with its original; a mask pushed partly off the
     image by the warp (less than 80 % kept) is dropped for that variant."""
+    from ibisagent.io import load_mask
     from ibisagent.training.augment import augment_image, augment_mask, augment_params, kept_fraction
-    from ibisagent.training.segmenter import load_mask
 
     last: list[Any] = [None, None]
 
