@@ -77,7 +77,7 @@ def main() -> None:
             if c.mask is None:
                 continue
             img, gt = load_rgb(c.image), load_mask(c.mask)
-            emb = torch.from_numpy(np.asarray(seg.embed(img), np.float32).reshape(256, 64, 64))
+            emb = torch.from_numpy(np.asarray(seg.embedding(img), np.float32).reshape(256, 64, 64))
             g256 = np.asarray(Image.fromarray(gt.astype(np.uint8) * 255).resize((256, 256), Image.BILINEAR)) >= 128
             out.append((c, emb, torch.from_numpy(te.encode(c.query)).float(), torch.from_numpy(g256).float(), gt))
         return out

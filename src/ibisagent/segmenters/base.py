@@ -3,18 +3,25 @@
 A segmenter caches one image (``set_image``), then answers ``predict`` calls that carry ALL prompts so far:
 clicks in pixel coordinates (x = column, y = row) with labels 1 (positive) / 0 (negative), an optional box
 (x1, y1, x2, y2 pixels, inclusive) and the previous call's low-resolution logits as mask feedback.
+
+Two more calls serve batched training (lockstep rollouts over many images), like SAM's ``predict_torch`` twin:
+:meth:`Segmenter.embedding` gives an image's embedding (through the backend's caches) for backends that have one
+(``encoder_id`` set), and :meth:`Segmenter.predict_batch` decodes many prompt sets (:class:`PromptSet`) at once, each
+on its own image or embedding. The base class answers ``predict_batch`` one item at a time through ``set_image`` +
+``predict``; a backend overrides it to decode stacked embeddings in one pass.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 __all__ = [
+    "PromptSet",
     "SegResult",
     "Segmenter",
     "SegmenterError",
@@ -43,6 +50,23 @@ class SegResult:
     mask: np.ndarray
     logits: np.ndarray
     score: float
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """One item of :meth:`Segmenter.predict_batch`: all prompts so far on one image (as in ``predict``).
+
+    ``image``: the HxWx3 uint8 image (the per-item fallback sets it); ``embedding``: its :meth:`Segmenter.embedding`
+    (any array-like, e.g. a float16 bank row; backends that decode in batches use it instead of the image);
+    ``shape``: (H, W) of the image, the size of the returned mask."""
+
+    shape: tuple[int, int]
+    points: np.ndarray
+    labels: np.ndarray
+    box: np.ndarray | None = None
+    mask_input: np.ndarray | None = None
+    image: np.ndarray | None = None
+    embedding: Any = None
 
 
 @dataclass
@@ -103,11 +127,15 @@ class Segmenter:
     name: str = "base"
     #: prompt types the backend supports (data, like nnInteractive's ``supported_interactions``)
     capabilities: frozenset[str] = frozenset({"point", "box", "mask"})
+    #: identity of the image encoder + preprocessing in embedding-cache keys; None = no reusable image embedding
+    encoder_id: str | None = None
 
     def __init__(self) -> None:
         self._shape: tuple[int, int] | None = None
         self._features: Any = None
         self.timings = Timings()
+        #: how many times the image encoder actually ran (cache hits not counted)
+        self.encoder_runs = 0
 
     # --- public API -------------------------------------------------------------------------------------------
     @property
@@ -160,6 +188,35 @@ class Segmenter:
         if result.mask.shape != shape:
             raise RuntimeError(f"backend {self.name} returned a {result.mask.shape} mask for a {shape} image")
         return result
+
+    # --- embeddings and batches (training) ---------------------------------------------------------------------
+    def embedding_key(self, image: np.ndarray) -> str | None:
+        """The cache key of ``image``'s embedding, or None for a backend without one (``encoder_id`` None)."""
+        if self.encoder_id is None:
+            return None
+        from ibisagent.segmenters.embedding_cache import embedding_key
+
+        return embedding_key(np.ascontiguousarray(image), self.encoder_id)
+
+    def embedding(self, image: np.ndarray) -> np.ndarray | None:
+        """``image``'s embedding as the decoder takes it, from the backend's caches or computed (and cached);
+        None for a backend without a reusable embedding. Does not change the image set with ``set_image``."""
+        return None
+
+    def embedding_cached(self, image: np.ndarray) -> bool:
+        """Whether :meth:`embedding` would answer without running the encoder (True without an embedding)."""
+        return True
+
+    def predict_batch(self, items: Sequence[PromptSet]) -> list[SegResult]:
+        """One :class:`SegResult` per prompt set, in order. This default sets each item's image and calls
+        ``predict`` (the image set before is replaced); backends override it to decode embeddings in one pass."""
+        out = []
+        for it in items:
+            if it.image is None:
+                raise SegmenterError(f"segmenter {self.name!r} decodes batch items from their image: pass image=")
+            self.set_image(it.image)
+            out.append(self.predict(it.points, it.labels, it.box, it.mask_input))
+        return out
 
     # --- backend hooks ----------------------------------------------------------------------------------------
     def _encode(self, image: np.ndarray) -> Any:  # pragma: no cover - abstract

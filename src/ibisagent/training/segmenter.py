@@ -186,7 +186,7 @@ def cache_embeddings(
             if key in disk:
                 counts["cached"] += 1
                 continue
-            disk.put(key, seg.embed(im))
+            disk.put(key, seg.embedding(im))
             counts["encoded"] += 1
     return counts
 
