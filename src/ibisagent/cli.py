@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ibisagent import __version__
+from ibisagent.segmenters.base import default_segmenter
 
 __all__ = ["main", "build_parser", "parse_kv", "default_policy", "default_segmenter", "UserError"]
 
@@ -65,14 +66,6 @@ def parse_kv(items: list[str] | None, what: str = "option") -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key] = value
     return out
-
-
-def default_segmenter() -> str:
-    """``litemedsam-click`` when its fine-tuned weights are installed, else the original ``litemedsam``."""
-    from importlib import resources
-
-    weights = resources.files("ibisagent").joinpath("weights/litemedsam_click.safetensors")
-    return "litemedsam-click" if weights.is_file() else "litemedsam"
 
 
 def default_policy() -> str:

@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from ibisagent.masks import as_bool, rle_encode
-from ibisagent.runtime import ImageCache, SegmenterHub, default_segmenter_name, env_for, image_key, iter_episode
+from ibisagent.runtime import ImageCache, SegmenterHub, default_segmenter, env_for, image_key, iter_episode
 from ibisagent.segmenters.base import Segmenter, SegmenterError, SegmenterUnavailable
 
 __all__ = [
@@ -103,7 +103,7 @@ class ServerConfig:
     """Settings of one server process."""
 
     data_root: Path
-    segmenter: str = field(default_factory=default_segmenter_name)
+    segmenter: str = field(default_factory=default_segmenter)
     max_concurrency: int = 2
     max_heavy: int = 1
     max_queue: int = 16
@@ -1111,7 +1111,7 @@ def _serve_main(args: argparse.Namespace) -> int:
         from ibisagent.policies.base import list_policies
         from ibisagent.segmenters.base import list_segmenters
 
-        seg = args.segmenter or default_segmenter_name()
+        seg = args.segmenter or default_segmenter()
         if seg not in list_segmenters():
             raise ValueError(f"unknown segmenter {seg!r}; known: {', '.join(list_segmenters())}")
         policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())

@@ -37,7 +37,13 @@ from ibisagent.io import CaseError, load_case_arrays
 from ibisagent.io.manifest import SPLIT_BY, Case, load_manifest
 from ibisagent.masks import dice, hd95, iou, nsd, rle_encode
 from ibisagent.policies.base import Policy, create_policy
-from ibisagent.segmenters.base import Segmenter, SegmenterUnavailable, create_segmenter
+from ibisagent.segmenters.base import (
+    CLICK_WEIGHTS,
+    Segmenter,
+    SegmenterUnavailable,
+    create_segmenter,
+    default_segmenter,
+)
 
 from .challenge import CHALLENGE_CLICKS, CHALLENGE_PROTOCOL, NSD_MIN_DSC, BoxFirstPolicy, challenge_metrics
 from .metrics import NOC_THRESHOLDS, group_of, noc
@@ -157,15 +163,6 @@ class EvalResult:
     n_skipped: int
     n_errors: int
     interrupted: bool = False
-
-
-def default_segmenter() -> str:
-    """``litemedsam-click`` when its weights are installed, else the box-trained ``litemedsam``."""
-    try:
-        from ibisagent.segmenters.litemedsam import CLICK_WEIGHTS
-    except Exception:  # noqa: BLE001 - torch or the model package may be missing; fall back to the name
-        return "litemedsam-click"
-    return "litemedsam-click" if CLICK_WEIGHTS.is_file() else "litemedsam"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -455,10 +452,6 @@ def weights_id(config: EvalConfig) -> dict[str, str] | None:
     if config.segmenter != "litemedsam-click":
         return None
     weights = config.segmenter_args.get("weights")
-    try:
-        from ibisagent.segmenters.litemedsam import CLICK_WEIGHTS
-    except Exception:  # noqa: BLE001 - informational only
-        return None
     path = Path(weights) if weights not in (None, "click") else CLICK_WEIGHTS
     if not path.is_file():
         return None

@@ -13,14 +13,17 @@ on its own image or embedding. The base class answers ``predict_batch`` one item
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 __all__ = [
+    "CLICK_WEIGHTS",
     "PromptSet",
     "SegResult",
     "Segmenter",
@@ -29,9 +32,29 @@ __all__ = [
     "Timings",
     "check_prompts",
     "create_segmenter",
+    "default_segmenter",
+    "image_key",
     "list_segmenters",
     "register_segmenter",
 ]
+
+
+#: the shipped click-tuned LiteMedSAM weights (prompt encoder + mask decoder; ``ibisagent train-segmenter`` writes it)
+CLICK_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "litemedsam_click.safetensors"
+
+
+def default_segmenter() -> str:
+    """The segmenter every entry point uses when none is named: ``litemedsam-click`` when its fine-tuned weights
+    are installed, else the original box-trained ``litemedsam``."""
+    return "litemedsam-click" if CLICK_WEIGHTS.is_file() else "litemedsam"
+
+
+def image_key(image: np.ndarray) -> str:
+    """Content key of an image array (sha1 of shape, dtype and bytes): which image a segmenter holds."""
+    arr = np.ascontiguousarray(image)
+    h = hashlib.sha1(f"{arr.shape}{arr.dtype}".encode())
+    h.update(arr.tobytes())
+    return h.hexdigest()
 
 
 class SegmenterError(ValueError):
@@ -136,6 +159,7 @@ class Segmenter:
         self.timings = Timings()
         #: how many times the image encoder actually ran (cache hits not counted)
         self.encoder_runs = 0
+        self._image_key: str | None = None
 
     # --- public API -------------------------------------------------------------------------------------------
     @property
@@ -148,8 +172,25 @@ class Segmenter:
             raise SegmenterError("no image set: call set_image(image) first")
         return self._shape
 
+    @property
+    def image_key(self) -> str | None:
+        """:func:`image_key` of the image set now (None without one)."""
+        return self._image_key if self._shape is not None else None
+
     def set_image(self, image: np.ndarray) -> None:
         """Encode an HxWx3 uint8 RGB image (or HxW grayscale) once; later ``predict`` calls reuse it."""
+        self._set_image(image, None)
+
+    def ensure_image(self, image: np.ndarray, key: str | None = None) -> bool:
+        """``set_image(image)`` unless this segmenter holds that image already (by :func:`image_key`, or ``key``
+        when the caller has computed it). Returns whether the image was set."""
+        key = key or image_key(image)
+        if self._shape is not None and self._image_key == key:
+            return False
+        self._set_image(image, key)
+        return True
+
+    def _set_image(self, image: np.ndarray, key: str | None) -> None:
         img = np.asarray(image)
         if img.ndim == 2:
             img = np.repeat(img[..., None], 3, axis=2)
@@ -163,10 +204,12 @@ class Segmenter:
         self.timings.encoder_s += time.perf_counter() - t
         self.timings.encoder_calls += 1
         self._shape = (int(img.shape[0]), int(img.shape[1]))
+        self._image_key = key or image_key(np.asarray(image))
 
     def reset_image(self) -> None:
         self._shape = None
         self._features = None
+        self._image_key = None
 
     def predict(
         self,

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ibisagent.segmenters.base import (
+    CLICK_WEIGHTS,
     PromptSet,
     Segmenter,
     SegmenterError,
@@ -67,8 +68,6 @@ __all__ = [
 IMG_SIZE = 256
 #: identity of the image encoder + preprocessing in cache keys (both backends share embeddings)
 ENCODER_ID = "litemedsam-tinyvit-256-v1"
-WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
-CLICK_WEIGHTS = WEIGHTS_DIR / "litemedsam_click.safetensors"
 #: prefixes of the fine-tuned sub-modules (what the click weights file holds)
 TRAINABLE_PREFIXES = ("prompt_encoder.", "mask_decoder.")
 #: image-encoder runtimes; all but "torch" go through ibisagent.segmenters.onnx_encoder (ONNX hook)
