@@ -24,7 +24,7 @@ CT_SETS=sammed2d_demo_ct,totalsegmentator_examples_ct_mr
 PY=${PY:-.venv/bin/python}
 SEGARG=${SEGW:+--segmenter-arg weights=$SEGW}
 PW=${POLICY_WEIGHTS:+--policy-arg weights=$POLICY_WEIGHTS}
-EVAL="$PY -m ibisagent.evaluation.cli eval $DATA --split val --segmenter $SEG $SEGARG --cache-dir $CACHE --threads $THREADS --quiet"
+EVAL="$PY -m ibisagent.cli eval $DATA --split val --segmenter $SEG $SEGARG --cache-dir $CACHE --threads $THREADS --quiet"
 mkdir -p "$OUT"
 
 run() {  # name, extra args...
@@ -54,11 +54,11 @@ run ct_oracle      --datasets $CT_SETS --policy oracle
 # --- end to end time per case: no disk cache (one encoder pass per image, shared by segmenter and policy) ------
 echo "== timing (no disk cache, $TIMING_CASES cases)"
 if [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" timing "* ]]; then
-$PY -m ibisagent.evaluation.cli eval "$DATA" --split val --segmenter "$SEG" $SEGARG --threads "$THREADS" --quiet \
+$PY -m ibisagent.cli eval "$DATA" --split val --segmenter "$SEG" $SEGARG --threads "$THREADS" --quiet \
   --datasets $COMPACT_SETS --policy compact $PW --limit "$TIMING_CASES" --out "$OUT/timing" || true
 fi
 
-$PY -m ibisagent.evaluation.cli compare "$OUT"/{sft,grpo,grpo_belief,grpo_box,oracle,oracle_5,oracle_keep_5,center_click,gt_box} --by-dataset --paired \
+$PY -m ibisagent.cli compare "$OUT"/{sft,grpo,grpo_belief,grpo_box,oracle,oracle_5,oracle_keep_5,center_click,gt_box} --by-dataset --paired \
   | tee "$OUT/table_compact.md" || true
-$PY -m ibisagent.evaluation.cli compare "$OUT"/{ct_query,ct_query_blind,ct_oracle} --by-dataset | tee "$OUT/table_ct.md" || true
-$PY -m ibisagent.evaluation.cli compare "$OUT"/timing | tee "$OUT/table_timing.md" || true
+$PY -m ibisagent.cli compare "$OUT"/{ct_query,ct_query_blind,ct_oracle} --by-dataset | tee "$OUT/table_ct.md" || true
+$PY -m ibisagent.cli compare "$OUT"/timing | tee "$OUT/table_timing.md" || true

@@ -11,18 +11,18 @@
 #   gtbox       one box drawn from the ground truth
 #   previous    the previous shipped weights (POLICY_PREV), for reference
 # Tables: python benchmarks/referring_table.py OUT
-# Environment: K (default 8), CACHE (runs/embeddings), THREADS (1), POLICY_WEIGHTS (default the shipped file),
+# Environment: K (default 6), CACHE (runs/embeddings), THREADS (1), POLICY_WEIGHTS (default the shipped file),
 # POLICY_PREV (default runs/compact_ea75922.safetensors; row skipped when missing), ONLY (subset of row names).
 set -euo pipefail
 DATA=${1:-../shared/data}
 OUT=${2:-runs/referring}
-K=${K:-8}
+K=${K:-6}
 CACHE=${CACHE:-runs/embeddings}
 THREADS=${THREADS:-1}
 PY=${PY:-.venv/bin/python}
 PW=${POLICY_WEIGHTS:+--policy-arg weights=$POLICY_WEIGHTS}
 PREV=${POLICY_PREV:-runs/compact_ea75922.safetensors}
-EVAL="$PY -m ibisagent.evaluation.cli eval $DATA --split val --per-dataset $K --segmenter litemedsam-click --cache-dir $CACHE --threads $THREADS --quiet"
+EVAL="$PY -m ibisagent.cli eval $DATA --split val --per-dataset $K --segmenter litemedsam-click --cache-dir $CACHE --threads $THREADS --quiet"
 mkdir -p "$OUT"
 run() {  # name, extra args...
   local name=$1; shift

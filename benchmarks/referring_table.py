@@ -37,10 +37,10 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def main(out: Path, data: Path | None) -> str:
     runs = {name: _read(out / name / "cases.csv") for name in ROWS if (out / name / "cases.csv").is_file()}
-    if "agent" not in runs:
-        raise SystemExit(f"{out}/agent/cases.csv not found: run benchmarks/bench_referring.sh first")
+    if not runs:
+        raise SystemExit(f"no OUT/<row>/cases.csv under {out}: run benchmarks/bench_referring.sh first")
     keys = sorted(set.intersection(*(set(r) for r in runs.values())))
-    base = runs["agent"]
+    base = runs.get("agent") or next(iter(runs.values()))
     names = list(runs)
     header = ["", "cases", *(LABEL[n] for n in names)]
 
@@ -66,7 +66,7 @@ def main(out: Path, data: Path | None) -> str:
     secs = {n: _m([float(runs[n][k]["total_s"]) for k in regular]) for n in names}
     parts += ["### Steps and seconds per case (regular)",
               _table(["", *(LABEL[n] for n in names)], [["mean steps", *steps.values()], ["s/case", *secs.values()]])]
-    if data is not None and "blind" in runs:
+    if data is not None and "blind" in runs and "agent" in runs:
         from ibisagent.io.manifest import load_manifest
 
         by_image: dict[str, set[str]] = defaultdict(set)
@@ -81,7 +81,7 @@ def main(out: Path, data: Path | None) -> str:
             parts += ["### Query use on multi-object images (val images with masks of >= 2 objects)",
                       _table(["cases", "agent", "query blind", "loss without the query"],
                              [[str(len(multi)), _m(a), _m(b), f"{mean(a) - mean(b):+.3f}"]])]
-    pred = [(float(base[k]["predicted_iou"]), float(base[k]["iou"])) for k in keys_all
+    pred = [] if "agent" not in runs else [(float(base[k]["predicted_iou"]), float(base[k]["iou"])) for k in keys_all
             if base[k].get("predicted_iou") not in (None, "")]
     if len(pred) >= 3:
         from scipy.stats import spearmanr

@@ -26,7 +26,7 @@ mkdir -p "$OUT"
 run() {  # name, then eval arguments
   local name=$1; shift
   echo "== $name: $(date -u +%H:%M:%S)"
-  nice -n 10 "$PY" -m ibisagent.evaluation.cli eval "$DATA" "${COMMON[@]}" --out "$OUT/$name" "$@"
+  nice -n 10 "$PY" -m ibisagent.cli eval "$DATA" "${COMMON[@]}" --out "$OUT/$name" "$@"
 }
 run gt-box --policy gt-box
 run center-click --policy center-click
@@ -34,7 +34,7 @@ run challenge --protocol box+5clicks
 run oracle --policy oracle --no-stop --max-steps "${ORACLE_STEPS:-20}"
 run oracle-box --policy oracle-box --no-stop --max-steps "${BOX_STEPS:-20}"
 echo "== done: $(date -u +%H:%M:%S)"
-nice -n 10 "$PY" -m ibisagent.evaluation.cli compare "$OUT"/{oracle,oracle-box,gt-box,center-click,challenge} --by-dataset \
+nice -n 10 "$PY" -m ibisagent.cli compare "$OUT"/{oracle,oracle-box,gt-box,center-click,challenge} --by-dataset \
   > "$OUT/compare.md" || true
 "$PY" benchmarks/eval_tables.py "$OUT" > "$OUT/tables.md"
 cat "$OUT/tables.md"

@@ -4,6 +4,7 @@ the shared segmenter hub, episodes that start from user prompts, and the Gradio 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -241,8 +242,8 @@ def test_bundled_examples_and_app_build(case):
 def test_cli_parsers_register():
     import argparse
 
-    from ibisagent.server import add_parser as add_serve
-    from ibisagent.ui.app import add_parser as add_app
+    from ibisagent.cli.app import add_parser as add_app
+    from ibisagent.cli.serve import add_parser as add_serve
 
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()
@@ -257,7 +258,7 @@ def test_cli_parsers_register():
 def test_app_cli_rejects_unknown_segmenter(capsys):
     import argparse
 
-    from ibisagent.ui.app import add_parser
+    from ibisagent.cli.app import add_parser
 
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers())
@@ -280,3 +281,24 @@ def test_open_dicom_series_from_several_uploaded_files(hub, tmp_path):
         a.open_files([str(files[0]), str(tmp_path / "x.png")])
     a.open_files([str(files[1])])  # one file: a single DICOM slice
     assert not a.is_volume and a.image.shape == (48, 64, 3)
+
+
+def test_app_defaults_learned_policy_first_example_and_upload_on_top(case):
+    """Issue 17: the app starts with the learned policy (a user's own image has no ground truth), the example
+    dropdown shows an example (opened with the page) and the upload panel comes first in the left column."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from ibisagent.cli import default_policy
+    from ibisagent.ui.app import AppConfig, build_app, bundled_examples
+
+    folder, _, _ = case
+    ex = bundled_examples(folder)
+    cfg = AppConfig(segmenters=["fake"], segmenter="fake", examples=ex)
+    assert cfg.policy == default_policy()
+    if (Path(__file__).resolve().parents[1] / "src/ibisagent/weights/compact_policy.safetensors").is_file():
+        assert cfg.policy == "compact"
+    demo = build_app(cfg)
+    comps = {c.get("props", {}).get("elem_id"): c for c in demo.config["components"]}
+    assert comps["example"]["props"]["value"] == ex[0].label
+    order = [c.get("props", {}).get("elem_id") for c in demo.config["components"]]
+    assert order.index("upload") < order.index("example") < order.index("query") < order.index("run")
+    assert any(event == "load" for d in demo.config["dependencies"] for _, event in d["targets"])

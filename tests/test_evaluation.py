@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ibisagent.cli import main as cli_main
+from ibisagent.cli.util import parse_kv
 from ibisagent.evaluation import (
     SUMMARY_KEYS,
     EvalConfig,
@@ -22,12 +24,11 @@ from ibisagent.evaluation import (
     curve_auc,
     iou_at,
     noc,
+    noc_measured,
     paired_differences,
     read_cases,
     run_eval,
 )
-from ibisagent.evaluation.cli import main as cli_main
-from ibisagent.evaluation.cli import parse_kv
 from ibisagent.evaluation.compare import CompareError
 from ibisagent.evaluation.metrics import group_of, pad_curve
 from ibisagent.segmenters.base import Segmenter, SegResult, register_segmenter
@@ -139,6 +140,10 @@ def test_iou_at_noc_and_auc_by_hand():
     assert noc(curve, 0.85, 20) == 3
     assert noc(curve, 0.95, 20) == 20  # never reached -> the budget
     assert noc(curve, 0.90, 3) == 3  # reached only after the budget
+    assert noc_measured(curve, 0.95, 20, "terminate") is None  # stopped below 0.95 with budget left
+    assert noc_measured(curve, 0.95, 4, "terminate") == 4  # used the whole budget
+    assert noc_measured(curve, 0.95, 20, "max_steps") == 20
+    assert noc_measured(curve, 0.85, 20, "terminate") == 3  # reached before stopping
     assert pad_curve([0.2, 0.4], 4) == [0.2, 0.4, 0.4, 0.4]
     assert curve_auc([0.6, 0.7, 0.8, 0.9, 1.0]) == pytest.approx(3.2)
     assert curve_auc([0.3]) == 0.0
@@ -199,7 +204,7 @@ def test_case_metrics_match_hand_computed_masks(squares: Path, tmp_path: Path):
     assert (row["steps"], row["clicks"], row["interactions"]) == (2, 0, 1)  # box, then Terminate
     assert row["stop_reason"] == "terminate"
     assert row["iou_curve"] == [0.64]
-    assert row["noc_80"] == 20  # never reached: counts max steps
+    assert row["noc_80"] is None  # stopped (Terminate) below 0.8 after 1 of 20 interactions: not measurable
     assert res.summary["mean_iou"] == pytest.approx(0.64)
     assert res.summary["iou_at"] == {"1": 0.64, "3": 0.64, "5": 0.64, "10": 0.64}
 
@@ -209,7 +214,11 @@ def test_curves_noc_and_no_stop_with_the_oracle(squares: Path, tmp_path: Path):
     (row,) = read_cases(tmp_path / "stop")
     assert row["iou_curve"] == [0.64, 0.81]  # the oracle stops at IoU >= 0.8
     assert (row["steps"], row["clicks"], row["stop_reason"]) == (3, 2, "terminate")
-    assert res.summary["noc"] == {"80": 2.0, "85": 20.0, "90": 20.0}
+    # the oracle stopped at 0.81, below 0.85 and 0.9: those NoCs are not measurable (not "20 = the budget")
+    assert res.summary["noc"] == {"80": 2.0, "85": None, "90": None}
+    assert (row["noc_80"], row["noc_85"], row["noc_90"]) == (2, None, None)
+    extra = json.loads((tmp_path / "stop" / "summary_extra.json").read_text())
+    assert extra["overall"]["noc_not_measurable"] == {"80": 0, "85": 1, "90": 1}
     assert res.summary["iou_at"] == {"1": 0.64, "3": 0.81, "5": 0.81, "10": 0.81}
     res = run_eval(_cfg(squares, tmp_path / "nostop", policy="oracle", segmenter="_eval-test-grow", limit=1,
                         policy_args={"iou_threshold": 1.01}, max_steps=8))
@@ -436,3 +445,13 @@ def test_confidence_ranking_reports_spearman_and_the_low_confidence_cases() -> N
     assert out["mean_iou_low_confidence"] == pytest.approx(0.3)
     assert out["mean_iou_confident"] == pytest.approx(0.825)
     assert confidence_ranking([{"predicted_iou": "", "iou": 0.5}] * 5) is None
+
+
+def test_cli_eval_says_when_noc_is_not_measurable(squares: Path, tmp_path: Path, capsys):
+    out = tmp_path / "stop"
+    assert cli_main(["eval", str(squares), "--segmenter", "_eval-test-grow", "--policy", "oracle", "--limit", "1",
+                     "--out", str(out), "--quiet", "--no-report"]) == 0
+    captured = capsys.readouterr()
+    assert "NoC@85 not measurable" in captured.out
+    assert "NoC@85: 1 of 1 cases" in captured.err and "--no-stop" in captured.err
+    assert json.loads((out / "summary.json").read_text())["noc"]["85"] is None

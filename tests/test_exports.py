@@ -120,7 +120,7 @@ def test_hf_dataset_export_loads_back_for_trl(synth: Path, tmp_path: Path) -> No
 
 
 def test_export_cli(synth: Path, tmp_path: Path, capsys) -> None:
-    from ibisagent.exports.cli import add_parser
+    from ibisagent.cli.exports import add_parser
 
     p = argparse.ArgumentParser()
     add_parser(p.add_subparsers())

@@ -234,10 +234,12 @@ def test_litemedsam_segmenter_encoder_option(dermoscopy_case, monkeypatch: pytes
 def test_export_encoder_cli(toy: Toy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     import argparse
 
-    monkeypatch.setattr(oe, "_load_litemedsam_encoder", lambda: toy)
+    from ibisagent.cli import export_encoder as cli_export
+
+    monkeypatch.setattr(cli_export, "_load_litemedsam_encoder", lambda: toy)
     monkeypatch.delenv(oe.ONNX_DIR_ENV, raising=False)
     parser = argparse.ArgumentParser()
-    oe.add_parser(parser.add_subparsers(dest="cmd"))
+    cli_export.add_parser(parser.add_subparsers(dest="cmd"))
     args = parser.parse_args(["export-encoder", "--cache-dir", str(tmp_path), "--input-size", "32", "--threads", "1"])
     assert args.func(args) == 0
     out = capsys.readouterr().out

@@ -18,7 +18,6 @@ from ibisagent.policies.compact import GRID, load_policy_net
 from ibisagent.training.policy import (
     PolicyTrainConfig,
     PolicyTrainError,
-    add_parser,
     click_target,
     grpo_advantages,
     train_policy,
@@ -120,8 +119,10 @@ def test_bad_input_is_a_clear_error(tmp_path: Path, tiny_data: Path) -> None:
         train_policy({"data": str(tiny_data), "stage": "ppo"})
     with pytest.raises(PolicyTrainError, match="needs"):
         train_policy(_cfg(tiny_data, tmp_path / "empty", stage="grpo", grpo_iters=1))
+    from ibisagent.cli.training import add_policy_parser
+
     parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers(dest="cmd"))
+    add_policy_parser(parser.add_subparsers(dest="cmd"))
     args = parser.parse_args(["train-policy", "--data", str(tmp_path / "nowhere"), "--no-progress"])
     assert args.func(args) == 2
 

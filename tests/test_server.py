@@ -401,7 +401,8 @@ def test_real_litemedsam_request(root):
 def test_serve_cli_errors(capsys, tmp_path, monkeypatch):
     import argparse
 
-    from ibisagent.server import DATA_ROOT_ENV, add_parser
+    from ibisagent.cli.serve import add_parser
+    from ibisagent.server import DATA_ROOT_ENV
 
     monkeypatch.delenv(DATA_ROOT_ENV, raising=False)
     parser = argparse.ArgumentParser()
@@ -857,7 +858,8 @@ def test_serve_cli_token_from_env_and_guarded_config(tmp_path, monkeypatch, caps
 
     import uvicorn
 
-    from ibisagent.server import TOKEN_ENV, add_parser
+    from ibisagent.cli.serve import add_parser
+    from ibisagent.server import TOKEN_ENV
 
     seen: dict = {}
     monkeypatch.setattr(uvicorn.Server, "run", lambda self: seen.setdefault("config", self.config))

@@ -192,7 +192,7 @@ def test_resume_after_torn_write_gives_the_same_set(run: Path, data: Path, tmp_p
 
 
 def _cli(*args: str) -> list[str]:
-    code = "import sys; from ibisagent.synthesis.cli import add_parser; import argparse; p=argparse.ArgumentParser();"\
+    code = "import sys; from ibisagent.cli.synthesis import add_parser; import argparse; p=argparse.ArgumentParser();"\
            " add_parser(p.add_subparsers()); a=p.parse_args(sys.argv[1:]); sys.exit(a.func(a))"
     return [sys.executable, "-c", code, "synthesize", *args]
 
@@ -254,7 +254,7 @@ def test_ray_local_instance(data: Path, run: Path, tmp_path: Path) -> None:
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys) -> None:
-    from ibisagent.synthesis.cli import add_parser
+    from ibisagent.cli.synthesis import add_parser
 
     p = argparse.ArgumentParser()
     add_parser(p.add_subparsers())

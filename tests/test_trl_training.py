@@ -19,6 +19,7 @@ pytest.importorskip("peft")
 from PIL import Image  # noqa: E402
 
 from ibisagent.agent import Agent  # noqa: E402
+from ibisagent.cli import training as llm_cli  # noqa: E402
 from ibisagent.env import EnvConfig, SegmentationEnv  # noqa: E402
 from ibisagent.policies import PolicyError, create_policy  # noqa: E402
 from ibisagent.policies.hf import check_checkpoint_dir, load_vl_checkpoint  # noqa: E402
@@ -26,7 +27,6 @@ from ibisagent.rewards import COMPONENTS, RewardBreakdown  # noqa: E402
 from ibisagent.segmenters import create_segmenter  # noqa: E402
 from ibisagent.testing import oracle_sft_dataset, shared_tiny_qwen_vl, synthetic_cases  # noqa: E402
 from ibisagent.testing.tiny_agent import shared_taught_tiny_qwen_vl, write_short_prompts  # noqa: E402
-from ibisagent.training import llm_cli  # noqa: E402
 from ibisagent.training.trl_grpo import (  # noqa: E402
     EpisodeRollout,
     GRPOCase,

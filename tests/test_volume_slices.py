@@ -141,7 +141,9 @@ def test_cli_flags_reach_the_config(vol_data: Path, tmp_path: Path, monkeypatch:
     seen = {}
     monkeypatch.setattr(tp, "train_policy", lambda cfg: seen.setdefault("cfg", cfg))
     parser = argparse.ArgumentParser()
-    tp.add_parser(parser.add_subparsers(dest="cmd"))
+    from ibisagent.cli.training import add_policy_parser
+
+    add_policy_parser(parser.add_subparsers(dest="cmd"))
     args = parser.parse_args(["train-policy", "--data", str(vol_data), "--volume-stride", "3", "--volume-datasets",
                               "a,b", "--volume-guard", "5", "--volume-min-area", "12"])
     assert args.func(args) == 0

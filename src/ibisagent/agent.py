@@ -9,6 +9,9 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,11 +22,12 @@ from PIL import Image
 
 from ibisagent.env import EnvConfig, SegmentationEnv
 from ibisagent.masks import dice, rle_encode
-from ibisagent.overlay import display_overlay
+from ibisagent.overlay import DISPLAY_MAX_SIDE, display_overlay
 from ibisagent.policies.base import Policy, create_policy
 from ibisagent.segmenters.base import Segmenter, create_segmenter
 
-__all__ = ["LOW_CONFIDENCE", "Agent", "Episode", "StepRecord", "run_episode"]
+__all__ = ["LOW_CONFIDENCE", "SAVED_FILES", "STEP_FILE", "Agent", "Episode", "StepRecord", "clear_saved",
+           "run_episode"]
 
 #: a predicted IoU below this is reported as low confidence ("check the mask")
 LOW_CONFIDENCE = 0.5
@@ -118,22 +122,76 @@ class Episode:
         }
 
     def save(self, out_dir: str | Path, image: np.ndarray | None = None, overlays: bool = True) -> Path:
-        """Write ``trace.json``, ``mask.png`` and (with ``image``) ``step_XX.png`` display overlays."""
+        """Write ``trace.json``, ``mask.png`` and (with ``image``) display overlays: ``step_XX.png`` for each step
+        that changed the state (a step that changed nothing, e.g. Terminate, gets no file of its own: its trace
+        entry's ``overlay`` names the file that shows its state) and ``final_overlay.png``. Images with a long side
+        over :data:`~ibisagent.overlay.DISPLAY_MAX_SIDE` are rendered downscaled (the mask is full size)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "trace.json").write_text(json.dumps(self.to_json(), indent=1))
-        Image.fromarray(self.final_mask.astype(np.uint8) * 255).save(out / "mask.png")
+        doc = self.to_json()
         if image is not None and overlays:
-            for s in self.steps:
+            last: StepRecord | None = None
+            last_file: str | None = None
+            for s, entry in zip(self.steps, doc["steps"]):
                 if s.mask is None and s.kind != "terminate":
                     continue
-                vis = display_overlay(image, s.mask, s.points, s.labels, s.box, gt=self.gt)
-                Image.fromarray(vis).save(out / f"step_{s.step:02d}.png")
-            vis = display_overlay(image, self.mask, self.steps[-1].points if self.steps else [],
-                                  self.steps[-1].labels if self.steps else [],
-                                  self.steps[-1].box if self.steps else None, gt=self.gt)
-            Image.fromarray(vis).save(out / "final_overlay.png")
+                if last is None or not _same_state(s, last):
+                    last_file = f"step_{s.step:02d}.png"
+                    vis = display_overlay(image, s.mask, s.points, s.labels, s.box, gt=self.gt,
+                                          max_side=DISPLAY_MAX_SIDE)
+                    Image.fromarray(vis).save(out / last_file)
+                    last = s
+                entry["overlay"] = last_file
+            final = out / "final_overlay.png"
+            final.unlink(missing_ok=True)
+            if last is not None and last_file is not None and _same_mask(last.mask, self.mask):
+                _link_or_copy(out / last_file, final)
+            else:
+                vis = display_overlay(image, self.mask, self.steps[-1].points if self.steps else [],
+                                      self.steps[-1].labels if self.steps else [],
+                                      self.steps[-1].box if self.steps else None, gt=self.gt,
+                                      max_side=DISPLAY_MAX_SIDE)
+                Image.fromarray(vis).save(final)
+            h, w = self.image_shape
+            doc["overlay_scale"] = min(1.0, DISPLAY_MAX_SIDE / max(h, w))
+        (out / "trace.json").write_text(json.dumps(doc, indent=1))
+        Image.fromarray(self.final_mask.astype(np.uint8) * 255).save(out / "mask.png")
         return out
+
+
+#: the fixed-name files :meth:`Episode.save` writes; step overlays match :data:`STEP_FILE`
+SAVED_FILES = ("trace.json", "mask.png", "final_overlay.png")
+STEP_FILE = re.compile(r"step_\d{2,}\.png")
+
+
+def clear_saved(out_dir: str | Path, extra: tuple[str, ...] = ()) -> list[str]:
+    """Delete what an earlier :meth:`Episode.save` (plus the ``extra`` names) left in ``out_dir``, nothing else, so
+    that no stale file (``step_03.png`` beside a 2-step result) can pass for the new result. Returns the names."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        return []
+    names = set(SAVED_FILES) | set(extra)
+    gone = []
+    for f in sorted(out.iterdir()):
+        if (f.name in names or STEP_FILE.fullmatch(f.name)) and (f.is_file() or f.is_symlink()):
+            f.unlink()
+            gone.append(f.name)
+    return gone
+
+
+def _same_mask(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
+
+
+def _same_state(a: StepRecord, b: StepRecord) -> bool:
+    return (a.points == b.points and a.labels == b.labels and a.box == b.box and _same_mask(a.mask, b.mask))
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def run_episode(

@@ -43,6 +43,12 @@ class EnvConfig:
     prompts: str = "reference"  # built-in template name or a JSON path
     mask_feedback: bool = True
 
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "max_repeats"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+
 
 @dataclass(frozen=True)
 class Observation:

@@ -12,10 +12,12 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["OVERLAY_COLOR", "OVERLAY_ALPHA", "policy_overlay", "display_overlay", "to_rgb"]
+__all__ = ["DISPLAY_MAX_SIDE", "OVERLAY_COLOR", "OVERLAY_ALPHA", "policy_overlay", "display_overlay", "to_rgb"]
 
 OVERLAY_COLOR = (34, 139, 34)
 OVERLAY_ALPHA = 0.4
+#: long side (pixels) above which saved display renderings are downscaled (the masks themselves never are)
+DISPLAY_MAX_SIDE = 2048
 
 
 def to_rgb(image: np.ndarray) -> np.ndarray:
@@ -37,10 +39,11 @@ def policy_overlay(image: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     m = np.asarray(mask).astype(bool)
     if m.shape != img.shape[:2]:
         raise ValueError(f"mask {m.shape} does not match image {img.shape[:2]}")
-    out = img.astype(np.float32)
+    out = img.copy()  # blend only the mask's pixels (a float copy of a whole 6000x6000 image would be 430 MB)
     color = np.asarray(OVERLAY_COLOR, np.float32)
-    out[m] = (1 - OVERLAY_ALPHA) * out[m] + OVERLAY_ALPHA * color
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    blended = (1 - OVERLAY_ALPHA) * img[m].astype(np.float32) + OVERLAY_ALPHA * color
+    out[m] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    return out
 
 
 def display_overlay(
@@ -50,10 +53,22 @@ def display_overlay(
     labels: Sequence[int] = (),
     box: Sequence[float] | None = None,
     gt: np.ndarray | None = None,
+    max_side: int | None = None,
 ) -> np.ndarray:
     """A rendering for people: the overlay, the mask contour, optional ground-truth contour (yellow), clicks as
-    green (positive) / red (negative) dots with a white rim, the box in cyan."""
-    out = policy_overlay(image, mask)
+    green (positive) / red (negative) dots with a white rim, the box in cyan. With ``max_side``, an image whose
+    long side is larger is rendered downscaled to that long side (prompts scaled along)."""
+    img = to_rgb(image)
+    scale = 1.0
+    if max_side is not None and max(img.shape[:2]) > max_side:
+        scale = max_side / max(img.shape[:2])
+        size = (max(1, round(img.shape[1] * scale)), max(1, round(img.shape[0] * scale)))
+        img = np.asarray(Image.fromarray(img).resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0))
+        mask = None if mask is None else _resize_mask(mask, size)
+        gt = None if gt is None else _resize_mask(gt, size)
+        points = [(float(x) * scale, float(y) * scale) for x, y in points]
+        box = None if box is None else [float(v) * scale for v in box]
+    out = policy_overlay(img, mask)
     h, w = out.shape[:2]
     if mask is not None:
         out = _draw_contour(out, np.asarray(mask).astype(bool), (20, 255, 20))
@@ -69,6 +84,11 @@ def display_overlay(
         fill = (0, 230, 0) if int(lab) == 1 else (230, 0, 0)
         draw.ellipse([x - r, y - r, x + r, y + r], fill=fill, outline=(255, 255, 255), width=max(1, r // 3))
     return np.asarray(pil)
+
+
+def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    m = Image.fromarray(np.asarray(mask).astype(np.uint8) * 255)
+    return np.asarray(m.resize(size, Image.Resampling.NEAREST)) > 127
 
 
 def _draw_contour(img: np.ndarray, mask: np.ndarray, color: tuple[int, int, int]) -> np.ndarray:

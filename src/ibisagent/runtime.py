@@ -68,7 +68,7 @@ class ImageCache:
                 self._items.move_to_end(k)
                 self.hits += 1
                 return hit
-        from ibisagent.io.images import load_image
+        from ibisagent.io.loader import load_image
 
         loaded = load_image(path, slice_index=slice_index, window=window)
         entry = (loaded, image_key(loaded.array))

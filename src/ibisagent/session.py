@@ -3,6 +3,10 @@
 Prompts are verbs (``add_click``, ``set_box``), ``undo`` steps back, ``reset`` starts a new object on the same image.
 Every call passes ALL interactions so far to the segmenter together with the previous low-res logits (mask
 feedback), as the reference does. Pixel coordinates: x = column, y = row.
+
+A session owns its image: several sessions may share one segmenter, and each call first makes sure the segmenter
+holds this session's image (``Segmenter.ensure_image``; cheap with an embedding cache). A session without
+``set_image`` refuses to predict instead of using whatever image the segmenter last held.
 """
 
 from __future__ import annotations
@@ -51,8 +55,9 @@ class Session:
 
     # --- image -----------------------------------------------------------------------------------------------
     def set_image(self, image: np.ndarray) -> None:
-        self.segmenter.set_image(image)
-        self._image = np.asarray(image)
+        img = np.asarray(image)
+        self.segmenter.set_image(img)
+        self._image = img
         self.reset()
 
     @property
@@ -63,7 +68,9 @@ class Session:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.segmenter.image_shape
+        """(H, W) of this session's image."""
+        img = self.image
+        return int(img.shape[0]), int(img.shape[1])
 
     # --- state -----------------------------------------------------------------------------------------------
     @property
@@ -102,6 +109,8 @@ class Session:
     def add_click(self, x: float, y: float, positive: bool = True) -> np.ndarray:
         """Add a click at pixel (x, y) and return the new mask."""
         h, w = self.shape
+        if not (np.isfinite(x) and np.isfinite(y)):
+            raise SegmenterError(f"click coordinates must be finite numbers, got ({x}, {y})")
         if not (0 <= x <= w - 1 and 0 <= y <= h - 1):
             raise SegmenterError(f"click ({x}, {y}) lies outside the {w}x{h} image")
         return self._push(Interaction("click", float(x), float(y), bool(positive)))
@@ -145,6 +154,7 @@ class Session:
         return result.mask
 
     def _run(self, inters: list[Interaction], prev_logits: np.ndarray | None) -> SegResult:
+        self.segmenter.ensure_image(self.image)  # another user of a shared segmenter may have set its own image
         clicks = [i for i in inters if i.kind == "click"]
         boxes = [i.box for i in inters if i.kind == "box"]
         pts = np.asarray([(c.x, c.y) for c in clicks], np.float32).reshape(-1, 2)

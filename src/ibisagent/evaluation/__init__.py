@@ -12,7 +12,7 @@ from ibisagent.evaluation.harness import (
     read_cases,
     run_eval,
 )
-from ibisagent.evaluation.metrics import curve_auc, iou_at, noc
+from ibisagent.evaluation.metrics import curve_auc, iou_at, noc, noc_measured
 from ibisagent.evaluation.summary import SUMMARY_KEYS, summarize
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "curve_auc",
     "iou_at",
     "noc",
+    "noc_measured",
     "paired_differences",
     "read_cases",
     "run_eval",

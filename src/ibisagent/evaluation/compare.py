@@ -50,7 +50,7 @@ def _unique_labels(paths: Sequence[Path]) -> list[str]:
 def _case_rows(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
     """(source, case_id) -> parsed row of a run's cases.csv (:func:`~ibisagent.evaluation.harness.read_cases`: the
     last row of a rerun case wins), for the cases that finished (status ok, an IoU)."""
-    from .harness import CASES_CSV, read_cases
+    from .runfiles import CASES_CSV, read_cases
 
     f = path / CASES_CSV
     if not f.is_file():

@@ -46,7 +46,8 @@ from ibisagent.segmenters.base import (
 )
 
 from .challenge import CHALLENGE_CLICKS, CHALLENGE_PROTOCOL, NSD_MIN_DSC, BoxFirstPolicy, challenge_metrics
-from .metrics import NOC_THRESHOLDS, group_of, noc
+from .metrics import NOC_THRESHOLDS, group_of, noc_measured
+from .runfiles import CASE_COLUMNS, CASES_CSV, PREDICTIONS, RUN_CONFIG, read_cases, read_predictions
 
 __all__ = [
     "CASE_COLUMNS",
@@ -57,29 +58,13 @@ __all__ = [
     "Runner",
     "default_segmenter",
     "read_cases",
+    "read_predictions",
     "run_eval",
 ]
 
 #: ``agent``: the policy plays the episode under the reference rules; ``box+5clicks``: the challenge protocol
 PROTOCOLS = ("agent", CHALLENGE_PROTOCOL)
 
-CASES_CSV = "cases.csv"
-PREDICTIONS = "predictions.jsonl"
-RUN_CONFIG = "run_config.json"
-
-#: columns of cases.csv, in order
-CASE_COLUMNS = (
-    "case_id", "source", "dataset", "modality", "object", "group", "split", "height", "width", "area_px",
-    "status", "error", "iou", "dice", "hd95", "nsd", "steps", "clicks", "interactions", "max_interactions",
-    "stop_reason", "encoder_s", "segmenter_s", "policy_s", "total_s", "noc_80", "noc_85", "noc_90",
-    "iou_curve", "dice_curve", "nsd_curve", "dsc_auc", "nsd_auc", "dsc_final", "nsd_final",
-    "seconds_per_interaction", "predicted_iou",
-)
-_FLOAT_COLS = ("iou", "dice", "hd95", "nsd", "encoder_s", "segmenter_s", "policy_s", "total_s", "dsc_auc", "nsd_auc",
-               "dsc_final", "nsd_final", "seconds_per_interaction", "predicted_iou")
-_INT_COLS = ("height", "width", "area_px", "steps", "clicks", "interactions", "max_interactions", "noc_80", "noc_85",
-             "noc_90")
-_CURVE_COLS = ("iou_curve", "dice_curve", "nsd_curve")
 #: settings that must match for a rerun into the same folder to resume it
 _RESUME_KEYS = ("data", "policy", "segmenter", "policy_args", "segmenter_args", "protocol", "max_steps", "split",
                 "split_by", "datasets", "per_dataset", "seed", "nsd_tolerance", "segmenter_weights")
@@ -278,7 +263,7 @@ class Runner:
             "iou_curve": [_r(v) for v in iou_curve], "dice_curve": [_r(v) for v in dice_curve],
         }
         for t in NOC_THRESHOLDS:
-            out[f"noc_{t}"] = noc(iou_curve, t / 100.0, cfg.max_interactions)
+            out[f"noc_{t}"] = noc_measured(iou_curve, t / 100.0, cfg.max_interactions, ep.stop_reason)
         if cfg.protocol == CHALLENGE_PROTOCOL:
             nsd_curve = [nsd(s.mask, gt, tolerance=cfg.nsd_tolerance) if d > NSD_MIN_DSC else 0.0
                          for s, d in zip(inter, dice_curve)]
@@ -330,53 +315,6 @@ class _CaseWriter:
     def close(self) -> None:
         self._csv.close()
         self._pred.close()
-
-
-def _parse_row(raw: dict[str, str]) -> dict[str, Any]:
-    row: dict[str, Any] = dict(raw)
-    for k in _FLOAT_COLS:
-        v = raw.get(k, "")
-        row[k] = float(v) if v not in ("", None) else None
-    for k in _INT_COLS:
-        v = raw.get(k, "")
-        row[k] = int(float(v)) if v not in ("", None) else None
-    for k in _CURVE_COLS:
-        v = raw.get(k, "")
-        row[k] = json.loads(v) if v else []
-    return row
-
-
-def read_cases(out: str | Path) -> list[dict[str, Any]]:
-    """The rows of ``OUT/cases.csv`` with numbers and curves parsed; the last row of a case wins (reruns)."""
-    path = Path(out) / CASES_CSV
-    if not path.is_file():
-        return []
-    rows: dict[tuple[str, str], dict[str, Any]] = {}
-    with path.open(newline="", encoding="utf-8") as f:
-        for raw in csv.DictReader(f):
-            if not raw.get("case_id"):
-                continue  # a line cut short by a crash
-            try:
-                row = _parse_row(raw)
-            except (ValueError, json.JSONDecodeError):
-                continue
-            rows[(row["source"], row["case_id"])] = row
-    return list(rows.values())
-
-
-def read_predictions(out: str | Path) -> dict[tuple[str, str], dict[str, Any]]:
-    """The final mask (RLE) and prompts of each case from ``OUT/predictions.jsonl`` (last record wins)."""
-    path = Path(out) / PREDICTIONS
-    preds: dict[tuple[str, str], dict[str, Any]] = {}
-    if not path.is_file():
-        return preds
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        preds[(rec.get("source", ""), rec.get("case_id", ""))] = rec
-    return preds
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Per-case interaction metrics: IoU after k interactions, number of clicks to reach an IoU (NoC), curve areas.
 
 An *interaction* is a prompt sent to the segmenter (a click or a box). A curve is the metric after each
-interaction, in order. A policy that stops early keeps its last value for later interaction counts.
+interaction, in order. A policy that stops early keeps its last value for later interaction counts; its NoC for a
+threshold it stopped below is not measurable (:func:`noc_measured`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ __all__ = [
     "group_of",
     "iou_at",
     "noc",
+    "noc_measured",
     "pad_curve",
 ]
 
@@ -46,6 +48,17 @@ def noc(curve: Sequence[float], threshold: float, max_interactions: int) -> int:
         if value >= threshold:
             return i
     return int(max_interactions)
+
+
+def noc_measured(curve: Sequence[float], threshold: float, max_interactions: int, stop_reason: str | None) -> int | None:
+    """:func:`noc`, or None when it cannot be measured: the policy chose to stop (``stop_reason`` "terminate")
+    before reaching ``threshold`` and before using its ``max_interactions``, so how many more interactions it would
+    have needed is unknown (counting the budget would report a number nobody measured)."""
+    n = noc(curve, threshold, max_interactions)
+    reached = any(v >= threshold for v in curve[:max_interactions])
+    if not reached and stop_reason == "terminate" and len(curve) < max_interactions:
+        return None
+    return n
 
 
 def pad_curve(curve: Sequence[float], length: int, empty_value: float = 0.0) -> list[float]:

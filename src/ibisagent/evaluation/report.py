@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .harness import read_cases, read_predictions
+from .runfiles import read_cases, read_predictions
 from .summary import mean_curve
 
 __all__ = ["GALLERY_SIZE", "markdown_table", "write_report"]

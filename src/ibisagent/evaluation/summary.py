@@ -7,7 +7,9 @@ summary.json has exactly these top-level keys (:data:`SUMMARY_KEYS`):
 * ``mean_steps``: policy turns per case (every reply counts, Terminate included);
 * ``mean_seconds``: wall time per episode (encoder + segmenter decoder + policy + environment);
 * ``noc``: ``{"80", "85", "90"}`` -> mean number of interactions (clicks and boxes) to reach that IoU, counting
-  the interaction budget (``--max-steps``; 6 for the challenge protocol) when never reached;
+  the interaction budget (``--max-steps``; 6 for the challenge protocol) when never reached within it; ``null``
+  when it is not measurable: in some case the policy chose to stop (Terminate) below that IoU before its budget
+  (summary_extra.json ``noc_not_measurable`` counts those cases; the oracle's ``--no-stop`` measures it);
 * ``iou_at``: ``{"1", "3", "5", "10"}`` -> mean IoU after that many interactions (a policy that stopped earlier
   keeps its last IoU);
 * ``by_dataset``: dataset folder -> the same fields (``cases`` ... ``iou_at``);
@@ -26,9 +28,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .metrics import IOU_AT_CLICKS, NOC_THRESHOLDS, finite_mean, iou_at, noc
+from .metrics import IOU_AT_CLICKS, NOC_THRESHOLDS, finite_mean, iou_at, noc_measured
 
-__all__ = ["SUMMARY_KEYS", "summarize", "summarize_extra", "write_summaries"]
+__all__ = ["SUMMARY_KEYS", "noc_mean", "noc_not_measurable", "summarize", "summarize_extra", "write_summaries"]
 
 SUMMARY_KEYS = ("cases", "mean_iou", "mean_dice", "mean_steps", "mean_seconds", "noc", "iou_at", "by_dataset",
                 "config")
@@ -50,6 +52,21 @@ def _budget(row: dict[str, Any], default: int) -> int:
     return int(row.get("max_interactions") or default)
 
 
+def _noc(row: dict[str, Any], threshold: int, default_budget: int) -> int | None:
+    return noc_measured(_curve(row), threshold / 100.0, _budget(row, default_budget), row.get("stop_reason"))
+
+
+def noc_mean(rows: Sequence[dict[str, Any]], threshold: int, default_budget: int = 20) -> float | None:
+    """Mean NoC at ``threshold`` (percent) over ``rows``; None when any row's NoC is not measurable."""
+    values = [_noc(r, threshold, default_budget) for r in rows]
+    return None if any(v is None for v in values) else _mean(values)
+
+
+def noc_not_measurable(rows: Sequence[dict[str, Any]], default_budget: int = 20) -> dict[str, int]:
+    """Threshold -> how many rows stopped (Terminate) below it before their budget."""
+    return {str(t): sum(_noc(r, t, default_budget) is None for r in rows) for t in NOC_THRESHOLDS}
+
+
 def block(rows: Sequence[dict[str, Any]], default_budget: int = 20) -> dict[str, Any]:
     """The metric fields of summary.json for a set of successful rows."""
     return {
@@ -58,8 +75,7 @@ def block(rows: Sequence[dict[str, Any]], default_budget: int = 20) -> dict[str,
         "mean_dice": _mean([r["dice"] for r in rows]),
         "mean_steps": _mean([r["steps"] for r in rows]),
         "mean_seconds": _mean([r["total_s"] for r in rows]),
-        "noc": {str(t): _mean([noc(_curve(r), t / 100.0, _budget(r, default_budget)) for r in rows])
-                for t in NOC_THRESHOLDS},
+        "noc": {str(t): noc_mean(rows, t, default_budget) for t in NOC_THRESHOLDS},
         "iou_at": {str(k): _mean([iou_at(_curve(r), k, r["iou"] or 0.0) for r in rows]) for k in IOU_AT_CLICKS},
     }
 
@@ -99,6 +115,7 @@ def _extra_block(rows: Sequence[dict[str, Any]], budget: int) -> dict[str, Any]:
         "mean_segmenter_s": _mean([r["segmenter_s"] for r in rows]),
         "mean_policy_s": _mean([r["policy_s"] for r in rows]),
         "stop_reasons": dict(sorted(_count(r["stop_reason"] for r in rows).items())),
+        "noc_not_measurable": noc_not_measurable(rows, budget),
     }
     if rows and all(r.get("dsc_auc") is not None for r in rows):
         out["challenge"] = {name: _mean([r[col] for r in rows]) for col, name in CHALLENGE_FIELDS.items()}

@@ -25,9 +25,9 @@ from .images import (
     apply_window,
     image_format,
     is_dicom_file,
-    load_image,
     resolve_window,
 )
+from .loader import load_image
 from .manifest import VAL_FRACTION, Case, ManifestError, iter_manifest_dirs, load_manifest, split_of
 from .masks_io import MASK_SUFFIXES, MaskError, load_mask, save_mask
 from .volumes import (

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from .images import ImageLoadError, LoadedImage, load_image
+from .images import ImageLoadError, LoadedImage
+from .loader import load_image
 from .manifest import Case
 from .masks_io import MaskError, load_mask
 from .volumes import Volume, load_volume

@@ -1,4 +1,6 @@
-"""Load any supported medical or natural image as the HxWx3 uint8 RGB array every segmenter and policy consumes.
+"""Read 2D images (raster files and DICOM) as the HxWx3 uint8 RGB array every segmenter and policy consumes, and the
+intensity windowing shared with volumes. :func:`ibisagent.io.loader.load_image` dispatches over these readers and
+:mod:`ibisagent.io.volumes` (this module imports neither).
 
 Supported inputs (``load_image``):
 
@@ -39,7 +41,6 @@ __all__ = [
     "resolve_window",
     "image_format",
     "is_dicom_file",
-    "load_image",
     "to_rgb_uint8",
 ]
 
@@ -569,37 +570,3 @@ def _load_dicom(path: Path, slice_index: int | None, window: WindowSpec) -> Load
         meta.update(volume_shape=(raw.shape[1], raw.shape[0], 1), slice_index=0, axis=2, orientation="voxel")
         meta.update(display_transform=(True, False, False), slice_affine=meta["affine"])
     return LoadedImage(array=np.repeat(gray[:, :, None], 3, axis=2), raw=raw, source=path, kind="dicom", meta=meta)
-
-
-# ------------------------------------------------------------------------------------------------------- dispatcher
-
-
-def load_image(
-    path: str | Path,
-    *,
-    slice_index: int | None = None,
-    axis: int = 2,
-    window: WindowSpec = None,
-    orientation: str = "radiological",
-) -> LoadedImage:
-    """Load a 2D image (or one slice/frame/page of a volume) as a :class:`LoadedImage`.
-
-    ``slice_index`` is required for volumes (NIfTI, DICOM series folders, multi-frame DICOM, TIFF stacks) and picks
-    the slice along ``axis`` (NIfTI / DICOM series: voxel axis of the stored array, 2 = the third axis, axial for
-    usual scans), the frame (multi-frame DICOM) or the page (TIFF). Negative indices count from the end.
-    ``window``: preset name (:data:`WINDOW_PRESETS`), ``(center, width)``, :class:`Window`, ``"percentile"`` or
-    ``"minmax"``; None = automatic (see the module docstring). ``orientation`` applies to volume slices only (see
-    :func:`ibisagent.io.volumes.slice_image`).
-    """
-    p = Path(path)
-    fmt = image_format(p)
-    if window is not None:
-        resolve_window(np.zeros(1, dtype=np.float32), window)  # validate the spec early with a clear error
-    if fmt == "raster":
-        return _load_raster(p, slice_index, window)
-    if fmt == "dicom":
-        return _load_dicom(p, slice_index, window)
-    from .volumes import load_volume, slice_image
-
-    vol = load_volume(p)
-    return slice_image(vol, slice_index, axis=axis, window=window, orientation=orientation)

@@ -108,6 +108,15 @@ class Volume:
         return to_display(np.take(self.array, k, axis=axis), display_transform(self.affine, axis, orientation))
 
 
+def _check_volume_index(index: Any, n: int, path: Path) -> int:
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+        raise ImageLoadError(f"volume_index must be an integer, got {index!r}")
+    if not 0 <= int(index) < n:
+        raise ImageLoadError(f"volume_index {int(index)} is out of range for {path.name}: it holds {n} "
+                             f"volume{'s' if n != 1 else ''} (0..{n - 1})")
+    return int(index)
+
+
 def _check_axis(axis: int) -> int:
     if axis not in (0, 1, 2):
         raise ImageLoadError(f"axis must be 0, 1 or 2 (a voxel axis of the volume), got {axis!r}")
@@ -182,16 +191,20 @@ def _slice_affine(affine: np.ndarray, axis: int, k: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------- loading
 
 
-def load_volume(path: str | Path) -> Volume:
-    """A NIfTI file (.nii/.nii.gz), a DICOM series folder, a multi-frame DICOM file or a TIFF stack as a Volume."""
+def load_volume(path: str | Path, volume_index: int | None = None) -> Volume:
+    """A NIfTI file (.nii/.nii.gz), a DICOM series folder, a multi-frame DICOM file or a TIFF stack as a Volume.
+
+    ``volume_index`` picks one 3D volume of a 4D NIfTI file (see :func:`load_nifti`); other formats hold one."""
     p = Path(path)
     if not p.exists():
         raise ImageLoadError(f"volume file not found: {p}")
-    if p.is_dir():
-        return load_dicom_series(p)
     suffix = _suffix(p)
     if suffix in (".nii", ".nii.gz"):
-        return load_nifti(p)
+        return load_nifti(p, volume_index)
+    if volume_index not in (None, 0):
+        raise ImageLoadError(f"volume_index={volume_index} applies to 4D NIfTI files; {p.name} holds one volume")
+    if p.is_dir():
+        return load_dicom_series(p)
     if suffix in (".tif", ".tiff"):
         return load_tiff_stack(p)
     if suffix == ".dcm" or is_dicom_file(p):
@@ -202,8 +215,9 @@ def load_volume(path: str | Path) -> Volume:
     )
 
 
-def load_nifti(path: str | Path) -> Volume:
-    """A NIfTI volume: 3D as is, 4D -> its first volume (documented in meta), 2D -> one slice along axis 2."""
+def load_nifti(path: str | Path, volume_index: int | None = None) -> Volume:
+    """A NIfTI volume: 3D as is, 2D -> one slice along axis 2, 4D (a time series or several channels) -> the 3D
+    volume ``volume_index`` (default: the first; ``meta["n_volumes"]`` and ``meta["volume_index"]`` say which)."""
     import nibabel as nib
 
     p = Path(path)
@@ -213,18 +227,19 @@ def load_nifti(path: str | Path) -> Volume:
         data = np.asanyarray(img.dataobj)
     except Exception as exc:
         raise ImageLoadError(f"cannot read {p}: the NIfTI file is corrupt or truncated ({exc})") from exc
-    meta: dict[str, Any] = {"format": "nifti", "original_dtype": str(img.get_data_dtype()), "n_volumes": 1}
-    if data.ndim == 4:
-        meta["n_volumes"] = int(data.shape[3])
-        data = data[..., 0]
-    elif data.ndim == 2:
+    meta: dict[str, Any] = {"format": "nifti", "original_dtype": str(img.get_data_dtype()), "n_volumes": 1,
+                            "volume_index": 0}
+    if data.ndim == 2:
         data = data[:, :, None]
-    elif data.ndim > 4:
-        squeezed = data.reshape(data.shape[:3] + (-1,))
-        meta["n_volumes"] = int(squeezed.shape[3])
-        data = squeezed[..., 0]
+    elif data.ndim >= 4:
+        data = data.reshape(data.shape[:3] + (-1,))
     elif data.ndim != 3:
         raise ImageLoadError(f"{p.name}: unsupported NIfTI data shape {data.shape}")
+    n_vol = int(data.shape[3]) if data.ndim == 4 else 1
+    k = 0 if volume_index is None else _check_volume_index(volume_index, n_vol, p)
+    if data.ndim == 4:
+        meta.update(n_volumes=n_vol, volume_index=k)
+        data = data[..., k]
     if data.dtype.kind == "c":
         raise ImageLoadError(f"{p.name} holds complex values; save magnitude images instead")
     if data.dtype == np.float64 and img.get_data_dtype() != np.float64:
@@ -489,6 +504,7 @@ def slice_image(
         "modality": modality,
         "original_dtype": volume.meta.get("original_dtype", str(volume.array.dtype)),
         "n_volumes": volume.meta.get("n_volumes", 1),
+        "volume_index": volume.meta.get("volume_index", 0),
         "volume_kind": volume.kind,
     }
     if volume.header is not None:

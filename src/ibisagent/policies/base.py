@@ -14,9 +14,10 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from ibisagent.env import Observation
+from ibisagent.options import check_options, keyword_options
 from ibisagent.protocol import GrammarMode
 
-__all__ = ["Policy", "PolicyError", "create_policy", "list_policies", "register_policy"]
+__all__ = ["Policy", "PolicyError", "create_policy", "default_policy", "list_policies", "policy_options", "register_policy"]
 
 
 class PolicyError(ValueError):
@@ -89,8 +90,27 @@ def list_policies() -> dict[str, str]:
     return {k: v[1] for k, v in sorted(_REGISTRY.items())}
 
 
+def default_policy() -> str:
+    """The learned ``compact`` policy when its weights are installed, else ``oracle`` (which needs a ground-truth
+    mask). The one place the default policy of the CLI and the app is decided."""
+    from importlib import resources
+
+    weights = resources.files("ibisagent").joinpath("weights/compact_policy.safetensors")
+    return "compact" if weights.is_file() and "compact" in list_policies() else "oracle"
+
+
 def create_policy(name: str, **cfg: Any) -> Policy:
     _load_builtin()
     if name not in _REGISTRY:
         raise KeyError(f"unknown policy {name!r}; known: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name][0](**cfg)
+    factory = _REGISTRY[name][0]
+    check_options(f"policy {name!r}", factory, cfg)  # UnknownOptionError (a TypeError) listing the valid ones
+    return factory(**cfg)
+
+
+def policy_options(name: str) -> tuple[str, ...] | None:
+    """The keyword options ``create_policy(name, ...)`` accepts (None when it takes any)."""
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown policy {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+    return keyword_options(_REGISTRY[name][0])

@@ -19,11 +19,18 @@ containment of the object).
 
 ``score_transition`` never calls a segmenter (the caller already applied the action); ``score_step`` applies the
 action through a segmenter itself.
+
+The components are a registry (:data:`REWARDS`, in registration order = the reference's order). A new reward is one
+function and its weight: ``@register_reward("name")`` on ``fn(t: Transition, config: RewardConfig) -> float`` and,
+when it should not weigh 1, ``RewardConfig(weights={"name": w})``. It then appears in :data:`COMPONENTS`, in every
+:class:`RewardBreakdown` (``breakdown.name``), in the total, in verl's ``compute_score`` result, as a TRL reward
+function and in the trainers' logs.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -42,9 +49,11 @@ from ibisagent.segmenters.base import Segmenter, SegmenterError
 __all__ = [
     "COMPONENTS",
     "DEFAULT_CONFIG",
+    "REWARDS",
     "RewardBreakdown",
     "RewardConfig",
     "RewardInputError",
+    "Transition",
     "answer_reward",
     "box_placement_reward",
     "click_placement_reward",
@@ -52,12 +61,90 @@ __all__ = [
     "get_segmenter",
     "length_reward",
     "progress_reward",
+    "register_reward",
     "score_step",
     "score_transition",
 ]
 
-#: the five reward components, in the reference's order
-COMPONENTS = ("format", "answer", "placement", "progress", "length")
+# ------------------------------------------------------------------------------------------------------------------
+# The registry of reward components
+# ------------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Transition:
+    """What a reward component sees: one reply, its parsed action and the masks around it (all checked, HxW bool).
+
+    ``action`` is None when the reply did not parse (nothing was applied: ``after`` is ``before`` and ``iou_after`` is
+    ``iou_before``); for Terminate ``after`` is ``before`` too. ``step`` is the 1-based turn of the reply;
+    ``format_ok`` whether the reply passed the strict format check of ``mode``.
+    """
+
+    reply: str
+    action: Action | None
+    gt: np.ndarray
+    before: np.ndarray
+    after: np.ndarray
+    iou_before: float
+    iou_after: float
+    step: int
+    format_ok: bool
+    mode: GrammarMode
+
+    @property
+    def terminate(self) -> bool:
+        return self.action is not None and self.action.kind is ActionKind.TERMINATE
+
+
+RewardFn = Callable[[Transition, "RewardConfig"], float]
+
+#: name -> component, in registration order (the built-ins: the reference's order)
+REWARDS: dict[str, RewardFn] = {}
+
+#: names a component may not take: they are the other fields of :class:`RewardBreakdown` or TRL's ``total_reward``
+_RESERVED = frozenset({"total", "iou_before", "iou_after", "action", "errors", "values", "components", "as_dict"})
+
+
+def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
+    """Decorator: add ``fn(transition, config) -> float`` as the reward component ``name`` (weight 1 unless
+    ``RewardConfig.weights`` says otherwise). Re-registering a name replaces its function in place."""
+    if not name.isidentifier() or name in _RESERVED:
+        raise ValueError(f"reward name {name!r} must be an identifier and not one of {sorted(_RESERVED)}")
+
+    def deco(fn: RewardFn) -> RewardFn:
+        REWARDS[name] = fn
+        return fn
+
+    return deco
+
+
+class _ComponentNames(Sequence[str]):
+    """The registered component names, live (a reward registered later shows up); compares equal to a tuple."""
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return tuple(REWARDS)[i]
+
+    def __len__(self) -> int:
+        return len(REWARDS)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(tuple(REWARDS))
+
+    def __contains__(self, name: object) -> bool:
+        return name in REWARDS
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and tuple(self) == tuple(other)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __repr__(self) -> str:
+        return repr(tuple(self))
+
+
+#: the reward components' names, in order: the reference's five (format, answer, placement, progress, length), then
+#: any registered later
+COMPONENTS: Sequence[str] = _ComponentNames()
 
 
 class RewardInputError(ValueError):
@@ -78,8 +165,10 @@ class RewardConfig:
     #: length reward: 1 while step <= optimal_steps, else -length_gamma * (step - optimal_steps)
     optimal_steps: int = 5
     length_gamma: float = 0.2
-    #: weights of (format, answer, placement, progress, length); total = sum(w * r) / len(weights) (reference: mean)
-    weights: tuple[float, float, float, float, float] = (1.0, 1.0, 1.0, 1.0, 1.0)
+    #: component weights: a mapping name -> weight (unnamed components weigh 1), or one number per component in
+    #: :data:`COMPONENTS` order; total = sum(w * r) / number of components (reference: the mean). Stored as
+    #: ``((name, weight), ...)`` pairs of the weights that are not 1.
+    weights: Mapping[str, float] | Sequence[float] | tuple[tuple[str, float], ...] = ()
     #: placement for Terminate (our decision): "threshold" = hit if IoU before >= stop_iou else miss; "zero" = 0
     terminate_placement: Literal["threshold", "zero"] = "threshold"
     #: the IoU at which stopping counts as correct (the synthesis threshold)
@@ -92,8 +181,7 @@ class RewardConfig:
     box_min_iou: float = 0.3
 
     def __post_init__(self) -> None:
-        if len(self.weights) != len(COMPONENTS):
-            raise ValueError(f"weights needs {len(COMPONENTS)} values ({', '.join(COMPONENTS)}), got {self.weights}")
+        object.__setattr__(self, "weights", _weight_pairs(self.weights))
         if self.optimal_steps < 0:
             raise ValueError("optimal_steps must be >= 0")
         if self.terminate_placement not in ("threshold", "zero"):
@@ -116,34 +204,71 @@ class RewardConfig:
         kw = dict(data)
         if "answer_tiers" in kw:
             kw["answer_tiers"] = tuple((float(b), float(v)) for b, v in kw["answer_tiers"])
-        if "weights" in kw:
-            kw["weights"] = tuple(float(w) for w in kw["weights"])
         return cls(**kw)
 
+    def weight(self, name: str) -> float:
+        """The weight of component ``name`` (1 unless ``weights`` names it)."""
+        return dict(self.weights).get(name, 1.0)  # type: ignore[arg-type]
 
-@dataclass(frozen=True)
+
+def _weight_pairs(weights: Any) -> tuple[tuple[str, float], ...]:
+    """``weights`` as ((name, weight), ...) in component order; a plain sequence of numbers is positional."""
+    if isinstance(weights, Mapping):
+        items = list(weights.items())
+    else:
+        items = list(weights)
+        if not items:
+            return ()
+        if all(isinstance(w, Sequence) and not isinstance(w, str) and len(w) == 2 for w in items):
+            items = [(str(n), w) for n, w in items]
+        else:
+            if len(items) != len(COMPONENTS):
+                raise ValueError(f"weights needs {len(COMPONENTS)} values ({', '.join(COMPONENTS)}) or a mapping "
+                                 f"name -> weight, got {weights}")
+            items = list(zip(COMPONENTS, items))
+    unknown = sorted(str(n) for n, _ in items if n not in REWARDS)
+    if unknown:
+        raise ValueError(f"weights for unknown reward component(s) {unknown}; known: {', '.join(COMPONENTS)}")
+    given = {n: float(w) for n, w in items}
+    return tuple((n, given[n]) for n in REWARDS if given.get(n, 1.0) != 1.0)  # canonical: only weights != 1
+
+
+@dataclass(frozen=True, init=False)
 class RewardBreakdown:
-    """The five rewards and their weighted mean, plus what they were computed from."""
+    """Every component's value and their weighted mean, plus what they were computed from.
 
-    format: float
-    answer: float
-    placement: float
-    progress: float
-    length: float
+    Components are read as attributes (``breakdown.format``, ``breakdown.answer``, ...) or all at once with
+    :meth:`components`. Build with keywords: ``RewardBreakdown(total=..., format=1.0, answer=3.0, ...)``.
+    """
+
+    values: dict[str, float]
     total: float
     iou_before: float = 0.0
     iou_after: float = 0.0
     action: str | None = None  # the action kind ("positive", "negative", "box", "terminate") or None if unparseable
     errors: tuple[str, ...] = field(default_factory=tuple)
 
+    def __init__(self, values: Mapping[str, float] | None = None, *, total: float, iou_before: float = 0.0,
+                 iou_after: float = 0.0, action: str | None = None, errors: Sequence[str] = (),
+                 **components: float) -> None:
+        for name, value in (("values", {**(values or {}), **components}), ("total", total),
+                            ("iou_before", iou_before), ("iou_after", iou_after), ("action", action),
+                            ("errors", tuple(errors))):
+            object.__setattr__(self, name, value)
+
+    def __getattr__(self, name: str) -> float:
+        values = self.__dict__.get("values")
+        if values is not None and name in values:
+            return values[name]
+        raise AttributeError(f"{type(self).__name__!s} has no attribute or reward component {name!r}")
+
     def as_dict(self) -> dict[str, Any]:
         """Components, total, IoU before/after, the action kind and format errors as a JSON-able dict."""
-        d = asdict(self)
-        d["errors"] = list(self.errors)
-        return d
+        return {**self.values, "total": self.total, "iou_before": self.iou_before, "iou_after": self.iou_after,
+                "action": self.action, "errors": list(self.errors)}
 
     def components(self) -> dict[str, float]:
-        return {k: getattr(self, k) for k in COMPONENTS}
+        return dict(self.values)
 
 
 #: the reference configuration
@@ -219,8 +344,8 @@ def length_reward(step: int, config: RewardConfig = DEFAULT_CONFIG) -> float:
     return -config.length_gamma * (step - config.optimal_steps)
 
 
-def _total(values: tuple[float, ...], config: RewardConfig) -> float:
-    return float(sum(w * v for w, v in zip(config.weights, values)) / len(values))
+def _total(values: Mapping[str, float], config: RewardConfig) -> float:
+    return float(sum(config.weight(k) * v for k, v in values.items()) / len(values))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -273,26 +398,49 @@ def _placement(action: Action, gt: np.ndarray, before: np.ndarray, iou_before: f
 def _breakdown(reply: str, action: Action | None, parse_error: str | None, gt: np.ndarray, before: np.ndarray,
                after: np.ndarray, step: int, config: RewardConfig, mode: GrammarMode) -> RewardBreakdown:
     validation = validate_reply(reply, mode) if isinstance(reply, str) else None
-    fmt = 1.0 if validation else 0.0
     errors = tuple(validation.errors) if validation is not None else ("reply is not a string",)
     iou_before = iou(before, gt)
-    length = length_reward(step, config)
-    if action is None:
-        # Unparseable (our decision): nothing was applied; no answer credit, a placement miss, no progress.
-        vals = (fmt, 0.0, config.placement_miss, 0.0, length)
-        return RewardBreakdown(*vals, total=_total(vals, config), iou_before=iou_before, iou_after=iou_before,
-                               action=None, errors=errors + ((parse_error,) if parse_error else ()))
-    terminate = action.kind is ActionKind.TERMINATE
-    iou_after = iou_before if terminate else iou(after, gt)
-    vals = (
-        fmt,
-        answer_reward(iou_after, config),
-        _placement(action, gt, before, iou_before, config),
-        progress_reward(iou_before, iou_after, terminate, config),
-        length,
-    )
-    return RewardBreakdown(*vals, total=_total(vals, config), iou_before=iou_before, iou_after=iou_after,
-                           action=action.kind.value, errors=errors)
+    if action is None:  # unparseable: nothing was applied
+        after, iou_after = before, iou_before
+        errors += (parse_error,) if parse_error else ()
+    elif action.kind is ActionKind.TERMINATE:
+        iou_after = iou_before
+    else:
+        iou_after = iou(after, gt)
+    t = Transition(reply, action, gt, before, after, iou_before, iou_after, step, bool(validation), mode)
+    values = {name: float(fn(t, config)) for name, fn in REWARDS.items()}
+    return RewardBreakdown(values, total=_total(values, config), iou_before=iou_before, iou_after=iou_after,
+                           action=None if action is None else action.kind.value, errors=errors)
+
+
+# The reference's five components. Unparseable replies (our decision): no answer credit, a placement miss, no
+# progress, length as usual.
+
+@register_reward("format")
+def _format_component(t: Transition, config: RewardConfig) -> float:
+    return 1.0 if t.format_ok else 0.0
+
+
+@register_reward("answer")
+def _answer_component(t: Transition, config: RewardConfig) -> float:
+    return 0.0 if t.action is None else answer_reward(t.iou_after, config)
+
+
+@register_reward("placement")
+def _placement_component(t: Transition, config: RewardConfig) -> float:
+    if t.action is None:
+        return config.placement_miss
+    return _placement(t.action, t.gt, t.before, t.iou_before, config)
+
+
+@register_reward("progress")
+def _progress_component(t: Transition, config: RewardConfig) -> float:
+    return 0.0 if t.action is None else progress_reward(t.iou_before, t.iou_after, t.terminate, config)
+
+
+@register_reward("length")
+def _length_component(t: Transition, config: RewardConfig) -> float:
+    return length_reward(t.step, config)
 
 
 def score_transition(

@@ -7,9 +7,11 @@ or RLE JSON), ``points``, ``labels``, ``box``, ``step``, ``prev_mask_rle``, ``se
 >>> from ibisagent.rewards.trl import make_reward_functions
 >>> trainer = GRPOTrainer(..., reward_funcs=make_reward_functions(), train_dataset=ds)
 
-One function per component (``format_reward``, ``answer_reward``, ``placement_reward``, ``progress_reward``,
-``length_reward``) plus ``total_reward``; TRL logs each under its ``__name__``. The five share a small cache, so a
-completion's action goes through the segmenter once, not five times. A row whose state columns are missing scores
+One function per registered component (``format_reward``, ``answer_reward``, ``placement_reward``,
+``progress_reward``, ``length_reward``, then any added with :func:`ibisagent.rewards.register_reward`) plus
+``total_reward``; TRL logs each under its ``__name__``. They share a small cache, so a completion's action goes
+through the segmenter once, not once per component. Scoring is :func:`ibisagent.rewards.core.score_step` on the
+row's state (:mod:`ibisagent.rewards.rows`), the same path verl's ``compute_score`` takes. A row whose state columns are missing scores
 ``None`` ("not applicable"), except ``format_reward`` which needs only the text.
 """
 
@@ -20,9 +22,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ibisagent.rewards.core import COMPONENTS, RewardConfig
+from ibisagent.rewards.core import COMPONENTS, RewardBreakdown, RewardConfig, score_step
 from ibisagent.rewards.core import format_reward as _format_reward
-from ibisagent.rewards.verl import compute_score
+from ibisagent.rewards.rows import step_arguments
 
 __all__ = ["completion_text", "make_reward_functions", "reward_functions"]
 
@@ -58,29 +60,27 @@ def _column(kwargs: dict[str, Any], key: str, i: int) -> Any:
 
 
 class _Scorer:
-    """Scores (completion, row) pairs once and serves all component functions from a small LRU."""
+    """Scores (completion, row) pairs once with :func:`~ibisagent.rewards.core.score_step` and serves all component
+    functions from a small LRU."""
 
     def __init__(self, config: RewardConfig, segmenter: str | None, max_items: int = 4096) -> None:
         self.config = config
         self.segmenter = segmenter
         self.max_items = max_items
-        self._cache: OrderedDict[str, dict[str, Any] | None] = OrderedDict()
+        self._cache: OrderedDict[str, RewardBreakdown] = OrderedDict()
 
-    def row(self, text: str, kwargs: dict[str, Any], i: int) -> dict[str, Any] | None:
+    def row(self, text: str, kwargs: dict[str, Any], i: int) -> RewardBreakdown | None:
         gt = _column(kwargs, "ground_truth", i)
         info = {k: _column(kwargs, k, i) for k in _STATE_KEYS}
         if gt is None or not info.get("image_path"):
             return None
         if self.segmenter:
             info["segmenter"] = self.segmenter
-        info["reward_config"] = {k: getattr(self.config, k) for k in self.config.__dataclass_fields__}
         key = json.dumps([text, str(gt)[:256], info], sort_keys=True, default=str)
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        grammar = info.get("grammar") or "reference"
-        source = "ibisagent-box" if grammar == "extended" else "ibisagent"
-        result = compute_score(source, text, gt, info)
+        result = score_step(text, **step_arguments(gt, info, "reference", self.config))
         self._cache[key] = result
         if len(self._cache) > self.max_items:
             self._cache.popitem(last=False)
@@ -98,7 +98,7 @@ def _make(name: str, scorer: _Scorer) -> RewardFn:
                 out.append(_format_reward(text, grammar))
                 continue
             res = scorer.row(text, kwargs, i)
-            out.append(None if res is None else float(res["score" if name == "total" else name]))
+            out.append(None if res is None else float(res.total if name == "total" else res.components()[name]))
         return out
 
     reward.__name__ = f"{name}_reward"
@@ -108,12 +108,14 @@ def _make(name: str, scorer: _Scorer) -> RewardFn:
 
 
 def make_reward_functions(config: RewardConfig | None = None, *, segmenter: str | None = None,
-                          components: Sequence[str] = (*COMPONENTS, "total")) -> list[RewardFn]:
-    """TRL reward functions for the chosen components (default: the five and the total).
+                          components: Sequence[str] | None = None) -> list[RewardFn]:
+    """TRL reward functions for the chosen components (default: every registered component and the total).
 
     Pass only the five to ``GRPOTrainer(reward_funcs=...)`` with equal ``reward_weights`` to reproduce the reference
     total, or only ``("total",)``. ``segmenter`` overrides the row's ``segmenter`` column.
     """
+    if components is None:
+        components = (*COMPONENTS, "total")
     unknown = [c for c in components if c not in (*COMPONENTS, "total")]
     if unknown:
         raise ValueError(f"unknown reward component(s) {unknown}; choose from {(*COMPONENTS, 'total')}")

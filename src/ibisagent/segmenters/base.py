@@ -9,11 +9,18 @@ Two more calls serve batched training (lockstep rollouts over many images), like
 (``encoder_id`` set), and :meth:`Segmenter.predict_batch` decodes many prompt sets (:class:`PromptSet`) at once, each
 on its own image or embedding. The base class answers ``predict_batch`` one item at a time through ``set_image`` +
 ``predict``; a backend overrides it to decode stacked embeddings in one pass.
+
+One segmenter may serve several users (sessions, environments, the reward scorer, the app/server hub), each with its
+own image. The segmenter holds ONE image at a time and knows which (``holds``: this very array object;
+``image_key``: the :func:`image_key` of its content), so each user makes sure it is theirs before predicting:
+``ensure_image(image)`` re-sets it only when the segmenter holds another one. Re-setting is cheap for the LiteMedSAM
+backends, which keep an embedding cache keyed by image content.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ibisagent.options import check_options, keyword_options
 
 __all__ = [
     "CLICK_WEIGHTS",
@@ -36,6 +45,7 @@ __all__ = [
     "image_key",
     "list_segmenters",
     "register_segmenter",
+    "segmenter_options",
 ]
 
 
@@ -55,6 +65,10 @@ def image_key(image: np.ndarray) -> str:
     h = hashlib.sha1(f"{arr.shape}{arr.dtype}".encode())
     h.update(arr.tobytes())
     return h.hexdigest()
+
+
+#: smallest image side a segmenter accepts (pixels)
+MIN_IMAGE_SIDE = 2
 
 
 class SegmenterError(ValueError):
@@ -119,14 +133,18 @@ def check_prompts(
     int64 (N,) labels and a float32 (4,) box or None. Raises :class:`SegmenterError` on bad input."""
     h, w = shape
     pts = np.zeros((0, 2), np.float32) if points is None else np.asarray(points, dtype=np.float32).reshape(-1, 2)
-    lab = np.zeros((0,), np.int64) if labels is None else np.asarray(labels, dtype=np.int64).reshape(-1)
+    raw_lab = np.zeros((0,), np.int64) if labels is None else np.asarray(labels).reshape(-1)
+    if raw_lab.dtype.kind not in "biuf" or (len(raw_lab) and not np.isin(raw_lab, (0, 1)).all()):
+        shown = sorted({str(v) for v in raw_lab.tolist()})[:10]
+        raise SegmenterError(f"labels must be 1 (positive) or 0 (negative), got {', '.join(shown)}")
+    lab = raw_lab.astype(np.int64)
     if len(pts) != len(lab):
         raise SegmenterError(f"{len(pts)} points but {len(lab)} labels")
-    if len(lab) and not np.isin(lab, (0, 1)).all():
-        raise SegmenterError(f"labels must be 1 (positive) or 0 (negative), got {sorted(set(lab.tolist()))}")
+    if len(pts) and not np.isfinite(pts).all():
+        bad = pts[~np.isfinite(pts).all(axis=1)]
+        raise SegmenterError(f"click coordinates must be finite numbers, got {bad.tolist()} (NaN or infinity)")
     if len(pts) and (
-        not np.isfinite(pts).all() or (pts[:, 0] < 0).any() or (pts[:, 1] < 0).any()
-        or (pts[:, 0] > w - 1).any() or (pts[:, 1] > h - 1).any()
+        (pts[:, 0] < 0).any() or (pts[:, 1] < 0).any() or (pts[:, 0] > w - 1).any() or (pts[:, 1] > h - 1).any()
     ):
         bad = pts[(pts[:, 0] < 0) | (pts[:, 1] < 0) | (pts[:, 0] > w - 1) | (pts[:, 1] > h - 1)]
         raise SegmenterError(f"click(s) {bad.tolist()} lie outside the {w}x{h} image (x in [0,{w-1}], y in [0,{h-1}])")
@@ -134,7 +152,7 @@ def check_prompts(
     if box is not None:
         bx = np.asarray(box, dtype=np.float32).reshape(-1)
         if bx.shape != (4,) or not np.isfinite(bx).all():
-            raise SegmenterError(f"box must be 4 finite numbers (x1, y1, x2, y2), got {box!r}")
+            raise SegmenterError(f"box must be 4 finite numbers (x1, y1, x2, y2), got {np.asarray(box).tolist()!r}")
         x1, y1, x2, y2 = bx.tolist()
         if not (0 <= x1 < x2 <= w - 1 + 1e-6 and 0 <= y1 < y2 <= h - 1 + 1e-6):
             raise SegmenterError(f"box {bx.tolist()} is not a valid box inside the {w}x{h} image")
@@ -156,6 +174,7 @@ class Segmenter:
     def __init__(self) -> None:
         self._shape: tuple[int, int] | None = None
         self._features: Any = None
+        self._held: np.ndarray | None = None  # the array object last passed to set_image
         self.timings = Timings()
         #: how many times the image encoder actually ran (cache hits not counted)
         self.encoder_runs = 0
@@ -177,13 +196,20 @@ class Segmenter:
         """:func:`image_key` of the image set now (None without one)."""
         return self._image_key if self._shape is not None else None
 
+    def holds(self, image: np.ndarray) -> bool:
+        """True when the image set last is this very array object (and is still set)."""
+        return self._shape is not None and self._held is image
+
     def set_image(self, image: np.ndarray) -> None:
         """Encode an HxWx3 uint8 RGB image (or HxW grayscale) once; later ``predict`` calls reuse it."""
         self._set_image(image, None)
 
     def ensure_image(self, image: np.ndarray, key: str | None = None) -> bool:
-        """``set_image(image)`` unless this segmenter holds that image already (by :func:`image_key`, or ``key``
-        when the caller has computed it). Returns whether the image was set."""
+        """``set_image(image)`` unless this segmenter holds that image already: this very array object
+        (:meth:`holds`, no hashing), or the same content (by :func:`image_key`, or ``key`` when the caller has
+        computed it). Returns whether the image was set."""
+        if self.holds(image):
+            return False
         key = key or image_key(image)
         if self._shape is not None and self._image_key == key:
             return False
@@ -191,24 +217,31 @@ class Segmenter:
         return True
 
     def _set_image(self, image: np.ndarray, key: str | None) -> None:
+        src = image
         img = np.asarray(image)
         if img.ndim == 2:
             img = np.repeat(img[..., None], 3, axis=2)
-        if img.ndim != 3 or img.shape[2] not in (3, 4) or img.shape[0] < 2 or img.shape[1] < 2:
-            raise SegmenterError(f"expected an HxWx3 image, got shape {img.shape}")
+        if img.ndim != 3 or img.shape[2] not in (3, 4):
+            raise SegmenterError(f"expected an HxWx3 (RGB) or HxW (gray) image, got an array of shape {img.shape}")
+        if img.shape[0] < MIN_IMAGE_SIDE or img.shape[1] < MIN_IMAGE_SIDE:
+            raise SegmenterError(f"the image is {img.shape[1]}x{img.shape[0]} pixels; the minimum size is "
+                                 f"{MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}")
         img = img[..., :3]
         if img.dtype != np.uint8:
             raise SegmenterError(f"expected uint8 RGB pixels, got {img.dtype}; use ibisagent.io to load/normalize")
+        self.reset_image()  # a failed encode leaves no image set rather than the previous one
         t = time.perf_counter()
         self._features = self._encode(np.ascontiguousarray(img))
         self.timings.encoder_s += time.perf_counter() - t
         self.timings.encoder_calls += 1
         self._shape = (int(img.shape[0]), int(img.shape[1]))
+        self._held = src
         self._image_key = key or image_key(np.asarray(image))
 
     def reset_image(self) -> None:
         self._shape = None
         self._features = None
+        self._held = None
         self._image_key = None
 
     def predict(
@@ -306,17 +339,24 @@ def create_segmenter(name: str, **cfg: Any) -> Segmenter:
     _load_builtin()
     if name not in _REGISTRY:
         raise KeyError(f"unknown segmenter {name!r}; known: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name].factory(**cfg)
+    factory = _REGISTRY[name].factory
+    check_options(f"segmenter {name!r}", factory, cfg)  # UnknownOptionError (a TypeError) listing the valid ones
+    return factory(**cfg)
+
+
+def segmenter_options(name: str) -> tuple[str, ...] | None:
+    """The keyword options ``create_segmenter(name, ...)`` accepts (None when it takes any)."""
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown segmenter {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+    return keyword_options(_REGISTRY[name].factory)
+
+
+#: modules that register the built-in backends when imported; loaded by name because they are the registry's
+#: plug-ins (they import this module, this module does not import them). Heavy imports happen inside factories.
+BUILTIN_BACKENDS = ("ibisagent.segmenters.fake", "ibisagent.segmenters.litemedsam", "ibisagent.segmenters.sam2")
 
 
 def _load_builtin() -> None:
-    # Importing the modules registers their backends; heavy imports (torch) happen inside factories.
-    from ibisagent.segmenters import fake  # noqa: F401
-
-    for mod in ("litemedsam", "sam2"):
-        try:
-            __import__(f"ibisagent.segmenters.{mod}")
-        except ModuleNotFoundError as exc:  # module not written yet or optional dependency missing at import
-            if exc.name and exc.name.startswith("ibisagent"):
-                continue
-            raise
+    for module in BUILTIN_BACKENDS:
+        importlib.import_module(module)

@@ -25,7 +25,6 @@ Encoder choice for segmenters (``encoder=`` option):
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import importlib.util
@@ -33,6 +32,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,7 @@ __all__ = [
     "default_threads",
     "compile_openvino",
     "ensure_onnx_model",
+    "export_and_check",
     "encoder_runner",
     "export_onnx",
     "make_ort_session",
@@ -404,57 +405,22 @@ def encoder_runner(module: nn.Module, kind: str = "auto", input_size: int = 256,
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# CLI: ``ibisagent export-encoder`` (pre-builds the ONNX cache and checks it against PyTorch)
+# Pre-building the cache (``ibisagent export-encoder``)
 # ----------------------------------------------------------------------------------------------------------------
 
-def _load_litemedsam_encoder() -> nn.Module:
-    from ibisagent.segmenters.litemedsam import load_base_model
-
-    return load_base_model().image_encoder
-
-
-def _cmd_export(args: argparse.Namespace) -> int:
-    import sys
-    import time
-
-    try:
-        module = _load_litemedsam_encoder()
-        t0 = time.perf_counter()
-        if args.runtime == "openvino":
-            enc: _ExportedEncoder = OpenVinoEncoder(module, input_size=args.input_size, cache_dir=args.cache_dir,
-                                                    threads=args.threads)
-        else:
-            enc = OnnxEncoder(module, input_size=args.input_size, cache_dir=args.cache_dir, threads=args.threads,
-                              quantize=args.int8)
-        setup_s = time.perf_counter() - t0
-        x = torch.rand(1, 3, args.input_size, args.input_size, generator=torch.Generator().manual_seed(0))
-        with torch.inference_mode():
-            ref = module(x)
-        out = enc(x)
-    except (SegmenterError, SegmenterUnavailable, OSError) as exc:
-        print(f"export-encoder: {exc}", file=sys.stderr)
-        return 2
-    diff = float((out - ref).abs().max())
-    print(f"{enc.path}\n{enc.runtime}: setup {setup_s:.1f} s; max |onnx - torch| on a random input: {diff:.2e}")
-    return 0
-
-
-def add_parser(subparsers: Any) -> Any:
-    """Add the ``export-encoder`` subcommand (sets ``func``)."""
-    p = subparsers.add_parser(
-        "export-encoder",
-        help="export LiteMedSAM's image encoder to ONNX once (cached) and check it against PyTorch",
-        description="Export the LiteMedSAM TinyViT image encoder to ONNX (cached on disk, keyed by the weights' "
-                    "sha256, opset and torch version) so that the first segmentation does not pay for it; prints "
-                    "the file and the max difference to PyTorch on a random input. Segmenters use it with "
-                    "encoder='auto' (default) or 'onnx'.",
-    )
-    p.add_argument("--cache-dir", type=Path, default=None,
-                   help=f"where to keep the .onnx file (default ${ONNX_DIR_ENV} or ~/.cache/ibisagent/onnx)")
-    p.add_argument("--runtime", choices=("onnx", "openvino"), default="onnx",
-                   help="runtime used for the check (default onnx = ONNX Runtime)")
-    p.add_argument("--int8", action="store_true", help="also build the int8 dynamically quantized model (onnx)")
-    p.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads for the check (default 2)")
-    p.add_argument("--input-size", type=int, default=256, help=argparse.SUPPRESS)  # tests use a toy module
-    p.set_defaults(func=_cmd_export)
-    return p
+def export_and_check(module: nn.Module, *, runtime: str = "onnx", input_size: int = 256,
+                     cache_dir: str | Path | None = None, threads: int = 2,
+                     int8: bool = False) -> tuple[_ExportedEncoder, float, float]:
+    """Export ``module`` (cached) for ``runtime`` (``"onnx"`` = ONNX Runtime, ``"openvino"``) and compare it with
+    PyTorch on a seeded random input. Returns (encoder, setup seconds, max abs difference)."""
+    t0 = time.perf_counter()
+    if runtime == "openvino":
+        enc: _ExportedEncoder = OpenVinoEncoder(module, input_size=input_size, cache_dir=cache_dir, threads=threads)
+    else:
+        enc = OnnxEncoder(module, input_size=input_size, cache_dir=cache_dir, threads=threads, quantize=int8)
+    setup_s = time.perf_counter() - t0
+    x = torch.rand(1, 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref = module(x)
+    out = enc(x)
+    return enc, setup_s, float((out - ref).abs().max())

@@ -31,7 +31,6 @@ segmenter's mask decoder runs batched; with LiteMedSAM the image embeddings come
 
 from __future__ import annotations
 
-import argparse
 import copy
 import csv
 import dataclasses
@@ -75,7 +74,6 @@ from ibisagent.queries import UNCLICKABLE_OBJECTS, is_unclickable, query_variant
 __all__ = [
     "PolicyTrainConfig",
     "PolicyTrainError",
-    "add_parser",
     "click_target",
     "grpo_advantages",
     "train_policy",
@@ -1209,57 +1207,3 @@ def _maybe_json(v: str) -> Any:
         return json.loads(v)
     except (ValueError, TypeError):
         return v
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# CLI
-# ----------------------------------------------------------------------------------------------------------------
-
-def add_parser(subparsers: Any) -> None:
-    """Add ``train-policy`` to the ``ibisagent`` CLI."""
-    p = subparsers.add_parser(
-        "train-policy",
-        help="train the compact CPU policy (SFT on oracle trajectories, then multi-turn GRPO)",
-        description="Train the compact CPU policy: stage 1 imitates oracle, reflective and DAgger trajectories; "
-                    "stage 2 runs GRPO on whole episodes through the segmenter with the five reference rewards. "
-                    "Writes the weights (default: the package's weights/compact_policy.safetensors), CSV logs and "
-                    "PNG curves in --run-dir.",
-    )
-    for f in dataclasses.fields(PolicyTrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        helptext = f.metadata.get("help", "")
-        if f.type in ("bool", bool):
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
-                           help=helptext)
-        elif f.name in ("datasets", "volume_datasets"):
-            p.add_argument(flag, dest=f.name, default=None, help=helptext + " (comma-separated)")
-        else:
-            typ = {"int": int, "float": float}.get(str(f.type), str)
-            p.add_argument(flag, dest=f.name, type=typ, default=f.default, help=f"{helptext} (default {f.default})")
-    p.set_defaults(func=_cli)
-
-
-def _cli(args: argparse.Namespace) -> int:
-    import sys
-
-    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(PolicyTrainConfig)}
-    for name in ("datasets", "volume_datasets"):
-        if isinstance(kw.get(name), str):
-            kw[name] = [d for d in kw[name].split(",") if d]
-    try:
-        train_policy(PolicyTrainConfig(**kw))
-    except (PolicyTrainError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ibisagent")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

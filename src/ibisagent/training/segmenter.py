@@ -24,7 +24,6 @@ Train ONLY on the ``train`` split (by image, :attr:`ibisagent.io.manifest.Case.s
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import hashlib
@@ -50,7 +49,6 @@ from ibisagent.segmenters.embedding_cache import DiskEmbeddingCache, embedding_k
 __all__ = [
     "SegmenterTrainConfig",
     "THIN_OBJECTS",
-    "add_parser",
     "cache_embeddings",
     "case_group",
     "train_segmenter",
@@ -728,55 +726,3 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
     checkpoint(done)
     _plot(csv_path, run_dir / "loss_curve.png")
     return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# CLI
-# ----------------------------------------------------------------------------------------------------------------
-
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    for f in dataclasses.fields(SegmenterTrainConfig):
-        name = "--" + f.name.replace("_", "-")
-        helptext = f.metadata.get("help", "")
-        default = f.default
-        if f.type in ("bool", bool):
-            p.add_argument(name, action=argparse.BooleanOptionalAction, default=default, help=helptext)
-        elif f.name == "datasets":
-            p.add_argument(name, nargs="+", default=None, help=helptext)
-        else:
-            typ = {"int": int, "float": float, "str": str}.get(str(f.type), str)
-            p.add_argument(name, type=typ, default=default, help=f"{helptext} (default: {default})")
-
-
-def config_from_args(args: argparse.Namespace) -> SegmenterTrainConfig:
-    return SegmenterTrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SegmenterTrainConfig)})
-
-
-def _run(args: argparse.Namespace) -> int:
-    path = train_segmenter(config_from_args(args))
-    print(path)
-    return 0
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the ``train-segmenter`` subcommand (sets ``func``)."""
-    p = subparsers.add_parser(
-        "train-segmenter",
-        help="fine-tune LiteMedSAM's prompt encoder + mask decoder for clicks (cached embeddings)",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
-    )
-    _add_config_args(p)
-    p.set_defaults(func=_run)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ibisagent.training.segmenter")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    add_parser(sub)
-    args = parser.parse_args(argv)
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -500,17 +500,17 @@ def run_trl_grpo_steps(cfg: GRPORunConfig) -> GRPOResult:
             if "visual" in name:
                 p.requires_grad_(False)
     out = Path(cfg.output_dir)
+    rcfg = RewardConfig.from_dict(cfg.reward_config) if cfg.reward_config else RewardConfig()
     args = GRPOConfig(
         output_dir=str(out), max_steps=cfg.steps, learning_rate=cfg.learning_rate,
         num_generations=cfg.group_size, per_device_train_batch_size=cfg.group_size * cfg.cases_per_step,
         max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
         beta=cfg.beta, epsilon=cfg.clip_eps, num_iterations=cfg.ppo_epochs, max_grad_norm=cfg.max_grad_norm,
-        reward_weights=[1.0 / len(COMPONENTS)] * len(COMPONENTS), remove_unused_columns=False,
+        reward_weights=[rcfg.weight(c) / len(COMPONENTS) for c in COMPONENTS], remove_unused_columns=False,
         gradient_checkpointing=cfg.gradient_checkpointing, bf16=vl.dtype == torch.bfloat16, fp16=False,
         use_cpu=vl.device == "cpu", logging_steps=1, save_strategy="steps" if cfg.save_every else "no",
         save_steps=cfg.save_every or 500, report_to="none", seed=cfg.seed,
     )
-    rcfg = RewardConfig.from_dict(cfg.reward_config) if cfg.reward_config else RewardConfig()
     trainer = GRPOTrainer(model=vl.model, reward_funcs=make_reward_functions(rcfg, segmenter=cfg.segmenter,
                                                                              components=COMPONENTS),
                           args=args, train_dataset=ds, processing_class=vl.processor, peft_config=peft_config)

@@ -111,7 +111,7 @@ def volume_slice_cases(
     ``stride``: every ``stride``-th axial slice (last voxel axis); ``min_area``: structures with fewer pixels in a
     slice are skipped; ``guard``: slices kept away from each validation 2D slice of the same volume.
     """
-    from ibisagent.io.images import load_image
+    from ibisagent.io.loader import load_image
 
     if stride < 1:
         raise ValueError("stride must be >= 1")

@@ -9,9 +9,6 @@ The logic lives in :class:`ibisagent.ui.annotator.Annotator`; this module only w
 """
 
 
-import argparse
-import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +17,7 @@ from ibisagent.runtime import SegmenterHub, default_segmenter, find_bundled_dir
 from ibisagent.segmenters.base import SegmenterUnavailable
 from ibisagent.ui.annotator import WINDOW_CHOICES, Annotator
 
-__all__ = ["AppConfig", "ExampleCase", "add_parser", "build_app", "bundled_examples", "display_factor", "display_scaled"]
+__all__ = ["AppConfig", "ExampleCase", "build_app", "bundled_examples", "display_factor", "display_scaled"]
 
 IMAGE_TYPES = [".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".nii", ".gz"]
 #: errors shown to the user as a message (bad input, a backend that cannot run here, an unknown name)
@@ -58,9 +55,9 @@ class AppConfig:
     """What the app offers: segmenters, policies, defaults and examples."""
 
     def __init__(self, segmenters: list[str] | None = None, policies: list[str] | None = None,
-                 segmenter: str | None = None, policy: str = "oracle",
+                 segmenter: str | None = None, policy: str | None = None,
                  examples: list[ExampleCase] | None = None, max_steps: int = 20) -> None:
-        from ibisagent.policies.base import list_policies
+        from ibisagent.policies.base import default_policy, list_policies
         from ibisagent.segmenters.base import list_segmenters
 
         self.segmenters = segmenters or list(list_segmenters())
@@ -68,7 +65,8 @@ class AppConfig:
         self.segmenter = segmenter or default_segmenter()
         if self.segmenter not in self.segmenters:
             self.segmenters.insert(0, self.segmenter)
-        self.policy = policy
+        # the learned policy works on a user's own image; the oracle needs a ground-truth mask
+        self.policy = policy or default_policy()
         if self.policy not in self.policies:
             self.policies.insert(0, self.policy)
         self.examples = bundled_examples() if examples is None else examples
@@ -99,6 +97,7 @@ def build_app(config: AppConfig | None = None, hub: SegmenterHub | None = None) 
     cfg = config or AppConfig()
     hub = hub or SegmenterHub()
     examples = {e.label: e for e in cfg.examples}
+    first_example = next((e.label for e in cfg.examples if not e.is_3d), next(iter(examples), None))
 
     def new_state(segmenter: str, policy: str) -> Annotator:
         return Annotator(hub, segmenter or cfg.segmenter, policy or cfg.policy, max_steps=cfg.max_steps)
@@ -236,7 +235,11 @@ def build_app(config: AppConfig | None = None, hub: SegmenterHub | None = None) 
         state = gr.State(None)
         with gr.Row():
             with gr.Column(scale=1, min_width=340):
-                example = gr.Dropdown(choices=list(examples), value=None, label="Bundled example",
+                # where to open an image comes first: visible without scrolling (1400x1000 and up)
+                upload = gr.File(label="Open your own image: PNG/JPEG/DICOM, a NIfTI volume, or all files of a "
+                                       "DICOM series", file_types=IMAGE_TYPES, file_count="multiple",
+                                 type="filepath", elem_id="upload", height=110)
+                example = gr.Dropdown(choices=list(examples), value=first_example, label="... or a bundled example",
                                       elem_id="example", interactive=True)
                 query = gr.Textbox(label="Query", placeholder="segment the tumor", elem_id="query")
                 with gr.Row():
@@ -255,10 +258,7 @@ def build_app(config: AppConfig | None = None, hub: SegmenterHub | None = None) 
                     fmt = gr.Radio(["PNG", "NIfTI (.nii.gz)"], value="PNG", label="Mask format", elem_id="fmt")
                     export_btn = gr.Button("Export mask", elem_id="export")
                 download = gr.File(label="Mask file", interactive=False, elem_id="download", height=90)
-                with gr.Accordion("Open your own image", open=True):
-                    upload = gr.File(label="Image: PNG/JPEG/DICOM, a NIfTI volume, or all files of a DICOM series",
-                                     file_types=IMAGE_TYPES, file_count="multiple", type="filepath",
-                                     elem_id="upload", height=120)
+                with gr.Accordion("Ground truth, volume slice and window", open=True):
                     mask_up = gr.File(label="Ground-truth mask (optional: enables IoU and the oracle policy)",
                                       file_types=IMAGE_TYPES + [".npy"], type="filepath", elem_id="mask-upload",
                                       height=120)
@@ -274,6 +274,8 @@ def build_app(config: AppConfig | None = None, hub: SegmenterHub | None = None) 
 
         shown = [state, canvas, status, log]
         example.change(on_example, [example, state, segmenter, policy, window], [*shown, query, slider])
+        if first_example is not None:  # the dropdown shows the first example: open it with the page
+            demo.load(on_example, [example, state, segmenter, policy, window], [*shown, query, slider])
         upload.change(on_upload, [upload, state, segmenter, policy, window], [*shown, slider])
         mask_up.change(on_mask, [mask_up, state, segmenter, policy], shown)
         slider.release(on_slice, [slider, state, segmenter, policy], shown)
@@ -286,45 +288,3 @@ def build_app(config: AppConfig | None = None, hub: SegmenterHub | None = None) 
         reset_btn.click(on_reset, [state, segmenter, policy], shown)
         export_btn.click(on_export, [fmt, state, segmenter, policy], download)
     return demo
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# CLI
-# ----------------------------------------------------------------------------------------------------------------
-
-def add_parser(subparsers: Any) -> None:
-    """Add ``ibisagent app``."""
-    p = subparsers.add_parser(
-        "app",
-        help="start the annotation web app (Gradio) on 127.0.0.1",
-        description="Web app: open an image or volume, type a query, watch the agent segment step by step, correct "
-                    "it with your own clicks, download the mask. Binds to 127.0.0.1 unless --host says otherwise.",
-    )
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    p.add_argument("--segmenter", default=None,
-                   help="default segmenter (default litemedsam-click when its weights exist, else litemedsam)")
-    p.add_argument("--policy", default="oracle", help="default policy (default oracle)")
-    p.add_argument("--examples", default=None, help="manifest folder of examples (default: the bundled cases)")
-    p.add_argument("--max-steps", type=int, default=20, help="agent turns per episode (default 20)")
-    p.set_defaults(func=_app_main)
-
-
-def _app_main(args: argparse.Namespace) -> int:
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    try:
-        cfg = AppConfig(segmenter=args.segmenter, policy=args.policy, examples=bundled_examples(args.examples),
-                        max_steps=args.max_steps)
-        from ibisagent.segmenters.base import list_segmenters
-
-        if cfg.segmenter not in list_segmenters():
-            raise ValueError(f"unknown segmenter {cfg.segmenter!r}; known: {', '.join(list_segmenters())}")
-        demo = build_app(cfg)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: binding to {args.host}: the app is reachable from other machines", file=sys.stderr)
-    demo.queue(default_concurrency_limit=2).launch(server_name=args.host, server_port=args.port,
-                                                   share=False, show_error=True)
-    return 0

@@ -1,8 +1,9 @@
-"""CLI subcommands for training the multimodal-LLM policy: ``train-llm-sft`` and ``train-llm-grpo``.
+"""Training subcommands: ``train-segmenter`` (click fine-tuning of LiteMedSAM), ``train-policy`` (the compact CPU
+policy) and ``train-llm-sft`` / ``train-llm-grpo`` (the multimodal-LLM policy with TRL).
 
-Every option of :class:`~ibisagent.training.trl_sft.SFTRunConfig` / :class:`~ibisagent.training.trl_grpo.GRPORunConfig`
-is a flag (``--learning-rate``, ``--lora/--no-lora``, ...); ``--config run.yaml`` supplies defaults and flags
-override them::
+Every field of the run's config dataclass is a flag (:func:`ibisagent.cli.util.add_dataclass_args`:
+``--learning-rate``, ``--lora/--no-lora``, ...). For the LLM commands ``--config run.yaml`` supplies defaults and
+flags override them::
 
     ibisagent train-llm-sft --model-path ckpt/Qwen2.5-VL-7B-Instruct --dataset exports/sft_hf --output-dir runs/sft
     ibisagent train-llm-grpo --config configs/grpo_tiny.yaml --steps 20
@@ -11,86 +12,78 @@ override them::
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import sys
-import types
-import typing
 from pathlib import Path
 from typing import Any
+
+from ibisagent.cli.util import add_dataclass_args, dataclass_from_args
 
 __all__ = ["add_parser", "config_from_args"]
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _base_type(tp: Any) -> tuple[Any, bool]:
-    """(inner type, optional?) of a dataclass field annotation."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return (args[0] if len(args) == 1 else str), True
-    return tp, False
-
-
-def _add_dataclass_args(parser: argparse.ArgumentParser, cls: type, required: tuple[str, ...]) -> None:
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp, _ = _base_type(hints[f.name])
-        help_text = f.metadata.get("help", "")
-        if f.default is not dataclasses.MISSING:
-            help_text += f" (default: {f.default})"
-        if f.name in required:
-            help_text += " [required, here or in --config]"
-        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
-        if tp is bool:
-            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kw)
-        elif typing.get_origin(tp) is tuple:
-            parser.add_argument(_flag(f.name), nargs="+", metavar="NAME", **kw)
-        elif tp is dict or typing.get_origin(tp) is dict:
-            parser.add_argument(_flag(f.name), type=json.loads, metavar="JSON", **kw)
-        elif tp in (int, float, str):
-            parser.add_argument(_flag(f.name), type=tp, metavar=f.name.upper(), **kw)
-        else:
-            parser.add_argument(_flag(f.name), metavar=f.name.upper(), **kw)
-
-
-def _load_yaml(path: str) -> dict[str, Any]:
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"config file {p} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ValueError(f"config file {p} is not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {p} must hold a mapping of option: value")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
-
-
 def config_from_args(cls: type, args: argparse.Namespace) -> Any:
     """Dataclass config from ``--config`` YAML (if any) overridden by the flags that were given."""
-    values: dict[str, Any] = {}
-    if getattr(args, "config", None):
-        values.update(_load_yaml(args.config))
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"unknown option(s) in {args.config}: {unknown}; known: {sorted(names)}")
-    values.update({k: v for k, v in vars(args).items() if k in names})
-    missing = [f.name for f in dataclasses.fields(cls)
-               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-               and f.name not in values]
-    if missing:
-        raise ValueError(f"missing required option(s): {', '.join(_flag(m) for m in missing)}")
-    if "lora_targets" in values and isinstance(values["lora_targets"], list):
-        values["lora_targets"] = tuple(values["lora_targets"])
-    return cls(**values)
+    return dataclass_from_args(cls, args)
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# train-segmenter / train-policy
+# ----------------------------------------------------------------------------------------------------------------
+
+def _run_segmenter(args: argparse.Namespace) -> int:
+    from ibisagent.training.segmenter import SegmenterTrainConfig, train_segmenter
+
+    path = train_segmenter(dataclass_from_args(SegmenterTrainConfig, args))
+    print(path)
+    return 0
+
+
+def _run_policy(args: argparse.Namespace) -> int:
+    from ibisagent.training.policy import PolicyTrainConfig, PolicyTrainError, train_policy
+
+    try:
+        train_policy(dataclass_from_args(PolicyTrainConfig, args))
+    except (PolicyTrainError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_segmenter_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``train-segmenter`` subcommand (sets ``func``)."""
+    from ibisagent.training import segmenter
+    from ibisagent.training.segmenter import SegmenterTrainConfig
+
+    p = subparsers.add_parser(
+        "train-segmenter",
+        help="fine-tune LiteMedSAM's prompt encoder + mask decoder for clicks (cached embeddings)",
+        description=segmenter.__doc__.split("\n\n")[0] if segmenter.__doc__ else None,
+    )
+    add_dataclass_args(p, SegmenterTrainConfig)
+    p.set_defaults(func=_run_segmenter)
+    return p
+
+
+def add_policy_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``train-policy`` subcommand (sets ``func``)."""
+    from ibisagent.training.policy import PolicyTrainConfig
+
+    p = subparsers.add_parser(
+        "train-policy",
+        help="train the compact CPU policy (SFT on oracle trajectories, then multi-turn GRPO)",
+        description="Train the compact CPU policy: stage 1 imitates oracle, reflective and DAgger trajectories; "
+                    "stage 2 runs GRPO on whole episodes through the segmenter with the five reference rewards. "
+                    "Writes the weights (default: the package's weights/compact_policy.safetensors), CSV logs and "
+                    "PNG curves in --run-dir.",
+    )
+    add_dataclass_args(p, PolicyTrainConfig)
+    p.set_defaults(func=_run_policy)
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# train-llm-sft / train-llm-grpo
+# ----------------------------------------------------------------------------------------------------------------
 
 def _run_sft(args: argparse.Namespace) -> int:
     from ibisagent.policies.base import PolicyError
@@ -127,7 +120,7 @@ def _run_grpo(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(subparsers: Any) -> None:
+def add_llm_parsers(subparsers: Any) -> None:
     """Add ``train-llm-sft`` and ``train-llm-grpo`` to the ``ibisagent`` CLI."""
     from ibisagent.training.trl_grpo import GRPORunConfig
     from ibisagent.training.trl_sft import SFTRunConfig
@@ -140,7 +133,7 @@ def add_parser(subparsers: Any) -> None:
     sft.add_argument("--config", help="YAML file with options (flags override it)")
     sft.add_argument("--merge", action="store_true",
                      help="after LoRA training, also write the merged model to OUTPUT_DIR/merged")
-    _add_dataclass_args(sft, SFTRunConfig, required=("model_path", "dataset", "output_dir"))
+    add_dataclass_args(sft, SFTRunConfig, from_file=True, required=("model_path", "dataset", "output_dir"))
     sft.set_defaults(func=_run_sft)
 
     grpo = subparsers.add_parser(
@@ -151,5 +144,12 @@ def add_parser(subparsers: Any) -> None:
                     "--mode steps: trl.GRPOTrainer on the per-step prompts of an `ibisagent export --format hf` "
                     "folder (--dataset), rewards from ibisagent.rewards.trl. See docs/full_scale.md.")
     grpo.add_argument("--config", help="YAML file with options (flags override it)")
-    _add_dataclass_args(grpo, GRPORunConfig, required=("model_path", "output_dir"))
+    add_dataclass_args(grpo, GRPORunConfig, from_file=True, required=("model_path", "output_dir"))
     grpo.set_defaults(func=_run_grpo)
+
+
+def add_parser(subparsers: Any) -> None:
+    """Add every training subcommand."""
+    add_segmenter_parser(subparsers)
+    add_policy_parser(subparsers)
+    add_llm_parsers(subparsers)

@@ -1,5 +1,5 @@
-"""The ``eval`` and ``compare`` subcommands. ``add_parser(subparsers)`` adds both (the lead wires it into
-``ibisagent.cli``); ``add_eval_parser`` / ``add_compare_parser`` add one each."""
+"""The ``eval`` and ``compare`` subcommands (:mod:`ibisagent.evaluation`). ``add_parser(subparsers)`` adds both;
+``add_eval_parser`` / ``add_compare_parser`` add one each."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ibisagent.cli import parse_kv
+from ibisagent.cli.util import parse_kv
 
-__all__ = ["add_compare_parser", "add_eval_parser", "add_parser", "parse_kv", "run_compare", "run_eval_command"]
+__all__ = ["add_compare_parser", "add_eval_parser", "add_parser", "run_compare", "run_eval_command"]
 
 EVAL_DESCRIPTION = """\
 Evaluate a policy + segmenter on a folder with index.jsonl (the ../shared/data layout) or a folder of such folders.
@@ -104,9 +104,9 @@ def _err(msg: str) -> int:
 
 
 def _report_only(out: Path) -> int:
-    from .harness import read_cases
-    from .report import write_report
-    from .summary import write_summaries
+    from ibisagent.evaluation.report import write_report
+    from ibisagent.evaluation.runfiles import read_cases
+    from ibisagent.evaluation.summary import write_summaries
 
     f = out / "summary.json"
     if not f.is_file() or not (out / "cases.csv").is_file():
@@ -118,9 +118,8 @@ def _report_only(out: Path) -> int:
 
 
 def run_eval_command(args: argparse.Namespace) -> int:
+    from ibisagent.evaluation.harness import EvalConfig, EvalConfigError, print_progress, run_eval
     from ibisagent.io.manifest import ManifestError
-
-    from .harness import EvalConfig, EvalConfigError, print_progress, run_eval
 
     if args.report_only:
         return _report_only(Path(args.out))
@@ -153,14 +152,22 @@ def run_eval_command(args: argparse.Namespace) -> int:
               "to resume", file=sys.stderr)
         return 130
     s = result.summary or {}
+    noc85 = s.get("noc", {}).get("85")
     print(f"{s.get('cases', 0)} cases ({result.n_skipped} already done, {result.n_errors} errors this run): "
-          f"mean IoU {s.get('mean_iou')}, Dice {s.get('mean_dice')}, NoC@85 {s.get('noc', {}).get('85')}, "
+          f"mean IoU {s.get('mean_iou')}, Dice {s.get('mean_dice')}, "
+          f"NoC@85 {noc85 if noc85 is not None else 'not measurable'}, "
           f"steps {s.get('mean_steps')} -> {result.out / 'summary.json'}")
+    extra = result.out / "summary_extra.json"
+    if s.get("cases") and any(v is None for v in s.get("noc", {}).values()) and extra.is_file():
+        counts = json.loads(extra.read_text(encoding="utf-8"))["overall"].get("noc_not_measurable", {})
+        shown = ", ".join(f"NoC@{t}: {n} of {s['cases']} cases" for t, n in counts.items() if n)
+        print(f"note: NoC not measurable where the policy stopped below the threshold before its budget ({shown}); "
+              "reported as null. Measure it with a policy that keeps clicking (oracle: --no-stop)", file=sys.stderr)
     return 1 if s.get("cases", 0) == 0 else 0
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from .compare import CompareError, compare_runs, paired_differences
+    from ibisagent.evaluation.compare import CompareError, compare_runs, paired_differences
 
     try:
         print(compare_runs(args.runs, by_dataset=args.by_dataset, fmt=args.format), end="")
@@ -169,16 +176,3 @@ def run_compare(args: argparse.Namespace) -> int:
     except CompareError as exc:
         return _err(str(exc))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point (``python -m ibisagent.evaluation.cli eval ...``) until the main CLI wires it in."""
-    parser = argparse.ArgumentParser(prog="ibisagent")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_parser(sub)
-    args = parser.parse_args(argv)
-    return int(args.func(args))
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

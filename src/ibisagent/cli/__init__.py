@@ -1,5 +1,10 @@
 """The ``ibisagent`` command line: one subcommand per job, each calling one public function.
 
+This package is the CLI layer: ``segment`` / ``demo`` / ``list`` live here, every other area's subcommands in one
+module of this package each (``ibisagent.cli.evaluation``, ``.synthesis``, ``.exports``, ``.training``, ``.serve``,
+``.app``, ``.export_encoder``); domain modules export config dataclasses and functions only. Options generated from
+a config dataclass come from :func:`ibisagent.cli.util.add_dataclass_args`.
+
 Exit codes: 0 success, 2 bad input (a message says what to fix), 1 an unexpected failure (``--debug`` shows the
 traceback), 130 interrupted.
 """
@@ -9,27 +14,29 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
+import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from ibisagent import __version__
+from ibisagent.cli.util import UserError, parse_kv
+from ibisagent.policies.base import default_policy
 from ibisagent.segmenters.base import default_segmenter
 
-__all__ = ["main", "build_parser", "parse_kv", "default_policy", "default_segmenter", "UserError"]
+__all__ = ["main", "build_parser", "check_output_dir", "parse_kv", "default_policy", "default_segmenter", "UserError"]
 
 #: modules that add subcommands through ``add_parser(subparsers)``; missing optional dependencies hide them
 _AREA_MODULES = [
-    "ibisagent.evaluation.cli",
-    "ibisagent.synthesis.cli",
-    "ibisagent.exports.cli",
-    "ibisagent.training.segmenter",
-    "ibisagent.training.policy",
-    "ibisagent.training.llm_cli",
-    "ibisagent.server",
-    "ibisagent.ui.app",
-    "ibisagent.segmenters.onnx_encoder",
+    "ibisagent.cli.evaluation",
+    "ibisagent.cli.synthesis",
+    "ibisagent.cli.exports",
+    "ibisagent.cli.training",
+    "ibisagent.cli.serve",
+    "ibisagent.cli.app",
+    "ibisagent.cli.export_encoder",
 ]
 
 DESCRIPTION = """\
@@ -48,36 +55,6 @@ Common jobs:
 """
 
 
-class UserError(ValueError):
-    """Bad input from the user: reported as one line, exit code 2."""
-
-
-def parse_kv(items: list[str] | None, what: str = "option") -> dict[str, Any]:
-    """``["k=v", ...]`` -> dict; values are JSON when they parse (numbers, true/false, null, lists), else strings.
-    Dashes in keys become underscores. ``what`` names the option in the error message."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not key:
-            raise UserError(f"{what} expects KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
-def default_policy() -> str:
-    """The learned ``compact`` policy when its weights are installed, else ``oracle`` (which needs ``--mask``)."""
-    from importlib import resources
-
-    from ibisagent.policies import list_policies
-
-    weights = resources.files("ibisagent").joinpath("weights/compact_policy.safetensors")
-    return "compact" if weights.is_file() and "compact" in list_policies() else "oracle"
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # segment / demo / list
 # ----------------------------------------------------------------------------------------------------------------
@@ -91,7 +68,8 @@ def _add_agent_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy-arg", action="append", metavar="KEY=VALUE", help="extra policy option (repeatable)")
     p.add_argument("--segmenter-arg", action="append", metavar="KEY=VALUE",
                    help="extra segmenter option (repeatable), e.g. checkpoint=/path/model.pt")
-    p.add_argument("--max-steps", type=int, default=20, help="maximum policy turns per episode (default 20)")
+    p.add_argument("--max-steps", type=int, default=20,
+                   help="maximum policy turns per episode, Terminate included (>= 1, default 20)")
     p.add_argument("--history", action="store_true", help="send the whole conversation each turn (default: off)")
     p.add_argument("--prompts", default=None,
                    help="prompt template name (reference, extended) or a JSON file with your own wording")
@@ -110,12 +88,19 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--query", "-q", required=True, help="what to segment, e.g. 'the tumor in this breast ultrasound'")
     p.add_argument("--mask", default=None, help="ground-truth mask (for IoU reporting, and required by oracle policies)")
     p.add_argument("--mask-label", type=int, default=None, help="label value in a multi-label mask file")
-    p.add_argument("--slice", type=int, default=None, help="slice index for a volume (NIfTI/multi-frame DICOM)")
+    p.add_argument("--mask-threshold", type=float, default=None, metavar="T",
+                   help="binarize a grayscale / probability mask file: pixels > T are the object")
+    p.add_argument("--slice", type=int, default=None,
+                   help="slice index (0-based) for a volume (NIfTI, DICOM series / multi-frame, TIFF stack)")
     p.add_argument("--axis", type=int, default=2, help="slicing axis for NIfTI volumes (default 2 = axial)")
+    p.add_argument("--volume-index", type=int, default=None, metavar="K",
+                   help="which 3D volume of a 4D NIfTI file to use (0-based; required for 4D files)")
     p.add_argument("--window", default=None,
                    help="intensity window: a preset (ct-abdomen, ct-lung, ct-bone, ct-brain, ...), 'percentile', "
                         "or CENTER,WIDTH")
-    p.add_argument("--out", "-o", default="ibisagent_out", help="output folder (default ./ibisagent_out)")
+    p.add_argument("--out", "-o", default="ibisagent_out",
+                   help="output folder (default ./ibisagent_out); files of an earlier run there (trace.json, "
+                        "mask.*, step_NN.png, final_overlay.png) are removed first, other files are kept")
     p.add_argument("--json", action="store_true", help="print a machine-readable JSON result on stdout")
     p.add_argument("--no-overlays", action="store_true", help="do not write per-step overlay PNGs")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -158,15 +143,50 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_agent_args(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Checks of the agent options that need no model: step budget, option names. Returns the parsed
+    ``--policy-arg`` / ``--segmenter-arg`` dicts."""
+    from ibisagent.policies.base import policy_options
+    from ibisagent.segmenters.base import segmenter_options
+
+    _check_min(args.max_steps, "--max-steps", 1)
+    policy_kwargs = parse_kv(args.policy_arg, "--policy-arg")
+    segmenter_kwargs = parse_kv(args.segmenter_arg, "--segmenter-arg")
+    for flag, kwargs, name, options in (
+        ("--policy-arg", policy_kwargs, args.policy or default_policy(), policy_options),
+        ("--segmenter-arg", segmenter_kwargs, args.segmenter or default_segmenter(), segmenter_options),
+    ):
+        valid = options(name) if kwargs else None
+        unknown = sorted(k for k in kwargs if valid is not None and k not in valid)
+        if unknown:
+            what = "policy" if flag == "--policy-arg" else "segmenter"
+            raise UserError(f"{flag}: {what} {name!r} has no option {', '.join(unknown)}; valid: "
+                            f"{', '.join(valid) if valid else '(it takes none)'}")
+    return policy_kwargs, segmenter_kwargs
+
+
 def _build_agent(args: argparse.Namespace, needs_gt_ok: bool):
     from ibisagent.agent import Agent
     from ibisagent.env import EnvConfig
+    from ibisagent.policies.base import create_policy
+    from ibisagent.segmenters.base import create_segmenter
 
+    policy_kwargs, segmenter_kwargs = _check_agent_args(args)
     policy = args.policy or default_policy()
     segmenter = args.segmenter or default_segmenter()
     cfg = EnvConfig(max_steps=args.max_steps, history=args.history, prompts=args.prompts or "reference")
-    agent = Agent(policy, segmenter, cfg, policy_kwargs=parse_kv(args.policy_arg, "--policy-arg"),
-                  segmenter_kwargs=parse_kv(args.segmenter_arg, "--segmenter-arg"))
+    built: dict[str, Any] = {}
+    for flag, what, name, kwargs, create in (
+        ("--policy-arg", "policy", policy, policy_kwargs, create_policy),
+        ("--segmenter-arg", "segmenter", segmenter, segmenter_kwargs, create_segmenter),
+    ):
+        try:
+            built[what] = create(name, **kwargs)
+        except (ValueError, TypeError) as exc:  # a bad option value: say which option of what
+            if not kwargs or isinstance(exc, UserError):
+                raise
+            raise UserError(f"{flag} for {what} {name!r}: {exc}") from exc
+    agent = Agent(built["policy"], built["segmenter"], cfg)
     if agent.policy.requires_gt and not needs_gt_ok:
         raise UserError(f"policy {policy!r} needs the ground-truth mask: pass --mask GT, or use a learned policy "
                         "(e.g. --policy compact)")
@@ -185,33 +205,68 @@ def _progress(quiet: bool):
     return show
 
 
-def _run_one(agent, loaded, gt, query: str, out: Path, *, overlays: bool, quiet: bool) -> dict[str, Any]:
+#: mask file names the CLI writes besides what Episode.save writes (cleared from a reused --out folder)
+_CLI_OUTPUTS = ("mask.png", "mask.nii.gz")
+
+
+def _where(loaded) -> str:
+    """`` (slice 3 of 5, volume 1 of 3)`` for a volume slice, else empty."""
+    meta = loaded.meta
+    parts = []
+    if "n_slices" in meta and "slice_index" in meta:
+        parts.append(f"slice {meta['slice_index']} of {meta['n_slices']}")
+    if meta.get("n_volumes", 1) > 1:
+        parts.append(f"volume {meta.get('volume_index', 0)} of {meta['n_volumes']}")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def _run_one(agent, loaded, gt, query: str, out: Path, *, overlays: bool, quiet: bool,
+             t_start: float | None = None) -> dict[str, Any]:
+    """Run the agent on one image and write its files to ``out``. ``t_start``: when the command started (the
+    wall time reported covers loading, the episode and writing)."""
+    from ibisagent.agent import clear_saved
     from ibisagent.io import save_mask
 
+    t_start = time.perf_counter() if t_start is None else t_start
     if not quiet:
-        print(f"segmenting {query!r} in {loaded.source} ({loaded.array.shape[1]}x{loaded.array.shape[0]}) with "
-              f"policy={agent.policy.name}, segmenter={agent.segmenter.name}", file=sys.stderr)
+        print(f"segmenting {query!r} in {loaded.source}{_where(loaded)} ({loaded.array.shape[1]}x"
+              f"{loaded.array.shape[0]}) with policy={agent.policy.name}, segmenter={agent.segmenter.name}",
+              file=sys.stderr)
     ep = agent.segment(loaded.array, query, gt, on_step=_progress(quiet))
+    t_write = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
+    stale = clear_saved(out, _CLI_OUTPUTS)
+    if stale and not quiet:
+        shown = ", ".join(stale[:6]) + (f" and {len(stale) - 6} more" if len(stale) > 6 else "")
+        print(f"note: removed {len(stale)} file(s) of an earlier run from {out} first ({shown})", file=sys.stderr)
     ep.meta.update({"image": str(loaded.source), "policy": agent.policy.name, "segmenter": agent.segmenter.name})
+    if loaded.meta.get("n_volumes", 1) > 1:
+        ep.meta["volume_index"] = loaded.meta.get("volume_index", 0)
     ep.save(out, loaded.array, overlays=overlays)
     mask_path = out / ("mask.nii.gz" if loaded.kind.startswith("nifti") else "mask.png")
     save_mask(mask_path, ep.final_mask, like=loaded if loaded.kind.startswith("nifti") else None)
+    t_end = time.perf_counter()
     result = {
         "image": str(loaded.source), "query": query, "policy": agent.policy.name, "segmenter": agent.segmenter.name,
         "stop_reason": ep.stop_reason, "steps": len(ep.steps), "interactions": ep.n_interactions,
         "mask_pixels": int(ep.final_mask.sum()), "iou": ep.final_iou, "dice": ep.final_dice,
         "predicted_iou": None if ep.predicted_iou is None else round(ep.predicted_iou, 4),
         "low_confidence": ep.low_confidence,
-        "seconds": {"total": round(ep.total_s, 3), "encoder": round(ep.encoder_s, 3),
-                    "policy": round(ep.policy_s, 3), "segmenter": round(ep.segmenter_s, 3)},
+        "seconds": {"wall": round(t_end - t_start, 3), "episode": round(ep.total_s, 3),
+                    "total": round(ep.total_s, 3), "encoder": round(ep.encoder_s, 3),
+                    "policy": round(ep.policy_s, 3), "segmenter": round(ep.segmenter_s, 3),
+                    "write": round(t_end - t_write, 3)},
         "mask": str(mask_path), "trace": str(out / "trace.json"),
         "overlay": str(out / "final_overlay.png") if overlays else None,
+        "removed_stale": stale,
     }
+    if loaded.meta.get("n_volumes", 1) > 1:
+        result["volume_index"] = loaded.meta.get("volume_index", 0)
     if not quiet:
         iou = f", IoU {ep.final_iou:.3f}, Dice {ep.final_dice:.3f}" if ep.final_iou is not None else ""
         print(f"done: {ep.stop_reason} after {len(ep.steps)} steps ({ep.n_interactions} prompts){iou}; "
-              f"{ep.total_s:.2f} s (encoder {ep.encoder_s:.2f} s). Mask: {mask_path}", file=sys.stderr)
+              f"{t_end - t_start:.2f} s wall (episode {ep.total_s:.2f} s, encoder {ep.encoder_s:.2f} s, writing "
+              f"{t_end - t_write:.2f} s). Mask: {mask_path}", file=sys.stderr)
         if ep.predicted_iou is not None:
             note = "; low confidence: check the mask" if ep.low_confidence else ""
             print(f"predicted IoU (the policy's own estimate, no ground truth): {ep.predicted_iou:.2f}{note}",
@@ -219,19 +274,109 @@ def _run_one(agent, loaded, gt, query: str, out: Path, *, overlays: bool, quiet:
     return result
 
 
+def _check_min(value: int | None, option: str, minimum: int) -> None:
+    if value is not None and value < minimum:
+        raise UserError(f"{option} must be >= {minimum}, got {value}")
+
+
+def _check_query(query: str) -> str:
+    q = query.strip()
+    if not q:
+        raise UserError("--query is empty: say what to segment, e.g. --query 'the polyp in this colonoscopy frame'")
+    if any(ord(c) < 32 and c not in "\t\n" for c in q):
+        raise UserError("--query contains control characters")
+    return q
+
+
+def check_output_dir(out: str | Path, option: str = "--out") -> Path:
+    """Make sure ``out`` is a writable folder or can be created as one, before any work, without creating it: the
+    folder (or its nearest existing parent) must be a folder where a probe file can be written and deleted.
+    Raises :class:`UserError` with one line saying what is wrong."""
+    import os
+    import tempfile
+
+    if not str(out).strip():  # Path("") would be the current folder
+        raise UserError(f"{option} is empty: name an output folder")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{option} {out} is a file, not a folder")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{option} {out}: {existing} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".ibisagent_write_check_", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        where = "" if existing == out else f" (its folder {existing} is not writable)"
+        raise UserError(f"{option} {out} is not writable{where} ({reason}); choose another output folder") from exc
+    return out
+
+
+#: library parameter names in io error messages -> the ``segment`` options that set them
+_CLI_WORDS = (
+    (re.compile(r"\bslice_index[= ]"), "--slice "),
+    (re.compile(r"\bvolume_index[= ]"), "--volume-index "),
+    (re.compile(r"\bthreshold="), "--mask-threshold "),
+    (re.compile(r"\blabel=V\b"), "--mask-label V"),
+    (re.compile(r"^axis must be"), "--axis must be"),
+)
+
+
+def _cli_wording(message: str) -> str:
+    """An io error message with the library's parameter names replaced by the CLI options."""
+    for pattern, repl in _CLI_WORDS:
+        message = pattern.sub(repl, message)
+    return message
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     from ibisagent.io import load_image, load_mask
 
+    t_start = getattr(args, "t_start", None) or time.perf_counter()
+    query = _check_query(args.query)
+    if args.axis not in (0, 1, 2):
+        raise UserError(f"--axis must be 0, 1 or 2 (a voxel axis of the volume), got {args.axis}")
+    _check_min(args.slice, "--slice", 0)
+    _check_min(args.volume_index, "--volume-index", 0)
+    if args.mask_threshold is not None and not math.isfinite(args.mask_threshold):
+        raise UserError(f"--mask-threshold must be a finite number, got {args.mask_threshold}")
+    if args.mask_threshold is not None and args.mask_label is not None:
+        raise UserError("pass either --mask-threshold or --mask-label, not both")
+    _check_agent_args(args)
+    out = check_output_dir(args.out)
     window = _parse_window(args.window)
-    loaded = load_image(args.image, slice_index=args.slice, axis=args.axis, window=window)
+    try:
+        loaded = load_image(args.image, slice_index=args.slice, axis=args.axis, window=window,
+                            volume_index=args.volume_index)
+    except ValueError as exc:
+        raise UserError(_cli_wording(str(exc))) from exc
+    from ibisagent.segmenters.base import MIN_IMAGE_SIDE
+
+    h, w = loaded.array.shape[:2]
+    if min(h, w) < MIN_IMAGE_SIDE:
+        raise UserError(f"{Path(args.image).name} is {w}x{h} pixels; the minimum image size is "
+                        f"{MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}")
+    n_vol = loaded.meta.get("n_volumes", 1)
+    if n_vol > 1 and args.volume_index is None:
+        raise UserError(f"{Path(args.image).name} is a 4D NIfTI file with {n_vol} volumes; pick one with "
+                        f"--volume-index 0..{n_vol - 1}")
     gt = None
     if args.mask:
-        gt = load_mask(args.mask, shape=loaded.shape, slice_index=args.slice, axis=args.axis, label=args.mask_label)
+        try:
+            gt = load_mask(args.mask, shape=loaded.shape, slice_index=args.slice, axis=args.axis,
+                           label=args.mask_label, threshold=args.mask_threshold)
+        except ValueError as exc:
+            raise UserError(_cli_wording(str(exc))) from exc
         if not gt.any():
             raise UserError(f"the ground-truth mask {args.mask} is empty"
                             + (f" at slice {args.slice}" if args.slice is not None else ""))
     agent = _build_agent(args, needs_gt_ok=gt is not None)
-    result = _run_one(agent, loaded, gt, args.query, Path(args.out), overlays=not args.no_overlays, quiet=args.quiet)
+    result = _run_one(agent, loaded, gt, query, out, overlays=not args.no_overlays, quiet=args.quiet,
+                      t_start=t_start)
     if args.json:
         print(json.dumps(result))
     return 0
@@ -246,13 +391,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     chosen = cases if args.case == "all" else [c for c in cases if c.id == args.case]
     if not chosen:
         raise UserError(f"no bundled case {args.case!r}; choose one of: {', '.join(c.id for c in cases)} or 'all'")
+    t0 = getattr(args, "t_start", None) or time.perf_counter()
+    _check_agent_args(args)
+    check_output_dir(args.out)
     agent = _build_agent(args, needs_gt_ok=True)
     results = []
-    t0 = time.perf_counter()
     for case in chosen:
+        t_case = time.perf_counter()
         loaded, gt = load_case(case)
         out = Path(args.out) / case.id if len(chosen) > 1 else Path(args.out)
-        results.append(_run_one(agent, loaded, gt, case.query, out, overlays=True, quiet=args.json))
+        results.append(_run_one(agent, loaded, gt, case.query, out, overlays=True, quiet=args.json,
+                                t_start=t0 if len(chosen) == 1 else t_case))
     if args.json:
         print(json.dumps(results if len(results) > 1 else results[0]))
     else:
@@ -313,8 +462,10 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    t_start = time.perf_counter()
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.t_start = t_start  # commands report wall time from here (command-line parsing and imports included)
     if not getattr(args, "func", None):
         parser.print_help()
         if _MISSING:
