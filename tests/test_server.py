@@ -4,6 +4,7 @@ concurrency (503), timeouts (504), and a short load run on a real loopback uvico
 from __future__ import annotations
 
 import asyncio
+import copy
 import io
 import json
 import os
@@ -555,8 +556,8 @@ _KEYS = ["image_path", "mask_path", "clicklist", "points", "labels", "box", "sli
 
 def _random_value(rng, depth: int = 0):
     r = rng.random()
-    if r < 0.55 or depth > 2:
-        return _NASTY[int(rng.integers(len(_NASTY)))]
+    if r < 0.55 or depth > 2:  # a copy: _mutate edits lists in place and must not change (or loop) _NASTY
+        return copy.deepcopy(_NASTY[int(rng.integers(len(_NASTY)))])
     if r < 0.8:
         return [_random_value(rng, depth + 1) for _ in range(int(rng.integers(0, 4)))]
     return {str(_KEYS[int(rng.integers(len(_KEYS)))]): _random_value(rng, depth + 1)
