@@ -370,3 +370,19 @@ def test_query_variants_keep_the_side_and_the_query_first() -> None:
     assert all(not mirror_safe(q) for q in v)  # every wording names the side: never mirrored in training
     assert "the optic cup in this fundus image" in query_variants("the optic cup", "optic cup", "fundus")
     assert query_variants("the polyp", "") == ["the polyp"]
+
+
+def test_query_variants_reach_the_cases_and_a_balanced_run_trains(tiny_data: Path, tmp_path: Path) -> None:
+    from ibisagent.training.policy import _Backend, _load_cases
+
+    texts: dict[str, int] = {}
+    cases = _load_cases(_cfg(tiny_data, tmp_path / "r0", query_variants=True), "train", _Backend("fake", "", ""),
+                        texts, flip=False)
+    assert cases and all(c.alt_texts for c in cases) and all(c.object == "blob" for c in cases)
+    wording = {i: q for q, i in texts.items()}
+    assert {wording[i] for i in cases[0].alt_texts} >= {"the blob", "blob", "segment the blob"}
+    plain: dict[str, int] = {}
+    assert all(not c.alt_texts for c in _load_cases(_cfg(tiny_data, tmp_path / "r1"), "train",
+                                                    _Backend("fake", "", ""), plain, flip=False))
+    out = train_policy(_cfg(tiny_data, tmp_path / "r2", stage="sft", query_variants=True, sample_temperature=0.5))
+    assert out.is_file()
