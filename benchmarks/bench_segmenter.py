@@ -129,9 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(max(1, args.threads))
+    from ibisagent.io import load_mask, load_rgb
     from ibisagent.io.manifest import load_manifest
     from ibisagent.segmenters import create_segmenter
-    from ibisagent.training.segmenter import case_group, load_mask, load_rgb
+    from ibisagent.training.segmenter import case_group
 
     cases = []
     for ds in args.datasets:

@@ -27,19 +27,15 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from ibisagent.synthesis.caseio import load_case_arrays
 
+from ibisagent.io import load_case_arrays
 from ibisagent.io.manifest import Case
 from ibisagent.masks import rle_decode
 from ibisagent.rewards import compute_score, score_step, score_transition
+from ibisagent.segmenters.base import default_segmenter
 from ibisagent.synthesis.runner import SynthesisConfig, iter_skipped, iter_trajectories, run_synthesis, select_cases
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def default_segmenter() -> str:
-    return "litemedsam-click" if (REPO / "src/ibisagent/weights/litemedsam_click.safetensors").exists() \
-        else "litemedsam"
 
 
 def pick_cases(data: str, n: int) -> list[Case]:

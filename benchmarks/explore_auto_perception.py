@@ -25,12 +25,10 @@ from torch import nn
 
 from ibisagent import Agent
 from ibisagent.env import EnvConfig
-from ibisagent.evaluation.harness import load_case_arrays
-from ibisagent.io import load_manifest
+from ibisagent.io import load_case_arrays, load_manifest, load_mask, load_rgb
 from ibisagent.masks import iou
 from ibisagent.segmenters import create_segmenter
 from ibisagent.text_encoder import get_text_encoder
-from ibisagent.training.segmenter import load_mask, load_rgb
 
 COMPACT = ["ph2_dermoscopy", "hc18_fetal_head_ultrasound", "busi_breast_ultrasound", "polyp_colonoscopy_small"]
 
@@ -79,7 +77,7 @@ def main() -> None:
             if c.mask is None:
                 continue
             img, gt = load_rgb(c.image), load_mask(c.mask)
-            emb = torch.from_numpy(np.asarray(seg.embed(img), np.float32).reshape(256, 64, 64))
+            emb = torch.from_numpy(np.asarray(seg.embedding(img), np.float32).reshape(256, 64, 64))
             g256 = np.asarray(Image.fromarray(gt.astype(np.uint8) * 255).resize((256, 256), Image.BILINEAR)) >= 128
             out.append((c, emb, torch.from_numpy(te.encode(c.query)).float(), torch.from_numpy(g256).float(), gt))
         return out

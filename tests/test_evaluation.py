@@ -420,7 +420,7 @@ def test_cli_bad_input_exits_2(squares: Path, tmp_path: Path, capsys):
 
 @pytest.mark.slow
 def test_gt_box_equals_calling_the_segmenter_directly(real_manifest: Path, tmp_path: Path):
-    from ibisagent.evaluation import load_case_arrays
+    from ibisagent.io import load_case_arrays
     from ibisagent.io.manifest import load_manifest
     from ibisagent.masks import bbox
     from ibisagent.masks import iou as mask_iou

@@ -15,6 +15,7 @@ from PIL import Image
 from ibisagent.io import (
     WINDOW_PRESETS,
     Case,
+    CaseError,
     ImageLoadError,
     MaskError,
     Window,
@@ -24,6 +25,7 @@ from ibisagent.io import (
     guess_modality,
     iter_slices,
     load_case,
+    load_case_arrays,
     load_image,
     load_manifest,
     load_mask,
@@ -371,8 +373,9 @@ def test_3d_rows_volume_case_and_slice_choice() -> None:
     assert slices[0].meta["window"] == slices[1].meta["window"]  # one window for the whole volume
     assert slices[0].meta["window"]["source"] == "preset" and slices[0].meta["window"]["name"] == "percentile"
     assert guess_modality(vol) == "" and guess_modality(load_volume(TS / "volumes" / "example_ct_sm.nii.gz")) == "CT"
-    with pytest.raises(ImageLoadError, match="3D row"):
+    with pytest.raises(CaseError, match="3D row") as err:
         load_case(case)
+    assert err.value.reason == "not_2d"
 
 
 def test_4d_nifti_uses_first_volume(tmp_path: Path) -> None:
@@ -431,15 +434,28 @@ def _tiny_dataset(tmp_path: Path, image: np.ndarray, mask: np.ndarray) -> Case:
 
 def test_load_case_rejects_mismatched_and_empty_masks(tmp_path: Path) -> None:
     case = _tiny_dataset(tmp_path / "a", np.zeros((544, 800), np.uint8), np.full((540, 800), 255, np.uint8))
-    with pytest.raises(MaskError, match=r"case a__obj: mask a__obj\.png is 540x800 but the image is 544x800"):
+    with pytest.raises(CaseError, match=r"case a__obj: mask a__obj\.png is 540x800 but the image is 544x800") as err:
         load_case(case)
+    assert err.value.reason == "size_mismatch" and isinstance(err.value.__cause__, MaskError)
     case = _tiny_dataset(tmp_path / "b", np.zeros((20, 30), np.uint8), np.zeros((20, 30), np.uint8))
-    with pytest.raises(MaskError, match="case a__obj: .*empty"):
+    with pytest.raises(CaseError, match="case a__obj: .*empty") as err:
         load_case(case)
+    assert err.value.reason == "empty_mask"
+    (tmp_path / "b" / "images" / "a.png").write_bytes(b"not a png")
+    with pytest.raises(CaseError, match="case a__obj: cannot read") as err:
+        load_case_arrays(case)
+    assert err.value.reason == "unreadable_image"
+    (tmp_path / "b" / "masks" / "a__obj.png").unlink()
+    Image.fromarray(np.zeros((20, 30), np.uint8)).save(tmp_path / "b" / "images" / "a.png")
+    with pytest.raises(CaseError, match="not found") as err:
+        load_case(case)
+    assert err.value.reason == "unreadable_mask"
     good = np.zeros((20, 30), np.uint8)
     good[5:10, 5:10] = 255
     image, mask = load_case(_tiny_dataset(tmp_path / "c", np.full((20, 30), 9, np.uint8), good))
     assert image.shape == mask.shape == (20, 30) and mask.sum() == 25
+    arr, mask2 = load_case_arrays(_tiny_dataset(tmp_path / "d", np.full((20, 30), 9, np.uint8), good))
+    assert arr.shape == (20, 30, 3) and arr.dtype == np.uint8 and (arr == 9).all() and np.array_equal(mask2, mask)
 
 
 def test_save_load_round_trips(tmp_path: Path) -> None:
@@ -475,3 +491,51 @@ def test_save_load_round_trips(tmp_path: Path) -> None:
     assert np.array_equal(load_mask(out3, shape=v.shape), m3)
     with pytest.raises(MaskError, match="but the volume is"):
         save_mask(tmp_path / "bad.nii.gz", m3[:, :, :2], like=v)
+
+
+# --------------------------------------------------------------------------------------------- one case loader
+
+
+def _training_pixels_before_issue_18(path: Path) -> np.ndarray:
+    """What segmenter and policy training read before the loaders were merged (Pillow's convert("RGB")): the shipped
+    weights and the on-disk embedding cache (keyed on these bytes) were made from it."""
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+
+
+@needs_data
+@pytest.mark.parametrize("image", [
+    "acdc_cardiac_mri/images/acdc_patient001_f01_z03.png",  # 8-bit gray PNG
+    "drive_retinal_vessels/images/drive_training_21.png",  # 8-bit RGB PNG
+    "bkai_neopolyp_endoscopy/images/neopolyp_0081835cf877.jpg",  # RGB JPEG
+    "medseg_covid19_ct/images/medseg_test_006.jpg",  # gray JPEG
+])
+def test_case_loader_gives_training_the_same_bytes_as_before(image: str) -> None:
+    from ibisagent.io import load_rgb
+    from ibisagent.segmenters.embedding_cache import embedding_key
+
+    path = DATA / image
+    if not path.is_file():
+        pytest.skip(f"{image} is not in this copy of the dev data")
+    with Image.open(path) as im:
+        assert im.mode in ("L", "RGB")
+    old = _training_pixels_before_issue_18(path)
+    new = load_rgb(path)
+    assert new.dtype == np.uint8 and new.shape == old.shape and new.tobytes() == old.tobytes()
+    assert embedding_key(new, "enc") == embedding_key(old, "enc")
+    case = next(c for c in load_manifest(path.parents[1]) if c.image == path)
+    arr, gt = load_case_arrays(case)
+    assert arr.tobytes() == old.tobytes()
+    with Image.open(case.mask) as im:
+        assert np.array_equal(gt, np.asarray(im) > 0)  # training's old mask rule: nonzero = object
+
+
+def test_training_loader_windows_16_bit_images_like_inference(tmp_path: Path) -> None:
+    from ibisagent.io import load_rgb
+
+    ramp = np.tile(np.linspace(0, 4000, 64).astype(np.uint16), (8, 1))
+    Image.fromarray(ramp).save(tmp_path / "ct16.png")
+    arr = load_rgb(tmp_path / "ct16.png")
+    assert arr.tobytes() == load_image(tmp_path / "ct16.png").array.tobytes()
+    assert arr.shape == (8, 64, 3) and arr[0, 0, 0] == 0 and arr[0, -1, 0] == 255
+    assert len(np.unique(arr)) > 50  # windowed, not clipped to a few saturated levels

@@ -102,8 +102,8 @@ def test_unknown_encoder_is_rejected():
 
 # --- the real model on one real image ------------------------------------------------------------------------
 def _case():
+    from ibisagent.io import load_mask, load_rgb
     from ibisagent.io.manifest import load_manifest
-    from ibisagent.training.segmenter import load_mask, load_rgb
 
     if not (DATA / "ph2_dermoscopy" / "index.jsonl").is_file():
         pytest.skip("real dev data folder (../shared/data) not available")

@@ -126,7 +126,7 @@ def real(dermoscopy_case, tmp_path_factory: pytest.TempPathFactory):
         seg = LiteMedSAMSegmenter(weights="click", encoder="torch", decoder="torch")
     except SegmenterUnavailable as exc:
         pytest.skip(str(exc))
-    emb = torch.from_numpy(seg.embed(img))
+    emb = torch.from_numpy(seg.embedding(img))
     onnx_dir = tmp_path_factory.mktemp("onnx")
     runners = [od.OnnxDecoder(seg.parts.prompt_encoder, seg.parts.mask_decoder, cache_dir=onnx_dir, threads=2)]
     if od.openvino_available():

@@ -268,9 +268,9 @@ def test_greedy_clicks_sample_only_stop_or_click() -> None:
 
 
 def test_augment_adds_warped_variants_to_sft_only(tiny_data: Path, tmp_path: Path) -> None:
+    from ibisagent.io import load_mask
     from ibisagent.training.augment import augment_mask, augment_params, kept_fraction
     from ibisagent.training.policy import AUG_TAG, held_out, split_holdout
-    from ibisagent.training.segmenter import load_mask
 
     # the variants the trainer should make: 2 per image the held-out split leaves to SFT, minus masks pushed off
     variants = []

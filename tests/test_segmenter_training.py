@@ -165,11 +165,11 @@ def test_resume_without_checkpoint_fails(tmp_path):
 @pytest.mark.slow
 @needs_data
 def test_shipped_weights_follow_oracle_clicks(tmp_path_factory):
+    from ibisagent.io import load_mask, load_rgb
     from ibisagent.io.manifest import load_manifest
     from ibisagent.masks import iou
     from ibisagent.segmenters import create_segmenter
     from ibisagent.segmenters.litemedsam import CLICK_WEIGHTS
-    from ibisagent.training.segmenter import load_mask, load_rgb
 
     assert CLICK_WEIGHTS.is_file(), "shipped weights missing: run `ibisagent train-segmenter`"
     cases = []

@@ -556,7 +556,7 @@ _KEYS = ["image_path", "mask_path", "clicklist", "points", "labels", "box", "sli
 
 def _random_value(rng, depth: int = 0):
     r = rng.random()
-    if r < 0.55 or depth > 2:  # a copy: a shared list put inside itself by a later mutation would be circular
+    if r < 0.55 or depth > 2:  # a copy: _mutate edits lists in place and must not change (or loop) _NASTY
         return copy.deepcopy(_NASTY[int(rng.integers(len(_NASTY)))])
     if r < 0.8:
         return [_random_value(rng, depth + 1) for _ in range(int(rng.integers(0, 4)))]

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ibisagent.chat import ChatTurn, render_chat, to_messages
 from ibisagent.masks import as_bool, iou
 from ibisagent.overlay import policy_overlay
 from ibisagent.prompts import PromptTemplate, load_prompts
@@ -50,15 +51,6 @@ class EnvConfig:
 
 
 @dataclass(frozen=True)
-class ChatTurn:
-    """One chat message. ``image`` is the picture attached to a user turn (HxWx3 uint8), if any."""
-
-    role: str  # "system", "user" or "assistant"
-    text: str
-    image: np.ndarray | None = None
-
-
-@dataclass(frozen=True)
 class Observation:
     """What a policy sees at one turn. ``overlay`` is the reference observation image (image with the green mask);
     ``mask``/``logits``/``points``/``labels``/``box`` are the same state as data for non-LLM policies."""
@@ -89,17 +81,9 @@ class Observation:
         return self.mask is None
 
     def messages(self) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
-        """Chat messages in the transformers/OpenAI multimodal layout and the images they refer to, in order."""
-        msgs: list[dict[str, Any]] = []
-        images: list[np.ndarray] = []
-        for turn in self.chat:
-            if turn.image is not None:
-                images.append(turn.image)
-                content: list[dict[str, Any]] = [{"type": "image"}, {"type": "text", "text": turn.text}]
-            else:
-                content = [{"type": "text", "text": turn.text}]
-            msgs.append({"role": turn.role, "content": content})
-        return msgs, images
+        """Chat messages in the transformers/OpenAI multimodal layout and the images they refer to, in order
+        (:func:`ibisagent.chat.to_messages`)."""
+        return to_messages(self.chat)
 
 
 @dataclass(frozen=True)
@@ -214,9 +198,7 @@ class SegmentationEnv:
         s = self.session
         mask = s.mask
         overlay = policy_overlay(s.image, mask)
-        text = self.prompts.first(self._query) if mask is None else self.prompts.refine(self._query)
-        turn = ChatTurn("user", text, overlay)
-        chat = (ChatTurn("system", self.prompts.system), *self._history, turn)
+        chat = render_chat(self.prompts, self._query, overlay, first_turn=mask is None, history=self._history)
         return Observation(
             image=s.image, overlay=overlay, query=self._query, step=self._step, mask=mask, logits=s.logits,
             points=s.points, labels=s.labels, box=s.box, chat=chat, grammar=self.config.grammar,

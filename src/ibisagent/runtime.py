@@ -1,21 +1,15 @@
-"""The runtime the web app and the tool server share: one segmenter per name per process (behind a lock, bound to
-the image it currently holds), cached image loading, bundled examples, and an episode loop that can start from
-interactions a person already made ("let the agent continue from my clicks").
-
->>> hub = SegmenterHub()
->>> with hub.bound("fake", image) as seg:
-...     seg.predict(points=[[10, 20]], labels=[1])
-"""
+"""The runtime the web app and the tool server share: one segmenter per name per process
+(:class:`~ibisagent.segmenters.hub.SegmenterHub`, behind a lock, bound to the image it currently holds), cached image
+loading, bundled examples, and an episode loop that can start from interactions a person already made ("let the
+agent continue from my clicks")."""
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +19,8 @@ from ibisagent.agent import Episode, StepRecord
 from ibisagent.env import EnvConfig, SegmentationEnv
 from ibisagent.policies.base import Policy
 from ibisagent.protocol import Action, format_reply, to_normalized
-from ibisagent.segmenters.base import Segmenter, create_segmenter
+from ibisagent.segmenters.base import Segmenter, default_segmenter, image_key
+from ibisagent.segmenters.hub import SegmenterHub
 from ibisagent.session import Interaction
 
 __all__ = [
@@ -33,7 +28,7 @@ __all__ = [
     "SegmenterHub",
     "ImageCache",
     "image_key",
-    "default_segmenter_name",
+    "default_segmenter",
     "find_bundled_dir",
     "interaction_reply",
     "iter_episode",
@@ -45,95 +40,6 @@ __all__ = [
 BUNDLED_ENV = "IBISAGENT_BUNDLED"
 #: reasoning text recorded for replayed user interactions (so traces show who made each step)
 USER_REASONING = "Annotator prompt (placed by the user)."
-
-
-def default_segmenter_name() -> str:
-    """``litemedsam-click`` when its fine-tuned weights are installed, else ``litemedsam``."""
-    weights = Path(__file__).resolve().parent / "weights" / "litemedsam_click.safetensors"
-    return "litemedsam-click" if weights.is_file() else "litemedsam"
-
-
-def image_key(image: np.ndarray) -> str:
-    """Content hash of an image array (shape, dtype and bytes)."""
-    arr = np.ascontiguousarray(image)
-    h = hashlib.sha1(f"{arr.shape}{arr.dtype}".encode())
-    h.update(arr.tobytes())
-    return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Segmenters: one per name per process
-# ----------------------------------------------------------------------------------------------------------------
-
-@dataclass
-class _Slot:
-    segmenter: Segmenter
-    lock: threading.Lock
-    key: str | None = None  # the image the segmenter currently holds
-    generation: int | None = None  # the segmenter's image_generation when ``key`` was recorded
-
-
-class SegmenterHub:
-    """Creates each named segmenter once and serializes its use.
-
-    ``bound(name, image, key)`` locks the segmenter and makes sure it holds ``image`` (``set_image`` only when another
-    image was set since, through the hub or not: the segmenter's ``image_generation`` tells; the LiteMedSAM backends
-    also keep an LRU of embeddings, so switching back is cheap).
-    ``factory`` builds a segmenter from a name (tests pass their own).
-    """
-
-    def __init__(self, factory: Callable[[str], Segmenter] | None = None) -> None:
-        self._factory = factory or (lambda name: create_segmenter(name))
-        self._slots: dict[str, _Slot] = {}
-        self._lock = threading.Lock()
-        self.set_image_calls = 0
-
-    def get(self, name: str) -> Segmenter:
-        """The process-wide segmenter called ``name`` (created on first use; KeyError for unknown names)."""
-        return self._slot(name).segmenter
-
-    def _slot(self, name: str) -> _Slot:
-        with self._lock:
-            slot = self._slots.get(name)
-            if slot is None:
-                slot = _Slot(self._factory(name), threading.Lock())
-                self._slots[name] = slot
-            return slot
-
-    @contextmanager
-    def bound(self, name: str, image: np.ndarray, key: str | None = None) -> Iterator[Segmenter]:
-        """Lock segmenter ``name`` with ``image`` set on it for the duration of the block."""
-        slot = self._slot(name)
-        key = key or image_key(image)
-        with slot.lock:
-            seg = slot.segmenter
-            if slot.key != key or seg.image_generation is None or seg.image_generation != slot.generation:
-                slot.key = None
-                seg.set_image(image)
-                self.set_image_calls += 1
-                slot.key, slot.generation = key, seg.image_generation
-            try:
-                yield seg
-            except ValueError:  # bad input (SegmenterError, ...): checked before the backend touched its state
-                raise
-            except BaseException:
-                slot.key = None  # the block may have left the segmenter in an unknown state
-                raise
-            finally:
-                if seg.image_generation != slot.generation:  # the block set an image itself (e.g. env.reset)
-                    if seg.holds(image):
-                        slot.generation = seg.image_generation
-                    else:
-                        slot.key = None
-
-    def note_image(self, name: str, key: str) -> None:
-        """Record that code inside ``bound`` set image ``key`` on the segmenter itself (e.g. ``env.reset``)."""
-        slot = self._slot(name)
-        slot.key, slot.generation = key, slot.segmenter.image_generation
-
-    def loaded(self) -> list[str]:
-        with self._lock:
-            return sorted(self._slots)
 
 
 # ----------------------------------------------------------------------------------------------------------------

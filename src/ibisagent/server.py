@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from ibisagent.masks import as_bool, rle_encode
-from ibisagent.runtime import ImageCache, SegmenterHub, default_segmenter_name, env_for, image_key, iter_episode
+from ibisagent.runtime import ImageCache, SegmenterHub, default_segmenter, env_for, image_key, iter_episode
 from ibisagent.segmenters.base import Segmenter, SegmenterError, SegmenterUnavailable
 
 __all__ = [
@@ -100,7 +100,7 @@ class ServerConfig:
     """Settings of one server process."""
 
     data_root: Path
-    segmenter: str = field(default_factory=default_segmenter_name)
+    segmenter: str = field(default_factory=default_segmenter)
     max_concurrency: int = 2
     max_heavy: int = 1
     max_queue: int = 16

@@ -24,6 +24,7 @@ from typing import Any
 from ibisagent import __version__
 from ibisagent.cli.util import UserError, parse_kv
 from ibisagent.policies.base import default_policy
+from ibisagent.segmenters.base import default_segmenter
 
 __all__ = ["main", "build_parser", "check_output_dir", "parse_kv", "default_policy", "default_segmenter", "UserError"]
 
@@ -52,14 +53,6 @@ Common jobs:
   ibisagent eval DATA --policy oracle --out DIR    score a policy + segmenter on a dataset folder
   ibisagent list                                   show the available policies, segmenters and prompt templates
 """
-
-
-def default_segmenter() -> str:
-    """``litemedsam-click`` when its fine-tuned weights are installed, else the original ``litemedsam``."""
-    from importlib import resources
-
-    weights = resources.files("ibisagent").joinpath("weights/litemedsam_click.safetensors")
-    return "litemedsam-click" if weights.is_file() else "litemedsam"
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ibisagent.policies.base import list_policies
-from ibisagent.runtime import default_segmenter_name
-from ibisagent.segmenters.base import SegmenterUnavailable, list_segmenters
+from ibisagent.segmenters.base import SegmenterUnavailable, default_segmenter, list_segmenters
 from ibisagent.server import (
     DATA_ROOT_ENV,
     DEFAULT_POLICIES,
@@ -80,7 +79,7 @@ def _serve_main(args: argparse.Namespace) -> int:
         return 2
     token = args.token if args.token is not None else (os.environ.get(TOKEN_ENV) or None)
     try:
-        seg = args.segmenter or default_segmenter_name()
+        seg = args.segmenter or default_segmenter()
         if seg not in list_segmenters():
             raise ValueError(f"unknown segmenter {seg!r}; known: {', '.join(list_segmenters())}")
         policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())

@@ -5,12 +5,10 @@ from ibisagent.evaluation.challenge import BoxFirstPolicy, ChallengeClicker, cha
 from ibisagent.evaluation.compare import CompareError, compare_runs, paired_differences
 from ibisagent.evaluation.harness import (
     CASE_COLUMNS,
-    CaseError,
     EvalConfig,
     EvalConfigError,
     EvalResult,
     Runner,
-    load_case_arrays,
     read_cases,
     run_eval,
 )
@@ -21,7 +19,6 @@ __all__ = [
     "CASE_COLUMNS",
     "SUMMARY_KEYS",
     "BoxFirstPolicy",
-    "CaseError",
     "ChallengeClicker",
     "CompareError",
     "EvalConfig",
@@ -33,7 +30,6 @@ __all__ = [
     "compare_runs",
     "curve_auc",
     "iou_at",
-    "load_case_arrays",
     "noc",
     "noc_measured",
     "paired_differences",

@@ -33,12 +33,18 @@ import numpy as np
 
 from ibisagent.agent import Agent, Episode
 from ibisagent.env import EnvConfig
+from ibisagent.io import CaseError, load_case_arrays
 from ibisagent.io.manifest import SPLIT_BY, Case, load_manifest
 from ibisagent.masks import SURFACE_METRICS, dice, iou, rle_encode
 from ibisagent.policies.base import Policy, create_policy
-from ibisagent.segmenters.base import Segmenter, SegmenterUnavailable, create_segmenter
+from ibisagent.segmenters.base import (
+    CLICK_WEIGHTS,
+    Segmenter,
+    SegmenterUnavailable,
+    create_segmenter,
+    default_segmenter,
+)
 
-from .cases import CaseError, load_case_arrays
 from .challenge import (
     CHALLENGE_CLICKS,
     CHALLENGE_PROTOCOL,
@@ -53,13 +59,11 @@ from .runfiles import CASE_COLUMNS, CASES_CSV, PREDICTIONS, RUN_CONFIG, read_cas
 __all__ = [
     "CASE_COLUMNS",
     "PROTOCOLS",
-    "CaseError",
     "EvalConfig",
     "EvalConfigError",
     "EvalResult",
     "Runner",
     "default_segmenter",
-    "load_case_arrays",
     "read_cases",
     "read_predictions",
     "run_eval",
@@ -155,29 +159,12 @@ class EvalResult:
     interrupted: bool = False
 
 
-def _shipped_click_weights() -> Path | None:
-    """The click-tuned LiteMedSAM weights file, or None when the LiteMedSAM backend cannot be imported here."""
-    try:
-        from ibisagent.segmenters.litemedsam import CLICK_WEIGHTS
-    except Exception:  # noqa: BLE001 - torch or the model package may be missing
-        return None
-    return CLICK_WEIGHTS
-
-
-def default_segmenter() -> str:
-    """``litemedsam-click`` when its weights are installed, else the box-trained ``litemedsam``."""
-    shipped = _shipped_click_weights()
-    if shipped is None:  # the backend cannot be imported: fall back to the name
-        return "litemedsam-click"
-    return "litemedsam-click" if shipped.is_file() else "litemedsam"
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Running one case
 # ----------------------------------------------------------------------------------------------------------------
 
 def _make_policy(name: str, args: dict[str, Any], seed: int) -> Policy:
-    try:
+    try:  # the challenge policy is registered by importing .challenge (done at the top of this module)
         if "seed" not in args:
             try:
                 return create_policy(name, seed=seed, **args)
@@ -412,10 +399,7 @@ def weights_id(config: EvalConfig) -> dict[str, str] | None:
     if config.segmenter != "litemedsam-click":
         return None
     weights = config.segmenter_args.get("weights")
-    shipped = _shipped_click_weights()
-    if shipped is None:  # informational only
-        return None
-    path = Path(weights) if weights not in (None, "click") else shipped
+    path = Path(weights) if weights not in (None, "click") else CLICK_WEIGHTS
     if not path.is_file():
         return None
     return {"file": path.name, "sha1": hashlib.sha1(path.read_bytes()).hexdigest()[:12]}

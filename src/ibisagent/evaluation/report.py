@@ -98,11 +98,10 @@ def _gallery(out: Path, rows: list[dict[str, Any]], data: str | None) -> str | N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ibisagent.io import CaseError, load_case_arrays
     from ibisagent.io.manifest import ManifestError, load_manifest
     from ibisagent.masks import rle_decode
     from ibisagent.overlay import display_overlay
-
-    from .cases import CaseError, load_case_arrays
 
     try:
         cases = {(c.source, c.id): c for c in load_manifest(data, split="all")}
@@ -121,7 +120,7 @@ def _gallery(out: Path, rows: list[dict[str, Any]], data: str | None) -> str | N
             image, gt = load_case_arrays(cases[key])
             p = preds[key]
             mask = rle_decode(p["mask_rle"])
-        except (CaseError, ValueError, OSError):
+        except (CaseError, ValueError, OSError):  # CaseError: the case cannot be loaded any more
             continue
         vis = display_overlay(image, mask, p.get("points") or [], p.get("labels") or [], p.get("box"), gt=gt)
         panels.append((f"{tag}: {r['case_id'][:32]}\nIoU {r['iou']:.3f}, {r['interactions']} interactions", vis))

@@ -2,7 +2,8 @@
 
 Samples follow the reference's per-step, history-off layout: each step becomes one sample made of the system
 prompt, ONE user turn (the first-turn text with the plain image, or the refinement text with the policy overlay of
-the step's previous mask) and the assistant reply. Error steps of reflective trajectories (the deliberate mistakes)
+the step's previous mask) and the assistant reply, rendered by :func:`ibisagent.chat.render_chat` (the environment's
+renderer) and written in each format's layout by :mod:`ibisagent.chat`. Error steps of reflective trajectories (the deliberate mistakes)
 are left out as targets by default; their correction steps are kept.
 
 Images are written once: the case image once per case (``images/``), each distinct overlay once (``overlays/``,
@@ -22,7 +23,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ibisagent.io.caseio import load_mask_file, load_rgb
+from ibisagent.chat import ChatTurn, render_chat
+from ibisagent.io import load_mask, load_rgb
 from ibisagent.masks import rle_decode
 from ibisagent.overlay import policy_overlay
 from ibisagent.prompts import PromptTemplate, load_prompts
@@ -61,6 +63,7 @@ class Sample:
     action: str = ""
     iou_before: float = 0.0
     iou_after: float = 0.0
+    chat: tuple[ChatTurn, ...] = ()  # the rendered prompt (system, user turn with ``image``)
 
     def state_key(self) -> str:
         """Identity of the state (case, prompts so far): RL prompts are deduplicated on it."""
@@ -116,7 +119,7 @@ class ImageStore:
             path = self.root / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             if not path.exists():
-                Image.fromarray(load_mask_file(src).astype(np.uint8) * 255).save(path)
+                Image.fromarray(load_mask(src).astype(np.uint8) * 255).save(path)
             self._masks[src] = rel
         return self._masks[src]
 
@@ -154,11 +157,14 @@ def iter_samples(records: Iterable[dict[str, Any]], store: ImageStore, *, prompt
                 continue
             state = st["state"]
             prev = state.get("prev_mask_rle")
+            chat = render_chat(tpl, rec["query"], base if prev is None else store.overlay(src, prev),
+                               first_turn=prev is None)
             yield Sample(
-                system=tpl.system,
-                user=tpl.first(rec["query"]) if prev is None else tpl.refine(rec["query"]),
+                system=chat[0].text,
+                user=chat[-1].text,
                 reply=st["reply"],
-                image=base if prev is None else store.overlay(src, prev),
+                image=str(chat[-1].image),
+                chat=chat,
                 case_id=rec["case_id"], variant=rec["variant"], role=st["role"], step=int(st["step"]),
                 grammar=grammar, segmenter=rec.get("segmenter", ""), source=source,
                 width=int(rec["width"]), height=int(rec["height"]),

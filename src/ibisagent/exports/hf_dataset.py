@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ibisagent.chat import to_dataset_messages
 from ibisagent.exports.common import ExportError, ImageStore, iter_samples, load_trajectories
 
 __all__ = ["export_hf", "load_hf_export"]
@@ -35,10 +36,7 @@ def export_hf(synth_dir: str | Path, out: str | Path, *, variants: Iterable[str]
     for s in iter_samples(load_trajectories(synth_dir, variants), store, prompts=prompts,
                           include_error_steps=include_error_steps):
         rows.append({
-            "prompt": [
-                {"role": "system", "content": [{"type": "text", "text": s.system}]},
-                {"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": s.user}]},
-            ],
+            "prompt": to_dataset_messages(s.chat),
             "completion": [{"role": "assistant", "content": [{"type": "text", "text": s.reply}]}],
             "images": [str((out / s.image).resolve())],
             "image_path": s.image_path, "ground_truth": s.mask_path,

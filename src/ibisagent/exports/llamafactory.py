@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ibisagent.chat import to_text_messages
 from ibisagent.exports.common import ImageStore, iter_samples, load_trajectories
 
 __all__ = ["dataset_info_entry", "export_llamafactory"]
@@ -38,7 +39,7 @@ def export_llamafactory(synth_dir: str | Path, out: str | Path, *, name: str = "
     for s in iter_samples(load_trajectories(synth_dir, variants), store, prompts=prompts,
                           include_error_steps=include_error_steps):
         rows.append({
-            "messages": [{"role": "user", "content": f"<image>{s.user}"}, {"role": "assistant", "content": s.reply}],
+            "messages": [*to_text_messages(s.chat[1:]), {"role": "assistant", "content": s.reply}],
             "system": s.system,
             "images": [s.image],
             "case_id": s.case_id, "variant": s.variant, "step": s.step, "role": s.role,

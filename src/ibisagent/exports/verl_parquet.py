@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ibisagent.chat import to_text_messages
 from ibisagent.exports.common import ExportError, ImageStore, iter_samples, load_trajectories
 
 __all__ = ["export_verl"]
@@ -49,7 +50,7 @@ def export_verl(synth_dir: str | Path, out: str | Path, *, name: str = "train",
         family = "ibisagent-box" if s.grammar == "extended" else "ibisagent"
         rows.append({
             "data_source": f"{family}/{s.source or 'data'}",
-            "prompt": [{"role": "system", "content": s.system}, {"role": "user", "content": f"<image>{s.user}"}],
+            "prompt": to_text_messages(s.chat),
             "images": [{"image": str((out / s.image).resolve())}],
             "ability": "medical_segmentation",
             "reward_model": {"style": "rule", "ground_truth": s.mask_path},

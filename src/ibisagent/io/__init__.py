@@ -5,12 +5,15 @@
   (:data:`WINDOW_PRESETS`, :func:`apply_window`).
 * :func:`load_volume` -> :class:`Volume` (NIfTI, DICOM series, TIFF stacks), :func:`slice_image`,
   :func:`iter_slices`, :func:`choose_slice`.
-* :func:`load_mask` / :func:`save_mask` (PNG, TIFF, NPY, NIfTI label maps), :func:`load_case` /
-  :func:`load_volume_case` for manifest rows (:func:`load_manifest`).
+* :func:`load_mask` / :func:`save_mask` (PNG, TIFF, NPY, NIfTI label maps).
+* The one case loader (:mod:`ibisagent.io.cases`): :func:`load_case`, :func:`load_case_arrays` (image + mask as
+  arrays), :func:`load_volume_case` for manifest rows (:func:`load_manifest`), :func:`load_rgb` for an image path.
 
-Errors: :class:`ImageLoadError`, :class:`MaskError`, :class:`WindowError`, :class:`ManifestError` (all ValueError).
+Errors: :class:`ImageLoadError`, :class:`MaskError`, :class:`WindowError`, :class:`ManifestError`, and
+:class:`CaseError` (with a ``reason``) for a manifest case that cannot be used (all ValueError).
 """
 
+from .cases import CASE_ERROR_REASONS, CaseError, load_case, load_case_arrays, load_rgb, load_volume_case
 from .images import (
     PERCENTILE_RANGE,
     SUPPORTED_SUFFIXES,
@@ -26,7 +29,7 @@ from .images import (
 )
 from .loader import load_image
 from .manifest import VAL_FRACTION, Case, ManifestError, iter_manifest_dirs, load_manifest, split_of
-from .masks_io import MASK_SUFFIXES, MaskError, load_case, load_mask, load_volume_case, save_mask
+from .masks_io import MASK_SUFFIXES, MaskError, load_mask, save_mask
 from .volumes import (
     ORIENTATIONS,
     Volume,
@@ -40,6 +43,10 @@ from .volumes import (
 )
 
 __all__ = [
+    "CASE_ERROR_REASONS",
+    "CaseError",
+    "load_case_arrays",
+    "load_rgb",
     "PERCENTILE_RANGE",
     "SUPPORTED_SUFFIXES",
     "WINDOW_PRESETS",

@@ -1,4 +1,4 @@
-"""Read and write binary masks (PNG/TIFF/BMP/JPEG/NPY, NIfTI label maps) and load manifest cases.
+"""Read and write binary masks (PNG/TIFF/BMP/JPEG/NPY, NIfTI label maps).
 
 Reading rules (:func:`load_mask`):
 
@@ -28,8 +28,6 @@ from typing import Any
 import numpy as np
 
 from .images import ImageLoadError, LoadedImage, _check_index, _read_pil, _read_tiff, _suffix
-from .loader import load_image
-from .manifest import Case
 from .volumes import Volume, _check_axis, display_transform, from_display, load_volume, to_display
 
 __all__ = [
@@ -37,8 +35,6 @@ __all__ = [
     "MASK_SUFFIXES",
     "load_mask",
     "save_mask",
-    "load_case",
-    "load_volume_case",
 ]
 
 MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg", ".npy", ".nii", ".nii.gz")
@@ -48,7 +44,13 @@ MAX_GRAY_LEVELS = 32
 
 
 class MaskError(ValueError):
-    """A mask that cannot be used: unreadable, wrong size, empty when it must not be, not a binary/label mask."""
+    """A mask that cannot be used: unreadable, wrong size, empty when it must not be, not a binary/label mask.
+
+    ``kind``: ``"size_mismatch"``, ``"empty"`` or ``"unreadable"`` (everything else)."""
+
+    def __init__(self, message: str, kind: str = "unreadable") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 def _shape_text(shape: tuple[int, ...]) -> str:
@@ -205,10 +207,11 @@ def load_mask(
             what = "image" if mask.ndim == 2 else "volume"
             raise MaskError(
                 f"mask {p.name} is {_shape_text(mask.shape)} but the {what} is {_shape_text(expected)}{hint}; "
-                "a mask must have the image's size"
+                "a mask must have the image's size", "size_mismatch"
             )
     if not allow_empty and not mask.any():
-        raise MaskError(f"mask {p.name} is empty{where} (no object pixel); a ground-truth mask must mark the object")
+        raise MaskError(f"mask {p.name} is empty{where} (no object pixel); a ground-truth mask must mark the object",
+                        "empty")
     return mask
 
 
@@ -316,40 +319,3 @@ def _save_nifti(path: Path, m: np.ndarray, like: LoadedImage | Volume | None, sl
         img.set_qform(affine, code=1)
         img.set_sform(affine, code=1)
     nib.save(img, str(path))
-
-
-# ------------------------------------------------------------------------------------------------------------ cases
-
-
-def load_case(case: Case, *, window: Any = None) -> tuple[LoadedImage, np.ndarray]:
-    """(image, ground-truth mask) of a 2D manifest case; the mask must match the image size and not be empty.
-
-    Errors are the usual ImageLoadError/MaskError with the case id in front.
-    """
-    if case.is_3d:
-        raise ImageLoadError(
-            f"case {case.id} is a 3D row; use load_volume_case(case) or load_image(case.image, slice_index=...)"
-        )
-    if case.mask is None:
-        raise MaskError(f"case {case.id} has no mask")
-    try:
-        image = load_image(case.image, window=window)
-        mask = load_mask(case.mask, shape=image.shape, allow_empty=False)
-    except (ImageLoadError, MaskError) as exc:
-        raise type(exc)(f"case {case.id}: {exc}") from exc
-    return image, mask
-
-
-def load_volume_case(case: Case, *, label: int | None = None) -> tuple[Volume, np.ndarray]:
-    """(volume, 3D boolean mask) of a 3D manifest row (``load_manifest(..., include_3d=True)``).
-
-    ``label`` selects one label value of a multi-label map (default: any nonzero label).
-    """
-    if case.mask is None:
-        raise MaskError(f"case {case.id} has no mask")
-    try:
-        volume = load_volume(case.image)
-        mask = load_mask(case.mask, shape=volume.shape, label=label, allow_empty=False)
-    except (ImageLoadError, MaskError) as exc:
-        raise type(exc)(f"case {case.id}: {exc}") from exc
-    return volume, mask

@@ -1,9 +1,9 @@
 """Chat building shared by the multimodal-LLM policies (``hf``, ``openai``) and the LLM trainers.
 
 The environment already renders the chat (system prompt, first/refinement turn, optional history) into
-``Observation.chat``. A policy may override two things: the prompt wording (a template file, e.g. the released
-checkpoint's exact prompts) and whether earlier turns are sent (history on/off). Every new overlay is a ``user`` turn
-with an image, never a ``tool`` message: Qwen2.5-VL chat templates drop images from tool messages.
+``Observation.chat`` with :func:`ibisagent.chat.render_chat`. A policy may override two things: the prompt wording
+(a template file, e.g. the released checkpoint's exact prompts; re-rendered with the same function) and whether
+earlier turns are sent (history on/off, with the policy's own transcript).
 """
 
 from __future__ import annotations
@@ -13,24 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from ibisagent.env import ChatTurn, Observation
+from ibisagent.chat import ChatTurn, render_chat, to_messages
+from ibisagent.env import Observation
 from ibisagent.prompts import PromptTemplate, load_prompts
 
-__all__ = ["ChatBuilder", "to_messages"]
-
-
-def to_messages(turns: tuple[ChatTurn, ...] | list[ChatTurn]) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
-    """Turns -> (messages in the transformers multimodal layout, images in order of appearance)."""
-    msgs: list[dict[str, Any]] = []
-    images: list[np.ndarray] = []
-    for turn in turns:
-        content: list[dict[str, Any]] = []
-        if turn.image is not None:
-            images.append(turn.image)
-            content.append({"type": "image"})
-        content.append({"type": "text", "text": turn.text})
-        msgs.append({"role": turn.role, "content": content})
-    return msgs, images
+__all__ = ["ChatBuilder"]
 
 
 @dataclass
@@ -64,13 +51,6 @@ class ChatBuilder:
 
     def turns(self, obs: Observation) -> list[ChatTurn]:
         """The chat for ``obs`` (system, optional history, current user turn with the overlay)."""
-        if self._template is not None:
-            text = self._template.first(obs.query) if obs.is_first_turn else self._template.refine(obs.query)
-            current = ChatTurn("user", text, obs.overlay)
-            system = ChatTurn("system", self._template.system)
-        else:
-            current = obs.chat[-1]
-            system = obs.chat[0] if obs.chat and obs.chat[0].role == "system" else ChatTurn("system", "")
         if self.history is False:
             middle: list[ChatTurn] = []
         elif self.history is True:
@@ -79,8 +59,14 @@ class ChatBuilder:
             middle = list(obs.chat[1:-1])  # whatever the environment keeps
         else:  # the environment keeps history in its own wording: re-use ours instead
             middle = list(self._transcript) if len(obs.chat) > 2 else []
-        self._pending = current
-        return [system, *middle, current]
+        if self._template is not None:
+            chat = list(render_chat(self._template, obs.query, obs.overlay, first_turn=obs.is_first_turn,
+                                    history=middle))
+        else:
+            system = obs.chat[0] if obs.chat and obs.chat[0].role == "system" else ChatTurn("system", "")
+            chat = [system, *middle, obs.chat[-1]]
+        self._pending = chat[-1]
+        return chat
 
     def record_reply(self, reply: str) -> None:
         """Remember the last user turn and the reply (used when ``history=True``)."""

@@ -445,7 +445,7 @@ class _Embedder:
 
             self._seg = LiteMedSAMSegmenter(weights="original")
         before = self._seg.encoder_runs
-        emb = self._seg.embed(img)
+        emb = self._seg.embedding(img)
         self.encoder_runs += self._seg.encoder_runs - before
         return emb
 

@@ -1,56 +1,23 @@
 """The oracle annotator (reference click simulator) and its box-first variant.
 
-Rule (reference release): compare the current mask with the ground truth; take the false-negative region FN and
-the false-positive region FP, the Euclidean distance transform of each, and click at the pixel farthest from the
-region border of the larger of the two maxima (positive in FN, negative in FP). Stop (Terminate) once
-IoU >= ``iou_threshold`` (default 0.8).
+The click rule is :func:`ibisagent.oracle_click.next_click` (shared with trajectory synthesis and policy training).
+Stop (Terminate) once IoU >= ``iou_threshold`` (default 0.8), or when no error pixel is left to click.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 
 import numpy as np
 
 from ibisagent.env import Observation
-from ibisagent.masks import bbox, error_regions, iou
+from ibisagent.masks import bbox, iou
+from ibisagent.oracle_click import OracleClick, next_click
 from ibisagent.policies.base import BasePolicy, register_policy
 from ibisagent.protocol import Action, format_reply, to_normalized
 from ibisagent.reasoning import describe_box, describe_click, describe_stop
 
 __all__ = ["OracleClick", "OraclePolicy", "jittered_box", "next_click"]
-
-
-@dataclass(frozen=True)
-class OracleClick:
-    positive: bool
-    x: int
-    y: int
-    region: np.ndarray  # the error region the click targets
-    depth: float  # distance of the click to the region's border (px)
-
-
-def next_click(pred: np.ndarray | None, gt: np.ndarray, avoid: np.ndarray | None = None) -> OracleClick | None:
-    """The reference oracle's next click, or None when the prediction has no error.
-
-    ``avoid`` (N, 2) pixel (x, y) clicks already placed: the oracle never clicks the same pixel twice (the reference
-    can, and then loops until the repeated-action stop when the segmenter ignores the click)."""
-    gt = np.asarray(gt).astype(bool)
-    pred = np.zeros_like(gt) if pred is None else np.asarray(pred).astype(bool)
-    er = error_regions(pred, gt)
-    if er.fn_max == 0 and er.fp_max == 0:
-        return None
-    positive = er.fn_max >= er.fp_max
-    dt = er.fn_dt if positive else er.fp_dt
-    if avoid is not None and len(avoid):
-        dt = dt.copy()
-        pts = np.asarray(avoid, dtype=np.int64).reshape(-1, 2)
-        dt[np.clip(pts[:, 1], 0, dt.shape[0] - 1), np.clip(pts[:, 0], 0, dt.shape[1] - 1)] = 0
-        if dt.max() <= 0:
-            return None
-    y, x = np.unravel_index(int(np.argmax(dt)), dt.shape)
-    return OracleClick(positive, int(x), int(y), er.fn if positive else er.fp, float(dt[y, x]))
 
 
 def jittered_box(gt: np.ndarray, jitter: float, rng: np.random.Generator) -> tuple[int, int, int, int]:

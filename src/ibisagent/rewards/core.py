@@ -29,8 +29,6 @@ function and in the trainers' logs.
 
 from __future__ import annotations
 
-import hashlib
-import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -46,7 +44,7 @@ from ibisagent.protocol import (
     parse_reply,
     validate_reply,
 )
-from ibisagent.segmenters.base import Segmenter, SegmenterError, create_segmenter
+from ibisagent.segmenters.base import Segmenter, SegmenterError
 
 __all__ = [
     "COMPONENTS",
@@ -59,7 +57,6 @@ __all__ = [
     "answer_reward",
     "box_placement_reward",
     "click_placement_reward",
-    "ensure_image",
     "format_reward",
     "get_segmenter",
     "length_reward",
@@ -479,36 +476,13 @@ def score_transition(
 # With a segmenter
 # ------------------------------------------------------------------------------------------------------------------
 
-_SEGMENTERS: dict[str, Segmenter] = {}
-
-
 def get_segmenter(segmenter: str | Segmenter) -> Segmenter:
-    """A segmenter instance; names are created once per process and reused."""
+    """A segmenter instance; names come from the process-wide :func:`~ibisagent.segmenters.hub.shared_hub`."""
     if isinstance(segmenter, Segmenter):
         return segmenter
-    if segmenter not in _SEGMENTERS:
-        _SEGMENTERS[segmenter] = create_segmenter(segmenter)
-    return _SEGMENTERS[segmenter]
+    from ibisagent.segmenters.hub import shared_hub
 
-
-def _image_key(image: np.ndarray) -> str:
-    arr = np.ascontiguousarray(image)
-    return hashlib.blake2b(arr.tobytes(), digest_size=16, person=str(arr.shape).encode()[:16]).hexdigest()
-
-
-#: segmenter -> (content key, image_generation) of the image the scorer set on it last
-_SCORER_IMAGES: weakref.WeakKeyDictionary[Segmenter, tuple[str, int | None]] = weakref.WeakKeyDictionary()
-
-
-def ensure_image(seg: Segmenter, image: np.ndarray) -> None:
-    """``set_image`` unless this segmenter still holds exactly this image: same content hash as the scorer's last
-    ``set_image`` on it, and nobody (a session, an environment, another scorer call) set another image since."""
-    key = _image_key(image)
-    last = _SCORER_IMAGES.get(seg)
-    if last is not None and seg.image_generation is not None and last == (key, seg.image_generation):
-        return
-    seg.set_image(image)
-    _SCORER_IMAGES[seg] = (key, seg.image_generation)
+    return shared_hub().get(segmenter)
 
 
 def _predict(seg: Segmenter, points: np.ndarray, labels: np.ndarray, box: np.ndarray | None,
@@ -556,7 +530,7 @@ def score_step(
     need_after = action is not None and action.kind is not ActionKind.TERMINATE
     if need_before or need_after:
         try:
-            ensure_image(seg, img)
+            seg.ensure_image(img)  # set_image unless the segmenter holds this image already
         except SegmenterError as exc:
             raise RewardInputError(f"image: {exc}") from exc
     before = _check_mask(mask_before, g, "mask_before") if not need_before else _predict(seg, pts, labs, bx, None)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ibisagent.io.caseio import CaseError, load_mask_file, load_rgb
+from ibisagent.io import load_mask, load_rgb
 from ibisagent.masks import rle_decode
 from ibisagent.protocol import GrammarMode
 from ibisagent.rewards.core import RewardConfig, RewardInputError
@@ -58,8 +58,8 @@ def load_ground_truth(ground_truth: Any) -> np.ndarray:
             except json.JSONDecodeError as exc:
                 raise RewardInputError(f"ground_truth looks like JSON but is not: {exc.msg}") from exc
         try:
-            return _cached(_MASKS, text, lambda: load_mask_file(text))
-        except CaseError as exc:
+            return _cached(_MASKS, text, lambda: load_mask(text))
+        except ValueError as exc:  # MaskError: missing, unreadable or not a mask
             raise RewardInputError(str(exc)) from exc
     raise RewardInputError(f"ground_truth must be a mask path, an RLE dict or its JSON, got {type(ground_truth)}")
 
@@ -67,7 +67,7 @@ def load_ground_truth(ground_truth: Any) -> np.ndarray:
 def _load_image(path: str) -> np.ndarray:
     try:
         return _cached(_IMAGES, path, lambda: load_rgb(path))
-    except CaseError as exc:
+    except ValueError as exc:  # ImageLoadError: missing or unreadable
         raise RewardInputError(str(exc)) from exc
 
 

@@ -4,20 +4,27 @@ A segmenter caches one image (``set_image``), then answers ``predict`` calls tha
 clicks in pixel coordinates (x = column, y = row) with labels 1 (positive) / 0 (negative), an optional box
 (x1, y1, x2, y2 pixels, inclusive) and the previous call's low-resolution logits as mask feedback.
 
+Two more calls serve batched training (lockstep rollouts over many images), like SAM's ``predict_torch`` twin:
+:meth:`Segmenter.embedding` gives an image's embedding (through the backend's caches) for backends that have one
+(``encoder_id`` set), and :meth:`Segmenter.predict_batch` decodes many prompt sets (:class:`PromptSet`) at once, each
+on its own image or embedding. The base class answers ``predict_batch`` one item at a time through ``set_image`` +
+``predict``; a backend overrides it to decode stacked embeddings in one pass.
+
 One segmenter may serve several users (sessions, environments, the reward scorer, the app/server hub), each with its
-own image. The segmenter holds ONE image at a time, so each user must make sure it is theirs before predicting:
-``ensure_image(image)`` re-sets it only when the segmenter holds another one (``holds`` compares the array object;
-``image_generation`` changes on every ``set_image``, for users that key images by content). Re-setting is cheap for
-the LiteMedSAM backends, which keep an embedding cache keyed by image content.
+own image. The segmenter holds ONE image at a time and knows which (``holds``: this very array object;
+``image_key``: the :func:`image_key` of its content), so each user makes sure it is theirs before predicting:
+``ensure_image(image)`` re-sets it only when the segmenter holds another one. Re-setting is cheap for the LiteMedSAM
+backends, which keep an embedding cache keyed by image content.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
-import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +32,8 @@ import numpy as np
 from ibisagent.options import check_options, keyword_options
 
 __all__ = [
+    "CLICK_WEIGHTS",
+    "PromptSet",
     "SegResult",
     "Segmenter",
     "SegmenterError",
@@ -32,14 +41,31 @@ __all__ = [
     "Timings",
     "check_prompts",
     "create_segmenter",
+    "default_segmenter",
+    "image_key",
     "list_segmenters",
     "register_segmenter",
     "segmenter_options",
 ]
 
 
-#: process-wide counter behind ``Segmenter.image_generation`` (unique across segmenters)
-_GENERATIONS = itertools.count(1)
+#: the shipped click-tuned LiteMedSAM weights (prompt encoder + mask decoder; ``ibisagent train-segmenter`` writes it)
+CLICK_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "litemedsam_click.safetensors"
+
+
+def default_segmenter() -> str:
+    """The segmenter every entry point uses when none is named: ``litemedsam-click`` when its fine-tuned weights
+    are installed, else the original box-trained ``litemedsam``."""
+    return "litemedsam-click" if CLICK_WEIGHTS.is_file() else "litemedsam"
+
+
+def image_key(image: np.ndarray) -> str:
+    """Content key of an image array (sha1 of shape, dtype and bytes): which image a segmenter holds."""
+    arr = np.ascontiguousarray(image)
+    h = hashlib.sha1(f"{arr.shape}{arr.dtype}".encode())
+    h.update(arr.tobytes())
+    return h.hexdigest()
+
 
 #: smallest image side a segmenter accepts (pixels)
 MIN_IMAGE_SIDE = 2
@@ -61,6 +87,23 @@ class SegResult:
     mask: np.ndarray
     logits: np.ndarray
     score: float
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """One item of :meth:`Segmenter.predict_batch`: all prompts so far on one image (as in ``predict``).
+
+    ``image``: the HxWx3 uint8 image (the per-item fallback sets it); ``embedding``: its :meth:`Segmenter.embedding`
+    (any array-like, e.g. a float16 bank row; backends that decode in batches use it instead of the image);
+    ``shape``: (H, W) of the image, the size of the returned mask."""
+
+    shape: tuple[int, int]
+    points: np.ndarray
+    labels: np.ndarray
+    box: np.ndarray | None = None
+    mask_input: np.ndarray | None = None
+    image: np.ndarray | None = None
+    embedding: Any = None
 
 
 @dataclass
@@ -125,13 +168,17 @@ class Segmenter:
     name: str = "base"
     #: prompt types the backend supports (data, like nnInteractive's ``supported_interactions``)
     capabilities: frozenset[str] = frozenset({"point", "box", "mask"})
+    #: identity of the image encoder + preprocessing in embedding-cache keys; None = no reusable image embedding
+    encoder_id: str | None = None
 
     def __init__(self) -> None:
         self._shape: tuple[int, int] | None = None
         self._features: Any = None
         self._held: np.ndarray | None = None  # the array object last passed to set_image
-        self._generation: int | None = None
         self.timings = Timings()
+        #: how many times the image encoder actually ran (cache hits not counted)
+        self.encoder_runs = 0
+        self._image_key: str | None = None
 
     # --- public API -------------------------------------------------------------------------------------------
     @property
@@ -145,21 +192,31 @@ class Segmenter:
         return self._shape
 
     @property
-    def image_generation(self) -> int | None:
-        """A number that changes on every ``set_image`` (None when no image is set)."""
-        return self._generation if self._shape is not None else None
+    def image_key(self) -> str | None:
+        """:func:`image_key` of the image set now (None without one)."""
+        return self._image_key if self._shape is not None else None
 
     def holds(self, image: np.ndarray) -> bool:
         """True when the image set last is this very array object (and is still set)."""
         return self._shape is not None and self._held is image
 
-    def ensure_image(self, image: np.ndarray) -> None:
-        """``set_image(image)`` unless this segmenter already holds exactly this array object."""
-        if not self.holds(image):
-            self.set_image(image)
-
     def set_image(self, image: np.ndarray) -> None:
         """Encode an HxWx3 uint8 RGB image (or HxW grayscale) once; later ``predict`` calls reuse it."""
+        self._set_image(image, None)
+
+    def ensure_image(self, image: np.ndarray, key: str | None = None) -> bool:
+        """``set_image(image)`` unless this segmenter holds that image already: this very array object
+        (:meth:`holds`, no hashing), or the same content (by :func:`image_key`, or ``key`` when the caller has
+        computed it). Returns whether the image was set."""
+        if self.holds(image):
+            return False
+        key = key or image_key(image)
+        if self._shape is not None and self._image_key == key:
+            return False
+        self._set_image(image, key)
+        return True
+
+    def _set_image(self, image: np.ndarray, key: str | None) -> None:
         src = image
         img = np.asarray(image)
         if img.ndim == 2:
@@ -179,13 +236,13 @@ class Segmenter:
         self.timings.encoder_calls += 1
         self._shape = (int(img.shape[0]), int(img.shape[1]))
         self._held = src
-        self._generation = next(_GENERATIONS)
+        self._image_key = key or image_key(np.asarray(image))
 
     def reset_image(self) -> None:
         self._shape = None
         self._features = None
         self._held = None
-        self._generation = None
+        self._image_key = None
 
     def predict(
         self,
@@ -207,6 +264,35 @@ class Segmenter:
         if result.mask.shape != shape:
             raise RuntimeError(f"backend {self.name} returned a {result.mask.shape} mask for a {shape} image")
         return result
+
+    # --- embeddings and batches (training) ---------------------------------------------------------------------
+    def embedding_key(self, image: np.ndarray) -> str | None:
+        """The cache key of ``image``'s embedding, or None for a backend without one (``encoder_id`` None)."""
+        if self.encoder_id is None:
+            return None
+        from ibisagent.segmenters.embedding_cache import embedding_key
+
+        return embedding_key(np.ascontiguousarray(image), self.encoder_id)
+
+    def embedding(self, image: np.ndarray) -> np.ndarray | None:
+        """``image``'s embedding as the decoder takes it, from the backend's caches or computed (and cached);
+        None for a backend without a reusable embedding. Does not change the image set with ``set_image``."""
+        return None
+
+    def embedding_cached(self, image: np.ndarray) -> bool:
+        """Whether :meth:`embedding` would answer without running the encoder (True without an embedding)."""
+        return True
+
+    def predict_batch(self, items: Sequence[PromptSet]) -> list[SegResult]:
+        """One :class:`SegResult` per prompt set, in order. This default sets each item's image and calls
+        ``predict`` (the image set before is replaced); backends override it to decode embeddings in one pass."""
+        out = []
+        for it in items:
+            if it.image is None:
+                raise SegmenterError(f"segmenter {self.name!r} decodes batch items from their image: pass image=")
+            self.set_image(it.image)
+            out.append(self.predict(it.points, it.labels, it.box, it.mask_input))
+        return out
 
     # --- backend hooks ----------------------------------------------------------------------------------------
     def _encode(self, image: np.ndarray) -> Any:  # pragma: no cover - abstract

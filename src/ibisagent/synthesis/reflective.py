@@ -21,6 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from ibisagent.masks import bbox, error_regions
+from ibisagent.oracle_click import next_click
 from ibisagent.policies.oracle import jittered_box
 from ibisagent.reasoning import (
     ERROR_KINDS,
@@ -30,7 +31,7 @@ from ibisagent.reasoning import (
     describe_error_click,
 )
 from ibisagent.rewards.core import DEFAULT_CONFIG, box_placement_reward, click_placement_reward
-from ibisagent.synthesis.trajectories import Rollout, UnreachableError, dt_click
+from ibisagent.synthesis.trajectories import Rollout, UnreachableError
 
 __all__ = ["error_candidates", "inject_click_error", "rollout_box_reflective", "rollout_reflective"]
 
@@ -54,10 +55,9 @@ def error_candidates(kind: str, mask: np.ndarray | None, gt: np.ndarray, rng: np
             for j in rng.choice(len(ys), size=min(_CANDIDATES_PER_KIND, len(ys)), replace=False):
                 out.append((True, int(xs[j]), int(ys[j])))
     else:  # wrong_label: the oracle's own click with the opposite sign
-        pick = dt_click(m if mask is not None else None, gt, exclude)
+        pick = next_click(m if mask is not None else None, gt, exclude)
         if pick is not None:
-            positive, x, y, _ = pick
-            out.append((not positive, x, y))
+            out.append((not pick.positive, pick.x, pick.y))
     return [c for c in out if (c[1], c[2]) not in exclude]
 
 
@@ -116,9 +116,9 @@ def _correct(ro: Rollout, kind: str, err_xy: tuple[int, int], err_positive: bool
     fix = _correction_click(ro, err_xy, err_positive)
     if fix is not None:
         options.append(fix)  # the first option (when present) fixes what the error itself caused
-    pick = dt_click(ro.mask, ro.gt, ro.clicked)
+    pick = next_click(ro.mask, ro.gt, ro.clicked)
     if pick is not None:
-        options.append(pick)
+        options.append((pick.positive, pick.x, pick.y, pick.region))
     er = error_regions(ro.current_mask, ro.gt)
     for positive, region, dt in ((True, er.fn, er.fn_dt), (False, er.fp, er.fp_dt)):
         if region.any():  # the deepest point of each error region, whatever its sign
@@ -204,10 +204,10 @@ def rollout_box_reflective(ro: Rollout) -> None:
                                                box=tight, rng=ro.rng)
                 step = ro.box(tight, text, role="correction", note=f"{kind}_box")
             else:
-                pick = dt_click(ro.mask, ro.gt, ro.clicked)
+                pick = next_click(ro.mask, ro.gt, ro.clicked)
                 if pick is None:
                     continue
-                positive, x, y, region = pick
+                positive, x, y, region = pick.positive, pick.x, pick.y, pick.region
                 text = describe_box_correction("click", width=w, height=h, target=ro.target, prev_box=box,
                                                click=(positive, x, y), region=region, rng=ro.rng)
                 step = ro.click(positive, x, y, text, role="correction", note=f"{kind}_box")

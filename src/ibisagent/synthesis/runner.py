@@ -29,7 +29,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from ibisagent.io.caseio import CaseError, load_case_arrays
+from ibisagent.io import CaseError, load_case_arrays
 from ibisagent.io.manifest import Case, load_manifest
 from ibisagent.segmenters.base import Segmenter, SegmenterError, create_segmenter
 from ibisagent.synthesis.lookahead import rollout_lookahead

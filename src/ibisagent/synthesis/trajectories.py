@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from ibisagent.masks import error_regions, iou, rle_encode
+from ibisagent.masks import iou, rle_encode
+from ibisagent.oracle_click import next_click
 from ibisagent.policies.oracle import _target_from_query, box_action, jittered_box
 from ibisagent.protocol import Action, format_reply, to_normalized
 from ibisagent.reasoning import describe_box, describe_click, describe_stop
@@ -35,7 +36,6 @@ __all__ = [
     "Trajectory",
     "TrajectoryStep",
     "UnreachableError",
-    "dt_click",
     "rollout_box",
     "rollout_oracle",
     "target_name",
@@ -242,15 +242,14 @@ class Rollout:
 
     def oracle_step(self, role: str = "normal", note: str | None = None, reasoning: str | None = None
                     ) -> TrajectoryStep:
-        """One distance-transform click with grounded reasoning."""
-        pick = dt_click(self.mask, self.gt, self.clicked)
+        """One oracle click (:func:`ibisagent.oracle_click.next_click`) with grounded reasoning."""
+        pick = next_click(self.mask, self.gt, self.clicked)
         if pick is None:
             raise UnreachableError("no error region left that has not been clicked")
-        positive, x, y, region = pick
         h, w = self.shape
-        think = reasoning or describe_click(positive=positive, x=x, y=y, width=w, height=h, target=self.target,
-                                            region=region, mask=self.mask, rng=self.rng)
-        return self.click(positive, x, y, think, role, note)
+        think = reasoning or describe_click(positive=pick.positive, x=pick.x, y=pick.y, width=w, height=h,
+                                            target=self.target, region=pick.region, mask=self.mask, rng=self.rng)
+        return self.click(pick.positive, pick.x, pick.y, think, role, note)
 
     def stop(self) -> TrajectoryStep:
         think, answer = describe_stop(mask=self.mask, target=self.target, rng=self.rng)
@@ -277,33 +276,6 @@ class Rollout:
                           width=w, height=h, grammar=grammar, segmenter=segmenter, steps=list(self.steps),
                           final_iou=self.iou, reached=bool(self.steps and self.steps[-1].kind == "terminate"),
                           meta=dict(meta or {}))
-
-
-def dt_click(pred: np.ndarray | None, gt: np.ndarray, exclude: set[tuple[int, int]] | None = None
-             ) -> tuple[bool, int, int, np.ndarray] | None:
-    """The reference oracle click (pixel farthest from the border of the larger error region; positive in FN,
-    negative in FP), skipping pixels already clicked so an episode never repeats an action. Returns
-    (positive, x, y, the error region's connected part that holds the click) or None without any error left."""
-    gt = np.asarray(gt).astype(bool)
-    p = np.zeros_like(gt) if pred is None else np.asarray(pred).astype(bool)
-    er = error_regions(p, gt)
-    order = [(er.fn_max >= er.fp_max), (er.fn_max < er.fp_max)]
-    for positive in order:
-        dt = (er.fn_dt if positive else er.fp_dt).copy()
-        for x, y in exclude or ():
-            dt[y, x] = 0.0
-        if dt.max() <= 0:
-            continue
-        y, x = np.unravel_index(int(np.argmax(dt)), dt.shape)
-        return positive, int(x), int(y), _component(er.fn if positive else er.fp, int(x), int(y))
-    return None
-
-
-def _component(region: np.ndarray, x: int, y: int) -> np.ndarray:
-    from scipy import ndimage
-
-    lab, _ = ndimage.label(region)
-    return lab == lab[y, x] if lab[y, x] else region
 
 
 # ------------------------------------------------------------------------------------------------------------------

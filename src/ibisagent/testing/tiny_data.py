@@ -51,6 +51,7 @@ def oracle_sft_rows(cases: list[TinyCase], out_dir: str | Path, segmenter: str =
 
     from PIL import Image
 
+    from ibisagent.chat import to_dataset_messages
     from ibisagent.env import EnvConfig, SegmentationEnv
     from ibisagent.masks import rle_encode
     from ibisagent.policies.base import create_policy
@@ -77,11 +78,8 @@ def oracle_sft_rows(cases: list[TinyCase], out_dir: str | Path, segmenter: str =
                 reply = format_reply(parsed.action, reasoning, "Done." if parsed.answer is not None else None)
             obs_path = out / "images" / f"case{ci}_step{obs.step + 1}.png"
             Image.fromarray(obs.overlay).save(obs_path)
-            system, user = obs.chat[0].text, obs.chat[-1].text
             rows.append({
-                "prompt": [{"role": "system", "content": [{"type": "text", "text": system}]},
-                           {"role": "user", "content": [{"type": "image", "text": None},
-                                                        {"type": "text", "text": user}]}],
+                "prompt": to_dataset_messages(obs.chat),
                 "completion": [{"role": "assistant", "content": [{"type": "text", "text": reply}]}],
                 "images": [str(obs_path.resolve())],
                 "image_path": str(image_path.resolve()), "ground_truth": str(mask_path.resolve()),

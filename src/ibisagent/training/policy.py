@@ -213,11 +213,13 @@ class _Case:
 
 
 class _Backend:
-    """Batched mask decoding for lockstep rollouts: LiteMedSAM runs its decoder on stacked embeddings; any other
-    segmenter is called one episode at a time through its public interface."""
+    """Batched mask decoding for lockstep rollouts, through the segmenter interface only: backends with an image
+    embedding (``encoder_id``) bank it and decode whole batches from the bank (:meth:`Segmenter.predict_batch`);
+    any other segmenter is called one episode at a time on its image (the interface's per-item fallback) and the
+    policy sees :func:`fake_embedding` features."""
 
     def __init__(self, name: str, weights: str, cache_dir: str) -> None:
-        from ibisagent.segmenters.base import create_segmenter
+        from ibisagent.segmenters.base import SegmenterUnavailable, create_segmenter
         from ibisagent.segmenters.embedding_cache import DiskEmbeddingCache
 
         dirs = [d.strip() for d in (cache_dir or "").split(",") if d.strip()]
@@ -227,46 +229,39 @@ class _Backend:
             kwargs["cache_dir"] = dirs[0] if dirs else None
             if name == "litemedsam-click" and weights:
                 kwargs["weights"] = weights
-        from ibisagent.segmenters.base import SegmenterUnavailable
-
         try:
             self.seg = create_segmenter(name, **kwargs)
         except (KeyError, SegmenterUnavailable) as exc:
             raise PolicyTrainError(f"segmenter {name!r} is not usable: {exc}") from exc
         self.name = name
-        self.lite = hasattr(self.seg, "parts") and hasattr(self.seg, "embed")
+        self.lite = self.seg.encoder_id is not None  # decodes from banked embeddings
         self.embs: list[torch.Tensor] = []  # (256, 64, 64) float16
         self.calls = 0
         self.encoded = 0  # images run through the encoder (not found in a cache)
         self.on_encode: Any = None  # called with the running count after each encoder pass (progress)
 
     def cached(self, image: np.ndarray) -> bool:
-        """Whether the image's embedding is in one of the disk caches (always True for non-LiteMedSAM backends)."""
+        """Whether the image's embedding is in the segmenter's caches or an extra cache folder (always True for
+        segmenters without an embedding)."""
         if not self.lite:
             return True
-        from ibisagent.segmenters.embedding_cache import embedding_key
-        from ibisagent.segmenters.litemedsam import ENCODER_ID
-
-        k = embedding_key(np.ascontiguousarray(image), ENCODER_ID)
-        caches = ([self.seg.disk_cache] if self.seg.disk_cache is not None else []) + self.extra
-        return any(k in c for c in caches)
+        im = np.ascontiguousarray(image)
+        return self.seg.embedding_cached(im) or any(self.seg.embedding_key(im) in c for c in self.extra)
 
     def embed(self, image: np.ndarray) -> int:
         """Add the embedding of ``image`` to the bank; returns its row."""
         if self.lite:
-            from ibisagent.segmenters.embedding_cache import embedding_key
-            from ibisagent.segmenters.litemedsam import ENCODER_ID
-
             im = np.ascontiguousarray(image)
             e = None
-            if self.seg.disk_cache is None or embedding_key(im, ENCODER_ID) not in self.seg.disk_cache:
+            if not self.seg.embedding_cached(im):
+                key = self.seg.embedding_key(im)
                 for extra in self.extra:
-                    e = extra.get(embedding_key(im, ENCODER_ID))
+                    e = extra.get(key)
                     if e is not None:
                         break
             if e is None:
                 runs = self.seg.encoder_runs
-                e = self.seg.embed(im)  # reads the disk cache first
+                e = self.seg.embedding(im)
                 if self.seg.encoder_runs > runs:
                     self.encoded += 1
                     if self.on_encode is not None:
@@ -279,33 +274,14 @@ class _Backend:
     def decode(self, cases: list[_Case], points: list[np.ndarray], labels: list[np.ndarray],
                logits: list[np.ndarray | None]) -> list[tuple[np.ndarray, np.ndarray]]:
         """(mask HxW bool, low-res logits) for each episode, from all its clicks and its previous logits."""
-        self.calls += len(cases)
-        if not self.lite:
-            out = []
-            for c, p, lab, lg in zip(cases, points, labels, logits):
-                self.seg.set_image(c.image)
-                r = self.seg.predict(p, lab, None, lg)
-                out.append((r.mask, r.logits))
-            return out
-        from ibisagent.segmenters.litemedsam import decode_batch, points_to_model
+        from ibisagent.segmenters.base import PromptSet
 
-        results: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(cases)
-        groups: dict[tuple[int, bool], list[int]] = {}
-        for i, (p, lg) in enumerate(zip(points, logits)):
-            groups.setdefault((len(p), lg is not None), []).append(i)
-        for (_, has_lg), idx in groups.items():
-            emb = torch.stack([self.embs[cases[i].emb] for i in idx]).float()
-            coords = torch.from_numpy(np.stack([points_to_model(points[i], cases[i].shape) for i in idx]))
-            labs = torch.from_numpy(np.stack([labels[i].astype(np.int64) for i in idx]))
-            mi = torch.from_numpy(np.stack([np.asarray(logits[i], np.float32).reshape(1, 256, 256)
-                                            for i in idx])) if has_lg else None
-            with torch.inference_mode():
-                low, _ = decode_batch(self.seg.parts, emb, coords, labs, None, mi, multimask=False)
-            for j, i in enumerate(idx):
-                h, w = cases[i].shape
-                up = F.interpolate(low[j : j + 1, :1], size=(h, w), mode="bilinear", align_corners=False)
-                results[i] = ((up[0, 0] > 0).numpy(), low[j, :1].numpy().astype(np.float32))
-        return results  # type: ignore[return-value]
+        self.calls += len(cases)
+        items = [PromptSet(shape=c.shape, points=p, labels=lab, mask_input=lg,
+                           embedding=self.embs[c.emb] if self.lite else None,
+                           image=None if self.lite else c.image)
+                 for c, p, lab, lg in zip(cases, points, labels, logits)]
+        return [(r.mask, r.logits) for r in self.seg.predict_batch(items)]
 
 
 def _load_cases(cfg: PolicyTrainConfig, split: str, backend: _Backend, texts: dict[str, int],
@@ -316,7 +292,7 @@ def _load_cases(cfg: PolicyTrainConfig, split: str, backend: _Backend, texts: di
     query names no side (a mirrored "left kidney" would be the right one)."""
     import hashlib
 
-    from ibisagent.training.segmenter import load_mask, load_rgb
+    from ibisagent.io import load_mask, load_rgb
     from ibisagent.training.volume_slices import mirror_safe, volume_slice_cases
 
     rows = [c for c in load_manifest(cfg.data, split=split, datasets=cfg.datasets,  # type: ignore[arg-type]
@@ -424,8 +400,8 @@ def _augmented_items(rows: list[Any], variants: int, image: Any) -> list[tuple[s
     """Case items for ``variants`` warped copies of each 2D row's image (same layout as the originals' items). Image
     keys get ``#aug<k>``, so the held-out split keeps a variant with its original; a mask pushed partly off the
     image by the warp (less than 80 % kept) is dropped for that variant."""
+    from ibisagent.io import load_mask
     from ibisagent.training.augment import augment_image, augment_mask, augment_params, kept_fraction
-    from ibisagent.training.segmenter import load_mask
 
     last: list[Any] = [None, None]
 

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 
+from ibisagent.io import load_mask, load_rgb
 from ibisagent.io.manifest import Case, load_manifest
 from ibisagent.queries import UNCLICKABLE_OBJECTS
 from ibisagent.segmenters.embedding_cache import DiskEmbeddingCache, embedding_key
@@ -50,8 +51,6 @@ __all__ = [
     "THIN_OBJECTS",
     "cache_embeddings",
     "case_group",
-    "load_rgb",
-    "load_mask",
     "train_segmenter",
 ]
 
@@ -122,21 +121,6 @@ class SegmenterTrainConfig:
 # Data
 # ----------------------------------------------------------------------------------------------------------------
 
-def load_rgb(path: Path) -> np.ndarray:
-    """An image file as HxWx3 uint8 RGB (grayscale replicated)."""
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
-
-
-def load_mask(path: Path) -> np.ndarray:
-    """A binary mask file as HxW bool (nonzero = object)."""
-    with Image.open(path) as im:
-        arr = np.asarray(im)
-    if arr.ndim == 3:
-        arr = arr[..., 0]
-    return arr > 0
-
-
 def mask_to_model(mask: np.ndarray) -> np.ndarray:
     """HxW bool -> 256x256 bool (antialiased resize, threshold at half)."""
     im = Image.fromarray(mask.astype(np.uint8) * 255).resize((IMG, IMG), Image.BILINEAR)
@@ -200,7 +184,7 @@ def cache_embeddings(
             if key in disk:
                 counts["cached"] += 1
                 continue
-            disk.put(key, seg.embed(im))
+            disk.put(key, seg.embedding(im))
             counts["encoded"] += 1
     return counts
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ibisagent.runtime import SegmenterHub, default_segmenter_name, find_bundled_dir
+from ibisagent.runtime import SegmenterHub, default_segmenter, find_bundled_dir
 from ibisagent.segmenters.base import SegmenterUnavailable
 from ibisagent.ui.annotator import WINDOW_CHOICES, Annotator
 
@@ -62,7 +62,7 @@ class AppConfig:
 
         self.segmenters = segmenters or list(list_segmenters())
         self.policies = policies or list(list_policies())
-        self.segmenter = segmenter or default_segmenter_name()
+        self.segmenter = segmenter or default_segmenter()
         if self.segmenter not in self.segmenters:
             self.segmenters.insert(0, self.segmenter)
         # the learned policy works on a user's own image; the oracle needs a ground-truth mask
