@@ -317,3 +317,12 @@ def test_app_refuses_bad_numbers_before_starting(capsys):
     for extra, needle in ((["--max-steps", "0"], "--max-steps must be >= 1"), (["--port", "70000"], "--port")):
         assert main(["app", "--segmenter", "fake", *extra]) == 2
         assert needle in capsys.readouterr().err
+
+
+def test_a_4d_nifti_mask_is_refused(tmp_path, capsys):
+    vol = _nifti(tmp_path, (20, 20, 5), "v3.nii.gz")
+    mask4 = _nifti(tmp_path, (20, 20, 5, 2), "m4.nii.gz")
+    rc = main(["segment", vol, "-q", "the block", "--segmenter", "fake", "--slice", "2", "--mask", mask4,
+               "--policy", "oracle", "--out", str(tmp_path / "o")])
+    assert rc == 2
+    assert "4D NIfTI with 2 volumes" in _err(capsys)

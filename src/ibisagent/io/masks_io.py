@@ -80,6 +80,10 @@ def _read_mask_array(
     if suffix in (".nii", ".nii.gz"):
         try:
             vol = load_volume(path)
+            n_volumes = int(vol.meta.get("n_volumes", 1) or 1)
+            if n_volumes > 1:  # a mask holds one 3D label volume: using the first of several silently is wrong
+                raise MaskError(f"mask {path.name} is a 4D NIfTI with {n_volumes} volumes; a mask must be one 2D "
+                                "or 3D label map (save the volume you mean on its own)")
             if slice_index is None:
                 return vol.array, "volume", None, ""
             axis = _check_axis(axis)
