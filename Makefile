@@ -15,7 +15,7 @@ help:
 	@echo "make test-browser  install Chromium (apt-get, as root) and run the web-app browser tests"
 	@echo "make lint    ruff"
 	@echo "make bench   run the benchmarks (slow; results go to docs/benchmarks.md by hand)"
-	@echo "make weights retrain the shipped segmenter and policy weights from ../shared/data (~2.5 h on 2 cores)"
+	@echo "make weights retrain the shipped segmenter and policy weights from ../shared/data (~2.5-3 h on 2 cores)"
 
 $(STAMP): pyproject.toml constraints/cpu.txt constraints/nodeps.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -62,33 +62,25 @@ bench: $(STAMP)
 # Reproduces the shipped weights (commands also in the model cards, src/ibisagent/weights/*.md). DATA must hold
 # the dev data; run artifacts go to runs/; the final files are copied over the package's weights at the end.
 DATA ?= ../shared/data
-POLICY_B_ARGS ?= --stage all --segmenter litemedsam-click --rollout-clicks 3 --dagger-rounds 1 --synth-frac 0.5 \
-    --sft-steps 150 --sft-lr 1e-3 --ckpt-every 50 --val-cases 16 --grpo-iters 60 --grpo-cases 8 --group-size 4 \
-    --max-turns 5 --seed 0 --run-dir runs/p3b --out runs/p3b/final.safetensors
-# stages 3 (SFT) and 4 (GRPO): fine-tune on the dev data plus 2D cases cut from the train-split 3D label volumes;
-# 30 % of the train images are kept out of SFT and used only by GRPO (--grpo-holdout, same value in both commands)
-VOLUME_ARGS ?= --volume-stride 2 --volume-datasets totalsegmentator_examples_ct_mr,pyradiomics_testcases_mri
-POLICY_C_SFT_ARGS ?= --stage sft --segmenter litemedsam-click $(VOLUME_ARGS) --rollout-clicks 3 --dagger-rounds 1 \
-    --synth-frac 0.5 --sft-steps 2000 --sft-lr 7e-4 --ckpt-every 250 --val-cases 16 --seed 0 --threads 2 \
-    --grpo-holdout 0.3 --run-dir runs/p6 --out runs/p6/sft_stage.safetensors
-POLICY_C_GRPO_ARGS ?= --stage grpo --segmenter litemedsam-click $(VOLUME_ARGS) --val-cases 16 --grpo-iters 30 \
-    --grpo-cases 8 --group-size 4 --max-turns 5 --grpo-lr 5e-5 --kl-coef 0.1 --seed 0 --threads 1 \
-    --grpo-holdout 0.3 --run-dir runs/p6 --out runs/p6/final.safetensors
+# the click segmenter was trained on the twelve folders the dev data held then, with the per-image split of that time
+OLD_SETS ?= drive_retinal_vessels,ph2_dermoscopy,hc18_fetal_head_ultrasound,busi_breast_ultrasound,polyp_colonoscopy_small,monuseg_he_nuclei_patches,isbi2012_em_membranes,sammed2d_demo_ct,totalsegmentator_examples_ct_mr,pyradiomics_testcases_mri,nilearn_mni152_brain_mri,stardist_dsb2018_nuclei
+SEG_ARGS ?= --datasets $(OLD_SETS) --split-by image --steps 600 --val-every 100 --val-cases 60 --ckpt-every 25 \
+    --seed 0 --threads 2
+# the compact policy: from scratch on every 2D dev folder (group split), SFT then GRPO in one command (~55 min of
+# SFT + 6 min of GRPO on 2 cores once the embeddings are cached; encoding ~1400 train images first: 15-40 min)
+POLICY_ARGS ?= --stage all --segmenter litemedsam-click --no-flip --sample-temperature 0.5 --query-variants \
+    --volume-stride 2 --volume-datasets totalsegmentator_examples_ct_mr --rollout-clicks 3 --rollout-cases 700 \
+    --dagger-rounds 1 --synth-frac 0.5 --sft-steps 3000 --sft-lr 1.5e-3 --ckpt-every 250 --val-cases 24 \
+    --grpo-iters 20 --grpo-cases 8 --group-size 4 --max-turns 5 --grpo-lr 5e-5 --kl-coef 0.1 --grpo-holdout 0.2 \
+    --seed 0 --threads 2 --sft-minutes 50 --grpo-minutes 12 --run-dir runs/u1 --out runs/u1/final.safetensors
 weights: $(STAMP)
-	$(BIN)/ibisagent train-segmenter --data $(DATA) --cache-dir runs/embeddings --cache-only
+	$(BIN)/ibisagent train-segmenter --data $(DATA) --cache-dir runs/embeddings --cache-only $(SEG_ARGS)
 	$(BIN)/ibisagent train-segmenter --data $(DATA) --cache-dir runs/embeddings --run-dir runs/s3 \
-	    --out runs/s3/click.safetensors --steps 600 --val-every 100 --val-cases 60 --ckpt-every 25 --seed 0 --threads 2
-	$(BIN)/ibisagent train-policy --data $(DATA) --segmenter litemedsam --cache-dir runs/embeddings --synth-frac 1.0 \
-	    --grpo-iters 0 --stage sft --sft-steps 300 --ckpt-every 50 --val-cases 0 --run-dir runs/p3a \
-	    --out runs/p3a/a.safetensors
-	$(BIN)/ibisagent train-policy $(POLICY_B_ARGS) --data $(DATA) --init runs/p3a/a.safetensors \
-	    --segmenter-weights runs/s3/click.safetensors --cache-dir runs/embeddings
-	$(BIN)/ibisagent train-policy $(POLICY_C_SFT_ARGS) --data $(DATA) --init runs/p3b/final.safetensors \
-	    --segmenter-weights runs/s3/click.safetensors --cache-dir runs/embeddings
-	$(BIN)/ibisagent train-policy $(POLICY_C_GRPO_ARGS) --data $(DATA) \
-	    --segmenter-weights runs/s3/click.safetensors --cache-dir runs/embeddings
+	    --out runs/s3/click.safetensors $(SEG_ARGS)
+	$(BIN)/ibisagent train-policy --data $(DATA) --segmenter-weights runs/s3/click.safetensors \
+	    --cache-dir runs/embeddings $(POLICY_ARGS)
 	cp runs/s3/click.safetensors src/ibisagent/weights/litemedsam_click.safetensors
-	cp runs/p6/final.safetensors src/ibisagent/weights/compact_policy.safetensors
+	cp runs/u1/final.safetensors src/ibisagent/weights/compact_policy.safetensors
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

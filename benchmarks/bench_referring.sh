@@ -10,9 +10,11 @@
 #   oracle5     the simulated annotator, exactly 5 clicks (never stops earlier)
 #   gtbox       one box drawn from the ground truth
 #   previous    the previous shipped weights (POLICY_PREV), for reference
+#   sft         the SFT stage alone (SFT_WEIGHTS, when given): what GRPO adds
 # Tables: python benchmarks/referring_table.py OUT
 # Environment: K (default 6), CACHE (runs/embeddings), THREADS (1), POLICY_WEIGHTS (default the shipped file),
-# POLICY_PREV (default runs/compact_ea75922.safetensors; row skipped when missing), ONLY (subset of row names).
+# POLICY_PREV (default runs/compact_ea75922.safetensors; row skipped when missing), SFT_WEIGHTS (sft row), ONLY
+# (subset of row names).
 set -euo pipefail
 DATA=${1:-../shared/data}
 OUT=${2:-runs/referring}
@@ -36,3 +38,4 @@ run blind     --policy compact $PW --policy-arg query_blind=true
 run oracle5   --policy oracle --no-stop --max-steps 5
 run gtbox     --policy gt-box
 if [ -f "$PREV" ]; then run previous --policy compact --policy-arg weights="$PREV"; fi
+if [ -n "${SFT_WEIGHTS:-}" ]; then run sft --policy compact --policy-arg weights="$SFT_WEIGHTS"; fi

@@ -16,8 +16,8 @@ from collections import defaultdict
 from pathlib import Path
 from statistics import mean
 
-ROWS = ("agent", "text_only", "blind", "oracle5", "gtbox", "previous")
-LABEL = {"agent": "agent", "text_only": "text-only", "blind": "query blind", "oracle5": "oracle @5",
+ROWS = ("agent", "sft", "text_only", "blind", "oracle5", "gtbox", "previous")
+LABEL = {"agent": "agent", "sft": "SFT only", "text_only": "text-only", "blind": "query blind", "oracle5": "oracle @5",
          "gtbox": "GT box", "previous": "previous weights"}
 
 
