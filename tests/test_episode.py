@@ -288,3 +288,28 @@ def test_a_volume_session_plugs_into_the_same_driver() -> None:
     assert rep[-1].stop_reason == StopReason.REPEATED and len(rep) == 3
     bad = play(env, _Scripted(["Box (0.1, 0.1, 0.2, 0.2)"]), vol, "the ball")
     assert bad[-1].stop_reason == StopReason.UNPARSEABLE
+
+
+def test_synthesis_rollouts_follow_the_env_stop_rules() -> None:
+    """A synthesized trajectory ends where the env would end its replay: the repeat rule and the step budget are the
+    env's, undo takes a turn back, and nothing is applied after the end."""
+    import random
+
+    from ibisagent.synthesis.trajectories import Rollout, RolloutConfig, UnreachableError
+
+    img, gt = _disc(48, 64, 24, 32, 9)
+    ro = Rollout(create_segmenter("fake"), img, gt, "the disc", "the disc", RolloutConfig(max_steps=6),
+                 random.Random(0))
+    assert ro.config.rules == EnvConfig(max_steps=6).rules and ro.turns_left == 6
+    for _ in range(3):
+        ro.click(True, 5, 5, "again")
+    assert ro.stop_reason == StopReason.REPEATED and ro.turns_left == 3
+    with pytest.raises(UnreachableError, match="over"):
+        ro.click(True, 30, 20, "more")
+    ro.finish()  # ends at once: the episode is over
+    assert len(ro.steps) == 3
+    ro.undo()
+    assert ro.stop_reason is None and ro.turns_left == 4
+    env = SegmentationEnv(create_segmenter("fake"), EnvConfig(max_steps=6))
+    replay = play(env, _Scripted([s.reply for s in ro.steps] + [ro.steps[-1].reply]), img, "the disc", gt)
+    assert replay[-1].stop_reason == StopReason.REPEATED and len(replay) == 3  # the env agrees
