@@ -313,3 +313,24 @@ def test_synthesis_rollouts_follow_the_env_stop_rules() -> None:
     env = SegmentationEnv(create_segmenter("fake"), EnvConfig(max_steps=6))
     replay = play(env, _Scripted([s.reply for s in ro.steps] + [ro.steps[-1].reply]), img, "the disc", gt)
     assert replay[-1].stop_reason == StopReason.REPEATED and len(replay) == 3  # the env agrees
+
+
+def test_the_env_takes_another_parser_and_session() -> None:
+    """The seams of SegmentationEnv: a grammar's parser and a session are passed in, the stop rules stay the env's."""
+    from ibisagent.protocol import ActionParseError
+    from ibisagent.session import Session
+
+    def parse(reply: str) -> Action:
+        words = {"centre": Action.positive(0.5, 0.5), "corner": Action.negative(0.05, 0.05), "done": Action.terminate()}
+        if reply not in words:
+            raise ActionParseError(f"unknown word {reply!r}")
+        return words[reply]
+
+    seg = create_segmenter("fake")
+    session = Session(seg, mask_feedback=False)
+    img, gt = _disc(48, 64, 24, 32, 9)
+    env = SegmentationEnv(seg, EnvConfig(max_steps=5), session=session, parser=parse)
+    out = play(env, _Scripted(["centre", "corner", "done"]), img, "the disc", gt)
+    assert env.session is session and out[-1].stop_reason == StopReason.TERMINATE
+    assert session.labels.tolist() == [1, 0] and out[1].info["mask"] is not None
+    assert play(env, _Scripted(["Positive Point (0.5000, 0.5000)"]), img, "x", gt)[-1].stop_reason == "unparseable"
