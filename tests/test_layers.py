@@ -33,7 +33,7 @@ LAYERS = (
     ("options",),
     ("protocol", "masks", "overlay", "io", "segmenters", "queries", "reasoning", "text_encoder", "demo",
      "prompt_templates"),
-    ("prompts", "session", "rewards", "oracle_click"),
+    ("prompts", "session", "rewards", "oracle_click", "episode"),
     ("chat",),
     ("env",),
     ("policies",),

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,13 +22,14 @@ import numpy as np
 from PIL import Image
 
 from ibisagent.env import EnvConfig, SegmentationEnv
+from ibisagent.episode import Turn, drive
 from ibisagent.masks import dice, rle_encode
 from ibisagent.overlay import DISPLAY_MAX_SIDE, display_overlay
 from ibisagent.policies.base import Policy, create_policy
 from ibisagent.segmenters.base import Segmenter, create_segmenter
 
 __all__ = ["LOW_CONFIDENCE", "SAVED_FILES", "STEP_FILE", "Agent", "Episode", "StepRecord", "clear_saved",
-           "run_episode"]
+           "iter_episode", "run_episode", "step_record"]
 
 #: a predicted IoU below this is reported as low confidence ("check the mask")
 LOW_CONFIDENCE = 0.5
@@ -194,6 +196,57 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
+def step_record(turn: Turn, session: Any) -> StepRecord:
+    """The trace record of one driver turn; ``session`` is the environment's session right after the turn."""
+    info = turn.info
+    action = info.get("action")
+    return StepRecord(
+        step=info["step"], raw=turn.reply, action=action.text() if action else None,
+        kind=action.kind.value if action else None,
+        points=session.points.tolist(), labels=session.labels.tolist(), box=list(session.box) if session.box else None,
+        mask=info["mask"], iou=info["iou"], score=float(info["score"]), policy_s=turn.policy_s,
+        segmenter_s=info["segmenter_s"], error=info.get("error"),
+    )
+
+
+def iter_episode(
+    env: SegmentationEnv,
+    policy: Policy,
+    image: np.ndarray,
+    query: str,
+    gt: np.ndarray | None = None,
+    *,
+    prior: Sequence[str] = (),
+    step_guard: Callable[[], Any] | None = None,
+    meta: dict[str, Any] | None = None,
+) -> Iterator[tuple[StepRecord, Episode]]:
+    """Play one episode with :func:`ibisagent.episode.drive` and keep its trace: yields ``(record, episode)`` after
+    every step; the episode is complete (``mask``, ``stop_reason``, timings) after the last yield. ``prior`` replies
+    are replayed before the policy acts; ``step_guard`` is entered around the reset and every step."""
+    t_start = time.perf_counter()
+    seg = env.segmenter
+    enc0, dec0 = seg.timings.encoder_s, seg.timings.decoder_s
+    holder: list[Episode] = []
+
+    def start(obs: Any) -> None:
+        holder.append(Episode(query=query, image_shape=(obs.height, obs.width), gt=env.gt,
+                              encoder_s=seg.timings.encoder_s - enc0, meta=dict(meta or {})))
+
+    for turn in drive(env, policy, image, query, gt, prior=prior, guard=step_guard, on_start=start):
+        ep = holder[0]
+        rec = step_record(turn, env.session)
+        ep.steps.append(rec)
+        ep.policy_s += turn.policy_s
+        if turn.done:
+            ep.stop_reason = turn.stop_reason
+            ep.mask = env.session.mask
+            estimate = getattr(policy, "predicted_iou", None)
+            ep.predicted_iou = estimate(ep.final_mask) if callable(estimate) else None
+            ep.segmenter_s = seg.timings.decoder_s - dec0
+            ep.total_s = time.perf_counter() - t_start
+        yield rec, ep
+
+
 def run_episode(
     env: SegmentationEnv,
     policy: Policy,
@@ -202,44 +255,17 @@ def run_episode(
     gt: np.ndarray | None = None,
     *,
     on_step: Any = None,
+    prior: Sequence[str] = (),
+    meta: dict[str, Any] | None = None,
 ) -> Episode:
-    """Play one episode. ``on_step(record)`` is called after each step (for progress display)."""
-    t_start = time.perf_counter()
-    enc0 = env.segmenter.timings.encoder_s
-    dec0 = env.segmenter.timings.decoder_s
-    obs = env.reset(image, query, gt)
-    policy.begin_episode(image=obs.image, query=query, gt=env.gt)
-    ep = Episode(query=query, image_shape=(obs.height, obs.width), gt=env.gt,
-                 encoder_s=env.segmenter.timings.encoder_s - enc0)
-    while True:
-        t = time.perf_counter()
-        reply = policy.act(obs)
-        policy_s = time.perf_counter() - t
-        res = env.step(reply)
-        info = res.info
-        action = info.get("action")
-        s = env.session
-        rec = StepRecord(
-            step=info["step"], raw=reply, action=action.text() if action else None,
-            kind=action.kind.value if action else None,
-            points=s.points.tolist(), labels=s.labels.tolist(), box=list(s.box) if s.box else None,
-            mask=info["mask"], iou=info["iou"], score=float(info["score"]), policy_s=policy_s,
-            segmenter_s=info["segmenter_s"], error=info.get("error"),
-        )
-        ep.steps.append(rec)
-        ep.policy_s += policy_s
+    """Play one episode (:func:`iter_episode` to the end). ``on_step(record)`` is called after each step."""
+    episode: Episode | None = None
+    for rec, ep in iter_episode(env, policy, image, query, gt, prior=prior, meta=meta):
+        episode = ep
         if on_step is not None:
             on_step(rec)
-        obs = res.observation
-        if res.done:
-            ep.stop_reason = info["stop_reason"]
-            break
-    ep.mask = env.session.mask
-    estimate = getattr(policy, "predicted_iou", None)
-    ep.predicted_iou = estimate(ep.final_mask) if callable(estimate) else None
-    ep.segmenter_s = env.segmenter.timings.decoder_s - dec0
-    ep.total_s = time.perf_counter() - t_start
-    return ep
+    assert episode is not None
+    return episode
 
 
 class Agent:

@@ -14,22 +14,15 @@ from typing import Any
 import numpy as np
 
 from ibisagent.chat import ChatTurn, render_chat, to_messages
+from ibisagent.episode import ActionParser, EpisodeSession, StopReason, StopRules, StopTracker
 from ibisagent.masks import as_bool, iou
 from ibisagent.overlay import policy_overlay
 from ibisagent.prompts import PromptTemplate, load_prompts
-from ibisagent.protocol import Action, ActionKind, ActionParseError, GrammarMode, parse_reply
+from ibisagent.protocol import Action, GrammarMode, parse_reply
 from ibisagent.segmenters.base import Segmenter, SegmenterError
 from ibisagent.session import Session
 
 __all__ = ["ChatTurn", "EnvConfig", "Observation", "SegmentationEnv", "StepResult", "StopReason"]
-
-
-class StopReason:
-    TERMINATE = "terminate"
-    UNPARSEABLE = "unparseable"
-    INVALID_ACTION = "invalid_action"
-    REPEATED = "repeated_action"
-    MAX_STEPS = "max_steps"
 
 
 @dataclass(frozen=True)
@@ -44,10 +37,12 @@ class EnvConfig:
     mask_feedback: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "max_repeats"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+        self.rules  # noqa: B018 - StopRules checks max_steps and max_repeats (whole numbers >= 1)
+
+    @property
+    def rules(self) -> StopRules:
+        """The stop rules of these settings (run by :class:`~ibisagent.episode.StopTracker`)."""
+        return StopRules(max_steps=self.max_steps, max_repeats=self.max_repeats)
 
 
 @dataclass(frozen=True)
@@ -98,18 +93,25 @@ class SegmentationEnv:
 
     ``reset(image, query, gt=None)`` -> Observation; ``step(reply_text)`` -> StepResult with ``info`` holding the
     parsed action, the mask, IoU (when ``gt`` is known), the stop reason and the segmenter time of the step.
+    Episodes are played by :func:`ibisagent.episode.drive`; the stop rules are :class:`~ibisagent.episode.StopTracker`'s.
+
+    ``session`` replaces the default :class:`Session` on ``segmenter`` (anything with the session's interface) and
+    ``parser`` the grammar's reply parser (``parse_reply(reply, config.grammar).action``).
     """
 
     def __init__(self, segmenter: Segmenter, config: EnvConfig | None = None,
-                 prompts: PromptTemplate | None = None) -> None:
+                 prompts: PromptTemplate | None = None, *, session: EpisodeSession | None = None,
+                 parser: ActionParser | None = None) -> None:
         self.config = config or EnvConfig()
         self.prompts = prompts or load_prompts(self.config.prompts)
-        self.session = Session(segmenter, mask_feedback=self.config.mask_feedback)
+        self.session: Session = (session if session is not None  # type: ignore[assignment]
+                                 else Session(segmenter, mask_feedback=self.config.mask_feedback))
+        grammar = self.config.grammar
+        self.parse: ActionParser = parser or (lambda reply: parse_reply(reply, grammar).action)
         self._query = ""
         self._gt: np.ndarray | None = None
-        self._step = 0
         self._done = True
-        self._actions: list[str] = []
+        self._tracker: StopTracker = self.config.rules.tracker()
         self._history: list[ChatTurn] = []
         self._obs: Observation | None = None
 
@@ -137,9 +139,8 @@ class SegmentationEnv:
                                  f"{self.session.shape[0]}x{self.session.shape[1]}")
         self._gt = gt
         self._query = query
-        self._step = 0
         self._done = False
-        self._actions = []
+        self._tracker = self.config.rules.tracker()
         self._history = []
         self._obs = self._observe()
         return self._obs
@@ -150,38 +151,34 @@ class SegmentationEnv:
         mask = self.session.mask
         return iou(mask if mask is not None else np.zeros_like(self._gt), self._gt)
 
+    @property
+    def _step(self) -> int:
+        return self._tracker.step
+
+    @property
+    def _actions(self) -> list[str]:
+        return self._tracker.actions
+
     def step(self, reply: str) -> StepResult:
         if self._done or self._obs is None:
             raise RuntimeError("episode is over: call reset() first")
-        self._step += 1
-        info: dict[str, Any] = {"step": self._step, "raw": reply, "iou_before": self.current_iou()}
+        iou_before = self.current_iou()
         t0 = time.perf_counter()
         dec0 = self.segmenter.timings.decoder_s
-        stop: str | None = None
-        action: Action | None = None
-        try:
-            action = parse_reply(reply, self.config.grammar).action
-        except ActionParseError as exc:
-            stop = StopReason.INVALID_ACTION if exc.reason in ("out_of_range", "invalid_box", "pixel_coordinates",
-                                                               "box_not_allowed") else StopReason.UNPARSEABLE
-            info["error"] = str(exc)
+        reading = self._tracker.read(reply, self.parse)
+        info: dict[str, Any] = {"step": self._tracker.step, "raw": reply, "iou_before": iou_before}
+        if reading.error is not None:
+            info["error"] = reading.error
+        apply_error: str | None = None
+        action: Action | None = reading.action
         if action is not None:
             info["action"] = action
-            if action.kind is ActionKind.TERMINATE:
-                stop = StopReason.TERMINATE
-            else:
+            if reading.needs_apply:
                 try:
                     self.session.apply(action)
                 except SegmenterError as exc:
-                    stop, info["error"] = StopReason.INVALID_ACTION, str(exc)
-            text = action.text()
-            self._actions.append(text)
-            if stop is None and len(self._actions) >= self.config.max_repeats and len(
-                set(self._actions[-self.config.max_repeats:])
-            ) == 1:
-                stop = StopReason.REPEATED
-        if stop is None and self._step >= self.config.max_steps:
-            stop = StopReason.MAX_STEPS
+                    apply_error = info["error"] = str(exc)
+        stop = self._tracker.close(reading, apply_error)
         info["segmenter_s"] = self.segmenter.timings.decoder_s - dec0
         info["step_s"] = time.perf_counter() - t0
         info["mask"] = self.session.mask

@@ -6,16 +6,15 @@ agent continue from my clicks")."""
 from __future__ import annotations
 
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ibisagent.agent import Episode, StepRecord
+from ibisagent.agent import iter_episode as _agent_iter_episode
 from ibisagent.env import EnvConfig, SegmentationEnv
 from ibisagent.policies.base import Policy
 from ibisagent.protocol import Action, format_reply, to_normalized
@@ -121,18 +120,6 @@ def interaction_reply(inter: Interaction, width: int, height: int) -> str:
     return format_reply(action, USER_REASONING)
 
 
-def _record(env: SegmentationEnv, reply: str, info: dict[str, Any], policy_s: float) -> StepRecord:
-    action = info.get("action")
-    s = env.session
-    return StepRecord(
-        step=info["step"], raw=reply, action=action.text() if action else None,
-        kind=action.kind.value if action else None,
-        points=s.points.tolist(), labels=s.labels.tolist(), box=list(s.box) if s.box else None,
-        mask=info["mask"], iou=info["iou"], score=float(info["score"]), policy_s=policy_s,
-        segmenter_s=info["segmenter_s"], error=info.get("error"),
-    )
-
-
 def iter_episode(
     env: SegmentationEnv,
     policy: Policy,
@@ -143,50 +130,22 @@ def iter_episode(
     *,
     step_guard: Callable[[], Any] | None = None,
 ) -> Iterator[tuple[StepRecord, Episode]]:
-    """Play an episode step by step, first replaying ``prior`` interactions (the user's clicks) through the
-    environment, then letting ``policy`` act. Yields ``(record, episode)`` after every step; the episode object is
+    """:func:`ibisagent.agent.iter_episode` that first replays ``prior`` interactions (the user's clicks) through the
+    environment, then lets ``policy`` act. Yields ``(record, episode)`` after every step; the episode object is
     complete (``mask``, ``stop_reason``, timings) after the last yield.
 
     Replayed steps carry :data:`USER_REASONING` in their ``raw`` text; ``episode.meta["user_steps"]`` counts them.
     Build ``env`` with :func:`env_for` (``extra_steps=len(prior)``) so the agent keeps its full step budget.
     ``step_guard`` is a context-manager factory entered around every step (e.g. a segmenter lock).
     """
-    guard = step_guard or _null_guard
     prior = list(prior)
     if prior and any(p.kind == "box" for p in prior) and env.config.grammar != "extended":
         raise ValueError("the current prompts include a box, which this policy's grammar ('reference') cannot "
                          "express; reset or undo the box, or choose a policy with the extended grammar")
-    t_start = time.perf_counter()
-    with guard():
-        enc0, dec0 = env.segmenter.timings.encoder_s, env.segmenter.timings.decoder_s
-        obs = env.reset(image, query, gt)
-        policy.begin_episode(image=obs.image, query=query, gt=env.gt)
-    ep = Episode(query=query, image_shape=(obs.height, obs.width), gt=env.gt,
-                 encoder_s=env.segmenter.timings.encoder_s - enc0, meta={"user_steps": len(prior)})
-    h, w = obs.height, obs.width
+    h, w = np.asarray(image).shape[:2]
     replies = [interaction_reply(p, w, h) for p in prior]
-    done = False
-    k = 0
-    while not done:
-        t = time.perf_counter()
-        with guard():
-            if k < len(replies):
-                reply, policy_s = replies[k], 0.0
-            else:
-                reply = policy.act(obs)
-                policy_s = time.perf_counter() - t
-            res = env.step(reply)
-        k += 1
-        rec = _record(env, reply, res.info, policy_s)
-        ep.steps.append(rec)
-        ep.policy_s += policy_s
-        obs, done = res.observation, res.done
-        if done:
-            ep.stop_reason = res.info["stop_reason"]
-            ep.mask = env.session.mask
-            ep.segmenter_s = env.segmenter.timings.decoder_s - dec0
-            ep.total_s = time.perf_counter() - t_start
-        yield rec, ep
+    yield from _agent_iter_episode(env, policy, image, query, gt, prior=replies, step_guard=step_guard,
+                                   meta={"user_steps": len(prior)})
 
 
 def continue_episode(
@@ -197,10 +156,12 @@ def continue_episode(
     gt: np.ndarray | None = None,
     prior: Sequence[Interaction] = (),
     on_step: Callable[[StepRecord], Any] | None = None,
+    *,
+    step_guard: Callable[[], Any] | None = None,
 ) -> Episode:
     """:func:`iter_episode` run to the end; returns the finished episode."""
     episode: Episode | None = None
-    for rec, ep in iter_episode(env, policy, image, query, gt, prior):
+    for rec, ep in iter_episode(env, policy, image, query, gt, prior, step_guard=step_guard):
         episode = ep
         if on_step is not None:
             on_step(rec)
@@ -215,7 +176,3 @@ def env_for(segmenter: Segmenter, policy: Policy, max_steps: int = 20, extra_ste
                     prompts="extended" if grammar == "extended" else "reference")
     return SegmentationEnv(segmenter, cfg)
 
-
-@contextmanager
-def _null_guard() -> Iterator[None]:
-    yield

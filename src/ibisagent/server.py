@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from ibisagent.masks import as_bool, rle_encode
-from ibisagent.runtime import ImageCache, SegmenterHub, default_segmenter, env_for, image_key, iter_episode
+from ibisagent.runtime import ImageCache, SegmenterHub, continue_episode, default_segmenter, env_for, image_key
 from ibisagent.segmenters.base import Segmenter, SegmenterError, SegmenterUnavailable
 
 __all__ = [
@@ -752,16 +752,12 @@ class SegmentService:
             raise RequestRejected(f"policy {policy_name!r} needs a ground-truth mask: send one as 'mask'", 422)
         key = image_key(image)
         env = env_for(self.segmenter(), policy, max_steps=max_steps)
-        ep = None
         try:
-            for _, step_ep in iter_episode(env, policy, image, query, gt,
-                                           step_guard=lambda: self.turn(image, key, deadline)):
-                ep = step_ep
+            ep = continue_episode(env, policy, image, query, gt, step_guard=lambda: self.turn(image, key, deadline))
         except RequestTimedOut:
             raise
         except (PolicyError, SegmenterError) as exc:
             raise RequestRejected(str(exc), 422) from exc
-        assert ep is not None
         out = ep.to_json()
         out["segmenter"] = self.config.segmenter
         out["policy"] = policy_name

@@ -19,10 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from ibisagent.episode import StopRules
 from ibisagent.masks import iou, rle_encode
 from ibisagent.oracle_click import next_click
 from ibisagent.policies.oracle import _target_from_query, box_action, jittered_box
-from ibisagent.protocol import Action, format_reply, to_normalized
+from ibisagent.protocol import Action, format_reply, parse_reply, to_normalized
 from ibisagent.reasoning import describe_box, describe_click, describe_stop
 from ibisagent.segmenters.base import Segmenter
 from ibisagent.session import Session
@@ -54,13 +55,19 @@ class UnreachableError(RuntimeError):
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    """Episode rules for synthesis."""
+    """Episode rules for synthesis. The stop rules are the environment's (:attr:`rules`, run by
+    :class:`~ibisagent.episode.StopTracker`); ``iou_threshold`` is when the oracle chooses to Terminate."""
 
     iou_threshold: float = 0.8
     max_steps: int = 20  # turns, the final Terminate included (as the environment counts)
     box_jitter: float = 0.1  # box-first variants: each side moved by up to this fraction of the box size
     lookahead_candidates: int = 8
     reflective_max_error_step: int = 2  # the deliberate error happens at a turn index in [0, this]
+
+    @property
+    def rules(self) -> StopRules:
+        """The environment's stop rules with this step budget (``EnvConfig(max_steps=...).rules``)."""
+        return StopRules(max_steps=self.max_steps)
 
 
 @dataclass
@@ -156,7 +163,9 @@ def target_name(query: str, obj: str = "") -> str:
 # ------------------------------------------------------------------------------------------------------------------
 
 class Rollout:
-    """A session on one image plus the ground truth; records a step per applied action."""
+    """A session on one image plus the ground truth; records a step per applied action. Every step goes through the
+    environment's stop rules (:class:`~ibisagent.episode.StopTracker`), so a trajectory ends where replaying it
+    through :class:`~ibisagent.env.SegmentationEnv` would: ``stop_reason`` is set once they end it."""
 
     def __init__(self, segmenter: Segmenter, image: np.ndarray, gt: np.ndarray, query: str, target: str,
                  config: RolloutConfig, rng: random.Random) -> None:
@@ -169,6 +178,8 @@ class Rollout:
         self.rng = rng
         self.np_rng = np.random.default_rng(rng.getrandbits(63))
         self.steps: list[TrajectoryStep] = []
+        self.tracker = config.rules.tracker()
+        self.stop_reason: str | None = None
 
     # --- state ------------------------------------------------------------------------------------------------
     @property
@@ -199,7 +210,7 @@ class Rollout:
 
     @property
     def turns_left(self) -> int:
-        return self.config.max_steps - len(self.steps)
+        return self.tracker.turns_left
 
     def state(self) -> StepState:
         s = self.session
@@ -215,17 +226,25 @@ class Rollout:
     # --- actions ----------------------------------------------------------------------------------------------
     def apply(self, action: Action, reasoning: str, role: str = "normal", note: str | None = None,
               answer: str | None = None) -> TrajectoryStep:
-        """Apply an action through the segmenter and record the step."""
+        """Apply an action through the segmenter (and the stop rules) and record the step."""
+        if self.stop_reason is not None:
+            raise UnreachableError(f"the episode is over ({self.stop_reason})")
         state = self.state()
-        self.session.apply(action)
-        step = TrajectoryStep(step=len(self.steps) + 1, state=state, reply=format_reply(action, reasoning, answer),
-                              action=action.text(), kind=action.kind.value, iou_after=self.iou, role=role, note=note)
+        reply = format_reply(action, reasoning, answer)
+        reading = self.tracker.read(reply, _parse_extended)
+        if reading.needs_apply:
+            self.session.apply(action)
+        self.stop_reason = self.tracker.close(reading)
+        step = TrajectoryStep(step=len(self.steps) + 1, state=state, reply=reply, action=action.text(),
+                              kind=action.kind.value, iou_after=self.iou, role=role, note=note)
         self.steps.append(step)
         return step
 
     def undo(self) -> None:
         """Take back the last applied step (used to try candidates)."""
         last = self.steps.pop()
+        self.tracker.undo()
+        self.stop_reason = None
         if last.kind != "terminate":
             self.session.undo()
 
@@ -258,7 +277,7 @@ class Rollout:
     def finish(self, step_fn: Any = None) -> None:
         """Continue with ``step_fn`` (default: oracle clicks) until the threshold (then Terminate) or max turns."""
         step_fn = step_fn or self.oracle_step
-        while self.turns_left > 0:
+        while self.turns_left > 0 and self.stop_reason is None:
             if self.reached:
                 self.stop()
                 return
@@ -276,6 +295,10 @@ class Rollout:
                           width=w, height=h, grammar=grammar, segmenter=segmenter, steps=list(self.steps),
                           final_iou=self.iou, reached=bool(self.steps and self.steps[-1].kind == "terminate"),
                           meta=dict(meta or {}))
+
+
+def _parse_extended(reply: str) -> Action:
+    return parse_reply(reply, "extended").action
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ def teach_oracle_episode(checkpoint: str | Path, out_dir: str | Path, prompts: s
                          steps: int = 100, lr: float = 5e-3, segmenter: str = "fake") -> TaughtTinyModel:
     """Teach ``checkpoint`` to reply with the oracle's bare action text along one episode on ``case``; save it."""
     from ibisagent.env import EnvConfig, SegmentationEnv
+    from ibisagent.episode import drive
     from ibisagent.policies.base import create_policy
     from ibisagent.policies.hf import load_vl_checkpoint
     from ibisagent.protocol import parse_reply
@@ -57,16 +58,18 @@ def teach_oracle_episode(checkpoint: str | Path, out_dir: str | Path, prompts: s
 
     env = SegmentationEnv(create_segmenter(segmenter), EnvConfig(prompts=str(prompts), max_steps=6))
     oracle = create_policy("oracle")
-    oracle.begin_episode(image=case.image, query=case.query, gt=case.gt)
+
+    class _BareOracle:  # the oracle's bare action text
+        def begin_episode(self, **kw: object) -> None:
+            oracle.begin_episode(**kw)
+
+        def act(self, obs: object) -> str:
+            return parse_reply(oracle.act(obs)).action.text()
+
     examples = []
-    obs = env.reset(case.image, case.query, case.gt)
-    done = False
-    while not done:
-        reply = parse_reply(oracle.act(obs)).action.text()
-        messages, images = obs.messages()
-        examples.append((messages, images, reply))
-        res = env.step(reply)
-        obs, done = res.observation, res.done
+    for turn in drive(env, _BareOracle(), case.image, case.query, case.gt):
+        messages, images = turn.observation.messages()
+        examples.append((messages, images, turn.reply))
     vl = load_vl_checkpoint(checkpoint, device="cpu", dtype="float32")
     losses = teach_replies(vl.model, vl.processor, examples, steps=steps, lr=lr)
     out = Path(out_dir)

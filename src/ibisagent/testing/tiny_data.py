@@ -53,6 +53,7 @@ def oracle_sft_rows(cases: list[TinyCase], out_dir: str | Path, segmenter: str =
 
     from ibisagent.chat import to_dataset_messages
     from ibisagent.env import EnvConfig, SegmentationEnv
+    from ibisagent.episode import drive
     from ibisagent.masks import rle_encode
     from ibisagent.policies.base import create_policy
     from ibisagent.protocol import format_reply, parse_reply
@@ -62,20 +63,27 @@ def oracle_sft_rows(cases: list[TinyCase], out_dir: str | Path, segmenter: str =
     (out / "images").mkdir(parents=True, exist_ok=True)
     env = SegmentationEnv(create_segmenter(segmenter), EnvConfig(prompts=prompts, max_steps=max_steps))
     oracle = create_policy("oracle")
+
+    class _Oracle:  # the oracle, with ``reasoning`` in place of its own <think> text when given
+        def begin_episode(self, **kw: object) -> None:
+            oracle.begin_episode(**kw)
+
+        def act(self, obs: object) -> str:
+            reply = oracle.act(obs)
+            if reasoning is None:
+                return reply
+            parsed = parse_reply(reply)
+            return format_reply(parsed.action, reasoning, "Done." if parsed.answer is not None else None)
+
+    policy = _Oracle()
     rows: list[dict] = []
     for ci, case in enumerate(cases):
         image_path = out / "images" / f"case{ci}.png"
         mask_path = out / "images" / f"case{ci}_mask.png"
         Image.fromarray(case.image).save(image_path)
         Image.fromarray(case.gt.astype(np.uint8) * 255).save(mask_path)
-        obs = env.reset(case.image, case.query, case.gt)
-        oracle.begin_episode(image=case.image, query=case.query, gt=case.gt)
-        done = False
-        while not done:
-            reply = oracle.act(obs)
-            if reasoning is not None:
-                parsed = parse_reply(reply)
-                reply = format_reply(parsed.action, reasoning, "Done." if parsed.answer is not None else None)
+        for turn in drive(env, policy, case.image, case.query, case.gt):
+            obs, reply = turn.observation, turn.reply
             obs_path = out / "images" / f"case{ci}_step{obs.step + 1}.png"
             Image.fromarray(obs.overlay).save(obs_path)
             rows.append({
@@ -88,8 +96,6 @@ def oracle_sft_rows(cases: list[TinyCase], out_dir: str | Path, segmenter: str =
                 "segmenter": segmenter, "grammar": "reference", "case_id": f"case{ci}", "variant": "oracle",
                 "role": "normal",
             })
-            res = env.step(reply)
-            obs, done = res.observation, res.done
     return rows
 
 

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from ibisagent.episode import LockstepResult, StopRules, drive_lockstep
 from ibisagent.io.manifest import load_manifest
 from ibisagent.masks import error_regions, iou
 from ibisagent.policies.compact import (
@@ -69,6 +70,7 @@ from ibisagent.policies.compact import (
     state_planes,
 )
 from ibisagent.policies.oracle import next_click
+from ibisagent.protocol import Action, ActionKind, parse_reply, to_normalized
 from ibisagent.queries import UNCLICKABLE_OBJECTS, is_unclickable, query_variants
 
 __all__ = [
@@ -479,6 +481,7 @@ class _Ep:
     ious: list[float] = field(default_factory=list)
     steps: list[dict[str, Any]] = field(default_factory=list)
     policy: CompactPolicy | None = None  # reply writer (GRPO)
+    stop_reason: str | None = None  # why the episode ended (ibisagent.episode.StopReason)
 
     def planes(self, step: int) -> np.ndarray:
         return state_planes(self.mask, self.logits, np.asarray(self.points, np.float32).reshape(-1, 2),
@@ -516,14 +519,16 @@ def _collect_states(net: CompactPolicyNet | None, backend: _Backend, text_bank: 
     """Roll out ``mode`` in {"oracle", "reflective", "policy"} on every case; return oracle-labelled states."""
     states: list[dict[str, Any]] = []
     bs = cfg.batch_rollouts
+    rules = StopRules(max_steps=cfg.rollout_clicks + 1)  # rollout_clicks clicks, then Terminate
     for b0 in range(0, len(cases), bs):
         eps = [_Ep(c) for c in cases[b0 : b0 + bs]]
-        for step in range(cfg.rollout_clicks + 1):
-            live = [e for e in eps if not e.done]
-            if not live:
-                break
+
+        def act(idx: list[int], step: int, eps: list[_Ep] = eps) -> list[str]:
+            """Record each live episode's state (labelled by the oracle), then its next action: the oracle's click,
+            a deliberate mistake (reflective) or the policy's sampled click; Terminate after the last click or
+            when the oracle has nothing left to click."""
+            live = [eps[i] for i in idx]
             planes = np.stack([e.planes(step) for e in live])
-            clicks: list[tuple[bool, int, int]] = []
             pol_clicks = None
             if mode == "policy" and net is not None:
                 maps, stop, _ = _net_forward(net, backend, text_bank, live, planes)
@@ -532,24 +537,26 @@ def _collect_states(net: CompactPolicyNet | None, backend: _Backend, text_bank: 
                 acts = torch.where(acts < 0, torch.argmax(maps.flatten(1), 1), acts)
                 pol_clicks = [cell_to_pixel(int(a), maps[i].numpy(), live[i].mask, live[i].case.shape)
                               for i, a in enumerate(acts.tolist())]
+            replies = []
             for i, e in enumerate(live):
                 tgt = click_target(e.mask, e.case.gt)
-                cur = e.iou
-                states.append({"case": e.case, "planes": planes[i], "target": tgt, "iou": cur, "step": step,
+                states.append({"case": e.case, "planes": planes[i], "target": tgt, "iou": e.iou, "step": step,
                                "ep": e, "t": len(e.ious)})
                 oc = next_click(e.mask, e.case.gt)
                 if step == cfg.rollout_clicks or oc is None:
-                    e.done = True
+                    replies.append(Action.terminate().text())
                     continue
                 if pol_clicks is not None:
-                    clicks.append(pol_clicks[i])
+                    click = pol_clicks[i]
                 elif mode == "reflective" and rng.random() < cfg.mistake_prob:
-                    clicks.append(_mistake_click(e.case.gt, e.mask, rng))
+                    click = _mistake_click(e.case.gt, e.mask, rng)
                 else:
-                    clicks.append((oc.positive, oc.x, oc.y))
-            live = [e for e in live if not e.done]
-            if live:
-                _apply_clicks(backend, live, clicks)
+                    click = (oc.positive, oc.x, oc.y)
+                replies.append(_click_text(click, e.case.shape))
+            return replies
+
+        for e, reason in zip(eps, _drive_batch(backend, eps, act, rules).stop_reasons):
+            e.done, e.stop_reason = True, reason
         if log:
             log(f"  {mode}: {min(b0 + bs, len(cases))}/{len(cases)} cases, {len(states)} states")
     # stop labels: IoU high enough, or the next oracle step (when the next action was the oracle's) did not help
@@ -696,36 +703,28 @@ def _play(net: CompactPolicyNet, backend: _Backend, text_bank: torch.Tensor, cas
         pol = CompactPolicy(weights=net, embedder="fake", seed=int(torch.randint(0, 2**31, (1,), generator=gen)))
         pol.query = c.query
         eps.append(_Ep(c, policy=pol))
-    for step in range(max_turns):
-        live = [e for e in eps if not e.done]
-        if not live:
-            break
+    budget = min(max_turns - 1, max_clicks)  # clicks before Terminate is forced (the last turn is kept for it)
+
+    def act(idx: list[int], step: int) -> list[str]:
+        live = [eps[i] for i in idx]
         planes = np.stack([e.planes(step) for e in live])
         maps, stop, obj = _net_forward(net, backend, text_bank, live, planes)
-        force = torch.tensor([len(e.points) >= min(max_turns - 1, max_clicks) for e in live])
+        force = torch.tensor([len(e.points) >= budget for e in live])
         acts, lps, p_stop = select_actions(maps, stop, torch.from_numpy(planes), temperature=temperature,
                                            force_stop=force, generator=gen, greedy_clicks=greedy_clicks)
-        clickers, clicks = [], []
+        replies = []
         for i, e in enumerate(live):
             ch = ActionChoice(int(acts[i]), float(lps[i]), float(p_stop[i]), planes[i], maps[i].numpy(),
                               obj[i].numpy())
-            before = e.mask
             assert e.policy is not None
-            reply = e.policy.reply_text(ch, before, e.case.shape)
-            rec = {"step": step, "index": ch.index, "logp": ch.log_prob, "planes": planes[i], "reply": reply,
-                   "before": before, "forced": bool(force[i]) and ch.index < 0}
-            e.steps.append(rec)
-            if ch.index < 0:
-                e.done = True
-            else:
-                positive = ch.index < GRID * GRID
-                clickers.append(e)
-                clicks.append((positive, *_last_click(reply, e.case.shape)))
-        if clickers:
-            _apply_clicks(backend, clickers, clicks)
-        for e in live:
-            if e.steps[-1]["index"] >= 0 and len(e.steps) >= max_turns:
-                e.done = True
+            reply = e.policy.reply_text(ch, e.mask, e.case.shape)
+            e.steps.append({"step": step, "index": ch.index, "logp": ch.log_prob, "planes": planes[i],
+                            "reply": reply, "before": e.mask, "forced": bool(force[i]) and ch.index < 0})
+            replies.append(reply)
+        return replies
+
+    for e, reason in zip(eps, _drive_batch(backend, eps, act, StopRules(max_steps=max_turns)).stop_reasons):
+        e.done, e.stop_reason = True, reason
     if score:
         for e in eps:
             for k, rec in enumerate(e.steps):
@@ -736,11 +735,32 @@ def _play(net: CompactPolicyNet, backend: _Backend, text_bank: torch.Tensor, cas
     return eps
 
 
-def _last_click(reply: str, shape: tuple[int, int]) -> tuple[int, int]:
-    from ibisagent.protocol import parse_action
+def _click_text(click: tuple[bool, int, int], shape: tuple[int, int]) -> str:
+    """The action text of a pixel click (round-trips exactly through the 4-decimal normalized coordinates)."""
+    positive, x, y = click
+    h, w = shape
+    return (Action.positive if positive else Action.negative)(to_normalized(x, w), to_normalized(y, h)).text()
 
-    a = parse_action(reply, "reference")
-    return a.pixel(shape[1], shape[0])
+
+def _drive_batch(backend: _Backend, eps: list[_Ep], act: Any, rules: StopRules) -> LockstepResult:
+    """:func:`ibisagent.episode.drive_lockstep` on the episodes ``eps``: ``act`` writes the replies, the clicks go
+    through the backend's batched decoder, the environment's stop rules end each episode."""
+
+    def apply(idx: list[int], actions: list[Action]) -> list[str | None]:
+        sel = [eps[i] for i in idx]
+        clicks = []
+        for e, a in zip(sel, actions):
+            if not a.is_click:
+                raise PolicyTrainError(f"lockstep rollouts take clicks only, got {a.text()!r}")
+            clicks.append((a.kind is ActionKind.POSITIVE, *a.pixel(e.case.shape[1], e.case.shape[0])))
+        _apply_clicks(backend, sel, clicks)
+        return [None] * len(sel)
+
+    return drive_lockstep(len(eps), act, apply, _parse_reference, rules)
+
+
+def _parse_reference(reply: str) -> Action:
+    return parse_reply(reply, "reference").action
 
 
 def _mask_after(e: _Ep, k: int) -> np.ndarray | None:

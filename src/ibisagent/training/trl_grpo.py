@@ -192,33 +192,49 @@ def _generate(model: Any, processor: Any, inputs: dict[str, Any], cfg: GRPORunCo
     return ids
 
 
+class _SamplingPolicy:
+    """The model as an :class:`~ibisagent.episode.ActingPolicy`: samples one reply per observation and keeps the
+    prompt inputs and reply token ids of every turn (for the loss)."""
+
+    def __init__(self, model: Any, processor: Any, chat: ChatBuilder, cfg: GRPORunConfig, seed: int) -> None:
+        self.model, self.processor, self.chat, self.cfg, self.seed = model, processor, chat, cfg, seed
+        self.device = str(next(model.parameters()).device)
+        self.samples: list[tuple[dict[str, Any], Any]] = []
+
+    def begin_episode(self, *, image: Any, query: str, gt: Any = None) -> None:
+        self.chat.begin_episode()
+        self.samples = []
+
+    def act(self, obs: Any) -> str:
+        from ibisagent.policies.hf import encode_chat
+
+        messages, images = self.chat.messages(obs)
+        inputs = dict(encode_chat(self.processor, messages, images, device=self.device))
+        ids = _generate(self.model, self.processor, inputs, self.cfg, self.seed * 1000 + len(self.samples))
+        reply = self.processor.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        self.chat.record_reply(reply)
+        self.samples.append((inputs, ids))
+        return reply
+
+
 def rollout_episode(model: Any, processor: Any, env: SegmentationEnv, case: GRPOCase, cfg: GRPORunConfig,
                     seed: int, chat: ChatBuilder | None = None) -> EpisodeRollout:
-    """Sample one episode: every turn the policy replies, the environment applies it, the reply is scored."""
-    from ibisagent.policies.hf import encode_chat
+    """Sample one episode (:func:`ibisagent.episode.drive`): every turn the policy replies, the environment applies
+    it, the reply is scored."""
+    from ibisagent.episode import drive
     from ibisagent.rewards import RewardConfig, score_transition
 
     rcfg = RewardConfig.from_dict(cfg.reward_config) if cfg.reward_config else RewardConfig()
-    chat = chat or ChatBuilder(history=cfg.history)
-    chat.begin_episode()
-    obs = env.reset(case.image, case.query, case.gt)
-    device = next(model.parameters()).device
+    sampler = _SamplingPolicy(model, processor, chat or ChatBuilder(history=cfg.history), cfg, seed)
     turns: list[TurnSample] = []
-    done = False
-    while not done:
-        messages, images = chat.messages(obs)
-        inputs = dict(encode_chat(processor, messages, images, device=str(device)))
-        ids = _generate(model, processor, inputs, cfg, seed * 1000 + len(turns))
-        reply = processor.tokenizer.decode(ids, skip_special_tokens=True).strip()
-        chat.record_reply(reply)
-        mask_before = env.session.mask
-        res = env.step(reply)
-        info = res.info
-        rewards = score_transition(reply, gt=case.gt, mask_before=mask_before, mask_after=info["mask"],
-                                   step=int(info["step"]), config=rcfg, mode=cfg.reward_mode)
-        turns.append(TurnSample(inputs, ids, reply, rewards))
-        obs, done = res.observation, res.done
-        stop = info.get("stop_reason")
+    stop = None
+    for turn in drive(env, sampler, case.image, case.query, case.gt):
+        info = turn.info
+        rewards = score_transition(turn.reply, gt=case.gt, mask_before=turn.observation.mask,
+                                   mask_after=info["mask"], step=int(info["step"]), config=rcfg, mode=cfg.reward_mode)
+        inputs, ids = sampler.samples[-1]
+        turns.append(TurnSample(inputs, ids, turn.reply, rewards))
+        stop = turn.stop_reason
     final_iou = env.current_iou() or 0.0
     return EpisodeRollout(case.id, turns, stop, float(final_iou))
 
