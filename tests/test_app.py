@@ -302,3 +302,20 @@ def test_app_defaults_learned_policy_first_example_and_upload_on_top(case):
     order = [c.get("props", {}).get("elem_id") for c in demo.config["components"]]
     assert order.index("upload") < order.index("example") < order.index("query") < order.index("run")
     assert any(event == "load" for d in demo.config["dependencies"] for _, event in d["targets"])
+
+
+def test_status_shows_the_agents_confidence_until_the_user_edits(hub, case, monkeypatch):
+    from ibisagent.policies import base as policy_base
+    from ibisagent.policies.compact import CompactPolicy
+
+    monkeypatch.setattr(policy_base, "create_policy",
+                        lambda name, **kw: CompactPolicy(weights="random", embedder="fake", max_clicks=2))
+    _, ip, mp = case
+    a = Annotator(hub, "fake", "compact")
+    a.open(ip, query="segment the bright lesion")
+    list(a.run_agent())
+    est = a.episode.predicted_iou
+    assert est is not None and f"agent's predicted IoU {est:.2f}" in a.status()
+    assert ("low confidence" in a.status()) == (est < 0.5)
+    a.click(5, 5, positive=False)  # the user changes the mask: the estimate no longer applies
+    assert "predicted IoU" not in a.status()

@@ -344,6 +344,11 @@ class Annotator:
             parts.append(f"IoU {iou(mm, self.gt):.3f}, Dice {dice(mm, self.gt):.3f}")
         if self.episode is not None and self.episode.stop_reason:
             parts.append(f"agent stopped: {self.episode.stop_reason}")
+            est = self.episode.predicted_iou
+            if est is not None and m is not None and np.array_equal(self.episode.final_mask, m):
+                # the policy's own estimate of the mask it left (no ground truth); gone once the user edits it
+                note = " - low confidence: check the mask" if self.episode.low_confidence else ""
+                parts.append(f"agent's predicted IoU {est:.2f}{note}")
         parts.append(f"segmenter {self.segmenter_name}")
         return " | ".join(parts)
 
