@@ -1,4 +1,4 @@
-"""Binary-mask utilities: overlap and boundary metrics, error regions, boxes, the reference RLE codec."""
+"""Binary-mask utilities: overlap and boundary metrics, error regions, boxes, our RLE codec and the release's."""
 
 from __future__ import annotations
 
@@ -26,7 +26,9 @@ __all__ = [
     "iou",
     "nsd",
     "rle_decode",
+    "rle_decode_release",
     "rle_encode",
+    "rle_encode_release",
     "surface_distances",
 ]
 
@@ -291,8 +293,9 @@ def _inner_distance(region: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# RLE as in the reference release: run lengths of the row-major flattened mask (starting with a 0-run),
-# zlib-compressed and base64-encoded; the shape travels beside it.
+# Our RLE: run lengths of the row-major flattened mask (starting with a 0-run) as little-endian uint32 bytes,
+# zlib-compressed and base64-encoded; the shape travels in the same dict. The release's trajectory files use a
+# different payload (decimal run-length text, no shape): see rle_encode_release / rle_decode_release below.
 # ----------------------------------------------------------------------------------------------------------------
 
 def rle_encode(mask: np.ndarray) -> dict:
@@ -320,3 +323,59 @@ def rle_decode(rle: dict) -> np.ndarray:
     values = np.zeros(len(runs), dtype=bool)
     values[1::2] = True
     return np.repeat(values, runs.astype(np.int64)).reshape(h, w)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The release's RLE (trajectory JSON ``mask_rle`` of the public IBISAgent release, trajectory_gen/process_img.py at
+# the stored commit, read by us): row-major (C order) flattening; run lengths that alternate background/foreground
+# and start with a background run (a leading ``0`` when the first pixel is foreground); the runs written as decimal
+# integers joined by single spaces, UTF-8, ``zlib.compress`` at its default level, standard base64 (ASCII text). An
+# empty (0-pixel) mask encodes as the empty string. The shape is not in the payload: the release stores
+# ``img_data.size = [W, H]`` beside the trajectory, so decoding needs ``(H, W)`` from the caller.
+# ----------------------------------------------------------------------------------------------------------------
+
+def rle_encode_release(mask: np.ndarray) -> str:
+    """Encode a 2D binary mask in the release's layout (see the comment above); returns base64 text."""
+    m = as_bool(mask)
+    if m.ndim != 2:
+        raise ValueError(f"expected a 2D mask, got shape {m.shape}")
+    flat = m.ravel()
+    if flat.size == 0:
+        return ""
+    bounds = np.concatenate([[0], np.flatnonzero(flat[1:] != flat[:-1]) + 1, [flat.size]])
+    runs = np.diff(bounds)
+    if flat[0]:
+        runs = np.concatenate([[0], runs])
+    text = " ".join(str(int(r)) for r in runs)
+    return base64.b64encode(zlib.compress(text.encode("utf-8"))).decode("ascii")
+
+
+def rle_decode_release(payload: str, shape: Sequence[int]) -> np.ndarray:
+    """Decode a release-layout RLE string into a bool mask of ``shape`` = (H, W).
+
+    Raises ValueError when the payload is not base64/zlib/decimal text or its runs do not cover H * W pixels.
+    """
+    try:
+        h, w = (int(v) for v in shape)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"shape must be (H, W), got {shape!r}") from exc
+    if h < 0 or w < 0:
+        raise ValueError(f"shape must be non-negative, got {(h, w)}")
+    if not isinstance(payload, str):
+        raise ValueError(f"release RLE must be a string, got {type(payload).__name__}")
+    if payload == "":
+        if h * w:
+            raise ValueError(f"empty release RLE for a {h}x{w} mask")
+        return np.zeros((h, w), dtype=bool)
+    try:
+        text = zlib.decompress(base64.b64decode(payload, validate=True)).decode("utf-8")
+        runs = np.array([int(t) for t in text.split()], dtype=np.int64)
+    except (ValueError, zlib.error, UnicodeDecodeError) as exc:
+        raise ValueError(f"corrupt release RLE mask: {exc}") from exc
+    if runs.size == 0 or (runs < 0).any():
+        raise ValueError("corrupt release RLE mask: no runs or a negative run length")
+    if int(runs.sum()) != h * w:
+        raise ValueError(f"corrupt release RLE mask: runs cover {int(runs.sum())} pixels, expected {h * w} ({h}x{w})")
+    values = np.zeros(runs.size, dtype=bool)
+    values[1::2] = True
+    return np.repeat(values, runs).reshape(h, w)
