@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from ibisagent.masks import rle_decode, rle_decode_release, rle_encode, rle_encode_release
+from ibisagent.protocol import Action, ActionKind, ActionParseError, parse_action, parse_reply
 
 
 def _release_layout_encode(mask: np.ndarray) -> str:
@@ -89,3 +90,84 @@ def test_release_rle_bad_input_is_a_clear_error() -> None:
         rle_encode_release(np.zeros((2, 2, 2), bool))
     assert rle_encode_release(np.zeros((0, 3), bool)) == ""
     assert rle_decode_release("", (0, 3)).shape == (0, 3)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The release's reply parser: the ``reference`` parsing profile
+# --------------------------------------------------------------------------------------------------------------
+
+def _ref(text: str) -> Action:
+    return parse_action(text, "reference", profile="reference")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("<think>\nok\n</think>\n<action>\nPositive Point (0.5000, 0.2500)\n</action>", Action.positive(0.5, 0.25)),
+        ("<action>Negative Point (0.1,0.9)</action>", Action.negative(0.1, 0.9)),
+        ("<action>Positive Point(0.3,   0.4)</action>", Action.positive(0.3, 0.4)),
+        # Terminate is checked first, as a substring
+        ("<action>Positive Point (0.5, 0.5) then Terminate</action>", Action.terminate()),
+        ("<action>\nTerminate\n</action>\n<answer>\nDone.\n</answer>", Action.terminate("Done.")),
+        # Positive before Negative; the first (x, y) in the body wins
+        ("<action>Negative Point (0.1, 0.1) or Positive Point (0.2, 0.2)</action>", Action.positive(0.1, 0.1)),
+        # only the first <action> block counts
+        ("<action>Negative Point (0.7, 0.7)</action><action>Terminate</action>", Action.negative(0.7, 0.7)),
+    ],
+)
+def test_reference_parser_accepts(text: str, expected: Action) -> None:
+    got = _ref(text)
+    assert got.kind is expected.kind and got.text() == expected.text()
+    if expected.kind is ActionKind.TERMINATE:
+        assert got.answer == expected.answer
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Positive Point (0.5000, 0.2500)",  # no tags: the release needs them (ours falls back to the whole reply)
+        "<think>click Positive Point (0.2, 0.3)</think><action>I am not sure</action>",  # click only in <think>
+        "<action>positive point (0.5, 0.5)</action>",  # case-sensitive
+        "<ACTION>Positive Point (0.5, 0.5)</ACTION>",  # case-sensitive tags
+        "<action>Termination</action>",  # only the Terminate spelling stops
+        "<action>Positive Point (0.5 , 0.5)</action>",  # no space allowed before the comma
+        "<action>Positive Point (-0.5, 0.5)</action>",  # no sign in the release's number pattern
+        "<action>Box (0.1, 0.1, 0.5, 0.5)</action>",  # no Box in the release
+        "<action>Positive Point</action>",  # no coordinates
+    ],
+)
+def test_reference_parser_rejects(text: str) -> None:
+    with pytest.raises(ActionParseError):
+        _ref(text)
+
+
+def test_lenient_stays_the_default_and_differs_where_documented() -> None:
+    think_click = "<think>maybe Positive Point (0.2, 0.3)</think> Positive Point (0.6, 0.6)"
+    assert parse_action(think_click).text() == "Positive Point (0.2000, 0.3000)"  # ours: whole reply, first match
+    with pytest.raises(ActionParseError):
+        _ref(think_click)
+    assert parse_action("<action>Termination</action>").kind is ActionKind.TERMINATE
+    assert parse_action("<action>positive point (0.5, 0.5)</action>").kind is ActionKind.POSITIVE
+    # ours takes the first action in the body; the release checks Terminate first
+    both = "<action>Positive Point (0.5, 0.5) then Terminate</action>"
+    assert parse_action(both).kind is ActionKind.POSITIVE
+    assert _ref(both).kind is ActionKind.TERMINATE
+
+
+def test_reference_parser_errors_are_clear() -> None:
+    with pytest.raises(ActionParseError) as e:
+        _ref("<action>Positive Point (1.2.3, 0.5)</action>")
+    assert e.value.reason == "unparseable"
+    with pytest.raises(ActionParseError) as e:
+        _ref("<action>Positive Point (120, 45)</action>")
+    assert e.value.reason == "pixel_coordinates"
+    with pytest.raises(ValueError, match="unknown parser profile"):
+        parse_action("<action>Terminate</action>", profile="strict")  # type: ignore[arg-type]
+
+
+def test_reference_parse_reply_reads_think_case_sensitively() -> None:
+    r = parse_reply("<think>\nthe lesion\n</think>\n<action>\nNegative Point (0.1000, 0.2000)\n</action>",
+                    "reference", profile="reference")
+    assert r.reasoning == "the lesion" and r.action.kind is ActionKind.NEGATIVE and r.answer is None
+    r2 = parse_reply("<THINK>x</THINK><action>Terminate</action>", "reference", profile="reference")
+    assert r2.reasoning == ""

@@ -9,6 +9,9 @@ Grammar (reference release)::
     <think>\n...\n</think>\n<action>\nTerminate\n</action>\n<answer>\n...\n</answer>
 
 The ``extended`` mode adds ``Box (x1, y1, x2, y2)`` (our extension, not in the reference).
+
+Two parsing profiles (:data:`ParserProfile`): ``lenient`` (ours, the default) and ``reference`` (the release's
+inference parser, for running the released checkpoint as its own scripts do); see :func:`parse_action`.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ __all__ = [
     "ActionKind",
     "ActionParseError",
     "GrammarMode",
+    "PARSER_PROFILES",
     "ParsedReply",
+    "ParserProfile",
     "ValidationResult",
     "format_action",
     "format_reply",
@@ -36,6 +41,9 @@ __all__ = [
 ]
 
 GrammarMode = Literal["reference", "extended"]
+#: ``lenient``: our parser (default). ``reference``: the release's inference parser, quirks included.
+ParserProfile = Literal["lenient", "reference"]
+PARSER_PROFILES: tuple[str, ...] = ("lenient", "reference")
 
 
 class ActionKind(enum.StrEnum):
@@ -191,14 +199,22 @@ def _looks_like_pixels(values: list[float]) -> bool:
     return any(v > 1.0 for v in values) and all(v >= 0 for v in values)
 
 
-def parse_action(text: str, mode: GrammarMode = "extended") -> Action:
-    """Parse one action from a reply (or from an action line). Lenient about spacing, case and tags.
+def parse_action(text: str, mode: GrammarMode = "extended", profile: ParserProfile = "lenient") -> Action:
+    """Parse one action from a reply (or from an action line).
+
+    ``profile="lenient"`` (default): lenient about spacing, case and tags; without ``<action>`` tags the whole reply
+    is searched, and the first action that appears wins. ``profile="reference"``: the release's rules, see
+    :func:`_parse_action_reference` (``mode`` is then irrelevant: the release has no Box).
 
     Raises :class:`ActionParseError` with a reason code: ``no_action``, ``pixel_coordinates`` (values > 1 look like
     pixels: reported, never rescaled by guess), ``out_of_range``, ``invalid_box``, ``box_not_allowed``.
     """
     if not isinstance(text, str):
         raise ActionParseError(f"expected a string reply, got {type(text).__name__}", "no_action")
+    if profile == "reference":
+        return _parse_action_reference(text)
+    if profile != "lenient":
+        raise ValueError(f"unknown parser profile {profile!r}; choose from {', '.join(PARSER_PROFILES)}")
     m = _TAG["action"].search(text)
     body = m.group(1) if m else text
     click = _CLICK_RE.search(body)
@@ -229,11 +245,50 @@ def parse_action(text: str, mode: GrammarMode = "extended") -> Action:
     return Action.positive(xs, ys) if sign.lower() == "positive" else Action.negative(xs, ys)
 
 
-def parse_reply(text: str, mode: GrammarMode = "extended") -> ParsedReply:
-    """Parse a whole reply: the action (lenient), the reasoning and the answer if present."""
-    action = parse_action(text, mode)
-    think = _TAG["think"].search(text)
-    answer = _TAG["answer"].search(text)
+# The release's inference parser, as we read it (infer/mllm_engine.py ``parse_output`` at the stored commit):
+# case-sensitive tag regexes (first match, dot matches newline), the action body stripped; then, in this order,
+# the substring ``Terminate`` (so "Termination" is not a stop, and "do not Terminate" is one), ``Positive Point``,
+# ``Negative Point``; the first ``(<digits/dots>, <digits/dots>)`` anywhere in the action body gives the point
+# (no sign, no exponent, no space before the comma). No <action> tags, no coordinates or no known action: no action
+# (the release ends the episode). Deviations, both errors where the release would go on: a number like ``1.2.3``
+# (the release's float() raises) and coordinates outside [0, 1] (the release passes them on to its segmenter).
+_REF_TAG = {name: re.compile(rf"<{name}>(.*?)</{name}>", re.S) for name in ("think", "action", "answer")}
+_REF_POINT = re.compile(r"\(([\d.]+),\s*([\d.]+)\)")
+
+
+def _parse_action_reference(text: str) -> Action:
+    m = _REF_TAG["action"].search(text)
+    if not m:
+        raise ActionParseError("no <action>...</action> block (the reference parser needs the tags)", "no_action")
+    body = m.group(1).strip()
+    if "Terminate" in body:
+        answer_m = _REF_TAG["answer"].search(text)
+        return Action.terminate(answer_m.group(1).strip() if answer_m else None)
+    if "Positive Point" in body:
+        positive = True
+    elif "Negative Point" in body:
+        positive = False
+    else:
+        raise ActionParseError(f"no reference action in <action> block: {body[:120]!r}", "no_action")
+    pm = _REF_POINT.search(body)
+    if not pm:
+        raise ActionParseError(f"no (x, y) in the action {body[:120]!r}", "no_action")
+    try:
+        x, y = float(pm.group(1)), float(pm.group(2))
+    except ValueError as exc:
+        raise ActionParseError(f"malformed coordinates in {pm.group(0)!r}", "unparseable") from exc
+    if _looks_like_pixels([x, y]):
+        raise ActionParseError(f"point ({x}, {y}) looks like pixel coordinates; expected values in [0, 1]",
+                               "pixel_coordinates")
+    return Action.positive(x, y) if positive else Action.negative(x, y)
+
+
+def parse_reply(text: str, mode: GrammarMode = "extended", profile: ParserProfile = "lenient") -> ParsedReply:
+    """Parse a whole reply: the action (see :func:`parse_action` for the profiles), the reasoning and the answer."""
+    action = parse_action(text, mode, profile)
+    tags = _REF_TAG if profile == "reference" else _TAG
+    think = tags["think"].search(text)
+    answer = tags["answer"].search(text)
     return ParsedReply(
         action=action,
         reasoning=think.group(1).strip() if think else "",
