@@ -171,3 +171,118 @@ def test_reference_parse_reply_reads_think_case_sensitively() -> None:
     assert r.reasoning == "the lesion" and r.action.kind is ActionKind.NEGATIVE and r.answer is None
     r2 = parse_reply("<THINK>x</THINK><action>Terminate</action>", "reference", profile="reference")
     assert r2.reasoning == ""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# `ibisagent prompts --from-release`: a template from a release-shaped clone (dummy wording, written here)
+# --------------------------------------------------------------------------------------------------------------
+
+_DUMMY_SYSTEM_A = "You are test agent Q7. "
+_DUMMY_SYSTEM_B = "Reply in <think> and <action> tags.\nUse {braces} literally."
+
+_MULTI_TURN = f'''import argparse
+
+SYSTEM_PROMPT = (
+    "{_DUMMY_SYSTEM_A}"
+    "{_DUMMY_SYSTEM_B.encode("unicode_escape").decode()}"
+)
+
+
+def main():
+    args = argparse.Namespace(prompt="x")
+    for turn in range(1, 3):
+        is_first_turn = (turn == 1)
+        current_prompt = f"<image>{{args.prompt}}" if is_first_turn else args.prompt
+
+
+raise SystemExit("this file must never be executed")
+'''
+
+_ENGINE = '''class Engine:
+    def chat(self, user_prompt=None, is_first_turn=True):
+        if is_first_turn:
+            pass
+        else:
+            refinement_prompt = f"<image>Dummy refine step. Asked: \\"{user_prompt}\\". More points or Terminate?"
+            return refinement_prompt
+'''
+
+
+def _write_clone(root, multi_turn: str = _MULTI_TURN, engine: str = _ENGINE):
+    (root / "infer").mkdir(parents=True)
+    (root / "infer" / "multi_turn.py").write_text(multi_turn, encoding="utf-8")
+    (root / "infer" / "mllm_engine.py").write_text(engine, encoding="utf-8")
+    (root / "trajectory_gen").mkdir()
+    (root / "trajectory_gen" / "broken.py").write_text("def (:\n", encoding="utf-8")  # unparsable: skipped
+    return root
+
+
+def test_prompts_from_release_cli_writes_a_template_that_renders_the_release_messages(tmp_path, capsys) -> None:
+    from ibisagent.chat import render_chat, to_messages
+    from ibisagent.cli import main
+    from ibisagent.prompts import load_prompts
+
+    clone = _write_clone(tmp_path / "IBISAgent")
+    out = tmp_path / "reference_release.json"
+    assert main(["prompts", "--from-release", str(clone), "--out", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    t = load_prompts(str(out))
+    assert t.system == _DUMMY_SYSTEM_A + _DUMMY_SYSTEM_B
+    assert t.grammar == "reference" and t.verbatim_query
+
+    query = "  Is there a polyp in this image? "  # the release passes the question verbatim
+    img = np.zeros((4, 4, 3), np.uint8)
+    first, _ = to_messages(render_chat(t, query, img, first_turn=True))
+    assert first == [
+        {"role": "system", "content": [{"type": "text", "text": _DUMMY_SYSTEM_A + _DUMMY_SYSTEM_B}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "<image>" + query}]},
+    ]
+    later, _ = to_messages(render_chat(t, query, img, first_turn=False))
+    assert later[1]["content"][1]["text"] == (
+        '<image>Dummy refine step. Asked: "' + query + '". More points or Terminate?'
+    )
+    # {braces} in the release's text stay literal
+    assert "{braces}" in t.system
+
+
+def test_prompts_from_release_errors_are_one_line_exit_2(tmp_path, capsys) -> None:
+    from ibisagent.cli import main
+
+    out = tmp_path / "t.json"
+    assert main(["prompts", "--from-release", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert "not a folder" in capsys.readouterr().err
+    clone = _write_clone(tmp_path / "c1", engine="x = 1\n")
+    assert main(["prompts", "--from-release", str(clone), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "refinement_prompt" in err and err.count("\n") == 1
+    clone2 = _write_clone(tmp_path / "c2")
+    assert main(["prompts", "--from-release", str(clone2), "--out", str(tmp_path / "t.txt")]) == 2
+    assert ".json" in capsys.readouterr().err
+    out.write_text("{}", encoding="utf-8")
+    assert main(["prompts", "--from-release", str(clone2), "--out", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["prompts", "--from-release", str(clone2), "--out", str(out), "--force"]) == 0
+
+
+def test_release_prompt_extraction_reads_ast_only(tmp_path) -> None:
+    from ibisagent.release_prompts import ReleasePromptError, extract_release_prompts
+
+    # `not is_first_turn` puts the first-turn f-string in the else branch
+    flipped = _MULTI_TURN.replace('f"<image>{args.prompt}" if is_first_turn else args.prompt',
+                                  'args.prompt if not is_first_turn else f"Q: {args.prompt}"')
+    got = extract_release_prompts(_write_clone(tmp_path / "a", multi_turn=flipped))
+    assert got.first_turn == "Q: {query}"
+    assert got.sources["refine_turn"].startswith("infer/mllm_engine.py:")
+    assert set(got.digests) == {"infer/multi_turn.py", "infer/mllm_engine.py"}
+    two_holes = _ENGINE.replace('Asked: \\"{user_prompt}\\"', "{user_prompt} and {user_prompt}")
+    assert two_holes != _ENGINE
+    with pytest.raises(ReleasePromptError, match="one placeholder"):
+        extract_release_prompts(_write_clone(tmp_path / "b", engine=two_holes))
+
+
+def test_verbatim_query_is_opt_in() -> None:
+    from ibisagent.prompts import load_prompts
+
+    t = load_prompts("reference")
+    assert not t.verbatim_query and "{query}" not in t.first("  polyp ")
+    assert " polyp " not in t.first("  polyp ") and "polyp" in t.first("  polyp ")

@@ -1,7 +1,8 @@
 """Prompt templates (system prompt, first turn, refinement turn) as replaceable JSON data files.
 
 A template file is a JSON object with ``system``, ``first_turn`` and ``refine_turn`` strings; ``{query}`` is filled
-with the user's request. ``grammar`` ("reference" or "extended") says which actions the wording allows.
+with the user's request (stripped of surrounding white space, or as typed when ``verbatim_query`` is true, as the
+release passes it). ``grammar`` ("reference" or "extended") says which actions the wording allows.
 Users running the released checkpoint point ``--prompts`` at a file with its exact wording.
 """
 
@@ -28,12 +29,16 @@ class PromptTemplate:
     first_turn: str
     refine_turn: str
     grammar: GrammarMode = "reference"
+    verbatim_query: bool = False
+
+    def _q(self, query: str) -> str:
+        return query if self.verbatim_query else query.strip()
 
     def first(self, query: str) -> str:
-        return self.first_turn.replace("{query}", query.strip())
+        return self.first_turn.replace("{query}", self._q(query))
 
     def refine(self, query: str) -> str:
-        return self.refine_turn.replace("{query}", query.strip())
+        return self.refine_turn.replace("{query}", self._q(query))
 
 
 def builtin_prompt_names() -> list[str]:
@@ -66,4 +71,8 @@ def load_prompts(name_or_path: str | Path = "reference") -> PromptTemplate:
     grammar = data.get("grammar", "reference")
     if grammar not in ("reference", "extended"):
         raise PromptTemplateError(f"grammar must be 'reference' or 'extended', got {grammar!r}")
-    return PromptTemplate(data.get("name", name), data["system"], data["first_turn"], data["refine_turn"], grammar)
+    verbatim = data.get("verbatim_query", False)
+    if not isinstance(verbatim, bool):
+        raise PromptTemplateError(f"verbatim_query must be true or false, got {verbatim!r}")
+    return PromptTemplate(data.get("name", name), data["system"], data["first_turn"], data["refine_turn"], grammar,
+                          verbatim)

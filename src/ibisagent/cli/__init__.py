@@ -37,6 +37,7 @@ _AREA_MODULES = [
     "ibisagent.cli.serve",
     "ibisagent.cli.app",
     "ibisagent.cli.export_encoder",
+    "ibisagent.cli.prompts",
 ]
 
 DESCRIPTION = """\
