@@ -153,7 +153,8 @@ class RewardInputError(ValueError):
 
 @dataclass(frozen=True)
 class RewardConfig:
-    """Reward thresholds and weights. Defaults reproduce the reference release exactly."""
+    """Reward thresholds and weights. Defaults are the release's tiers and weights; the release's reward function
+    has quirks these rules do not follow (see docs/full_scale.md, "Release parity")."""
 
     #: answer reward tiers: (IoU bound, value), checked from the top with a strict ``>``
     answer_tiers: tuple[tuple[float, float], ...] = ((0.8, 3.0), (0.7, 2.0), (0.5, 1.0))
