@@ -286,3 +286,35 @@ def test_verbatim_query_is_opt_in() -> None:
     t = load_prompts("reference")
     assert not t.verbatim_query and "{query}" not in t.first("  polyp ")
     assert " polyp " not in t.first("  polyp ") and "polyp" in t.first("  polyp ")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The profile reaches the episode: EnvConfig(parser=...) and `segment --parser`
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_env_reference_parser_does_not_apply_a_click_from_think(square_image) -> None:
+    from ibisagent.env import EnvConfig, SegmentationEnv
+    from ibisagent.episode import StopReason
+    from ibisagent.segmenters.base import create_segmenter
+
+    img, gt = square_image
+    reply = "<think>I could try Positive Point (0.5000, 0.4500)</think>\nI am not sure."  # no <action> tags
+    ours = SegmentationEnv(create_segmenter("fake"), EnvConfig(max_steps=5))
+    ours.reset(img, "the bright square", gt)
+    res = ours.step(reply)
+    assert not res.done and res.info["iou"] > 0  # the lenient parser finds the click in <think>
+    ref = SegmentationEnv(create_segmenter("fake"), EnvConfig(max_steps=5, parser="reference"))
+    ref.reset(img, "the bright square", gt)
+    res = ref.step(reply)
+    assert res.done and res.info["stop_reason"] == StopReason.UNPARSEABLE
+    with pytest.raises(ValueError, match="parser must be one of"):
+        EnvConfig(parser="strict")  # type: ignore[arg-type]
+
+
+def test_segment_cli_has_the_parser_option() -> None:
+    from ibisagent.cli import build_parser
+
+    args = build_parser().parse_args(["segment", "img.png", "--query", "q", "--parser", "reference"])
+    assert args.parser == "reference"
+    assert build_parser().parse_args(["segment", "img.png", "--query", "q"]).parser == "lenient"

@@ -18,7 +18,7 @@ from ibisagent.episode import ActionParser, EpisodeSession, StopReason, StopRule
 from ibisagent.masks import as_bool, iou
 from ibisagent.overlay import policy_overlay
 from ibisagent.prompts import PromptTemplate, load_prompts
-from ibisagent.protocol import Action, GrammarMode, parse_reply
+from ibisagent.protocol import PARSER_PROFILES, Action, GrammarMode, ParserProfile, parse_reply
 from ibisagent.segmenters.base import Segmenter, SegmenterError
 from ibisagent.session import Session
 
@@ -35,9 +35,13 @@ class EnvConfig:
     grammar: GrammarMode = "reference"
     prompts: str = "reference"  # built-in template name or a JSON path
     mask_feedback: bool = True
+    #: reply parser: "lenient" (ours) or "reference" (the release's rules, see ibisagent.protocol.parse_action)
+    parser: ParserProfile = "lenient"
 
     def __post_init__(self) -> None:
         self.rules  # noqa: B018 - StopRules checks max_steps and max_repeats (whole numbers >= 1)
+        if self.parser not in PARSER_PROFILES:
+            raise ValueError(f"parser must be one of {', '.join(PARSER_PROFILES)}, got {self.parser!r}")
 
     @property
     def rules(self) -> StopRules:
@@ -96,7 +100,7 @@ class SegmentationEnv:
     Episodes are played by :func:`ibisagent.episode.drive`; the stop rules are :class:`~ibisagent.episode.StopTracker`'s.
 
     ``session`` replaces the default :class:`Session` on ``segmenter`` (anything with the session's interface) and
-    ``parser`` the grammar's reply parser (``parse_reply(reply, config.grammar).action``).
+    ``parser`` the grammar's reply parser (``parse_reply(reply, config.grammar, config.parser).action``).
     """
 
     def __init__(self, segmenter: Segmenter, config: EnvConfig | None = None,
@@ -106,8 +110,8 @@ class SegmentationEnv:
         self.prompts = prompts or load_prompts(self.config.prompts)
         self.session: Session = (session if session is not None  # type: ignore[assignment]
                                  else Session(segmenter, mask_feedback=self.config.mask_feedback))
-        grammar = self.config.grammar
-        self.parse: ActionParser = parser or (lambda reply: parse_reply(reply, grammar).action)
+        grammar, profile = self.config.grammar, self.config.parser
+        self.parse: ActionParser = parser or (lambda reply: parse_reply(reply, grammar, profile).action)
         self._query = ""
         self._gt: np.ndarray | None = None
         self._done = True

@@ -74,6 +74,9 @@ def _add_agent_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--history", action="store_true", help="send the whole conversation each turn (default: off)")
     p.add_argument("--prompts", default=None,
                    help="prompt template name (reference, extended) or a JSON file with your own wording")
+    p.add_argument("--parser", choices=("lenient", "reference"), default="lenient",
+                   help="reply parser: lenient (default) or reference (the release's rules: <action> tags needed, "
+                        "case-sensitive, Terminate first)")
 
 
 def _add_segment(sub: argparse._SubParsersAction) -> None:
@@ -175,7 +178,8 @@ def _build_agent(args: argparse.Namespace, needs_gt_ok: bool):
     policy_kwargs, segmenter_kwargs = _check_agent_args(args)
     policy = args.policy or default_policy()
     segmenter = args.segmenter or default_segmenter()
-    cfg = EnvConfig(max_steps=args.max_steps, history=args.history, prompts=args.prompts or "reference")
+    cfg = EnvConfig(max_steps=args.max_steps, history=args.history, prompts=args.prompts or "reference",
+                    parser=args.parser)
     built: dict[str, Any] = {}
     for flag, what, name, kwargs, create in (
         ("--policy-arg", "policy", policy, policy_kwargs, create_policy),
