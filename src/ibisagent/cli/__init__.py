@@ -220,13 +220,27 @@ def _where(loaded) -> str:
     return f" ({', '.join(parts)})" if parts else ""
 
 
+def _save_outputs(agent, ep, loaded, out: Path, *, overlays: bool) -> tuple[Path, list[str]]:
+    """Write one episode's files (trace, mask, overlays) to ``out``, first removing those of an earlier run there.
+    Returns the mask file and the names removed."""
+    from ibisagent.agent import clear_saved
+    from ibisagent.io import save_mask
+
+    out.mkdir(parents=True, exist_ok=True)
+    stale = clear_saved(out, _CLI_OUTPUTS)
+    ep.meta.update({"image": str(loaded.source), "policy": agent.policy.name, "segmenter": agent.segmenter.name})
+    if loaded.meta.get("n_volumes", 1) > 1:
+        ep.meta["volume_index"] = loaded.meta.get("volume_index", 0)
+    ep.save(out, loaded.array, overlays=overlays)
+    mask_path = out / ("mask.nii.gz" if loaded.kind.startswith("nifti") else "mask.png")
+    save_mask(mask_path, ep.final_mask, like=loaded if loaded.kind.startswith("nifti") else None)
+    return mask_path, stale
+
+
 def _run_one(agent, loaded, gt, query: str, out: Path, *, overlays: bool, quiet: bool,
              t_start: float | None = None) -> dict[str, Any]:
     """Run the agent on one image and write its files to ``out``. ``t_start``: when the command started (the
     wall time reported covers loading, the episode and writing)."""
-    from ibisagent.agent import clear_saved
-    from ibisagent.io import save_mask
-
     t_start = time.perf_counter() if t_start is None else t_start
     if not quiet:
         print(f"segmenting {query!r} in {loaded.source}{_where(loaded)} ({loaded.array.shape[1]}x"
@@ -234,17 +248,10 @@ def _run_one(agent, loaded, gt, query: str, out: Path, *, overlays: bool, quiet:
               file=sys.stderr)
     ep = agent.segment(loaded.array, query, gt, on_step=_progress(quiet))
     t_write = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    stale = clear_saved(out, _CLI_OUTPUTS)
+    mask_path, stale = _save_outputs(agent, ep, loaded, out, overlays=overlays)
     if stale and not quiet:
         shown = ", ".join(stale[:6]) + (f" and {len(stale) - 6} more" if len(stale) > 6 else "")
         print(f"note: removed {len(stale)} file(s) of an earlier run from {out} first ({shown})", file=sys.stderr)
-    ep.meta.update({"image": str(loaded.source), "policy": agent.policy.name, "segmenter": agent.segmenter.name})
-    if loaded.meta.get("n_volumes", 1) > 1:
-        ep.meta["volume_index"] = loaded.meta.get("volume_index", 0)
-    ep.save(out, loaded.array, overlays=overlays)
-    mask_path = out / ("mask.nii.gz" if loaded.kind.startswith("nifti") else "mask.png")
-    save_mask(mask_path, ep.final_mask, like=loaded if loaded.kind.startswith("nifti") else None)
     t_end = time.perf_counter()
     result = {
         "image": str(loaded.source), "query": query, "policy": agent.policy.name, "segmenter": agent.segmenter.name,
