@@ -23,21 +23,41 @@ from typing import Any
 
 from ibisagent import __version__
 from ibisagent.cli.util import UserError, parse_kv
-from ibisagent.policies.base import default_policy
-from ibisagent.segmenters.base import default_segmenter
 
 __all__ = ["main", "build_parser", "check_output_dir", "parse_kv", "default_policy", "default_segmenter", "UserError"]
 
-#: modules that add subcommands through ``add_parser(subparsers)``; missing optional dependencies hide them
-_AREA_MODULES = [
-    "ibisagent.cli.evaluation",
-    "ibisagent.cli.synthesis",
-    "ibisagent.cli.exports",
-    "ibisagent.cli.training",
-    "ibisagent.cli.serve",
-    "ibisagent.cli.app",
-    "ibisagent.cli.export_encoder",
-]
+#: the subcommands of the area modules: name -> (module that adds it through ``add_parser(subparsers)`` or one of its
+#: ``ADD_PARSERS``, the one-line help shown by ``ibisagent --help``). A module is imported only when one of its commands
+#: runs (or for :func:`build_parser` with every area), so that ``--help`` and the light commands start without
+#: torch; tests/test_cli_util.py checks this table against what the modules add.
+AREA_COMMANDS: dict[str, tuple[str, str]] = {
+    "eval": ("ibisagent.cli.evaluation", "evaluate a policy + segmenter on a dataset folder (IoU, Dice, NoC, ...)"),
+    "compare": ("ibisagent.cli.evaluation", "side-by-side table of several evaluation runs"),
+    "synthesize": ("ibisagent.cli.synthesis", "synthesize SFT/RL trajectories with the oracle (resumable, parallel)"),
+    "export": ("ibisagent.cli.exports", "export trajectories for LLaMA-Factory, verl or TRL"),
+    "train-segmenter": ("ibisagent.cli.training",
+                        "fine-tune LiteMedSAM's prompt encoder + mask decoder for clicks (cached embeddings)"),
+    "train-policy": ("ibisagent.cli.training",
+                     "train the compact CPU policy (SFT on oracle trajectories, then multi-turn GRPO)"),
+    "train-llm-sft": ("ibisagent.cli.training",
+                      "supervised fine-tuning of a Qwen2.5-VL policy on exported trajectories (TRL)"),
+    "train-llm-grpo": ("ibisagent.cli.training", "GRPO of a Qwen2.5-VL policy with the five reference rewards"),
+    "serve": ("ibisagent.cli.serve",
+              "run the segmenter/agent HTTP tool server (POST /segment as in the reference release)"),
+    "app": ("ibisagent.cli.app", "start the annotation web app (Gradio) on 127.0.0.1"),
+    "export-encoder": ("ibisagent.cli.export_encoder",
+                       "export LiteMedSAM's image encoder to ONNX once (cached) and check it against PyTorch"),
+}
+
+
+def __getattr__(name: str) -> Any:  # re-exported registry defaults, imported on use (they pull in numpy/scipy)
+    if name in ("default_policy", "default_segmenter"):
+        from ibisagent.policies.base import default_policy
+        from ibisagent.segmenters.base import default_segmenter
+
+        return {"default_policy": default_policy, "default_segmenter": default_segmenter}[name]
+    raise AttributeError(f"module 'ibisagent.cli' has no attribute {name!r}")
+
 
 DESCRIPTION = """\
 IBISAgent: text-prompted interactive medical image segmentation.
@@ -165,6 +185,9 @@ def _check_agent_args(args: argparse.Namespace) -> tuple[dict[str, Any], dict[st
     _check_min(args.max_steps, "--max-steps", 1)
     policy_kwargs = parse_kv(args.policy_arg, "--policy-arg")
     segmenter_kwargs = parse_kv(args.segmenter_arg, "--segmenter-arg")
+    from ibisagent.policies.base import default_policy
+    from ibisagent.segmenters.base import default_segmenter
+
     for flag, kwargs, name, options in (
         ("--policy-arg", policy_kwargs, args.policy or default_policy(), policy_options),
         ("--segmenter-arg", segmenter_kwargs, args.segmenter or default_segmenter(), segmenter_options),
@@ -181,8 +204,8 @@ def _check_agent_args(args: argparse.Namespace) -> tuple[dict[str, Any], dict[st
 def _build_agent(args: argparse.Namespace, needs_gt_ok: bool):
     from ibisagent.agent import Agent
     from ibisagent.env import EnvConfig
-    from ibisagent.policies.base import create_policy
-    from ibisagent.segmenters.base import create_segmenter
+    from ibisagent.policies.base import create_policy, default_policy
+    from ibisagent.segmenters.base import create_segmenter, default_segmenter
 
     policy_kwargs, segmenter_kwargs = _check_agent_args(args)
     policy = args.policy or default_policy()
@@ -354,8 +377,6 @@ def _cli_wording(message: str) -> str:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from ibisagent.io import load_image, load_mask
-
     t_start = getattr(args, "t_start", None) or time.perf_counter()
     if _is_batch(args.image):
         return _cmd_segment_batch(args)
@@ -373,6 +394,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     _check_agent_args(args)
     out = check_output_dir(args.out)
     window = _parse_window(args.window)
+    from ibisagent.io import load_image, load_mask
+
     try:
         loaded = load_image(args.image[0], slice_index=args.slice, axis=args.axis, window=window,
                             volume_index=args.volume_index)
@@ -725,7 +748,11 @@ def _parse_window(text: str | None):
 # parser + main
 # ----------------------------------------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: list[str] | None = None) -> argparse.ArgumentParser:
+    """The ``ibisagent`` parser. ``commands=None``: every subcommand fully built (every area module imported);
+    otherwise only the area modules of ``commands`` are imported and the other area commands are listed by name and
+    help only (enough for ``ibisagent --help``). A missing optional dependency of an area module raises
+    :class:`UserError` when one of its commands is asked for; with ``commands=None`` that area is left out."""
     parser = argparse.ArgumentParser(prog="ibisagent", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"ibisagent {__version__}")
@@ -734,13 +761,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_segment(sub)
     _add_demo(sub)
     _add_list(sub)
-    for mod in _AREA_MODULES:
+    wanted = None if commands is None else {AREA_COMMANDS[c][0] for c in commands if c in AREA_COMMANDS}
+    for mod in dict.fromkeys(m for m, _ in AREA_COMMANDS.values()):
+        if wanted is not None and mod not in wanted:
+            for name, (m, help_) in AREA_COMMANDS.items():
+                if m == mod:
+                    sub.add_parser(name, help=help_, add_help=False)
+            continue
         try:
             module = importlib.import_module(mod)
-        except ImportError as exc:  # an optional extra is not installed, or the area is not built
-            if exc.name and exc.name.startswith("ibisagent"):
-                continue
-            _MISSING[mod] = str(exc)
+        except ImportError as exc:  # an optional extra is not installed
+            if wanted is not None:
+                names = ", ".join(n for n, (m, _) in AREA_COMMANDS.items() if m == mod)
+                raise UserError(f"{names} needs optional packages that are not installed ({exc})") from exc
             continue
         add = getattr(module, "add_parser", None)
         if add is not None:
@@ -750,25 +783,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_MISSING: dict[str, str] = {}
+def _command_name(argv: list[str]) -> str | None:
+    """The subcommand named on a command line (the first word that is not a top-level option), if any."""
+    for word in argv:
+        if word == "--":
+            return None
+        if not word.startswith("-"):
+            return word
+    return None
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    from ibisagent.segmenters.base import SegmenterUnavailable
-
-    return (ValueError, FileNotFoundError, KeyError, SegmenterUnavailable, PermissionError, IsADirectoryError)
+    base = (ValueError, FileNotFoundError, KeyError, PermissionError, IsADirectoryError)
+    seg = sys.modules.get("ibisagent.segmenters.base")  # not imported yet: nothing can have raised its errors
+    return base if seg is None else (*base, seg.SegmenterUnavailable)
 
 
 def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    command = _command_name(words)
+    try:
+        parser = build_parser([command] if command else [])
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(words)
     args.t_start = t_start  # commands report wall time from here (command-line parsing and imports included)
     if not getattr(args, "func", None):
         parser.print_help()
-        if _MISSING:
-            print("\nsome commands are unavailable (missing optional packages): "
-                  + "; ".join(f"{k}: {v}" for k, v in _MISSING.items()), file=sys.stderr)
         return 0
     try:
         return int(args.func(args) or 0)
