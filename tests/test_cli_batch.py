@@ -159,3 +159,17 @@ def test_segment_many_python_api(images: Path) -> None:
     assert [r.ok for r in results] == [True, False, False]
     assert results[0].episode.final_iou > 0.9
     assert "needs a ground-truth mask" in results[2].error
+
+
+def test_one_image_several_queries_is_several_jobs(images: Path, tmp_path: Path, capsys) -> None:
+    man = tmp_path / "cases.jsonl"
+    man.write_text("".join(json.dumps({"image": "imgs/a.png", "query": q, "mask": "imgs/masks/a.png"}) + "\n"
+                           for q in ("the block", "the bright block")))
+    out = tmp_path / "out"
+    assert main(["segment", str(man), "--out", str(out), *ORACLE]) == 0
+    rows = _rows(out)
+    assert [(r["query"], Path(r["out"]).name) for r in rows] == [("the block", "a"), ("the bright block", "a_2")]
+    assert main(["segment", str(man), "--out", str(out), *ORACLE]) == 0 and _rows(out) == rows  # both skipped
+    man.write_text(man.read_text() + man.read_text().splitlines()[0] + "\n")  # the same job twice
+    assert main(["segment", str(man), "--out", str(out), *ORACLE]) == 2
+    assert "given twice with the query 'the block'" in capsys.readouterr().err

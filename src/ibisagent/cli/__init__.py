@@ -549,8 +549,10 @@ def _batch_items(args: argparse.Namespace) -> list[Any]:
     return items
 
 
-def _item_key(image: str | Path, slice_index: int | None) -> str:
-    return f"{Path(image).resolve()}" + ("" if slice_index is None else f"#{slice_index}")
+def _item_key(image: str | Path, slice_index: int | None, query: str) -> str:
+    """What identifies one job of a batch (and its row in ``results.jsonl``): the image, the slice and the query (one
+    image may be asked for several objects)."""
+    return json.dumps([str(Path(image).resolve()), slice_index, query])
 
 
 def _stem(path: Path) -> str:
@@ -573,7 +575,7 @@ def _read_results(path: Path) -> tuple[dict[str, dict[str, Any]], int]:
             continue
         try:
             r = json.loads(line)
-            rows[_item_key(r["image"], r.get("slice"))] = r
+            rows[_item_key(r["image"], r.get("slice"), r["query"])] = r
         except (json.JSONDecodeError, KeyError, TypeError):
             bad += 1
     return rows, bad
@@ -626,10 +628,11 @@ def _cmd_segment_batch(args: argparse.Namespace) -> int:
     earlier, n_bad = _read_results(results_path)
 
     # one folder per image: the name of an earlier row is kept, new names are made unique in item order
-    keys = [_item_key(it.image, it.slice) for it in items]
+    keys = [_item_key(it.image, it.slice, it.query) for it in items]
     if len(set(keys)) != len(keys):
-        dup = next(k for k in keys if keys.count(k) > 1)
-        raise UserError(f"{dup.split('#')[0]} is given twice" + (" (same slice)" if "#" in dup else ""))
+        image, slice_index, query = json.loads(next(k for k in keys if keys.count(k) > 1))
+        raise UserError(f"{image} is given twice with the query {query!r}"
+                        + ("" if slice_index is None else f" (slice {slice_index})"))
     taken = {Path(r["out"]).name for r in earlier.values() if r.get("out")}
     folders: dict[str, Path] = {}
     for it, key in zip(items, keys):
