@@ -102,3 +102,44 @@ def test_train_policy_lists_accept_commas_and_spaces(monkeypatch) -> None:
     args = p.parse_args(["--data", "d", "--datasets", "a,b", "c"])
     assert args.func(args) == 0
     assert seen["cfg"].datasets == ["a", "b", "c"]
+
+
+def test_area_command_table_matches_the_modules() -> None:
+    """``AREA_COMMANDS`` (what ``ibisagent --help`` lists without importing the area modules) names exactly the
+    commands the modules add, each with the module's own help line."""
+    import importlib
+
+    from ibisagent.cli import AREA_COMMANDS
+
+    for name, (module, help_) in AREA_COMMANDS.items():
+        sub = argparse.ArgumentParser().add_subparsers()
+        mod = importlib.import_module(module)
+        for add in (getattr(mod, "add_parser", None), *getattr(mod, "ADD_PARSERS", ())):
+            if add is not None:
+                add(sub)
+        assert name in sub.choices, f"{module} does not add {name}"
+        assert {a.dest: a.help for a in sub._choices_actions}[name] == help_
+    full = set(_subcommands())
+    assert full - {"segment", "demo", "list"} <= set(AREA_COMMANDS)
+    lazy = next(a for a in build_parser([])._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(lazy.choices) == full
+
+
+@pytest.mark.parametrize("code", [
+    "import ibisagent.cli",
+    "import ibisagent, ibisagent.cli; from ibisagent.cli import main\n"
+    "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n",
+    "from ibisagent.cli import main\ntry:\n    main(['segment'])\nexcept SystemExit as e:\n    assert e.code == 2\n",
+    "from ibisagent.cli import main\nassert main(['segment', 'x.png', '-q', ' ']) == 2\n",
+])
+def test_cli_start_imports_no_torch(code: str) -> None:
+    """``ibisagent --help`` and argument errors answer without importing torch (or numpy / scipy)."""
+    import os
+    import subprocess
+    import sys
+
+    probe = code + "\nimport sys\nprint(sorted(m for m in ('torch', 'numpy', 'scipy') if m in sys.modules))"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"

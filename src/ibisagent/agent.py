@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +28,8 @@ from ibisagent.overlay import DISPLAY_MAX_SIDE, display_overlay
 from ibisagent.policies.base import Policy, create_policy
 from ibisagent.segmenters.base import Segmenter, create_segmenter
 
-__all__ = ["LOW_CONFIDENCE", "SAVED_FILES", "STEP_FILE", "Agent", "Episode", "StepRecord", "clear_saved",
-           "iter_episode", "run_episode", "step_record"]
+__all__ = ["LOW_CONFIDENCE", "SAVED_FILES", "STEP_FILE", "Agent", "BatchItem", "BatchResult", "Episode", "StepRecord",
+           "clear_saved", "iter_episode", "run_episode", "step_record"]
 
 #: a predicted IoU below this is reported as low confidence ("check the mask")
 LOW_CONFIDENCE = 0.5
@@ -291,3 +291,72 @@ class Agent:
 
     def segment(self, image: np.ndarray, query: str, gt: np.ndarray | None = None, on_step: Any = None) -> Episode:
         return run_episode(self.env, self.policy, image, query, gt, on_step=on_step)
+
+    def segment_many(
+        self,
+        items: Iterable[BatchItem],
+        *,
+        axis: int = 2,
+        window: Any = None,
+        volume_index: int | None = None,
+        mask_label: int | None = None,
+        mask_threshold: float | None = None,
+    ) -> Iterator[BatchResult]:
+        """Segment many images with the models loaded once: yields one :class:`BatchResult` per item, in order, as
+        soon as it is done. An item that cannot be read or segmented (unreadable or too small image, bad or empty
+        mask, a ground-truth policy without a mask) gives a result with ``error`` set (one line) instead of ending
+        the run. ``axis`` / ``window`` / ``volume_index`` apply to every image, ``mask_label`` / ``mask_threshold``
+        to every mask file."""
+        from ibisagent.io import load_image, load_mask
+        from ibisagent.segmenters.base import MIN_IMAGE_SIDE
+
+        for item in items:
+            t0 = time.perf_counter()
+            try:
+                loaded = load_image(item.image, slice_index=item.slice, axis=axis, window=window,
+                                    volume_index=volume_index)
+                h, w = loaded.shape
+                if min(h, w) < MIN_IMAGE_SIDE:
+                    raise ValueError(f"{Path(item.image).name} is {w}x{h} pixels; the minimum image size is "
+                                     f"{MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}")
+                gt = None
+                if item.mask is not None:
+                    gt = load_mask(item.mask, shape=loaded.shape, slice_index=item.slice, axis=axis,
+                                   label=mask_label, threshold=mask_threshold)
+                    if not gt.any():
+                        raise ValueError(f"the ground-truth mask {item.mask} is empty")
+                elif self.policy.requires_gt:
+                    raise ValueError(f"policy {self.policy.name!r} needs a ground-truth mask and this item has none")
+                t1 = time.perf_counter()
+                episode = self.segment(loaded.array, item.query, gt)
+            except (ValueError, OSError) as exc:  # this item's input is bad: record it, go on with the next
+                reason = " ".join(str(exc).split()) or type(exc).__name__
+                yield BatchResult(item=item, error=reason, load_s=time.perf_counter() - t0)
+                continue
+            yield BatchResult(item=item, episode=episode, loaded=loaded, load_s=t1 - t0)
+
+
+@dataclass
+class BatchItem:
+    """One job of :meth:`Agent.segment_many`: an image file, the query, and optionally a ground-truth mask file (for
+    IoU, and required by oracle policies) and a slice index (volumes)."""
+
+    image: str | Path
+    query: str
+    mask: str | Path | None = None
+    slice: int | None = None
+
+
+@dataclass
+class BatchResult:
+    """The outcome of one :class:`BatchItem`: the episode and the loaded image, or ``error`` (one line)."""
+
+    item: BatchItem
+    episode: Episode | None = None
+    loaded: Any = None
+    error: str | None = None
+    load_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None

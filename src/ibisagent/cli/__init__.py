@@ -23,22 +23,42 @@ from typing import Any
 
 from ibisagent import __version__
 from ibisagent.cli.util import UserError, parse_kv
-from ibisagent.policies.base import default_policy
-from ibisagent.segmenters.base import default_segmenter
 
 __all__ = ["main", "build_parser", "check_output_dir", "parse_kv", "default_policy", "default_segmenter", "UserError"]
 
-#: modules that add subcommands through ``add_parser(subparsers)``; missing optional dependencies hide them
-_AREA_MODULES = [
-    "ibisagent.cli.evaluation",
-    "ibisagent.cli.synthesis",
-    "ibisagent.cli.exports",
-    "ibisagent.cli.training",
-    "ibisagent.cli.serve",
-    "ibisagent.cli.app",
-    "ibisagent.cli.export_encoder",
-    "ibisagent.cli.prompts",
-]
+#: the subcommands of the area modules: name -> (module that adds it through ``add_parser(subparsers)`` or one of its
+#: ``ADD_PARSERS``, the one-line help shown by ``ibisagent --help``). A module is imported only when one of its commands
+#: runs (or for :func:`build_parser` with every area), so that ``--help`` and the light commands start without
+#: torch; tests/test_cli_util.py checks this table against what the modules add.
+AREA_COMMANDS: dict[str, tuple[str, str]] = {
+    "eval": ("ibisagent.cli.evaluation", "evaluate a policy + segmenter on a dataset folder (IoU, Dice, NoC, ...)"),
+    "compare": ("ibisagent.cli.evaluation", "side-by-side table of several evaluation runs"),
+    "synthesize": ("ibisagent.cli.synthesis", "synthesize SFT/RL trajectories with the oracle (resumable, parallel)"),
+    "export": ("ibisagent.cli.exports", "export trajectories for LLaMA-Factory, verl or TRL"),
+    "train-segmenter": ("ibisagent.cli.training",
+                        "fine-tune LiteMedSAM's prompt encoder + mask decoder for clicks (cached embeddings)"),
+    "train-policy": ("ibisagent.cli.training",
+                     "train the compact CPU policy (SFT on oracle trajectories, then multi-turn GRPO)"),
+    "train-llm-sft": ("ibisagent.cli.training",
+                      "supervised fine-tuning of a Qwen2.5-VL policy on exported trajectories (TRL)"),
+    "train-llm-grpo": ("ibisagent.cli.training", "GRPO of a Qwen2.5-VL policy with the five reference rewards"),
+    "serve": ("ibisagent.cli.serve",
+              "run the segmenter/agent HTTP tool server (POST /segment as in the reference release)"),
+    "app": ("ibisagent.cli.app", "start the annotation web app (Gradio) on 127.0.0.1"),
+    "export-encoder": ("ibisagent.cli.export_encoder",
+                       "export LiteMedSAM's image encoder to ONNX once (cached) and check it against PyTorch"),
+    "prompts": ("ibisagent.cli.prompts", "write a prompt template from a clone of the release"),
+}
+
+
+def __getattr__(name: str) -> Any:  # re-exported registry defaults, imported on use (they pull in numpy/scipy)
+    if name in ("default_policy", "default_segmenter"):
+        from ibisagent.policies.base import default_policy
+        from ibisagent.segmenters.base import default_segmenter
+
+        return {"default_policy": default_policy, "default_segmenter": default_segmenter}[name]
+    raise AttributeError(f"module 'ibisagent.cli' has no attribute {name!r}")
+
 
 DESCRIPTION = """\
 IBISAgent: text-prompted interactive medical image segmentation.
@@ -86,10 +106,23 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
                     "(PNG, or NIfTI for a volume slice), the trace (JSON) and overlays.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  ibisagent segment scan.png --query 'the polyp in this colonoscopy frame' --out out/\n"
-               "  ibisagent segment ct.nii.gz --slice 15 --window ct-abdomen --query 'the liver' --out out/",
+               "  ibisagent segment ct.nii.gz --slice 15 --window ct-abdomen --query 'the liver' --out out/\n"
+               "batch mode (models loaded once; one folder per image under --out plus --out/results.jsonl; a rerun "
+               "skips finished images):\n"
+               "  ibisagent segment scans/ --query 'the skin lesion' --out out/\n"
+               "  ibisagent segment 'scans/*.png' --query 'the skin lesion' --out out/\n"
+               "  ibisagent segment cases.csv --out out/     (columns image, query, mask, slice)",
     )
-    p.add_argument("image", help="image file: PNG/JPEG/TIFF/BMP, DICOM (.dcm) or NIfTI (.nii/.nii.gz, needs --slice)")
-    p.add_argument("--query", "-q", required=True, help="what to segment, e.g. 'the tumor in this breast ultrasound'")
+    p.add_argument("image", nargs="+",
+                   help="image file: PNG/JPEG/TIFF/BMP, DICOM (.dcm) or NIfTI (.nii/.nii.gz, needs --slice); several "
+                        "files, a folder, a quoted glob ('scans/*.png') or a manifest (.csv / .jsonl with columns "
+                        "image, query, and optionally mask, slice) run in batch mode")
+    p.add_argument("--query", "-q", default=None,
+                   help="what to segment, e.g. 'the tumor in this breast ultrasound' (in batch mode: for every image "
+                        "whose manifest row has no query of its own)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="batch mode: redo images already in --out/results.jsonl (default: skip them, so that a rerun "
+                        "resumes an interrupted batch)")
     p.add_argument("--mask", default=None, help="ground-truth mask (for IoU reporting, and required by oracle policies)")
     p.add_argument("--mask-label", type=int, default=None, help="label value in a multi-label mask file")
     p.add_argument("--mask-threshold", type=float, default=None, metavar="T",
@@ -156,6 +189,9 @@ def _check_agent_args(args: argparse.Namespace) -> tuple[dict[str, Any], dict[st
     _check_min(args.max_steps, "--max-steps", 1)
     policy_kwargs = parse_kv(args.policy_arg, "--policy-arg")
     segmenter_kwargs = parse_kv(args.segmenter_arg, "--segmenter-arg")
+    from ibisagent.policies.base import default_policy
+    from ibisagent.segmenters.base import default_segmenter
+
     for flag, kwargs, name, options in (
         ("--policy-arg", policy_kwargs, args.policy or default_policy(), policy_options),
         ("--segmenter-arg", segmenter_kwargs, args.segmenter or default_segmenter(), segmenter_options),
@@ -172,8 +208,8 @@ def _check_agent_args(args: argparse.Namespace) -> tuple[dict[str, Any], dict[st
 def _build_agent(args: argparse.Namespace, needs_gt_ok: bool):
     from ibisagent.agent import Agent
     from ibisagent.env import EnvConfig
-    from ibisagent.policies.base import create_policy
-    from ibisagent.segmenters.base import create_segmenter
+    from ibisagent.policies.base import create_policy, default_policy
+    from ibisagent.segmenters.base import create_segmenter, default_segmenter
 
     policy_kwargs, segmenter_kwargs = _check_agent_args(args)
     policy = args.policy or default_policy()
@@ -225,13 +261,27 @@ def _where(loaded) -> str:
     return f" ({', '.join(parts)})" if parts else ""
 
 
+def _save_outputs(agent, ep, loaded, out: Path, *, overlays: bool) -> tuple[Path, list[str]]:
+    """Write one episode's files (trace, mask, overlays) to ``out``, first removing those of an earlier run there.
+    Returns the mask file and the names removed."""
+    from ibisagent.agent import clear_saved
+    from ibisagent.io import save_mask
+
+    out.mkdir(parents=True, exist_ok=True)
+    stale = clear_saved(out, _CLI_OUTPUTS)
+    ep.meta.update({"image": str(loaded.source), "policy": agent.policy.name, "segmenter": agent.segmenter.name})
+    if loaded.meta.get("n_volumes", 1) > 1:
+        ep.meta["volume_index"] = loaded.meta.get("volume_index", 0)
+    ep.save(out, loaded.array, overlays=overlays)
+    mask_path = out / ("mask.nii.gz" if loaded.kind.startswith("nifti") else "mask.png")
+    save_mask(mask_path, ep.final_mask, like=loaded if loaded.kind.startswith("nifti") else None)
+    return mask_path, stale
+
+
 def _run_one(agent, loaded, gt, query: str, out: Path, *, overlays: bool, quiet: bool,
              t_start: float | None = None) -> dict[str, Any]:
     """Run the agent on one image and write its files to ``out``. ``t_start``: when the command started (the
     wall time reported covers loading, the episode and writing)."""
-    from ibisagent.agent import clear_saved
-    from ibisagent.io import save_mask
-
     t_start = time.perf_counter() if t_start is None else t_start
     if not quiet:
         print(f"segmenting {query!r} in {loaded.source}{_where(loaded)} ({loaded.array.shape[1]}x"
@@ -239,17 +289,10 @@ def _run_one(agent, loaded, gt, query: str, out: Path, *, overlays: bool, quiet:
               file=sys.stderr)
     ep = agent.segment(loaded.array, query, gt, on_step=_progress(quiet))
     t_write = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    stale = clear_saved(out, _CLI_OUTPUTS)
+    mask_path, stale = _save_outputs(agent, ep, loaded, out, overlays=overlays)
     if stale and not quiet:
         shown = ", ".join(stale[:6]) + (f" and {len(stale) - 6} more" if len(stale) > 6 else "")
         print(f"note: removed {len(stale)} file(s) of an earlier run from {out} first ({shown})", file=sys.stderr)
-    ep.meta.update({"image": str(loaded.source), "policy": agent.policy.name, "segmenter": agent.segmenter.name})
-    if loaded.meta.get("n_volumes", 1) > 1:
-        ep.meta["volume_index"] = loaded.meta.get("volume_index", 0)
-    ep.save(out, loaded.array, overlays=overlays)
-    mask_path = out / ("mask.nii.gz" if loaded.kind.startswith("nifti") else "mask.png")
-    save_mask(mask_path, ep.final_mask, like=loaded if loaded.kind.startswith("nifti") else None)
     t_end = time.perf_counter()
     result = {
         "image": str(loaded.source), "query": query, "policy": agent.policy.name, "segmenter": agent.segmenter.name,
@@ -339,9 +382,11 @@ def _cli_wording(message: str) -> str:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from ibisagent.io import load_image, load_mask
-
     t_start = getattr(args, "t_start", None) or time.perf_counter()
+    if _is_batch(args.image):
+        return _cmd_segment_batch(args)
+    if args.query is None:
+        raise UserError("--query is required: say what to segment, e.g. --query 'the polyp in this colonoscopy frame'")
     query = _check_query(args.query)
     if args.axis not in (0, 1, 2):
         raise UserError(f"--axis must be 0, 1 or 2 (a voxel axis of the volume), got {args.axis}")
@@ -354,8 +399,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
     _check_agent_args(args)
     out = check_output_dir(args.out)
     window = _parse_window(args.window)
+    from ibisagent.io import load_image, load_mask
+
     try:
-        loaded = load_image(args.image, slice_index=args.slice, axis=args.axis, window=window,
+        loaded = load_image(args.image[0], slice_index=args.slice, axis=args.axis, window=window,
                             volume_index=args.volume_index)
     except ValueError as exc:
         raise UserError(_cli_wording(str(exc))) from exc
@@ -363,11 +410,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
     h, w = loaded.array.shape[:2]
     if min(h, w) < MIN_IMAGE_SIDE:
-        raise UserError(f"{Path(args.image).name} is {w}x{h} pixels; the minimum image size is "
+        raise UserError(f"{Path(args.image[0]).name} is {w}x{h} pixels; the minimum image size is "
                         f"{MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}")
     n_vol = loaded.meta.get("n_volumes", 1)
     if n_vol > 1 and args.volume_index is None:
-        raise UserError(f"{Path(args.image).name} is a 4D NIfTI file with {n_vol} volumes; pick one with "
+        raise UserError(f"{Path(args.image[0]).name} is a 4D NIfTI file with {n_vol} volumes; pick one with "
                         f"--volume-index 0..{n_vol - 1}")
     gt = None
     if args.mask:
@@ -384,6 +431,283 @@ def cmd_segment(args: argparse.Namespace) -> int:
                       t_start=t_start)
     if args.json:
         print(json.dumps(result))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# segment, batch mode
+# ----------------------------------------------------------------------------------------------------------------
+
+#: manifest file suffixes (a positional argument with one of these is a manifest, not an image)
+MANIFEST_SUFFIXES = (".csv", ".jsonl")
+#: the batch results file written under --out
+RESULTS_FILE = "results.jsonl"
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+def _is_batch(inputs: list[str]) -> bool:
+    if len(inputs) != 1:
+        return True
+    p = Path(inputs[0])
+    if p.is_dir() or p.name.lower().endswith(MANIFEST_SUFFIXES):
+        return True
+    return not p.exists() and bool(_GLOB_CHARS.search(inputs[0]))
+
+
+def _is_image_file(p: Path) -> bool:
+    from ibisagent.io import SUPPORTED_SUFFIXES
+
+    return p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(SUPPORTED_SUFFIXES)
+
+
+def _cell(row: dict[str, Any], key: str) -> Any:
+    v = row.get(key)
+    return None if v is None or (isinstance(v, str) and not v.strip()) else v
+
+
+def _read_manifest(path: Path, query: str | None) -> list[Any]:
+    """The items of a CSV / JSONL manifest (columns ``image``, ``query``, optional ``mask``, ``slice``); relative
+    paths are relative to the manifest's folder. Raises :class:`UserError` naming the line of a bad row."""
+    import csv
+
+    from ibisagent.agent import BatchItem
+
+    if not path.is_file():
+        raise UserError(f"manifest {path} not found")
+    rows: list[tuple[int, dict[str, Any]]] = []
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"manifest {path}: cannot read it ({exc})") from exc
+    if path.name.lower().endswith(".csv"):
+        reader = csv.DictReader(text.splitlines())
+        if "image" not in (reader.fieldnames or []):
+            raise UserError(f"manifest {path}: the first line must name the columns, one of them 'image' "
+                            f"(got {', '.join(reader.fieldnames or []) or 'nothing'})")
+        rows = [(i + 2, r) for i, r in enumerate(reader)]
+    else:
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"manifest {path} line {i}: not JSON ({exc.msg})") from exc
+            if not isinstance(r, dict):
+                raise UserError(f"manifest {path} line {i}: expected a JSON object with 'image' and 'query'")
+            rows.append((i, r))
+    items = []
+    for line, r in rows:
+        image = _cell(r, "image")
+        if image is None:
+            raise UserError(f"manifest {path} line {line}: no image")
+        q = _cell(r, "query")
+        q = str(q) if q is not None else query
+        if q is None:
+            raise UserError(f"manifest {path} line {line}: no query (give the row a query, or pass --query for all)")
+        try:
+            q = _check_query(q)
+        except UserError as exc:
+            raise UserError(f"manifest {path} line {line}: {exc}") from exc
+        sl = _cell(r, "slice")
+        if sl is not None:
+            try:
+                sl = int(sl)
+            except (TypeError, ValueError) as exc:
+                raise UserError(f"manifest {path} line {line}: slice must be an integer, got {sl!r}") from exc
+            _check_min(sl, f"manifest {path} line {line}: slice", 0)
+        mask = _cell(r, "mask")
+        items.append(BatchItem(image=path.parent / str(image), query=q, slice=sl,
+                               mask=None if mask is None else path.parent / str(mask)))
+    return items
+
+
+def _batch_items(args: argparse.Namespace) -> list[Any]:
+    """Expand the positional arguments (files, folders, globs, manifests) into batch items, in order."""
+    import glob
+
+    from ibisagent.agent import BatchItem
+
+    query = None if args.query is None else _check_query(args.query)
+    if args.mask:
+        raise UserError("--mask names one mask file, but several images are given: put each image's mask in a "
+                        "manifest (.csv / .jsonl with columns image, query, mask)")
+    items: list[Any] = []
+    for arg in args.image:
+        p = Path(arg)
+        if p.name.lower().endswith(MANIFEST_SUFFIXES):
+            items.extend(_read_manifest(p, query))
+            continue
+        if p.is_dir():
+            files = sorted(f for f in p.iterdir() if _is_image_file(f))
+            if not files:
+                raise UserError(f"folder {p} holds no image files")
+        elif p.exists() or not _GLOB_CHARS.search(arg):
+            files = [p]  # a missing file is that image's error row
+        else:
+            files = sorted(Path(f) for f in glob.glob(arg) if _is_image_file(Path(f)))
+            if not files:
+                raise UserError(f"no image files match {arg!r}")
+        if query is None:
+            raise UserError("--query is required for images given without a manifest")
+        items.extend(BatchItem(image=f, query=query, slice=args.slice) for f in files)
+    return items
+
+
+def _item_key(image: str | Path, slice_index: int | None, query: str) -> str:
+    """What identifies one job of a batch (and its row in ``results.jsonl``): the image, the slice and the query (one
+    image may be asked for several objects)."""
+    return json.dumps([str(Path(image).resolve()), slice_index, query])
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii", ".dcm", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)] or name
+    return name
+
+
+def _read_results(path: Path) -> tuple[dict[str, dict[str, Any]], int]:
+    """The rows of an earlier ``results.jsonl`` by item key (the last row of a key wins) and the number of lines that
+    were not valid rows (a line cut short by a kill)."""
+    rows: dict[str, dict[str, Any]] = {}
+    bad = 0
+    if not path.is_file():
+        return rows, bad
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            rows[_item_key(r["image"], r.get("slice"), r["query"])] = r
+        except (json.JSONDecodeError, KeyError, TypeError):
+            bad += 1
+    return rows, bad
+
+
+def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Replace ``path`` with ``rows`` atomically (a crash leaves the old file or the new one, never half of one)."""
+    import os
+
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+def _ok_row(res: Any, key_image: str, folder: Path, mask_path: Path, seconds: dict[str, float]) -> dict[str, Any]:
+    ep = res.episode
+    return {
+        "image": key_image, "slice": res.item.slice, "query": res.item.query, "status": "ok", "out": str(folder),
+        "mask": str(mask_path), "stop_reason": ep.stop_reason, "steps": len(ep.steps),
+        "interactions": ep.n_interactions, "mask_pixels": int(ep.final_mask.sum()),
+        "predicted_iou": None if ep.predicted_iou is None else round(ep.predicted_iou, 4),
+        "low_confidence": ep.low_confidence, "iou": ep.final_iou, "dice": ep.final_dice,
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+    }
+
+
+def _cmd_segment_batch(args: argparse.Namespace) -> int:
+    import os
+
+    from tqdm import tqdm
+
+    if args.axis not in (0, 1, 2):
+        raise UserError(f"--axis must be 0, 1 or 2 (a voxel axis of the volume), got {args.axis}")
+    _check_min(args.slice, "--slice", 0)
+    _check_min(args.volume_index, "--volume-index", 0)
+    if args.mask_threshold is not None and not math.isfinite(args.mask_threshold):
+        raise UserError(f"--mask-threshold must be a finite number, got {args.mask_threshold}")
+    if args.mask_threshold is not None and args.mask_label is not None:
+        raise UserError("pass either --mask-threshold or --mask-label, not both")
+    items = _batch_items(args)
+    if not items:
+        raise UserError("no images to segment")
+    _check_agent_args(args)
+    out = check_output_dir(args.out)
+    window = _parse_window(args.window)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / RESULTS_FILE
+    earlier, n_bad = _read_results(results_path)
+
+    # one folder per image: the name of an earlier row is kept, new names are made unique in item order
+    keys = [_item_key(it.image, it.slice, it.query) for it in items]
+    if len(set(keys)) != len(keys):
+        image, slice_index, query = json.loads(next(k for k in keys if keys.count(k) > 1))
+        raise UserError(f"{image} is given twice with the query {query!r}"
+                        + ("" if slice_index is None else f" (slice {slice_index})"))
+    taken = {Path(r["out"]).name for r in earlier.values() if r.get("out")}
+    folders: dict[str, Path] = {}
+    for it, key in zip(items, keys):
+        if earlier.get(key, {}).get("out"):
+            folders[key] = Path(earlier[key]["out"])
+            continue
+        base = _stem(Path(it.image)) + ("" if it.slice is None else f"_slice{it.slice}")
+        name, n = base, 2
+        while name in taken or name == RESULTS_FILE:
+            name, n = f"{base}_{n}", n + 1
+        taken.add(name)
+        folders[key] = out / name
+
+    redo = set(keys) if args.overwrite else {k for k in keys if earlier.get(k, {}).get("status") != "ok"}
+    todo = [(it, k) for it, k in zip(items, keys) if k in redo]
+    kept = [r for k, r in earlier.items() if k not in redo]
+    _write_rows(results_path, kept)  # earlier rows minus those redone now and any line cut short by a kill
+    if not args.quiet:
+        skipped = len(items) - len(todo)
+        if skipped:
+            print(f"skipping {skipped} image(s) already done in {results_path} (--overwrite redoes them)",
+                  file=sys.stderr)
+        if n_bad:
+            print(f"note: dropped {n_bad} unreadable line(s) of {results_path}", file=sys.stderr)
+    if not todo:
+        return 0
+    agent = _build_agent(args, needs_gt_ok=True)
+    by_item = {id(it): k for it, k in todo}
+    n_ok = n_err = 0
+    bar = tqdm(total=len(todo), unit="img", file=sys.stderr, disable=args.quiet, dynamic_ncols=True,
+               desc="segmenting")
+    try:
+        with results_path.open("a", encoding="utf-8") as f:
+            for res in agent.segment_many((it for it, _ in todo), axis=args.axis, window=window,
+                                          volume_index=args.volume_index, mask_label=args.mask_label,
+                                          mask_threshold=args.mask_threshold):
+                key = by_item[id(res.item)]
+                image = str(Path(res.item.image).resolve())
+                if res.ok:
+                    t_write = time.perf_counter()
+                    mask_path, _ = _save_outputs(agent, res.episode, res.loaded, folders[key],
+                                                 overlays=not args.no_overlays)
+                    ep = res.episode
+                    seconds = {"load": res.load_s, "episode": ep.total_s, "encoder": ep.encoder_s,
+                               "policy": ep.policy_s, "segmenter": ep.segmenter_s,
+                               "write": time.perf_counter() - t_write}
+                    row = _ok_row(res, image, folders[key], mask_path, seconds)
+                    n_ok += 1
+                else:
+                    row = {"image": image, "slice": res.item.slice, "query": res.item.query, "status": "error",
+                           "error": _cli_wording(res.error or "")}
+                    n_err += 1
+                    bar.write(f"error: {res.item.image}: {row['error']}", file=sys.stderr)
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+                if args.json:
+                    print(json.dumps(row), flush=True)
+                bar.update(1)
+                bar.set_postfix(errors=n_err, refresh=False)
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"interrupted after {n_ok + n_err} of {len(todo)} image(s); their rows are in {results_path}: rerun "
+              "the same command to do the rest", file=sys.stderr)
+        raise
+    bar.close()
+    if not args.quiet:
+        print(f"done: {n_ok} image(s) segmented, {n_err} error(s); results in {results_path}", file=sys.stderr)
+    if n_err:
+        raise UserError(f"{n_err} of {len(todo)} image(s) failed (rows with status \"error\" in {results_path})")
     return 0
 
 
@@ -432,7 +756,11 @@ def _parse_window(text: str | None):
 # parser + main
 # ----------------------------------------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: list[str] | None = None) -> argparse.ArgumentParser:
+    """The ``ibisagent`` parser. ``commands=None``: every subcommand fully built (every area module imported);
+    otherwise only the area modules of ``commands`` are imported and the other area commands are listed by name and
+    help only (enough for ``ibisagent --help``). A missing optional dependency of an area module raises
+    :class:`UserError` when one of its commands is asked for; with ``commands=None`` that area is left out."""
     parser = argparse.ArgumentParser(prog="ibisagent", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"ibisagent {__version__}")
@@ -441,13 +769,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_segment(sub)
     _add_demo(sub)
     _add_list(sub)
-    for mod in _AREA_MODULES:
+    wanted = None if commands is None else {AREA_COMMANDS[c][0] for c in commands if c in AREA_COMMANDS}
+    for mod in dict.fromkeys(m for m, _ in AREA_COMMANDS.values()):
+        if wanted is not None and mod not in wanted:
+            for name, (m, help_) in AREA_COMMANDS.items():
+                if m == mod:
+                    sub.add_parser(name, help=help_, add_help=False)
+            continue
         try:
             module = importlib.import_module(mod)
-        except ImportError as exc:  # an optional extra is not installed, or the area is not built
-            if exc.name and exc.name.startswith("ibisagent"):
-                continue
-            _MISSING[mod] = str(exc)
+        except ImportError as exc:  # an optional extra is not installed
+            if wanted is not None:
+                names = ", ".join(n for n, (m, _) in AREA_COMMANDS.items() if m == mod)
+                raise UserError(f"{names} needs optional packages that are not installed ({exc})") from exc
             continue
         add = getattr(module, "add_parser", None)
         if add is not None:
@@ -457,25 +791,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_MISSING: dict[str, str] = {}
+def _command_name(argv: list[str]) -> str | None:
+    """The subcommand named on a command line (the first word that is not a top-level option), if any."""
+    for word in argv:
+        if word == "--":
+            return None
+        if not word.startswith("-"):
+            return word
+    return None
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    from ibisagent.segmenters.base import SegmenterUnavailable
-
-    return (ValueError, FileNotFoundError, KeyError, SegmenterUnavailable, PermissionError, IsADirectoryError)
+    base = (ValueError, FileNotFoundError, KeyError, PermissionError, IsADirectoryError)
+    seg = sys.modules.get("ibisagent.segmenters.base")  # not imported yet: nothing can have raised its errors
+    return base if seg is None else (*base, seg.SegmenterUnavailable)
 
 
 def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    command = _command_name(words)
+    try:
+        parser = build_parser([command] if command else [])
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(words)
     args.t_start = t_start  # commands report wall time from here (command-line parsing and imports included)
     if not getattr(args, "func", None):
         parser.print_help()
-        if _MISSING:
-            print("\nsome commands are unavailable (missing optional packages): "
-                  + "; ".join(f"{k}: {v}" for k, v in _MISSING.items()), file=sys.stderr)
         return 0
     try:
         return int(args.func(args) or 0)
