@@ -870,81 +870,100 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _run_sft(cfg: PolicyTrainConfig, run: Path, backend: _Backend, text_bank: torch.Tensor, train: list[_Case],
-             val: list[_Case], log: _Log, gen: torch.Generator) -> tuple[CompactPolicyNet, dict[str, Any]]:
-    rng = np.random.default_rng(cfg.seed)
+@dataclass
+class _SftState:
+    """Everything an SFT run carries from step to step (and what its checkpoint holds)."""
+
+    net: CompactPolicyNet
+    opt: torch.optim.Optimizer
+    bank: _Bank
+    rng: np.random.Generator
+    step: int = 0
+    dagger_done: int = 0
+    elapsed_before: float = 0.0  # seconds trained before this process (a resumed run)
+
+    def save(self, path: Path, gen: torch.Generator, elapsed: float) -> None:
+        """Write the resumable checkpoint (weights, optimizer, state bank, step, both RNGs, wall time)."""
+        torch.save({"net": self.net.state_dict(), "opt": self.opt.state_dict(), "bank": self.bank.state_dict(),
+                    "step": self.step, "dagger_done": self.dagger_done, "rng": self.rng, "gen": gen.get_state(),
+                    "elapsed": elapsed}, path)
+
+
+def _sft_setup(cfg: PolicyTrainConfig, ckpt: Path, backend: _Backend, text_bank: torch.Tensor, train: list[_Case],
+               case_row: dict[str, int], log: _Log, gen: torch.Generator) -> _SftState:
+    """A fresh (or ``--init``) network and optimizer, resumed from ``ckpt`` with ``--resume``; a new run whose recipe
+    uses real states (``synth_frac < 1``) first fills the state bank with oracle and reflective rollouts."""
     net = load_policy_net(cfg.init)[0].train() if cfg.init else CompactPolicyNet(CompactNetConfig())
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.sft_lr, weight_decay=1e-4)
-    bank = _Bank()
-    case_row = {c.id: i for i, c in enumerate(train)}
-    obj_bank = torch.from_numpy(np.stack([c.obj for c in train]))
-    step, dagger_done = 0, 0
-    ckpt = run / "sft_last.pt"
-    t_start = time.perf_counter()
-    elapsed_before = 0.0
+    s = _SftState(net, opt, _Bank(), np.random.default_rng(cfg.seed))
     if cfg.resume and ckpt.exists():
         st = torch.load(ckpt, weights_only=False)
         net.load_state_dict(st["net"])
         opt.load_state_dict(st["opt"])
-        bank.load_state_dict(st["bank"])
-        step, dagger_done, elapsed_before = st["step"], st["dagger_done"], st.get("elapsed", 0.0)
-        rng = st["rng"]
+        s.bank.load_state_dict(st["bank"])
+        s.step, s.dagger_done, s.elapsed_before = st["step"], st["dagger_done"], st.get("elapsed", 0.0)
+        s.rng = st["rng"]
         gen.set_state(st["gen"])
-        log(f"resumed SFT at step {step} ({len(bank)} states)")
-    real = cfg.synth_frac < 1.0
-    if len(bank) == 0 and real:
+        log(f"resumed SFT at step {s.step} ({len(s.bank)} states)")
+    if len(s.bank) == 0 and cfg.synth_frac < 1.0:
         for mode in ("oracle", "reflective"):
-            bank.add(_collect_states(None, backend, text_bank, _subset(train, cfg.rollout_cases, rng), mode, cfg, rng,
-                                     gen, log), case_row)
-        log(f"rolled out {len(bank)} states (oracle + reflective) through {cfg.segmenter}")
-    from ibisagent.training.policy_states import synth_batch, synth_case
+            s.bank.add(_collect_states(None, backend, text_bank, _subset(train, cfg.rollout_cases, s.rng), mode, cfg,
+                                       s.rng, gen, log), case_row)
+        log(f"rolled out {len(s.bank)} states (oracle + reflective) through {cfg.segmenter}")
+    return s
 
-    by_image: dict[str, list[int]] = {}
-    for i, c in enumerate(train):
-        by_image.setdefault(c.image_key, []).append(i)
-    synth_cases = [synth_case(c.gt, [train[j].gt for j in by_image[c.image_key] if j != i])
-                   for i, c in enumerate(train)]
-    n_syn = int(round(cfg.sft_batch * cfg.synth_frac)) if len(bank) else cfg.sft_batch
-    dagger_at = [int(cfg.sft_steps * (k + 1) / (cfg.dagger_rounds + 1)) for k in range(cfg.dagger_rounds if real else 0)]
-    warm = max(1, cfg.sft_steps // 20)
-    case_p, state_p = case_weights(train, cfg.sample_temperature, [c.object for c in train]), None
-    csv_path = run / "sft_log.csv"
-    while step < cfg.sft_steps:
-        if dagger_done < len(dagger_at) and step >= dagger_at[dagger_done]:
-            net.eval()
-            new = _collect_states(net, backend, text_bank, _subset(train, cfg.rollout_cases, rng), "policy", cfg, rng,
-                                  gen, log)
-            bank.add(new, case_row)
-            dagger_done += 1
-            log(f"DAgger round {dagger_done}: +{len(new)} states (bank {len(bank)})")
-        net.train()
-        lr = cfg.sft_lr * min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * step / cfg.sft_steps))
-        for g in opt.param_groups:
-            g["lr"] = lr
+
+class _SftSampler:
+    """Draws one SFT batch: synthetic states of the train cases mixed with real states of the bank (``synth_frac``),
+    sampled with the case weights of ``--sample-temperature``, half of them mirrored, with another wording of the
+    query half the time under ``--query-variants``."""
+
+    def __init__(self, cfg: PolicyTrainConfig, backend: _Backend, text_bank: torch.Tensor, train: list[_Case],
+                 has_bank: bool) -> None:
+        from ibisagent.training.policy_states import synth_case
+
+        self.cfg, self.backend, self.text_bank, self.train = cfg, backend, text_bank, train
+        by_image: dict[str, list[int]] = {}
+        for i, c in enumerate(train):
+            by_image.setdefault(c.image_key, []).append(i)
+        self.synth_cases = [synth_case(c.gt, [train[j].gt for j in by_image[c.image_key] if j != i])
+                            for i, c in enumerate(train)]
+        self.obj_bank = torch.from_numpy(np.stack([c.obj for c in train]))
+        self.n_syn = int(round(cfg.sft_batch * cfg.synth_frac)) if has_bank else cfg.sft_batch
+        self.case_p = case_weights(train, cfg.sample_temperature, [c.object for c in train])
+        self.state_p: np.ndarray | None = None  # case_p over the bank's states, recomputed when the bank grows
+
+    def batch(self, bank: _Bank, rng: np.random.Generator
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(emb, planes, text, click targets, stop targets, object targets)`` of one batch."""
+        from ibisagent.training.policy_states import synth_batch
+
+        cfg, train, case_p = self.cfg, self.train, self.case_p
+        n_syn = self.n_syn
         n_real = cfg.sft_batch - n_syn if len(bank) else 0
         if case_p is None:
             syn_rows = rng.integers(0, len(train), n_syn).tolist()
         else:
             syn_rows = rng.choice(len(train), n_syn, p=case_p).tolist()
-        sp, st_, ss = synth_batch(synth_cases, syn_rows, rng, cfg.stop_iou)
+        sp, st_, ss = synth_batch(self.synth_cases, syn_rows, rng, cfg.stop_iou)
         if n_real:
             if case_p is None:
                 real_rows = rng.integers(0, len(bank), n_real).tolist()
             else:
-                if state_p is None or len(state_p) != len(bank):
+                if self.state_p is None or len(self.state_p) != len(bank):
                     state_p = case_p[[m[0] for m in bank.meta]]
-                    state_p = state_p / state_p.sum()
-                real_rows = rng.choice(len(bank), n_real, p=state_p).tolist()
+                    self.state_p = state_p / state_p.sum()
+                real_rows = rng.choice(len(bank), n_real, p=self.state_p).tolist()
             planes, tgt, stop, rows = bank.batch(real_rows)
             planes, tgt, stop = torch.cat([planes, sp]), torch.cat([tgt, st_]), torch.cat([stop, ss])
             rows = torch.cat([rows, torch.tensor(syn_rows, dtype=torch.long)])
         else:
             planes, tgt, stop, rows = sp, st_, ss, torch.tensor(syn_rows, dtype=torch.long)
-        obj = obj_bank[rows]
+        obj = self.obj_bank[rows]
         # mirror augmentation: the mirrored image's embedding with the mirrored state and targets
         mirror = torch.from_numpy(rng.random(len(rows)) < 0.5) & torch.tensor([train[r].emb_flip >= 0
                                                                                 for r in rows.tolist()])
-        emb = torch.stack([backend.embs[train[r].emb_flip if m else train[r].emb]
+        emb = torch.stack([self.backend.embs[train[r].emb_flip if m else train[r].emb]
                            for r, m in zip(rows.tolist(), mirror.tolist())]).float()
         if mirror.any():
             planes[mirror] = planes[mirror].flip(-1)
@@ -954,21 +973,77 @@ def _run_sft(cfg: PolicyTrainConfig, run: Path, backend: _Backend, text_bank: to
         if cfg.query_variants:  # half the time another wording of the query
             txt_rows = [int(rng.choice(train[r].alt_texts)) if train[r].alt_texts and rng.random() < 0.5 else t
                         for r, t in zip(rows.tolist(), txt_rows)]
-        txt = text_bank[txt_rows]
-        loss, parts = sft_loss(net, emb, planes, txt, tgt, stop, obj, cfg.obj_weight)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 2.0)
-        opt.step()
-        step += 1
-        elapsed = elapsed_before + time.perf_counter() - t_start
+        return emb, planes, self.text_bank[txt_rows], tgt, stop, obj
+
+
+def _sft_lr(cfg: PolicyTrainConfig, step: int) -> float:
+    """The SFT learning rate at ``step``: linear warm-up over the first 5 % of the steps, then a cosine decay."""
+    warm = max(1, cfg.sft_steps // 20)
+    return cfg.sft_lr * min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * step / cfg.sft_steps))
+
+
+def _sft_step(cfg: PolicyTrainConfig, s: _SftState, sampler: _SftSampler) -> tuple[float, dict[str, float]]:
+    """One optimizer step on one sampled batch; returns the learning rate used and the loss parts."""
+    s.net.train()
+    lr = _sft_lr(cfg, s.step)
+    for g in s.opt.param_groups:
+        g["lr"] = lr
+    emb, planes, txt, tgt, stop, obj = sampler.batch(s.bank, s.rng)
+    loss, parts = sft_loss(s.net, emb, planes, txt, tgt, stop, obj, cfg.obj_weight)
+    s.opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(s.net.parameters(), 2.0)
+    s.opt.step()
+    s.step += 1
+    return lr, parts
+
+
+def _sft_finish(cfg: PolicyTrainConfig, run: Path, backend: _Backend, text_bank: torch.Tensor, val: list[_Case],
+                s: _SftState, minutes: float, log: _Log) -> dict[str, Any]:
+    """Plot the SFT curves, validate, write ``sft.safetensors`` and return the SFT part of the run summary."""
+    s.net.eval()
+    rows_csv = _read_csv(run / "sft_log.csv")
+    if rows_csv:
+        keys = ["loss", "click_ce", "stop_bce", "obj_bce", "click_hit", "stop_acc"]
+        _plot(run / "sft_curves.png", {k: [float(r[k]) for r in rows_csv] for k in keys},
+              [float(r["step"]) for r in rows_csv], "SFT")
+    summary = {"sft_steps": s.step, "sft_states": len(s.bank), "sft_minutes": round(minutes, 1),
+               "sft_holdout": cfg.grpo_holdout}
+    summary.update({f"sft_{k}": v for k, v in _validate(s.net, backend, text_bank, val, cfg).items()})
+    save_policy_net(s.net, run / "sft.safetensors", {"stage": "sft", **summary})
+    log(f"SFT done: {summary}")
+    return summary
+
+
+def _run_sft(cfg: PolicyTrainConfig, run: Path, backend: _Backend, text_bank: torch.Tensor, train: list[_Case],
+             val: list[_Case], log: _Log, gen: torch.Generator) -> tuple[CompactPolicyNet, dict[str, Any]]:
+    """The SFT stage: set up (or resume), then step until ``sft_steps`` or ``--sft-minutes``, adding DAgger states of
+    the current policy at ``dagger_rounds`` evenly spaced steps, logging every step to ``sft_log.csv`` and
+    checkpointing every ``ckpt_every`` steps; returns the network and the SFT summary."""
+    ckpt, csv_path = run / "sft_last.pt", run / "sft_log.csv"
+    case_row = {c.id: i for i, c in enumerate(train)}
+    t_start = time.perf_counter()
+    s = _sft_setup(cfg, ckpt, backend, text_bank, train, case_row, log, gen)
+    real = cfg.synth_frac < 1.0
+    sampler = _SftSampler(cfg, backend, text_bank, train, len(s.bank) > 0)
+    dagger_at = [int(cfg.sft_steps * (k + 1) / (cfg.dagger_rounds + 1)) for k in range(cfg.dagger_rounds if real else 0)]
+    while s.step < cfg.sft_steps:
+        if s.dagger_done < len(dagger_at) and s.step >= dagger_at[s.dagger_done]:
+            s.net.eval()
+            new = _collect_states(s.net, backend, text_bank, _subset(train, cfg.rollout_cases, s.rng), "policy", cfg,
+                                  s.rng, gen, log)
+            s.bank.add(new, case_row)
+            s.dagger_done += 1
+            log(f"DAgger round {s.dagger_done}: +{len(new)} states (bank {len(s.bank)})")
+        lr, parts = _sft_step(cfg, s, sampler)
+        step = s.step
+        elapsed = s.elapsed_before + time.perf_counter() - t_start
         row = {"step": step, "lr": round(lr, 6), **{k: round(v, 5) for k, v in parts.items()},
                "elapsed_s": round(elapsed, 1)}
         if step % max(1, cfg.ckpt_every) == 0 or step == cfg.sft_steps:
             if val:
-                row.update(_validate(net, backend, text_bank, val, cfg))
-            torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "bank": bank.state_dict(), "step": step,
-                        "dagger_done": dagger_done, "rng": rng, "gen": gen.get_state(), "elapsed": elapsed}, ckpt)
+                row.update(_validate(s.net, backend, text_bank, val, cfg))
+            s.save(ckpt, gen, elapsed)
             log("SFT " + " ".join(f"{k}={v}" for k, v in row.items()))
         elif step % 10 == 0:
             log(f"SFT step {step}/{cfg.sft_steps} loss={parts['loss']:.3f} click_hit={parts['click_hit']:.2f} "
@@ -976,21 +1051,11 @@ def _run_sft(cfg: PolicyTrainConfig, run: Path, backend: _Backend, text_bank: to
         _append_csv(csv_path, row)
         if cfg.sft_minutes and elapsed > cfg.sft_minutes * 60:
             log(f"SFT time limit reached at step {step}")
-            torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "bank": bank.state_dict(), "step": step,
-                        "dagger_done": dagger_done, "rng": rng, "gen": gen.get_state(), "elapsed": elapsed}, ckpt)
+            s.save(ckpt, gen, elapsed)
             break
-    net.eval()
-    rows_csv = _read_csv(csv_path)
-    if rows_csv:
-        keys = ["loss", "click_ce", "stop_bce", "obj_bce", "click_hit", "stop_acc"]
-        _plot(run / "sft_curves.png", {k: [float(r[k]) for r in rows_csv] for k in keys},
-              [float(r["step"]) for r in rows_csv], "SFT")
-    summary = {"sft_steps": step, "sft_states": len(bank), "sft_minutes": round(
-        (elapsed_before + time.perf_counter() - t_start) / 60, 1), "sft_holdout": cfg.grpo_holdout}
-    summary.update({f"sft_{k}": v for k, v in _validate(net, backend, text_bank, val, cfg).items()})
-    save_policy_net(net, run / "sft.safetensors", {"stage": "sft", **summary})
-    log(f"SFT done: {summary}")
-    return net, summary
+    summary = _sft_finish(cfg, run, backend, text_bank, val, s,
+                          (s.elapsed_before + time.perf_counter() - t_start) / 60, log)
+    return s.net, summary
 
 
 def _run_grpo(cfg: PolicyTrainConfig, run: Path, backend: _Backend, text_bank: torch.Tensor, train: list[_Case],
