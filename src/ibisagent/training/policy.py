@@ -1058,28 +1058,39 @@ def _run_sft(cfg: PolicyTrainConfig, run: Path, backend: _Backend, text_bank: to
     return s.net, summary
 
 
-def _run_grpo(cfg: PolicyTrainConfig, run: Path, backend: _Backend, text_bank: torch.Tensor, train: list[_Case],
-              val: list[_Case], net: CompactPolicyNet, log: _Log, gen: torch.Generator) -> dict[str, Any]:
-    from ibisagent.rewards import COMPONENTS
+@dataclass
+class _GrpoState:
+    """Everything a GRPO run carries from iteration to iteration (and what its checkpoint holds)."""
 
+    net: CompactPolicyNet
+    ref: CompactPolicyNet  # the frozen SFT policy of the KL term
+    opt: torch.optim.Optimizer
+    rng: np.random.Generator
+    it: int = 0
+    elapsed_before: float = 0.0  # seconds trained before this process (a resumed run)
+
+    def save(self, path: Path, gen: torch.Generator, elapsed: float) -> None:
+        """Write the resumable checkpoint (policy, reference, optimizer, iteration, both RNGs, wall time)."""
+        torch.save({"net": self.net.state_dict(), "ref": self.ref.state_dict(), "opt": self.opt.state_dict(),
+                    "it": self.it, "rng": self.rng, "gen": gen.get_state(), "elapsed": elapsed}, path)
+
+
+def _grpo_setup(cfg: PolicyTrainConfig, ckpt: Path, net: CompactPolicyNet, log: _Log,
+                gen: torch.Generator) -> _GrpoState:
+    """The reference copy of ``net``, the optimizer, the state resumed from ``ckpt`` with ``--resume``, and the
+    parameters frozen by ``--no-grpo-stop`` (the stop head) or ``--grpo-stop-only`` (all but the stop head)."""
     ref = copy.deepcopy(net).eval()
     for p in ref.parameters():
         p.requires_grad_(False)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.grpo_lr)
-    it, elapsed_before = 0, 0.0
-    ckpt = run / "grpo_last.pt"
-    rng = np.random.default_rng(cfg.seed + 1)
+    s = _GrpoState(net, ref, torch.optim.Adam(net.parameters(), lr=cfg.grpo_lr), np.random.default_rng(cfg.seed + 1))
     if cfg.resume and ckpt.exists():
         st = torch.load(ckpt, weights_only=False)
         net.load_state_dict(st["net"])
         ref.load_state_dict(st["ref"])
-        opt.load_state_dict(st["opt"])
-        it, elapsed_before, rng = st["it"], st.get("elapsed", 0.0), st["rng"]
+        s.opt.load_state_dict(st["opt"])
+        s.it, s.elapsed_before, s.rng = st["it"], st.get("elapsed", 0.0), st["rng"]
         gen.set_state(st["gen"])
-        log(f"resumed GRPO at iteration {it}")
-    t_start = time.perf_counter()
-    steps_csv, iters_csv = run / "grpo_steps.csv", run / "grpo_iters.csv"
-    per_batch = max(1, cfg.batch_rollouts // cfg.group_size)
+        log(f"resumed GRPO at iteration {s.it}")
     if not cfg.grpo_stop:  # the stop head keeps its SFT weights
         for p in net.stop.parameters():
             p.requires_grad_(False)
@@ -1087,91 +1098,141 @@ def _run_grpo(cfg: PolicyTrainConfig, run: Path, backend: _Backend, text_bank: t
         stop_params = {id(p) for p in net.stop.parameters()}
         for p in net.parameters():
             p.requires_grad_(id(p) in stop_params)
+    return s
+
+
+def _grpo_log_prob(cfg: PolicyTrainConfig, maps: torch.Tensor, stop: torch.Tensor, planes: torch.Tensor,
+                   actions: torch.Tensor) -> torch.Tensor:
+    """log-prob of the rollout actions under the policy at the rollout temperature (clicks only without
+    --grpo-stop, stop-or-click only with --grpo-stop-only)"""
     t = cfg.grpo_temperature
+    if cfg.grpo_stop_only:
+        return _stop_log_prob(stop / t, planes, actions)
+    if cfg.grpo_stop:
+        return action_log_prob(maps, stop, planes, actions, temperature=t)
+    return _click_log_prob(maps / t, stop, planes, actions)
+
+
+def _grpo_rollouts(cfg: PolicyTrainConfig, backend: _Backend, text_bank: torch.Tensor, train: list[_Case],
+                   s: _GrpoState, gen: torch.Generator) -> list[_Ep]:
+    """One iteration's episodes: ``grpo_cases`` cases drawn without replacement, ``group_size`` sampled episodes
+    each, played in batches of about ``batch_rollouts`` episodes; a group's episodes are consecutive."""
+    pick = s.rng.choice(len(train), size=min(cfg.grpo_cases, len(train)), replace=False).tolist()
+    cases = [train[i] for i in pick]
+    per_batch = max(1, cfg.batch_rollouts // cfg.group_size)
+    eps: list[_Ep] = []
+    s.net.eval()
+    for b0 in range(0, len(cases), per_batch):
+        group = [c for c in cases[b0 : b0 + per_batch] for _ in range(cfg.group_size)]
+        eps += _play(s.net, backend, text_bank, group, cfg, cfg.grpo_temperature, gen, True, cfg.max_turns,
+                     greedy_clicks=cfg.grpo_stop_only)
+    return eps
+
+
+def _grpo_records(cfg: PolicyTrainConfig, eps: list[_Ep], it: int, steps_csv: Path) -> list[dict[str, Any]]:
+    """Set each step's advantage within its case group, log every step's reward components to ``steps_csv``, and
+    return the steps the loss scores (``{"ep": episode, "s": step}``): not a stop the click budget forced, and only
+    clicks without ``--grpo-stop``."""
+    from ibisagent.rewards import COMPONENTS
+
+    recs: list[dict[str, Any]] = []
+    for g0 in range(0, len(eps), cfg.group_size):
+        grp = eps[g0 : g0 + cfg.group_size]
+        adv = grpo_advantages([_episode_rewards(e, cfg.max_turns if cfg.grpo_absorbing else 0) for e in grp])
+        for gi, (e, a) in enumerate(zip(grp, adv)):
+            for s, av in zip(e.steps, a):
+                s["adv"] = av
+                if not s["forced"]:  # a stop forced by the click budget is not the policy's choice
+                    recs.append({"ep": e, "s": s})
+                rb = s["reward"]
+                _append_csv(steps_csv, {"iter": it, "case": e.case.id, "episode": g0 + gi, "step": s["step"] + 1,
+                                        "action": rb.action, **{k: getattr(rb, k) for k in COMPONENTS},
+                                        "total": round(rb.total, 4), "iou_after": round(rb.iou_after, 4),
+                                        "advantage": round(av, 4)})
+    if not cfg.grpo_stop:  # only the clicks are optimized: the stop head's choices are not scored
+        recs = [r for r in recs if r["s"]["index"] >= 0]
+    return recs
+
+
+def _grpo_update(cfg: PolicyTrainConfig, backend: _Backend, text_bank: torch.Tensor, s: _GrpoState,
+                 recs: list[dict[str, Any]]) -> dict[str, float]:
+    """``grpo_epochs`` clipped-ratio policy-gradient steps with the KL penalty to the reference on the scored
+    steps; returns the last epoch's loss, KL and clipped fraction."""
+    net = s.net
+    net.train()
     recompute_old = not cfg.grpo_stop or cfg.grpo_stop_only  # the rollout log-probs were of the full action
+    planes = torch.from_numpy(np.stack([r["s"]["planes"] for r in recs]))
+    acts = torch.tensor([r["s"]["index"] for r in recs])
+    old = torch.tensor([r["s"]["logp"] for r in recs])
+    adv = torch.tensor([r["s"]["adv"] for r in recs], dtype=torch.float32)
+    emb = torch.stack([backend.embs[r["ep"].case.emb] for r in recs]).float()
+    txt = text_bank[[r["ep"].case.text for r in recs]]
+    with torch.no_grad():
+        rm, rs, _ = s.ref(emb, planes, txt)
+        ref_lp = _grpo_log_prob(cfg, rm, rs, planes, acts)
+        if recompute_old:  # the sampling policy's log-probs of the part trained (unchanged since the rollouts)
+            om, os_, _ = net(emb, planes, txt)
+            old = _grpo_log_prob(cfg, om, os_, planes, acts)
+    stats: dict[str, float] = {}
+    for _ in range(cfg.grpo_epochs):
+        maps, stop, _ = net(emb, planes, txt)
+        lp = _grpo_log_prob(cfg, maps, stop, planes, acts)
+        ratio = torch.exp(lp - old)
+        surr = torch.minimum(ratio * adv, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * adv)
+        d = ref_lp - lp
+        kl = torch.exp(d) - d - 1
+        loss = -(surr - cfg.kl_coef * kl).mean()
+        s.opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        s.opt.step()
+        stats = {"loss": float(loss.detach()), "kl": float(kl.detach().mean()), "clip_frac": float(
+            ((ratio - 1).abs() > cfg.clip).float().mean())}
+    return stats
 
-    def logp(m: torch.Tensor, st: torch.Tensor, pl: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """log-prob of the rollout actions under the policy at the rollout temperature (clicks only without
-        --grpo-stop, stop-or-click only with --grpo-stop-only)"""
-        if cfg.grpo_stop_only:
-            return _stop_log_prob(st / t, pl, a)
-        if cfg.grpo_stop:
-            return action_log_prob(m, st, pl, a, temperature=t)
-        return _click_log_prob(m / t, st, pl, a)
 
-    while it < cfg.grpo_iters:
-        pick = rng.choice(len(train), size=min(cfg.grpo_cases, len(train)), replace=False).tolist()
-        cases = [train[i] for i in pick]
-        eps: list[_Ep] = []
-        net.eval()
-        for b0 in range(0, len(cases), per_batch):
-            group = [c for c in cases[b0 : b0 + per_batch] for _ in range(cfg.group_size)]
-            eps += _play(net, backend, text_bank, group, cfg, cfg.grpo_temperature, gen, True, cfg.max_turns,
-                         greedy_clicks=cfg.grpo_stop_only)
-        # advantages per case group
-        recs: list[dict[str, Any]] = []
-        for g0 in range(0, len(eps), cfg.group_size):
-            grp = eps[g0 : g0 + cfg.group_size]
-            adv = grpo_advantages([_episode_rewards(e, cfg.max_turns if cfg.grpo_absorbing else 0) for e in grp])
-            for gi, (e, a) in enumerate(zip(grp, adv)):
-                for s, av in zip(e.steps, a):
-                    s["adv"] = av
-                    if not s["forced"]:  # a stop forced by the click budget is not the policy's choice
-                        recs.append({"ep": e, "s": s})
-                    rb = s["reward"]
-                    _append_csv(steps_csv, {"iter": it, "case": e.case.id, "episode": g0 + gi, "step": s["step"] + 1,
-                                            "action": rb.action, **{k: getattr(rb, k) for k in COMPONENTS},
-                                            "total": round(rb.total, 4), "iou_after": round(rb.iou_after, 4),
-                                            "advantage": round(av, 4)})
-        if not cfg.grpo_stop:  # only the clicks are optimized: the stop head's choices are not scored
-            recs = [r for r in recs if r["s"]["index"] >= 0]
+def _grpo_iter_row(it: int, recs: list[dict[str, Any]], eps: list[_Ep], stats: dict[str, float],
+                   elapsed: float) -> dict[str, Any]:
+    """The ``grpo_iters.csv`` row of one iteration: mean reward components of the scored steps, final IoU, turns and
+    clicks per episode, the update's statistics and the wall time."""
+    from ibisagent.rewards import COMPONENTS
+
+    row: dict[str, Any] = {"iter": it}
+    for k in (*COMPONENTS, "total"):
+        row[k] = round(float(np.mean([getattr(r["s"]["reward"], k) for r in recs])), 4)
+    row["final_iou"] = round(float(np.mean([e.iou for e in eps])), 4)
+    row["turns"] = round(float(np.mean([len(e.steps) for e in eps])), 3)
+    row["clicks"] = round(float(np.mean([len(e.points) for e in eps])), 3)
+    row.update({k: round(v, 5) for k, v in stats.items()})
+    row["elapsed_s"] = round(elapsed, 1)
+    return row
+
+
+def _run_grpo(cfg: PolicyTrainConfig, run: Path, backend: _Backend, text_bank: torch.Tensor, train: list[_Case],
+              val: list[_Case], net: CompactPolicyNet, log: _Log, gen: torch.Generator) -> dict[str, Any]:
+    """The GRPO stage on ``net`` (trained in place): set up (or resume), then per iteration roll out groups, score
+    and log every step, update, log the iteration (``grpo_iters.csv``) and checkpoint every 5 iterations, until
+    ``grpo_iters`` or ``--grpo-minutes``; returns the GRPO summary."""
+    ckpt = run / "grpo_last.pt"
+    s = _grpo_setup(cfg, ckpt, net, log, gen)
+    t_start = time.perf_counter()
+    steps_csv, iters_csv = run / "grpo_steps.csv", run / "grpo_iters.csv"
+    while s.it < cfg.grpo_iters:
+        eps = _grpo_rollouts(cfg, backend, text_bank, train, s, gen)
+        recs = _grpo_records(cfg, eps, s.it, steps_csv)
         if not recs:
-            it += 1
+            s.it += 1
             continue
-        net.train()
-        planes = torch.from_numpy(np.stack([r["s"]["planes"] for r in recs]))
-        acts = torch.tensor([r["s"]["index"] for r in recs])
-        old = torch.tensor([r["s"]["logp"] for r in recs])
-        adv = torch.tensor([r["s"]["adv"] for r in recs], dtype=torch.float32)
-        emb = torch.stack([backend.embs[r["ep"].case.emb] for r in recs]).float()
-        txt = text_bank[[r["ep"].case.text for r in recs]]
-        with torch.no_grad():
-            rm, rs, _ = ref(emb, planes, txt)
-            ref_lp = logp(rm, rs, planes, acts)
-            if recompute_old:  # the sampling policy's log-probs of the part trained (unchanged since the rollouts)
-                om, os_, _ = net(emb, planes, txt)
-                old = logp(om, os_, planes, acts)
-        stats: dict[str, float] = {}
-        for _ in range(cfg.grpo_epochs):
-            maps, stop, _ = net(emb, planes, txt)
-            lp = logp(maps, stop, planes, acts)
-            ratio = torch.exp(lp - old)
-            surr = torch.minimum(ratio * adv, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * adv)
-            d = ref_lp - lp
-            kl = torch.exp(d) - d - 1
-            loss = -(surr - cfg.kl_coef * kl).mean()
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-            opt.step()
-            stats = {"loss": float(loss.detach()), "kl": float(kl.detach().mean()), "clip_frac": float(
-                ((ratio - 1).abs() > cfg.clip).float().mean())}
-        it += 1
-        elapsed = elapsed_before + time.perf_counter() - t_start
-        row: dict[str, Any] = {"iter": it}
-        for k in (*COMPONENTS, "total"):
-            row[k] = round(float(np.mean([getattr(r["s"]["reward"], k) for r in recs])), 4)
-        row["final_iou"] = round(float(np.mean([e.iou for e in eps])), 4)
-        row["turns"] = round(float(np.mean([len(e.steps) for e in eps])), 3)
-        row["clicks"] = round(float(np.mean([len(e.points) for e in eps])), 3)
-        row.update({k: round(v, 5) for k, v in stats.items()})
-        row["elapsed_s"] = round(elapsed, 1)
+        stats = _grpo_update(cfg, backend, text_bank, s, recs)
+        s.it += 1
+        it = s.it
+        elapsed = s.elapsed_before + time.perf_counter() - t_start
+        row = _grpo_iter_row(it, recs, eps, stats, elapsed)
         save = it % 5 == 0 or it == cfg.grpo_iters or (cfg.grpo_minutes and elapsed > cfg.grpo_minutes * 60)
         if save:
             if val:
                 row.update(_validate(net, backend, text_bank, val, cfg))
-            torch.save({"net": net.state_dict(), "ref": ref.state_dict(), "opt": opt.state_dict(), "it": it,
-                        "rng": rng, "gen": gen.get_state(), "elapsed": elapsed}, ckpt)
+            s.save(ckpt, gen, elapsed)
         _append_csv(iters_csv, row)
         log("GRPO " + " ".join(f"{k}={v}" for k, v in row.items()))
         if cfg.grpo_minutes and elapsed > cfg.grpo_minutes * 60:
@@ -1179,7 +1240,7 @@ def _run_grpo(cfg: PolicyTrainConfig, run: Path, backend: _Backend, text_bank: t
             break
     net.eval()
     _plot_grpo(run)
-    summary = {"grpo_iters": it, "grpo_minutes": round((elapsed_before + time.perf_counter() - t_start) / 60, 1)}
+    summary = {"grpo_iters": s.it, "grpo_minutes": round((s.elapsed_before + time.perf_counter() - t_start) / 60, 1)}
     summary.update({f"grpo_{k}": v for k, v in _validate(net, backend, text_bank, val, cfg).items()})
     return summary
 
