@@ -10,8 +10,9 @@ The logic lives in :class:`ibisagent.ui.annotator.Annotator`; this module only w
 
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from ibisagent.runtime import SegmenterHub, default_segmenter, find_bundled_dir
 from ibisagent.segmenters.base import SegmenterUnavailable
@@ -90,201 +91,267 @@ def display_scaled(image: Any, k: int) -> Any:
     return image if k == 1 else image.repeat(k, axis=0).repeat(k, axis=1)
 
 
-def build_app(config: AppConfig | None = None, hub: SegmenterHub | None = None) -> Any:
-    """The Gradio Blocks app (not launched)."""
+def _view(ann: Annotator) -> tuple[Any, str, str]:
+    """What the page shows of ``ann``: the (enlarged) overlay, the status line and the agent's log."""
+    if ann.loaded is None:
+        return None, "No image loaded.", ann.log_text()
+    return display_scaled(ann.render(), display_factor(ann)), ann.status(), ann.log_text()
+
+
+def _slider_update(ann: Annotator) -> Any:
+    """The slice slider: shown with the volume's range for a volume, hidden for a 2D image."""
     import gradio as gr
 
-    cfg = config or AppConfig()
-    hub = hub or SegmenterHub()
-    examples = {e.label: e for e in cfg.examples}
-    first_example = next((e.label for e in cfg.examples if not e.is_3d), next(iter(examples), None))
+    if ann.is_volume:
+        return gr.update(visible=True, minimum=0, maximum=ann.n_slices - 1, value=ann.slice_index, step=1)
+    return gr.update(visible=False)
 
-    def new_state(segmenter: str, policy: str) -> Annotator:
-        return Annotator(hub, segmenter or cfg.segmenter, policy or cfg.policy, max_steps=cfg.max_steps)
 
-    def state_of(ann: Annotator | None, segmenter: str, policy: str) -> Annotator:
+def _fail(exc: Exception) -> NoReturn:
+    """Show a user error as a Gradio message (a KeyError's bare message, not its repr)."""
+    import gradio as gr
+
+    msg = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    raise gr.Error(msg)
+
+
+class _Handlers:
+    """The app's event handlers. Each takes the session's :class:`Annotator` (None on a new page: made with the chosen
+    segmenter and policy), acts on it, and returns it with the new view; user errors become Gradio messages."""
+
+    def __init__(self, cfg: AppConfig, hub: SegmenterHub) -> None:
+        self.cfg, self.hub = cfg, hub
+        self.examples = {e.label: e for e in cfg.examples}
+
+    def state_of(self, ann: Annotator | None, segmenter: str, policy: str) -> Annotator:
+        """The session's annotator, made on first use."""
         if ann is None:
-            ann = new_state(segmenter, policy)
+            ann = Annotator(self.hub, segmenter or self.cfg.segmenter, policy or self.cfg.policy,
+                            max_steps=self.cfg.max_steps)
         return ann
 
-    def view(ann: Annotator) -> tuple[Any, str, str]:
-        if ann.loaded is None:
-            return None, "No image loaded.", ann.log_text()
-        return display_scaled(ann.render(), display_factor(ann)), ann.status(), ann.log_text()
-
-    def slider_update(ann: Annotator) -> Any:
-        if ann.is_volume:
-            return gr.update(visible=True, minimum=0, maximum=ann.n_slices - 1, value=ann.slice_index, step=1)
-        return gr.update(visible=False)
-
-    def fail(exc: Exception) -> None:
-        msg = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-        raise gr.Error(msg)
-
-    # --- handlers --------------------------------------------------------------------------------------------
-    def on_example(label: str, ann: Annotator | None, segmenter: str, policy: str, window: str):
-        ann = state_of(ann, segmenter, policy)
-        ex = examples.get(label)
+    def on_example(self, label: str, ann: Annotator | None, segmenter: str, policy: str, window: str):
+        ann = self.state_of(ann, segmenter, policy)
+        ex = self.examples.get(label)
         if ex is None:
-            return (ann, *view(ann), gr.update(), slider_update(ann))
+            import gradio as gr
+
+            return (ann, *_view(ann), gr.update(), _slider_update(ann))
         try:
             ann.open(ex.image, mask_path=ex.mask, query=ex.query, window=window)
         except _USER_ERRORS as exc:
-            fail(exc)
-        return (ann, *view(ann), ex.query, slider_update(ann))
+            _fail(exc)
+        return (ann, *_view(ann), ex.query, _slider_update(ann))
 
-    def on_upload(paths: list[str] | str | None, ann: Annotator | None, segmenter: str, policy: str, window: str):
-        ann = state_of(ann, segmenter, policy)
+    def on_upload(self, paths: list[str] | str | None, ann: Annotator | None, segmenter: str, policy: str,
+                  window: str):
+        ann = self.state_of(ann, segmenter, policy)
         if isinstance(paths, str):
             paths = [paths]
         if paths:
             try:
                 ann.open_files(paths, window=window)
             except _USER_ERRORS as exc:
-                fail(exc)
-        return (ann, *view(ann), slider_update(ann))
+                _fail(exc)
+        return (ann, *_view(ann), _slider_update(ann))
 
-    def on_mask(path: str | None, ann: Annotator | None, segmenter: str, policy: str):
-        ann = state_of(ann, segmenter, policy)
+    def on_mask(self, path: str | None, ann: Annotator | None, segmenter: str, policy: str):
+        ann = self.state_of(ann, segmenter, policy)
         if ann.loaded is not None:
             try:
                 ann.set_mask(path)
             except _USER_ERRORS as exc:
-                fail(exc)
-        return (ann, *view(ann))
+                _fail(exc)
+        return (ann, *_view(ann))
 
-    def on_slice(index: float, ann: Annotator | None, segmenter: str, policy: str):
-        ann = state_of(ann, segmenter, policy)
+    def on_slice(self, index: float, ann: Annotator | None, segmenter: str, policy: str):
+        ann = self.state_of(ann, segmenter, policy)
         try:
             ann.set_slice(int(index))
         except _USER_ERRORS as exc:
-            fail(exc)
-        return (ann, *view(ann))
+            _fail(exc)
+        return (ann, *_view(ann))
 
-    def on_window(window: str, ann: Annotator | None, segmenter: str, policy: str):
-        ann = state_of(ann, segmenter, policy)
+    def on_window(self, window: str, ann: Annotator | None, segmenter: str, policy: str):
+        ann = self.state_of(ann, segmenter, policy)
         try:
             ann.set_window(window)
         except _USER_ERRORS as exc:
-            fail(exc)
-        return (ann, *view(ann))
+            _fail(exc)
+        return (ann, *_view(ann))
 
-    def on_segmenter(name: str, ann: Annotator | None, policy: str):
-        ann = state_of(ann, name, policy)
+    def on_segmenter(self, name: str, ann: Annotator | None, policy: str):
+        ann = self.state_of(ann, name, policy)
         try:
             ann.set_segmenter(name)
         except _USER_ERRORS as exc:
-            fail(exc)
-        return (ann, *view(ann))
+            _fail(exc)
+        return (ann, *_view(ann))
 
-    def run(query: str, policy: str, segmenter: str, ann: Annotator | None,
-            from_current: bool) -> Iterator[tuple]:
-        ann = state_of(ann, segmenter, policy)
+    def _run(self, query: str, policy: str, segmenter: str, ann: Annotator | None,
+             from_current: bool) -> Iterator[tuple]:
+        """Run the agent (from scratch or from the current clicks), yielding the view after every step."""
+        ann = self.state_of(ann, segmenter, policy)
         try:
             ann.set_segmenter(segmenter)
             steps = ann.run_agent(query, policy, from_current=from_current)
-            yield (ann, *view(ann))
+            yield (ann, *_view(ann))
             for _ in steps:
-                yield (ann, *view(ann))
+                yield (ann, *_view(ann))
         except _USER_ERRORS as exc:
-            fail(exc)
+            _fail(exc)
 
-    def on_run(query: str, policy: str, segmenter: str, ann: Annotator | None):
-        yield from run(query, policy, segmenter, ann, False)
+    def on_run(self, query: str, policy: str, segmenter: str, ann: Annotator | None):
+        yield from self._run(query, policy, segmenter, ann, False)
 
-    def on_continue(query: str, policy: str, segmenter: str, ann: Annotator | None):
-        yield from run(query, policy, segmenter, ann, True)
+    def on_continue(self, query: str, policy: str, segmenter: str, ann: Annotator | None):
+        yield from self._run(query, policy, segmenter, ann, True)
 
-    def on_click(mode: str, ann: Annotator | None, segmenter: str, policy: str, evt: gr.SelectData):
-        ann = state_of(ann, segmenter, policy)
+    def click(self, mode: str, ann: Annotator | None, segmenter: str, policy: str, index: Any):
+        """A click on the shown image at ``index`` (display pixels; mapped back to image pixels)."""
+        ann = self.state_of(ann, segmenter, policy)
         try:
             k = display_factor(ann)
-            x, y = (int(v) // k for v in evt.index[:2])
+            x, y = (int(v) // k for v in index[:2])
             ann.click(x, y, positive=mode != CLICK_NEGATIVE)
         except _USER_ERRORS as exc:
-            fail(exc)
-        return (ann, *view(ann))
+            _fail(exc)
+        return (ann, *_view(ann))
 
-    def on_undo(ann: Annotator | None, segmenter: str, policy: str):
-        ann = state_of(ann, segmenter, policy)
+    def on_undo(self, ann: Annotator | None, segmenter: str, policy: str):
+        ann = self.state_of(ann, segmenter, policy)
         try:
             ann.undo()
         except _USER_ERRORS as exc:
-            fail(exc)
-        return (ann, *view(ann))
+            _fail(exc)
+        return (ann, *_view(ann))
 
-    def on_reset(ann: Annotator | None, segmenter: str, policy: str):
-        ann = state_of(ann, segmenter, policy)
+    def on_reset(self, ann: Annotator | None, segmenter: str, policy: str):
+        ann = self.state_of(ann, segmenter, policy)
         try:
             ann.reset()
         except _USER_ERRORS as exc:
-            fail(exc)
-        return (ann, *view(ann))
+            _fail(exc)
+        return (ann, *_view(ann))
 
-    def on_export(fmt: str, ann: Annotator | None, segmenter: str, policy: str):
-        ann = state_of(ann, segmenter, policy)
+    def on_export(self, fmt: str, ann: Annotator | None, segmenter: str, policy: str):
+        ann = self.state_of(ann, segmenter, policy)
         try:
             path = ann.export("nifti" if fmt.startswith("NIfTI") else "png")
         except _USER_ERRORS as exc:
-            fail(exc)
+            _fail(exc)
         return str(path)
 
-    # --- layout ----------------------------------------------------------------------------------------------
-    with gr.Blocks(title="ibisagent: interactive agent segmentation", analytics_enabled=False) as demo:
-        gr.Markdown("## ibisagent: type what to segment, watch the agent click, fix it with your own clicks")
-        state = gr.State(None)
-        with gr.Row():
-            with gr.Column(scale=1, min_width=340):
-                # where to open an image comes first: visible without scrolling (1400x1000 and up)
-                upload = gr.File(label="Open your own image: PNG/JPEG/DICOM, a NIfTI volume, or all files of a "
-                                       "DICOM series", file_types=IMAGE_TYPES, file_count="multiple",
-                                 type="filepath", elem_id="upload", height=110)
-                example = gr.Dropdown(choices=list(examples), value=first_example, label="... or a bundled example",
-                                      elem_id="example", interactive=True)
-                query = gr.Textbox(label="Query", placeholder="segment the tumor", elem_id="query")
-                with gr.Row():
-                    policy = gr.Dropdown(choices=cfg.policies, value=cfg.policy, label="Policy", elem_id="policy")
-                    segmenter = gr.Dropdown(choices=cfg.segmenters, value=cfg.segmenter, label="Segmenter",
-                                            elem_id="segmenter")
-                with gr.Row():
-                    run_btn = gr.Button("Run agent", variant="primary", elem_id="run")
-                    cont_btn = gr.Button("Agent: continue from my clicks", elem_id="continue")
-                mode = gr.Radio([CLICK_POSITIVE, CLICK_NEGATIVE], value=CLICK_POSITIVE, label="Click adds",
-                                elem_id="mode")
-                with gr.Row():
-                    undo_btn = gr.Button("Undo", elem_id="undo")
-                    reset_btn = gr.Button("Reset", elem_id="reset")
-                with gr.Row():
-                    fmt = gr.Radio(["PNG", "NIfTI (.nii.gz)"], value="PNG", label="Mask format", elem_id="fmt")
-                    export_btn = gr.Button("Export mask", elem_id="export")
-                download = gr.File(label="Mask file", interactive=False, elem_id="download", height=90)
-                with gr.Accordion("Ground truth, volume slice and window", open=True):
-                    mask_up = gr.File(label="Ground-truth mask (optional: enables IoU and the oracle policy)",
-                                      file_types=IMAGE_TYPES + [".npy"], type="filepath", elem_id="mask-upload",
-                                      height=120)
-                    slider = gr.Slider(0, 1, value=0, step=1, label="Slice", visible=False, elem_id="slice")
-                    window = gr.Dropdown(choices=list(WINDOW_CHOICES), value="auto", label="Window preset",
-                                         elem_id="window")
-            with gr.Column(scale=2):
-                canvas = gr.Image(label="Click the image to add a point", type="numpy", format="png",
-                                  interactive=False, elem_id="canvas", buttons=["fullscreen"], height=560)
-                status = gr.Markdown("No image loaded.", elem_id="status")
-                log = gr.Textbox(label="Agent reasoning and steps", lines=12, max_lines=30, interactive=False,
-                                 elem_id="log")
 
-        shown = [state, canvas, status, log]
-        example.change(on_example, [example, state, segmenter, policy, window], [*shown, query, slider])
-        if first_example is not None:  # the dropdown shows the first example: open it with the page
-            demo.load(on_example, [example, state, segmenter, policy, window], [*shown, query, slider])
-        upload.change(on_upload, [upload, state, segmenter, policy, window], [*shown, slider])
-        mask_up.change(on_mask, [mask_up, state, segmenter, policy], shown)
-        slider.release(on_slice, [slider, state, segmenter, policy], shown)
-        window.change(on_window, [window, state, segmenter, policy], shown)
-        segmenter.change(on_segmenter, [segmenter, state, policy], shown)
-        run_btn.click(on_run, [query, policy, segmenter, state], shown)
-        cont_btn.click(on_continue, [query, policy, segmenter, state], shown)
-        canvas.select(on_click, [mode, state, segmenter, policy], shown)
-        undo_btn.click(on_undo, [state, segmenter, policy], shown)
-        reset_btn.click(on_reset, [state, segmenter, policy], shown)
-        export_btn.click(on_export, [fmt, state, segmenter, policy], download)
+@dataclass
+class _Widgets:
+    """The app's Gradio components (see :func:`_layout`)."""
+
+    state: Any
+    upload: Any
+    example: Any
+    query: Any
+    policy: Any
+    segmenter: Any
+    run_btn: Any
+    cont_btn: Any
+    mode: Any
+    undo_btn: Any
+    reset_btn: Any
+    fmt: Any
+    export_btn: Any
+    download: Any
+    mask_up: Any
+    slider: Any
+    window: Any
+    canvas: Any
+    status: Any
+    log: Any
+
+
+def _layout(cfg: AppConfig, examples: list[str], first_example: str | None) -> _Widgets:
+    """Lay out the page inside the current ``gr.Blocks``: controls on the left (opening an image first, visible
+    without scrolling), the canvas, status and log on the right."""
+    import gradio as gr
+
+    gr.Markdown("## ibisagent: type what to segment, watch the agent click, fix it with your own clicks")
+    state = gr.State(None)
+    with gr.Row():
+        with gr.Column(scale=1, min_width=340):
+            # where to open an image comes first: visible without scrolling (1400x1000 and up)
+            upload = gr.File(label="Open your own image: PNG/JPEG/DICOM, a NIfTI volume, or all files of a "
+                                   "DICOM series", file_types=IMAGE_TYPES, file_count="multiple",
+                             type="filepath", elem_id="upload", height=110)
+            example = gr.Dropdown(choices=examples, value=first_example, label="... or a bundled example",
+                                  elem_id="example", interactive=True)
+            query = gr.Textbox(label="Query", placeholder="segment the tumor", elem_id="query")
+            with gr.Row():
+                policy = gr.Dropdown(choices=cfg.policies, value=cfg.policy, label="Policy", elem_id="policy")
+                segmenter = gr.Dropdown(choices=cfg.segmenters, value=cfg.segmenter, label="Segmenter",
+                                        elem_id="segmenter")
+            with gr.Row():
+                run_btn = gr.Button("Run agent", variant="primary", elem_id="run")
+                cont_btn = gr.Button("Agent: continue from my clicks", elem_id="continue")
+            mode = gr.Radio([CLICK_POSITIVE, CLICK_NEGATIVE], value=CLICK_POSITIVE, label="Click adds",
+                            elem_id="mode")
+            with gr.Row():
+                undo_btn = gr.Button("Undo", elem_id="undo")
+                reset_btn = gr.Button("Reset", elem_id="reset")
+            with gr.Row():
+                fmt = gr.Radio(["PNG", "NIfTI (.nii.gz)"], value="PNG", label="Mask format", elem_id="fmt")
+                export_btn = gr.Button("Export mask", elem_id="export")
+            download = gr.File(label="Mask file", interactive=False, elem_id="download", height=90)
+            with gr.Accordion("Ground truth, volume slice and window", open=True):
+                mask_up = gr.File(label="Ground-truth mask (optional: enables IoU and the oracle policy)",
+                                  file_types=IMAGE_TYPES + [".npy"], type="filepath", elem_id="mask-upload",
+                                  height=120)
+                slider = gr.Slider(0, 1, value=0, step=1, label="Slice", visible=False, elem_id="slice")
+                window = gr.Dropdown(choices=list(WINDOW_CHOICES), value="auto", label="Window preset",
+                                     elem_id="window")
+        with gr.Column(scale=2):
+            canvas = gr.Image(label="Click the image to add a point", type="numpy", format="png",
+                              interactive=False, elem_id="canvas", buttons=["fullscreen"], height=560)
+            status = gr.Markdown("No image loaded.", elem_id="status")
+            log = gr.Textbox(label="Agent reasoning and steps", lines=12, max_lines=30, interactive=False,
+                             elem_id="log")
+    return _Widgets(state, upload, example, query, policy, segmenter, run_btn, cont_btn, mode, undo_btn, reset_btn,
+                    fmt, export_btn, download, mask_up, slider, window, canvas, status, log)
+
+
+def _wire(demo: Any, w: _Widgets, h: _Handlers, first_example: str | None) -> None:
+    """Connect the components' events to the handlers (inside the ``gr.Blocks`` ``demo``)."""
+    import gradio as gr
+
+    def on_click(mode: str, ann: Annotator | None, segmenter: str, policy: str, evt: gr.SelectData):
+        return h.click(mode, ann, segmenter, policy, evt.index)
+
+    shown = [w.state, w.canvas, w.status, w.log]
+    example_inputs = [w.example, w.state, w.segmenter, w.policy, w.window]
+    w.example.change(h.on_example, example_inputs, [*shown, w.query, w.slider])
+    if first_example is not None:  # the dropdown shows the first example: open it with the page
+        demo.load(h.on_example, example_inputs, [*shown, w.query, w.slider])
+    w.upload.change(h.on_upload, [w.upload, w.state, w.segmenter, w.policy, w.window], [*shown, w.slider])
+    w.mask_up.change(h.on_mask, [w.mask_up, w.state, w.segmenter, w.policy], shown)
+    w.slider.release(h.on_slice, [w.slider, w.state, w.segmenter, w.policy], shown)
+    w.window.change(h.on_window, [w.window, w.state, w.segmenter, w.policy], shown)
+    w.segmenter.change(h.on_segmenter, [w.segmenter, w.state, w.policy], shown)
+    w.run_btn.click(h.on_run, [w.query, w.policy, w.segmenter, w.state], shown)
+    w.cont_btn.click(h.on_continue, [w.query, w.policy, w.segmenter, w.state], shown)
+    w.canvas.select(on_click, [w.mode, w.state, w.segmenter, w.policy], shown)
+    w.undo_btn.click(h.on_undo, [w.state, w.segmenter, w.policy], shown)
+    w.reset_btn.click(h.on_reset, [w.state, w.segmenter, w.policy], shown)
+    w.export_btn.click(h.on_export, [w.fmt, w.state, w.segmenter, w.policy], w.download)
+
+
+def build_app(config: AppConfig | None = None, hub: SegmenterHub | None = None) -> Any:
+    """The Gradio Blocks app (not launched): :func:`_layout` of the components, :class:`_Handlers` for the events,
+    :func:`_wire` between them."""
+    import gradio as gr
+
+    cfg = config or AppConfig()
+    h = _Handlers(cfg, hub or SegmenterHub())
+    first_example = next((e.label for e in cfg.examples if not e.is_3d), next(iter(h.examples), None))
+    with gr.Blocks(title="ibisagent: interactive agent segmentation", analytics_enabled=False) as demo:
+        w = _layout(cfg, list(h.examples), first_example)
+        _wire(demo, w, h, first_example)
     return demo
