@@ -381,13 +381,9 @@ def _cli_wording(message: str) -> str:
     return message
 
 
-def cmd_segment(args: argparse.Namespace) -> int:
-    t_start = getattr(args, "t_start", None) or time.perf_counter()
-    if _is_batch(args.image):
-        return _cmd_segment_batch(args)
-    if args.query is None:
-        raise UserError("--query is required: say what to segment, e.g. --query 'the polyp in this colonoscopy frame'")
-    query = _check_query(args.query)
+
+def _check_image_args(args: argparse.Namespace) -> None:
+    """The image and mask options of ``segment`` (single and batch): clear one-line errors before any work."""
     if args.axis not in (0, 1, 2):
         raise UserError(f"--axis must be 0, 1 or 2 (a voxel axis of the volume), got {args.axis}")
     _check_min(args.slice, "--slice", 0)
@@ -396,6 +392,16 @@ def cmd_segment(args: argparse.Namespace) -> int:
         raise UserError(f"--mask-threshold must be a finite number, got {args.mask_threshold}")
     if args.mask_threshold is not None and args.mask_label is not None:
         raise UserError("pass either --mask-threshold or --mask-label, not both")
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    t_start = getattr(args, "t_start", None) or time.perf_counter()
+    if _is_batch(args.image):
+        return _cmd_segment_batch(args)
+    if args.query is None:
+        raise UserError("--query is required: say what to segment, e.g. --query 'the polyp in this colonoscopy frame'")
+    query = _check_query(args.query)
+    _check_image_args(args)
     _check_agent_args(args)
     out = check_output_dir(args.out)
     window = _parse_window(args.window)
@@ -614,14 +620,7 @@ def _cmd_segment_batch(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    if args.axis not in (0, 1, 2):
-        raise UserError(f"--axis must be 0, 1 or 2 (a voxel axis of the volume), got {args.axis}")
-    _check_min(args.slice, "--slice", 0)
-    _check_min(args.volume_index, "--volume-index", 0)
-    if args.mask_threshold is not None and not math.isfinite(args.mask_threshold):
-        raise UserError(f"--mask-threshold must be a finite number, got {args.mask_threshold}")
-    if args.mask_threshold is not None and args.mask_label is not None:
-        raise UserError("pass either --mask-threshold or --mask-label, not both")
+    _check_image_args(args)
     items = _batch_items(args)
     if not items:
         raise UserError("no images to segment")
