@@ -71,7 +71,9 @@ Common jobs:
   ibisagent demo                                   run the agent on a bundled case, write overlays to ./demo_out
   ibisagent segment IMG --query "the polyp" --out DIR
                                                    segment one image (PNG/JPEG/TIFF/BMP/DICOM/NIfTI slice)
-  ibisagent eval DATA --policy oracle --out DIR    score a policy + segmenter on a dataset folder
+  ibisagent segment FOLDER|GLOB|rows.csv --query "the polyp" --out DIR
+                                                   segment many in one process (results.jsonl, resumable)
+  ibisagent eval DATA --split val --out DIR        score the agent (or --policy oracle, gt-box, ...) on a dataset
   ibisagent list                                   show the available policies, segmenters and prompt templates
 """
 
@@ -101,7 +103,7 @@ def _add_agent_options(p: argparse.ArgumentParser) -> None:
 
 def _add_segment(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "segment", help="segment one image from a text query",
+        "segment", help="segment an image from a text query (or several: paths, a folder, a glob, a manifest)",
         description="Run the agent on one image: it clicks until it decides to stop, then writes the mask "
                     "(PNG, or NIfTI for a volume slice), the trace (JSON) and overlays.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
