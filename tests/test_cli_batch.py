@@ -17,6 +17,15 @@ COMPACT = ["--policy", "compact", "--policy-arg", "weights=random", "--policy-ar
            "--segmenter", "fake", "--quiet", "--max-steps", "3"]
 
 
+@pytest.mark.parametrize("line,needle", [("{not json", "not valid JSON"), ("[1, 2]", "each line must be a JSON object")])
+def test_a_bad_jsonl_manifest_line_is_one_line_exit_2(images: Path, tmp_path: Path, capsys, line, needle) -> None:
+    man = tmp_path / "cases.jsonl"
+    man.write_text('{"image": "imgs/a.png", "query": "the block"}\n' + line + "\n")
+    assert main(["segment", str(man), "--out", str(tmp_path / "out"), *ORACLE]) == 2
+    err = capsys.readouterr().err
+    assert f"cases.jsonl:2: {needle}" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
 def _case(folder: Path, name: str, left: int) -> tuple[Path, Path]:
     img = np.full((60, 70, 3), 20, np.uint8)
     img[10:40, left:50] = 220

@@ -475,7 +475,8 @@ def _cell(row: dict[str, Any], key: str) -> Any:
 
 def _read_manifest(path: Path, query: str | None) -> list[Any]:
     """The items of a CSV / JSONL manifest (columns ``image``, ``query``, optional ``mask``, ``slice``); relative
-    paths are relative to the manifest's folder. Raises :class:`UserError` naming the line of a bad row."""
+    paths are relative to the manifest's folder. Raises :class:`UserError` (or ManifestError for a line that is not
+    a JSON object) naming the line of a bad row."""
     import csv
 
     from ibisagent.agent import BatchItem
@@ -494,16 +495,9 @@ def _read_manifest(path: Path, query: str | None) -> list[Any]:
                             f"(got {', '.join(reader.fieldnames or []) or 'nothing'})")
         rows = [(i + 2, r) for i, r in enumerate(reader)]
     else:
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"manifest {path} line {i}: not JSON ({exc.msg})") from exc
-            if not isinstance(r, dict):
-                raise UserError(f"manifest {path} line {i}: expected a JSON object with 'image' and 'query'")
-            rows.append((i, r))
+        from ibisagent.io.manifest import parse_jsonl
+
+        rows = list(parse_jsonl(text, path))  # ManifestError (a ValueError: one line, exit 2) naming path:line
     items = []
     for line, r in rows:
         image = _cell(r, "image")

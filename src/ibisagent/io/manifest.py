@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["Case", "ManifestError", "load_manifest", "iter_manifest_dirs", "split_of", "SPLIT_BY", "VAL_FRACTION"]
+__all__ = ["Case", "ManifestError", "load_manifest", "iter_manifest_dirs", "parse_jsonl", "split_of", "SPLIT_BY", "VAL_FRACTION"]
 
 #: fraction of groups (patients, volumes, videos; images for rows without a group) that go to the validation split
 VAL_FRACTION = 0.2
@@ -73,20 +73,27 @@ def split_of(key: str, val_fraction: float = VAL_FRACTION) -> Literal["train", "
 _REQUIRED = ("id", "image", "query")
 
 
-def _read_rows(index: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    try:
-        text = index.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ManifestError(f"cannot read manifest {index}: {exc}") from exc
+def parse_jsonl(text: str, where: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, row)`` for each non-blank line of a JSON-lines text; a line that is not a JSON object raises
+    :class:`ManifestError` naming ``where:line``."""
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ManifestError(f"{index}:{lineno}: not valid JSON ({exc.msg})") from exc
+            raise ManifestError(f"{where}:{lineno}: not valid JSON ({exc.msg})") from exc
         if not isinstance(row, dict):
-            raise ManifestError(f"{index}:{lineno}: each line must be a JSON object")
+            raise ManifestError(f"{where}:{lineno}: each line must be a JSON object")
+        yield lineno, row
+
+
+def _read_rows(index: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    try:
+        text = index.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ManifestError(f"cannot read manifest {index}: {exc}") from exc
+    for lineno, row in parse_jsonl(text, index):
         missing = [k for k in _REQUIRED if k not in row]
         if missing:
             raise ManifestError(f"{index}:{lineno}: missing field(s) {missing}")
