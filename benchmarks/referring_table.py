@@ -16,6 +16,8 @@ from collections import defaultdict
 from pathlib import Path
 from statistics import mean
 
+from ibisagent.evaluation.summary import confidence_ranking
+
 ROWS = ("agent", "sft", "text_only", "blind", "oracle5", "gtbox", "previous")
 LABEL = {"agent": "agent", "sft": "SFT only", "text_only": "text-only", "blind": "query blind", "oracle5": "oracle @5",
          "gtbox": "GT box", "previous": "previous weights"}
@@ -81,17 +83,13 @@ def main(out: Path, data: Path | None) -> str:
             parts += ["### Query use on multi-object images (val images with masks of >= 2 objects)",
                       _table(["cases", "agent", "query blind", "loss without the query"],
                              [[str(len(multi)), _m(a), _m(b), f"{mean(a) - mean(b):+.3f}"]])]
-    pred = [] if "agent" not in runs else [(float(base[k]["predicted_iou"]), float(base[k]["iou"])) for k in keys_all
-            if base[k].get("predicted_iou") not in (None, "")]
-    if len(pred) >= 3:
-        from scipy.stats import spearmanr
-
-        rho = spearmanr([p for p, _ in pred], [r for _, r in pred]).statistic
-        low = [r for p, r in pred if p < 0.5]
-        high = [r for p, r in pred if p >= 0.5]
+    conf = confidence_ranking([base[k] for k in keys_all]) if "agent" in runs else None
+    if conf is not None:  # the harness's own ranking figures (summary_extra.json "confidence"), on the common cases
         parts += ["### Confidence (agent's predicted IoU vs real IoU, all cases)",
-                  _table(["cases", "Spearman", "flagged low (<0.5)", "IoU flagged", "IoU not flagged"],
-                         [[str(len(pred)), f"{rho:.3f}", str(len(low)), _m(low), _m(high)]])]
+                  _table(["cases", "Spearman", f"flagged low (<{conf['low_confidence_threshold']})", "IoU flagged",
+                          "IoU not flagged"],
+                         [[str(conf["cases"]), f"{conf['spearman']:.3f}", str(conf["low_confidence_cases"]),
+                           f"{conf['mean_iou_low_confidence']:.3f}", f"{conf['mean_iou_confident']:.3f}"]])]
     return "\n\n".join(parts)
 
 

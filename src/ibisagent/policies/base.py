@@ -99,18 +99,20 @@ def default_policy() -> str:
     return "compact" if weights.is_file() and "compact" in list_policies() else "oracle"
 
 
-def create_policy(name: str, **cfg: Any) -> Policy:
+def _factory(name: str) -> Callable[..., Any]:
+    """The registered factory of ``name``; an unknown name raises ``KeyError`` listing the known ones."""
     _load_builtin()
     if name not in _REGISTRY:
         raise KeyError(f"unknown policy {name!r}; known: {', '.join(sorted(_REGISTRY))}")
-    factory = _REGISTRY[name][0]
+    return _REGISTRY[name][0]
+
+
+def create_policy(name: str, **cfg: Any) -> Policy:
+    factory = _factory(name)
     check_options(f"policy {name!r}", factory, cfg)  # UnknownOptionError (a TypeError) listing the valid ones
     return factory(**cfg)
 
 
 def policy_options(name: str) -> tuple[str, ...] | None:
     """The keyword options ``create_policy(name, ...)`` accepts (None when it takes any)."""
-    _load_builtin()
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown policy {name!r}; known: {', '.join(sorted(_REGISTRY))}")
-    return keyword_options(_REGISTRY[name][0])
+    return keyword_options(_factory(name))

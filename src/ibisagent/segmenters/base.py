@@ -334,22 +334,24 @@ def list_segmenters() -> dict[str, str]:
     return {k: v.description for k, v in sorted(_REGISTRY.items())}
 
 
-def create_segmenter(name: str, **cfg: Any) -> Segmenter:
-    """Build a registered backend by name. Unknown names raise ``KeyError`` listing the known ones."""
+def _factory(name: str) -> Callable[..., Any]:
+    """The registered factory of ``name``; an unknown name raises ``KeyError`` listing the known ones."""
     _load_builtin()
     if name not in _REGISTRY:
         raise KeyError(f"unknown segmenter {name!r}; known: {', '.join(sorted(_REGISTRY))}")
-    factory = _REGISTRY[name].factory
+    return _REGISTRY[name].factory
+
+
+def create_segmenter(name: str, **cfg: Any) -> Segmenter:
+    """Build a registered backend by name. Unknown names raise ``KeyError`` listing the known ones."""
+    factory = _factory(name)
     check_options(f"segmenter {name!r}", factory, cfg)  # UnknownOptionError (a TypeError) listing the valid ones
     return factory(**cfg)
 
 
 def segmenter_options(name: str) -> tuple[str, ...] | None:
     """The keyword options ``create_segmenter(name, ...)`` accepts (None when it takes any)."""
-    _load_builtin()
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown segmenter {name!r}; known: {', '.join(sorted(_REGISTRY))}")
-    return keyword_options(_REGISTRY[name].factory)
+    return keyword_options(_factory(name))
 
 
 #: modules that register the built-in backends when imported; loaded by name because they are the registry's

@@ -324,7 +324,7 @@ def _load_cases(cfg: PolicyTrainConfig, split: str, backend: _Backend, texts: di
                                   guard=cfg.volume_guard, datasets=cfg.volume_datasets or cfg.datasets,
                                   exclude_objects=THIN_OBJECTS, split_by=cfg.split_by)
         items += [(v.id, v.source, v.query, v.image_key, lambda v=v: v.image, lambda v=v: v.gt) for v in vols]
-        named.update({v.id: (v.object, v.query.rsplit(" ", 2)[-2]) for v in vols})
+        named.update({v.id: (v.object, v.modality) for v in vols})
     out: list[_Case] = []
     emb_rows: dict[tuple[str, bool], int] = {}
     kept: dict[tuple[str, bool], np.ndarray] = {}  # images, for segmenters other than LiteMedSAM

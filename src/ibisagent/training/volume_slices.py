@@ -52,6 +52,7 @@ class VolumeSlice:
     image_key: str  # "<folder>/<volume file>#z<k>": cases of one slice share it
     image: np.ndarray
     gt: np.ndarray
+    modality: str = ""  # "CT", "MRI", ... (the word the query uses)
 
 
 def class_names(case: Case) -> dict[int, str]:
@@ -176,6 +177,6 @@ def volume_slice_cases(
                     out.append(VolumeSlice(
                         id=f"{row.id}_z{k:03d}__{name}", source=folder.name, object=text,
                         query=f"the {text} in this axial {word} slice",
-                        image_key=f"{folder.name}/{row.image.name}#z{k}", image=rgb, gt=gt,
+                        image_key=f"{folder.name}/{row.image.name}#z{k}", image=rgb, gt=gt, modality=word,
                     ))
     return out
