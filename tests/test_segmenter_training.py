@@ -194,3 +194,22 @@ def test_shipped_weights_follow_oracle_clicks(tmp_path_factory):
     mean = np.mean(curves, axis=0)
     assert mean[0] > 0.5, f"IoU after one oracle click {mean[0]:.3f}"
     assert all(mean[k] >= mean[k - 1] for k in range(1, 5)), f"IoU fell with more clicks: {mean.round(3)}"
+
+
+def test_init_starts_from_given_click_weights(tmp_path):
+    """--init puts existing click weights over the box-only decoder (warm start); a missing file is a clear error."""
+    from safetensors.torch import load_file
+
+    from ibisagent.segmenters.litemedsam import CLICK_WEIGHTS, copy_trainable, load_base_model, trainable_state_dict
+    from ibisagent.training.segmenter import _load_init
+
+    parts = copy_trainable(load_base_model())
+    before = {k: v.clone() for k, v in trainable_state_dict(parts).items()}
+    _load_init(parts, "shipped")
+    after = trainable_state_dict(parts)
+    shipped = load_file(str(CLICK_WEIGHTS))
+    key = next(k for k in shipped if k.startswith("mask_decoder."))
+    assert torch.equal(after[key], shipped[key].float())
+    assert not torch.equal(before[key], after[key])
+    with pytest.raises(FileNotFoundError, match="--init"):
+        _load_init(parts, str(tmp_path / "missing.safetensors"))

@@ -87,6 +87,9 @@ class SegmenterTrainConfig:
     split_by: str = field(default="group", metadata={"help": "train/val split by group (patient / volume / video) "
                                                            "or image (the split of the weights before 0.2)"})
     max_images: int = field(default=0, metadata={"help": "use at most this many train images (0 = all; for tests)"})
+    init: str = field(default="", metadata={"help": "start from these click weights (.safetensors; 'shipped' = the "
+                                                   "package's litemedsam_click) instead of LiteMedSAM's box-only "
+                                                   "decoder"})
     steps: int = field(default=600, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=8, metadata={"help": "masks per batch"})
     lr: float = field(default=2e-4, metadata={"help": "peak learning rate (Adam, linear warm-up, cosine decay)"})
@@ -628,6 +631,18 @@ def _open_loss_csv(csv_path: Path, resume: bool, start: int) -> tuple[Any, Any]:
     return fcsv, writer
 
 
+def _load_init(parts: Any, init: str) -> None:
+    """Put the click weights ``init`` (a .safetensors path, or ``shipped``) over ``parts``' prompt encoder and decoder."""
+    from safetensors.torch import load_file
+
+    from ibisagent.segmenters.litemedsam import CLICK_WEIGHTS, load_click_state
+
+    path = CLICK_WEIGHTS if init == "shipped" else Path(init)
+    if not path.is_file():
+        raise FileNotFoundError(f"--init: no weights file {path}")
+    load_click_state(parts, load_file(str(path)))
+
+
 class _SegRun:
     """The state of one segmenter fine-tuning run: the trainable parts, optimizer, RNG, best validation score and
     wall time, with the checkpoint, validation and one training step."""
@@ -639,6 +654,8 @@ class _SegRun:
         self.cfg, self.run_dir, self.out = cfg, run_dir, out
         self.val_bank, self.val_samples = val_bank, val_samples
         self.parts = copy_trainable(load_base_model())
+        if cfg.init:
+            _load_init(self.parts, cfg.init)
         self.params = list(self.parts.prompt_encoder.parameters()) + list(self.parts.mask_decoder.parameters())
         for p in self.params:
             p.requires_grad_(True)
