@@ -34,7 +34,7 @@ LAYERS = (
     ("protocol", "masks", "overlay", "io", "segmenters", "queries", "reasoning", "text_encoder", "demo",
      "prompt_templates"),
     ("prompts", "session", "rewards", "oracle_click", "episode"),
-    ("chat", "release_prompts"),
+    ("chat", "release_prompts", "volume"),
     ("env",),
     ("policies",),
     ("agent", "synthesis", "training"),

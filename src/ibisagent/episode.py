@@ -64,7 +64,8 @@ class StopReason:
 
 #: parse-error reasons (:class:`~ibisagent.protocol.ActionParseError`) that count as an invalid action, not as an
 #: unparseable reply
-INVALID_PARSE_REASONS = frozenset({"out_of_range", "invalid_box", "pixel_coordinates", "box_not_allowed"})
+INVALID_PARSE_REASONS = frozenset({"out_of_range", "invalid_box", "pixel_coordinates", "box_not_allowed",
+                                   "invalid_slice", "volume_not_allowed"})
 
 
 # ----------------------------------------------------------------------------------------------------------------

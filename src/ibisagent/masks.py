@@ -20,10 +20,12 @@ __all__ = [
     "as_bool",
     "bbox",
     "dice",
+    "dice_3d",
     "error_regions",
     "hd95",
     "interior_point",
     "iou",
+    "iou_3d",
     "nsd",
     "rle_decode",
     "rle_decode_release",
@@ -70,6 +72,29 @@ def dice(pred: np.ndarray, gt: np.ndarray) -> float:
     if total == 0:
         return 1.0
     return float(2.0 * np.logical_and(p, g).sum() / total)
+
+
+def _pair_3d(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    a, b = np.asarray(a), np.asarray(b)
+    if a.ndim != 3 or b.ndim != 3:
+        raise MaskShapeError(f"expected 3D masks, got shapes {a.shape} and {b.shape}")
+    if a.shape != b.shape:
+        raise MaskShapeError(f"mask shapes differ: {a.shape} vs {b.shape}")
+    return a.astype(bool, copy=False), b.astype(bool, copy=False)
+
+
+def iou_3d(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Voxel IoU of two 3D masks. Two empty masks agree perfectly (1.0)."""
+    p, g = _pair_3d(pred, gt)
+    union = int(np.count_nonzero(p | g))
+    return float(np.count_nonzero(p & g) / union) if union else 1.0
+
+
+def dice_3d(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Voxel Dice of two 3D masks. Two empty masks agree perfectly (1.0)."""
+    p, g = _pair_3d(pred, gt)
+    total = int(np.count_nonzero(p)) + int(np.count_nonzero(g))
+    return float(2.0 * np.count_nonzero(p & g) / total) if total else 1.0
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,13 @@ Pixels already clicked (``avoid``) are never clicked again. When they use up the
 that is left has distance 0, e.g. a one-pixel miss the segmenter ignored), the click goes to the other region, as a
 human annotator would do: the remaining error is still worth correcting. Only when neither region has a pixel left
 is there no click (None).
+
+Two more simulated annotators live here, so the 2D and the volume episodes share them:
+
+* :func:`challenge_click`: the CVPR 2025 interactive-segmentation challenge's click (centre of the largest connected
+  error component; 8-connectivity in 2D, 26 in 3D; ties by a fixed-seed draw), for 2D images and volumes.
+* :func:`worst_slice_click`: for a volume, the reference rule above on its worst slice (the slice with the most
+  error voxels; ties to the lower index).
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ from scipy import ndimage
 
 from ibisagent.masks import error_regions
 
-__all__ = ["OracleClick", "next_click"]
+__all__ = ["OracleClick", "SliceClick", "challenge_click", "next_click", "worst_slice", "worst_slice_click"]
+
+_TIE_SEED = 42
 
 
 @dataclass(frozen=True)
@@ -73,3 +82,79 @@ def _pixels(avoid: np.ndarray | Iterable[tuple[float, float]] | None, shape: tup
 def _component(region: np.ndarray, x: int, y: int) -> np.ndarray:
     lab, _ = ndimage.label(region)
     return lab == lab[y, x] if lab[y, x] else region
+
+
+def challenge_click(pred: np.ndarray | None, gt: np.ndarray) -> tuple[int, ...] | None:
+    """The CVPR 2025 challenge's next click for ``pred`` (None = no prediction yet) against ``gt``: the voxel of the
+    largest connected error component (error = prediction != ground truth; full connectivity: 8 in 2D, 26 in 3D)
+    farthest from the component's border (the array edge counts as border), ties broken by a fixed-seed (42)
+    uniform draw among the maxima in row-major order; positive where the ground truth is set.
+
+    2D: ``(x, y, positive)`` (x = column). 3D (arrays indexed ``[z, y, x]``): ``(x, y, z, positive)``. None when
+    the prediction is perfect."""
+    gt = np.asarray(gt).astype(bool)
+    pred = np.zeros_like(gt) if pred is None else np.asarray(pred).astype(bool)
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} differ in size")
+    if gt.ndim not in (2, 3):
+        raise ValueError(f"challenge_click takes 2D or 3D masks, got shape {gt.shape}")
+    error = pred != gt
+    if not error.any():
+        return None
+    labels, n = ndimage.label(error, structure=np.ones((3,) * gt.ndim, bool))
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    sizes[0] = 0
+    component = labels == int(np.argmax(sizes))
+    crop = ndimage.find_objects(component.astype(np.int8))[0]  # the distance transform only needs the component's box
+    inner = (slice(1, -1),) * gt.ndim
+    dist = ndimage.distance_transform_edt(np.pad(component[crop], 1))[inner]
+    best = np.argwhere(dist == dist.max())  # row-major order
+    idx = best[np.random.RandomState(_TIE_SEED).choice(len(best))] + np.array([c.start for c in crop])
+    positive = bool(gt[tuple(idx)])
+    if gt.ndim == 2:
+        return int(idx[1]), int(idx[0]), positive
+    return int(idx[2]), int(idx[1]), int(idx[0]), positive
+
+
+@dataclass(frozen=True)
+class SliceClick:
+    """A click on slice ``z`` of a volume: the reference :class:`OracleClick` on that slice."""
+
+    z: int
+    click: OracleClick
+
+    @property
+    def positive(self) -> bool:
+        return self.click.positive
+
+
+def worst_slice(pred: np.ndarray | None, gt: np.ndarray) -> int | None:
+    """The slice (first axis of a ``[z, y, x]`` volume) with the most error voxels, or None when there is none."""
+    gt = np.asarray(gt).astype(bool)
+    pred = np.zeros_like(gt) if pred is None else np.asarray(pred).astype(bool)
+    if pred.shape != gt.shape or gt.ndim != 3:
+        raise ValueError(f"worst_slice takes two 3D masks of one shape, got {pred.shape} and {gt.shape}")
+    errors = np.count_nonzero(pred != gt, axis=(1, 2))
+    return int(np.argmax(errors)) if errors.any() else None
+
+
+def worst_slice_click(pred: np.ndarray | None, gt: np.ndarray,
+                      avoid: dict[int, list[tuple[float, float]]] | None = None) -> SliceClick | None:
+    """The reference rule (:func:`next_click`) on the volume's worst slice (:func:`worst_slice`); ``avoid`` maps a
+    slice to the (x, y) pixels already clicked there. None when the prediction is perfect."""
+    gt = np.asarray(gt).astype(bool)
+    pred_arr = np.zeros_like(gt) if pred is None else np.asarray(pred).astype(bool)
+    z = worst_slice(pred_arr, gt)
+    if z is None:
+        return None
+    click = next_click(pred_arr[z] if pred is not None else None, gt[z], (avoid or {}).get(z))
+    if click is None:  # every error pixel of the worst slice was clicked already: the next slice in error order
+        errors = np.count_nonzero(pred_arr != gt, axis=(1, 2))
+        for k in np.argsort(-errors, kind="stable")[1:]:
+            if errors[k] == 0:
+                break
+            click = next_click(pred_arr[k], gt[k], (avoid or {}).get(int(k)))
+            if click is not None:
+                return SliceClick(int(k), click)
+        return None
+    return SliceClick(z, click)

@@ -8,7 +8,20 @@ Grammar (reference release)::
     <think>\n...\n</think>\n<action>\nPositive Point (0.5000, 0.2500)\n</action>
     <think>\n...\n</think>\n<action>\nTerminate\n</action>\n<answer>\n...\n</answer>
 
-The ``extended`` mode adds ``Box (x1, y1, x2, y2)`` (our extension, not in the reference).
+The ``extended`` mode adds ``Box (x1, y1, x2, y2)`` (our extension, not in the reference) and the volume form
+(issue 28): an action on slice ``z`` of a volume carries the slice index as one more number, a whole number
+counted from 0 along the volume's slice axis (not normalized: slice counts differ between volumes and a person or an
+MLLM reads "slice 12" directly)::
+
+    Positive Point (0.5000, 0.2500, 12)        a click on slice 12
+    Negative Point (0.5000, 0.2500, 12)
+    Box (0.1000, 0.2000, 0.4000, 0.6000, 12)   a box on slice 12
+    Box (0.1000, 0.2000, 0.4000, 0.6000, 12, 5, 20)
+                                               the same box, the object spanning slices 5..20 (the CVPR 2025
+                                               challenge's box: drawn on the middle slice, with its z-range)
+    Terminate
+
+x and y stay normalized by the slice's width and height. The reference grammar has no volume form.
 
 Two parsing profiles (:data:`ParserProfile`): ``lenient`` (ours, the default) and ``reference`` (the release's
 inference parser, for running the released checkpoint as its own scripts do); see :func:`parse_action`.
@@ -16,6 +29,7 @@ inference parser, for running the released checkpoint as its own scripts do); se
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 import re
@@ -73,6 +87,10 @@ class Action:
     y: float | None = None
     box: tuple[float, float, float, float] | None = None
     answer: str | None = None
+    #: slice index of a volume action (extended grammar); None for a 2D action
+    z: int | None = None
+    #: (first, last) slice of the object for a volume box (the challenge's z-range); None otherwise
+    z_range: tuple[int, int] | None = None
 
     # --- constructors -------------------------------------------------------------------------------------------
     @classmethod
@@ -95,6 +113,27 @@ class Action:
     @classmethod
     def terminate(cls, answer: str | None = None) -> Action:
         return cls(ActionKind.TERMINATE, answer=answer)
+
+    def on_slice(self, z: int, z_range: tuple[int, int] | None = None) -> Action:
+        """This click or box placed on slice ``z`` of a volume (``z_range``: the object's first and last slice, for a
+        box only)."""
+        if self.kind is ActionKind.TERMINATE:
+            raise ActionParseError("Terminate has no slice", "invalid_slice")
+        zz = _check_slice(z, "z")
+        zr = None
+        if z_range is not None:
+            if self.kind is not ActionKind.BOX:
+                raise ActionParseError("only a box carries a z-range", "invalid_slice")
+            lo, hi = _check_slice(z_range[0], "z1"), _check_slice(z_range[1], "z2")
+            if not lo <= zz <= hi:
+                raise ActionParseError(f"box z-range {lo}..{hi} must hold its slice {zz}", "invalid_slice")
+            zr = (lo, hi)
+        return dataclasses.replace(self, z=zz, z_range=zr)
+
+    @property
+    def is_volume(self) -> bool:
+        """True for a click or box on a volume slice (it carries ``z``)."""
+        return self.z is not None
 
     # --- helpers ------------------------------------------------------------------------------------------------
     @property
@@ -124,6 +163,13 @@ class Action:
         return other is not None and self.text() == other.text()
 
 
+def _check_slice(value: float, name: str) -> int:
+    v = float(value)
+    if not math.isfinite(v) or v < 0 or v != int(v):
+        raise ActionParseError(f"{name}={value!r} must be a slice index (a whole number >= 0)", "invalid_slice")
+    return int(v)
+
+
 def _check_unit(value: float, name: str) -> float:
     v = float(value)
     if not math.isfinite(v) or v < 0.0 or v > 1.0:
@@ -151,14 +197,17 @@ def to_normalized(pixel: float, size: int) -> float:
 # ------------------------------------------------------------------------------------------------------------------
 
 def format_action(action: Action) -> str:
+    zs = "" if action.z is None else f", {action.z}"
+    if action.z_range is not None:
+        zs += f", {action.z_range[0]}, {action.z_range[1]}"
     if action.kind is ActionKind.POSITIVE:
-        return f"Positive Point ({action.x:.4f}, {action.y:.4f})"
+        return f"Positive Point ({action.x:.4f}, {action.y:.4f}{zs})"
     if action.kind is ActionKind.NEGATIVE:
-        return f"Negative Point ({action.x:.4f}, {action.y:.4f})"
+        return f"Negative Point ({action.x:.4f}, {action.y:.4f}{zs})"
     if action.kind is ActionKind.BOX:
         assert action.box is not None
         x1, y1, x2, y2 = action.box
-        return f"Box ({x1:.4f}, {y1:.4f}, {x2:.4f}, {y2:.4f})"
+        return f"Box ({x1:.4f}, {y1:.4f}, {x2:.4f}, {y2:.4f}{zs})"
     return "Terminate"
 
 
@@ -178,12 +227,14 @@ def format_reply(action: Action, reasoning: str, answer: str | None = None) -> s
 
 _NUM = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
 _TAG = {name: re.compile(rf"<{name}>(.*?)</{name}>", re.S | re.I) for name in ("think", "action", "answer")}
-_CLICK_RE = re.compile(rf"\b(positive|negative)\s*point\s*[:\-]?\s*\(\s*({_NUM})\s*,\s*({_NUM})\s*\)", re.I)
-_BOX_RE = re.compile(rf"\bbox\s*[:\-]?\s*\(\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*\)", re.I)
+_CLICK_RE = re.compile(rf"\b(positive|negative)\s*point\s*[:\-]?\s*\(\s*({_NUM})\s*,\s*({_NUM})\s*"
+                       rf"(?:,\s*({_NUM})\s*)?\)", re.I)
+_BOX_RE = re.compile(rf"\bbox\s*[:\-]?\s*\(\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*"
+                     rf"(?:,\s*({_NUM})\s*(?:,\s*({_NUM})\s*,\s*({_NUM})\s*)?)?\)", re.I)
 _STOP_RE = re.compile(r"\bterminat(?:e|ion)\b", re.I)
 # Strict forms (reference format reward): exactly one action per <action>, 4-decimal floats allowed any precision.
-_STRICT_CLICK = re.compile(rf"^(Positive|Negative) Point \(({_NUM}), ({_NUM})\)$")
-_STRICT_BOX = re.compile(rf"^Box \(({_NUM}), ({_NUM}), ({_NUM}), ({_NUM})\)$")
+_STRICT_CLICK = re.compile(rf"^(Positive|Negative) Point \(({_NUM}), ({_NUM})(?:, (\d+))?\)$")
+_STRICT_BOX = re.compile(rf"^Box \(({_NUM}), ({_NUM}), ({_NUM}), ({_NUM})(?:, (\d+)(?:, (\d+), (\d+))?)?\)$")
 _STRICT_STOP = re.compile(r"^(Terminate|Termination)$")
 
 
@@ -207,7 +258,9 @@ def parse_action(text: str, mode: GrammarMode = "extended", profile: ParserProfi
     :func:`_parse_action_reference` (``mode`` is then irrelevant: the release has no Box).
 
     Raises :class:`ActionParseError` with a reason code: ``no_action``, ``pixel_coordinates`` (values > 1 look like
-    pixels: reported, never rescaled by guess), ``out_of_range``, ``invalid_box``, ``box_not_allowed``.
+    pixels: reported, never rescaled by guess), ``out_of_range``, ``invalid_box``, ``box_not_allowed``,
+    ``invalid_slice`` (a slice index that is not a whole number >= 0, a z-range without its slice),
+    ``volume_not_allowed`` (a point with a slice index in the reference grammar).
     """
     if not isinstance(text, str):
         raise ActionParseError(f"expected a string reply, got {type(text).__name__}", "no_action")
@@ -237,12 +290,22 @@ def parse_action(text: str, mode: GrammarMode = "extended", profile: ParserProfi
         if _looks_like_pixels(vals):
             raise ActionParseError(f"box {vals} looks like pixel coordinates; expected values in [0, 1]",
                                    "pixel_coordinates")
-        return Action.make_box(*vals)
+        box_action = Action.make_box(*vals)
+        if match.group(5) is None:
+            return box_action
+        z_range = (float(match.group(6)), float(match.group(7))) if match.group(6) is not None else None
+        return box_action.on_slice(float(match.group(5)), z_range)  # type: ignore[arg-type]
     sign, xs, ys = match.group(1), float(match.group(2)), float(match.group(3))
     if _looks_like_pixels([xs, ys]):
         raise ActionParseError(f"point ({xs}, {ys}) looks like pixel coordinates; expected values in [0, 1]",
                                "pixel_coordinates")
-    return Action.positive(xs, ys) if sign.lower() == "positive" else Action.negative(xs, ys)
+    click = Action.positive(xs, ys) if sign.lower() == "positive" else Action.negative(xs, ys)
+    if match.group(4) is None:
+        return click
+    if mode == "reference":
+        raise ActionParseError("volume actions (a slice index after x, y) are not part of the reference grammar "
+                               "(use mode='extended')", "volume_not_allowed")
+    return click.on_slice(float(match.group(4)))  # type: ignore[arg-type]
 
 
 # The release's inference parser, as we read it (infer/mllm_engine.py ``parse_output`` at the stored commit):
@@ -346,6 +409,8 @@ def validate_reply(text: str, mode: GrammarMode = "extended") -> ValidationResul
         vals = [float(cm.group(2)), float(cm.group(3))]
         if any(not (0.0 <= v <= 1.0) for v in vals):
             errors.append(f"point coordinates {vals} must lie in [0, 1]")
+        if cm.group(4) is not None and mode == "reference":
+            errors.append("a point on a volume slice is not an action of the reference grammar")
     elif (bm := _STRICT_BOX.match(action_text)):
         if mode == "reference":
             errors.append("Box is not an action of the reference grammar")
@@ -354,6 +419,8 @@ def validate_reply(text: str, mode: GrammarMode = "extended") -> ValidationResul
             errors.append(f"box coordinates {vals} must lie in [0, 1]")
         elif not (vals[0] < vals[2] and vals[1] < vals[3]):
             errors.append("box needs x1 < x2 and y1 < y2")
+        if bm.group(6) is not None and not int(bm.group(6)) <= int(bm.group(5)) <= int(bm.group(7)):
+            errors.append("a volume box's z-range must hold its slice")
     elif _STRICT_STOP.match(action_text):
         is_stop = True
     else:

@@ -124,6 +124,9 @@ class Session:
         h, w = self.shape
         if action.kind is ActionKind.TERMINATE:
             return self.mask
+        if action.z is not None:
+            raise SegmenterError(f"{action.text()} names slice {action.z} of a volume, but this session holds a 2D "
+                                 "image (use ibisagent.volume.VolumeSession)")
         if action.kind is ActionKind.BOX:
             return self.set_box(*action.pixel_box(w, h))
         x, y = action.pixel(w, h)

@@ -28,10 +28,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 from ibisagent.env import Observation
 from ibisagent.masks import bbox, nsd
+from ibisagent.oracle_click import challenge_click
 from ibisagent.policies.base import BasePolicy, Policy, PolicyError, register_policy
 from ibisagent.policies.oracle import box_action
 from ibisagent.protocol import Action, format_reply, to_normalized
@@ -57,26 +57,6 @@ CHALLENGE_CLICKS = 5
 NSD_MIN_DSC = 0.2
 #: the challenge's NSD tolerance (2 mm with the volume's spacing; 2 px on 2D images without a spacing)
 NSD_TOLERANCE = 2.0
-_TIE_SEED = 42
-
-
-def challenge_click(pred: np.ndarray | None, gt: np.ndarray) -> tuple[int, int, bool] | None:
-    """The challenge's next click ``(x, y, positive)`` for prediction ``pred``, or None when there is no error."""
-    gt = np.asarray(gt).astype(bool)
-    pred = np.zeros_like(gt) if pred is None else np.asarray(pred).astype(bool)
-    if pred.shape != gt.shape:
-        raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} differ in size")
-    error = pred != gt
-    if not error.any():
-        return None
-    labels, n = ndimage.label(error, structure=np.ones((3, 3), bool))
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
-    sizes[0] = 0
-    component = labels == int(np.argmax(sizes))
-    dist = ndimage.distance_transform_edt(np.pad(component, 1))[1:-1, 1:-1]
-    best = np.argwhere(dist == dist.max())  # row-major order
-    row, col = best[np.random.RandomState(_TIE_SEED).choice(len(best))]
-    return int(col), int(row), bool(gt[row, col])
 
 
 class ChallengeClicker(BasePolicy):

@@ -1,0 +1,421 @@
+"""The volume session: clicks and boxes on any slice of a volume, one 3D mask, by propagating a 2D segmenter.
+
+How a 3D mask is made (the MedSAM2 / SAM-video idea with a 2D promptable segmenter):
+
+* An **anchor** is a slice the user (or the policy) prompted. Its mask comes from its own prompts (all clicks on that
+  slice and its latest box), with the slice's previous logits as mask feedback, as in the 2D
+  :class:`~ibisagent.session.Session`.
+* **Propagation** walks from each anchor outward, both directions at once (the two fronts decode in one
+  :meth:`~ibisagent.segmenters.base.Segmenter.predict_batch` call per step when the backend has reusable
+  embeddings): slice ``s`` is predicted from the previous slice's mask, its box (widened by ``box_margin``) as the
+  box prompt and its low-resolution logits as the mask input. A front stops where the object ends: the mask is
+  smaller than ``min_area`` pixels, shrinks below ``min_area_ratio`` of the previous slice's area, or the backend's
+  predicted IoU falls below ``min_score``; the slices that front had filled beyond that point are cleared. It also
+  stops at another anchor, at a slice nearer to another anchor that already holds that anchor's mask, at the
+  z-range of a box that carries one, and, when it re-propagates after a correction, where its new mask agrees with
+  the slice's old one (Dice >= ``agree_stop``): a correction only changes the slices it reaches before that.
+* **Encoding**: every slice is encoded once per session (an in-session table by slice index; the backend's own
+  caches are keyed by the slice image's content, so a second session on the same volume reuses them too).
+
+The session implements :class:`ibisagent.episode.EpisodeSession`: ``set_image(stack)``, ``apply(action)`` for
+volume actions (:attr:`ibisagent.protocol.Action.z`), ``mask`` (Z, H, W) bool or None before the first prompt.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ibisagent.masks import bbox
+from ibisagent.protocol import Action, ActionKind
+from ibisagent.segmenters.base import PromptSet, Segmenter, SegmenterError, SegResult
+from ibisagent.session import Interaction
+
+from .stack import SliceStack
+
+__all__ = ["PropagationConfig", "VolumeSession", "VolumeTimings"]
+
+
+@dataclass(frozen=True)
+class PropagationConfig:
+    """When a propagation front goes on and how it prompts each slice (see the module docstring)."""
+
+    min_area: int = 10  # pixels: a smaller mask means the object has ended
+    min_area_ratio: float = 0.15  # a mask below this fraction of the previous slice's area means it has ended
+    max_area_ratio: float = 1.5  # a mask above this multiple of the previous slice's area is a leak (0: no limit)
+    min_score: float = 0.3  # the backend's predicted IoU below this means it has ended (NaN scores never stop)
+    box_margin: float = 0.0  # the previous slice's box grows by this fraction of its size on each side (>= 2 px)
+    mask_input: bool = False  # feed the previous slice's logits as the mask input
+    agree_stop: float = 0.97  # a re-propagation stops where its mask matches the slice's old one at this Dice
+    keep_box_on_correction: bool = True  # a click on a propagated slice keeps that slice's propagation box
+
+    def __post_init__(self) -> None:
+        if self.min_area < 0 or not 0 <= self.min_area_ratio < 1 or not 0 <= self.agree_stop <= 1:
+            raise ValueError("min_area >= 0, 0 <= min_area_ratio < 1 and 0 <= agree_stop <= 1 are required")
+        if self.box_margin < 0:
+            raise ValueError(f"box_margin must be >= 0, got {self.box_margin}")
+
+
+@dataclass
+class VolumeTimings:
+    """Seconds in the image encoder and the decoder, encoder runs and slice decodes of one session."""
+
+    encoder_s: float = 0.0
+    decoder_s: float = 0.0
+    encoded_slices: int = 0
+    decoded_slices: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Slice:
+    """One slice's state: its mask, low-res logits, predicted IoU, the anchor whose propagation made it (or its own
+    index for an anchor; -1 when empty) and the box it was propagated with."""
+
+    mask: np.ndarray | None = None
+    logits: np.ndarray | None = None
+    score: float = float("nan")
+    owner: int = -1
+    box: tuple[float, float, float, float] | None = None
+
+
+@dataclass
+class _Step:
+    """What one interaction changed (for undo): the slices' previous states and the anchor's previous prompts."""
+
+    z: int
+    before: dict[int, _Slice] = field(default_factory=dict)
+    anchor_before: list[Interaction] | None = None
+    z_range_before: tuple[int, int] | None = None
+    interaction: Interaction | None = None
+
+
+class VolumeSession:
+    """Prompts on the slices of one volume and the 3D mask they produce.
+
+    >>> s = VolumeSession(create_segmenter("litemedsam-click")); s.set_image(SliceStack.from_volume(vol))
+    >>> s.set_box(40, 30, 90, 70, z=12); s.add_click(60, 50, z=15); s.mask.shape  # (Z, H, W)
+    """
+
+    def __init__(self, segmenter: Segmenter, config: PropagationConfig | None = None) -> None:
+        self.segmenter = segmenter
+        self.config = config or PropagationConfig()
+        self.timings = VolumeTimings()
+        self._stack: SliceStack | None = None
+        self._emb: dict[int, np.ndarray] = {}
+        self._reset_state(0)
+
+    # --- image -------------------------------------------------------------------------------------------------
+    def set_image(self, image: SliceStack) -> None:
+        if not isinstance(image, SliceStack):
+            raise SegmenterError(f"a volume session takes a SliceStack, got {type(image).__name__}")
+        self._stack = image
+        self._emb = {}
+        self.timings = VolumeTimings()
+        self._reset_state(image.depth)
+
+    @property
+    def stack(self) -> SliceStack:
+        if self._stack is None:
+            raise SegmenterError("no volume set: call set_image(SliceStack) first")
+        return self._stack
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.stack.shape
+
+    def reset(self) -> None:
+        """Forget every prompt (same volume, new object); embeddings are kept."""
+        self._reset_state(self.stack.depth)
+
+    def _reset_state(self, depth: int) -> None:
+        self._slices = [_Slice() for _ in range(depth)]
+        self._anchors: dict[int, list[Interaction]] = {}
+        self._z_range: tuple[int, int] | None = None
+        self._steps: list[_Step] = []
+
+    # --- state -------------------------------------------------------------------------------------------------
+    @property
+    def mask(self) -> np.ndarray | None:
+        """The 3D mask (Z, H, W) bool, or None before the first prompt."""
+        if not self._steps:
+            return None
+        z, (h, w) = self.stack.depth, self.stack.slice_shape
+        out = np.zeros((z, h, w), bool)
+        for k, s in enumerate(self._slices):
+            if s.mask is not None:
+                out[k] = s.mask
+        return out
+
+    def slice_mask(self, z: int) -> np.ndarray | None:
+        return self._slices[z].mask
+
+    def slice_logits(self, z: int) -> np.ndarray | None:
+        return self._slices[z].logits
+
+    @property
+    def slice_scores(self) -> np.ndarray:
+        """The backend's predicted IoU per slice (NaN where the slice holds no mask)."""
+        return np.array([s.score if s.mask is not None and s.mask.any() else math.nan for s in self._slices])
+
+    @property
+    def owners(self) -> np.ndarray:
+        """Per slice: the anchor whose prompts or propagation made its mask (-1: none)."""
+        return np.array([s.owner for s in self._slices], np.int64)
+
+    @property
+    def score(self) -> float:
+        """Area-weighted mean predicted IoU of the slices with a mask (NaN without one)."""
+        areas = np.array([int(s.mask.sum()) if s.mask is not None else 0 for s in self._slices], float)
+        scores = self.slice_scores
+        ok = (areas > 0) & np.isfinite(scores)
+        return float((scores[ok] * areas[ok]).sum() / areas[ok].sum()) if ok.any() else math.nan
+
+    @property
+    def anchors(self) -> dict[int, tuple[Interaction, ...]]:
+        """Prompted slices -> their prompts."""
+        return {z: tuple(v) for z, v in sorted(self._anchors.items())}
+
+    @property
+    def interactions(self) -> tuple[tuple[int, Interaction], ...]:
+        """Every prompt as (slice, interaction), in the order given."""
+        return tuple((st.z, st.interaction) for st in self._steps if st.interaction is not None)
+
+    @property
+    def z_range(self) -> tuple[int, int] | None:
+        return self._z_range
+
+    def points(self, z: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Clicks as ((N, 3) x, y, z pixels, (N,) labels 1/0); on slice ``z`` only when given ((N, 2) x, y)."""
+        rows = [(i.x, i.y, k, int(i.positive)) for k, v in sorted(self._anchors.items()) for i in v
+                if i.kind == "click" and (z is None or k == z)]
+        arr = np.asarray(rows, np.float32).reshape(-1, 4)
+        xy = arr[:, :2] if z is not None else arr[:, :3]
+        return xy, arr[:, 3].astype(np.int64)
+
+    def slice_box(self, z: int) -> tuple[float, float, float, float] | None:
+        """The active box on slice ``z``: its latest box prompt, else the box it was propagated with."""
+        boxes = [i.box for i in self._anchors.get(z, []) if i.kind == "box"]
+        return boxes[-1] if boxes else self._slices[z].box
+
+    # --- verbs -------------------------------------------------------------------------------------------------
+    def add_click(self, x: float, y: float, z: int, positive: bool = True) -> np.ndarray:
+        """A click at pixel (x, y) of slice ``z``; returns the new 3D mask."""
+        h, w = self.stack.slice_shape
+        z = self._check_z(z)
+        if not (np.isfinite(x) and np.isfinite(y)) or not (0 <= x <= w - 1 and 0 <= y <= h - 1):
+            raise SegmenterError(f"click ({x}, {y}) lies outside the {w}x{h} slice")
+        return self._interact(z, Interaction("click", float(x), float(y), bool(positive)))
+
+    def set_box(self, x1: float, y1: float, x2: float, y2: float, z: int,
+                z_range: tuple[int, int] | None = None) -> np.ndarray:
+        """A box (pixels, inclusive corners) on slice ``z``; ``z_range`` (first, last slice) bounds propagation, as the
+        challenge's 3D box does. Returns the new 3D mask."""
+        z = self._check_z(z)
+        zr = None
+        if z_range is not None:
+            lo, hi = self._check_z(z_range[0]), self._check_z(z_range[1])
+            if not lo <= z <= hi:
+                raise SegmenterError(f"the box's z-range {lo}..{hi} does not hold its slice {z}")
+            zr = (lo, hi)
+        return self._interact(z, Interaction("box", box=(float(x1), float(y1), float(x2), float(y2))), zr)
+
+    def apply(self, action: Action) -> np.ndarray | None:
+        """Apply a volume action (normalized x, y on slice ``action.z``). Terminate changes nothing."""
+        if action.kind is ActionKind.TERMINATE:
+            return self.mask
+        if action.z is None:
+            raise SegmenterError(f"{action.text()} names no slice; a volume action carries one, e.g. "
+                                 "'Positive Point (0.5000, 0.5000, 12)'")
+        h, w = self.stack.slice_shape
+        if action.kind is ActionKind.BOX:
+            return self.set_box(*action.pixel_box(w, h), z=action.z, z_range=action.z_range)
+        x, y = action.pixel(w, h)
+        return self.add_click(x, y, action.z, positive=action.kind is ActionKind.POSITIVE)
+
+    def undo(self) -> np.ndarray | None:
+        """Take back the last prompt and what its propagation changed."""
+        if not self._steps:
+            return None
+        st = self._steps.pop()
+        for k, old in st.before.items():
+            self._slices[k] = old
+        if st.anchor_before is None:
+            self._anchors.pop(st.z, None)
+        else:
+            self._anchors[st.z] = st.anchor_before
+        self._z_range = st.z_range_before
+        return self.mask
+
+    # --- internals: one interaction ----------------------------------------------------------------------------
+    def _check_z(self, z: int) -> int:
+        n = self.stack.depth
+        if isinstance(z, bool) or not isinstance(z, (int, np.integer)) or not 0 <= int(z) < n:
+            raise SegmenterError(f"slice {z!r} is outside the volume (0..{n - 1})")
+        return int(z)
+
+    def _interact(self, z: int, inter: Interaction, z_range: tuple[int, int] | None = None) -> np.ndarray:
+        step = _Step(z, anchor_before=list(self._anchors[z]) if z in self._anchors else None,
+                     z_range_before=self._z_range, interaction=inter)
+        cur = self._slices[z]
+        prompts = list(self._anchors.get(z, []))
+        if (not prompts and inter.kind == "click" and self.config.keep_box_on_correction and cur.box is not None
+                and cur.mask is not None and cur.mask.any()):
+            prompts.append(Interaction("box", box=cur.box))  # a correction keeps the box the slice was made with
+        prompts.append(inter)
+        result = self._decode([self._prompt_set(z, prompts, cur.logits)])[0]
+        self._anchors[z] = prompts
+        if inter.kind == "box":
+            self._z_range = z_range
+        step.before[z] = cur
+        self._slices[z] = _Slice(result.mask, result.logits, float(result.score), z, None)
+        self._steps.append(step)
+        self._propagate([z], step)
+        return self.mask  # type: ignore[return-value]
+
+    def _prompt_set(self, z: int, prompts: list[Interaction], mask_input: np.ndarray | None) -> PromptSet:
+        clicks = [i for i in prompts if i.kind == "click"]
+        boxes = [i.box for i in prompts if i.kind == "box"]
+        pts = np.asarray([(c.x, c.y) for c in clicks], np.float32).reshape(-1, 2)
+        labs = np.asarray([int(c.positive) for c in clicks], np.int64)
+        box = np.asarray(boxes[-1], np.float32) if boxes else None
+        return PromptSet(shape=self.stack.slice_shape, points=pts, labels=labs, box=box,
+                         mask_input=mask_input if self.config.mask_input else None, image=self.stack.image(z),
+                         embedding=z)  # the slice index; _decode swaps in the embedding
+
+    # --- internals: propagation --------------------------------------------------------------------------------
+    def _propagate(self, starts: list[int], step: _Step) -> None:
+        """Walk outward from each start anchor in both directions, all fronts in lockstep (one batch per step)."""
+        fronts = [(a, d, a) for a in starts for d in (-1, 1)]  # (anchor, direction, last slice written)
+        while fronts:
+            todo: list[tuple[int, int, int]] = []
+            items: list[PromptSet] = []
+            for a, d, prev in fronts:
+                s = prev + d
+                if not self._may_write(a, d, s):
+                    continue
+                p = self._slices[prev]
+                assert p.mask is not None
+                box = self._grow_box(p.mask)
+                if box is None:
+                    continue
+                todo.append((a, d, s))
+                items.append(PromptSet(shape=self.stack.slice_shape, points=np.zeros((0, 2), np.float32),
+                                       labels=np.zeros((0,), np.int64), box=np.asarray(box, np.float32),
+                                       mask_input=p.logits if self.config.mask_input else None,
+                                       image=self.stack.image(s), embedding=s))
+            if not items:
+                return
+            results = self._decode(items)
+            fronts = []
+            for (a, d, s), res, it in zip(todo, results, items, strict=True):
+                prev_area = int(self._slices[s - d].mask.sum())  # type: ignore[union-attr]
+                if self._ended(res, prev_area):
+                    self._clear_from(a, d, s, step)
+                    continue
+                old = self._slices[s]
+                step.before.setdefault(s, old)
+                box = tuple(float(v) for v in it.box) if it.box is not None else None
+                self._slices[s] = _Slice(res.mask, res.logits, float(res.score), a, box)  # type: ignore[arg-type]
+                if old.owner >= 0 and old.mask is not None and _dice(old.mask, res.mask) >= self.config.agree_stop:
+                    continue  # converged with the slice's earlier mask: the slices beyond stay as they are
+                fronts.append((a, d, s))
+
+    def _may_write(self, a: int, d: int, s: int) -> bool:
+        n = self.stack.depth
+        if not 0 <= s < n or s in self._anchors:
+            return False
+        if self._z_range is not None and not self._z_range[0] <= s <= self._z_range[1]:
+            return False
+        owner = self._slices[s].owner
+        if owner in (-1, a):
+            return True
+        # held by another anchor's front: give way when that anchor is nearer (ties to the lower anchor)
+        da, do = abs(s - a), abs(s - owner)
+        return da < do or (da == do and a < owner)
+
+    def _ended(self, res: SegResult, prev_area: int) -> bool:
+        area = int(res.mask.sum())
+        cfg = self.config
+        if area < max(cfg.min_area, 1) or area < cfg.min_area_ratio * prev_area:
+            return True
+        if cfg.max_area_ratio > 0 and area > cfg.max_area_ratio * prev_area:
+            return True
+        return math.isfinite(res.score) and res.score < cfg.min_score
+
+    def _clear_from(self, a: int, d: int, s: int, step: _Step) -> None:
+        """The object ended at slice ``s``: clear it and the slices beyond that anchor ``a``'s front had filled."""
+        k = s
+        while 0 <= k < self.stack.depth and k not in self._anchors and self._slices[k].owner in (a, -1):
+            if self._slices[k].owner == a:
+                step.before.setdefault(k, self._slices[k])
+                self._slices[k] = _Slice()
+            elif k != s:
+                break
+            k += d
+
+    def _grow_box(self, mask: np.ndarray) -> tuple[float, float, float, float] | None:
+        b = bbox(mask)
+        if b is None:
+            return None
+        h, w = mask.shape
+        x1, y1, x2, y2 = b
+        mx = max(2.0, self.config.box_margin * (x2 - x1 + 1))
+        my = max(2.0, self.config.box_margin * (y2 - y1 + 1))
+        x1, x2 = max(0.0, x1 - mx), min(w - 1.0, x2 + mx)
+        y1, y2 = max(0.0, y1 - my), min(h - 1.0, y2 + my)
+        if x2 <= x1 or y2 <= y1:
+            return None
+        return float(x1), float(y1), float(x2), float(y2)
+
+    # --- internals: encoder and decoder ------------------------------------------------------------------------
+    def _embedding(self, z: int) -> np.ndarray | None:
+        if z in self._emb:
+            return self._emb[z]
+        t = time.perf_counter()
+        before = self.segmenter.encoder_runs
+        emb = self.segmenter.embedding(self.stack.image(z))
+        self.timings.encoder_s += time.perf_counter() - t
+        self.timings.encoded_slices += self.segmenter.encoder_runs - before
+        if emb is not None:
+            self._emb[z] = np.asarray(emb, np.float16)  # half the memory; the decoder takes any float array
+        return None if emb is None else self._emb[z]
+
+    def embedding(self, z: int) -> np.ndarray | None:
+        """Slice ``z``'s image embedding (encoded once per session), or None for a backend without one."""
+        return self._embedding(self._check_z(z))
+
+    def _decode(self, items: list[PromptSet]) -> list[SegResult]:
+        """Decode prompt sets whose ``embedding`` holds a slice index: in one batch from the slices' embeddings when
+        the backend has them, else one by one on the slice images (``ensure_image`` + ``predict``)."""
+        zs = [int(it.embedding) for it in items]
+        embs = [self._embedding(z) for z in zs]
+        t = time.perf_counter()
+        if all(e is not None for e in embs):
+            batch = [PromptSet(it.shape, it.points, it.labels, it.box, it.mask_input, None, e)
+                     for it, e in zip(items, embs, strict=True)]
+            out = self.segmenter.predict_batch(batch)
+        else:
+            out = []
+            for it in items:
+                t_enc = time.perf_counter()
+                if self.segmenter.ensure_image(it.image):  # type: ignore[arg-type]
+                    self.timings.encoded_slices += 1
+                    enc = time.perf_counter() - t_enc
+                    self.timings.encoder_s += enc
+                    t += enc  # encoder time is not decoder time
+                out.append(self.segmenter.predict(it.points if len(it.points) else None,
+                                                  it.labels if len(it.labels) else None, it.box, it.mask_input))
+        self.timings.decoder_s += time.perf_counter() - t
+        self.timings.decoded_slices += len(items)
+        return out
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 2.0 * int((a & b).sum()) / total if total else 1.0
