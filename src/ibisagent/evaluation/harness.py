@@ -55,6 +55,7 @@ from .challenge import (
 )
 from .metrics import NOC_THRESHOLDS, group_of, mask_metrics, noc_measured
 from .runfiles import CASE_COLUMNS, CASES_CSV, PREDICTIONS, RUN_CONFIG, read_cases, read_predictions
+from .volume import VolumeRunner, volume_policy_name
 
 __all__ = [
     "CASE_COLUMNS",
@@ -75,7 +76,7 @@ PROTOCOLS = ("agent", CHALLENGE_PROTOCOL)
 #: settings that must match for a rerun into the same folder to resume it
 _RESUME_KEYS = ("data", "policy", "segmenter", "policy_args", "segmenter_args", "protocol", "max_steps", "split",
                 "split_by", "datasets", "per_dataset", "seed", "nsd_tolerance", "segmenter_weights",
-                "surface_metrics")
+                "surface_metrics", "volumes")
 
 
 class EvalConfigError(ValueError):
@@ -107,6 +108,8 @@ class EvalConfig:
     overwrite: bool = False
     report: bool = True
     command: str = ""
+    #: evaluate the ``is_3d`` rows as volume episodes (:mod:`ibisagent.evaluation.volume`) instead of the 2D rows
+    volumes: bool = False
 
     def validate(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -135,6 +138,8 @@ class EvalConfig:
         """A copy with the default segmenter filled in and the challenge's default policy."""
         seg = self.segmenter or default_segmenter()
         policy = self.policy or ("challenge" if self.protocol == CHALLENGE_PROTOCOL else "oracle")
+        if self.volumes:
+            policy = volume_policy_name(policy)
         return EvalConfig(**{**asdict(self), "segmenter": seg, "policy": policy})
 
     def resume_key(self) -> dict[str, Any]:
@@ -214,6 +219,13 @@ class Runner:
         if config.threads:
             _set_torch_threads(config.threads)
         self.segmenter = _make_segmenter(config.segmenter or default_segmenter(), dict(config.segmenter_args))
+        self.volume_runner: VolumeRunner | None = None
+        if config.volumes:
+            vpolicy = _make_policy(volume_policy_name(config.policy), dict(config.policy_args), config.seed)
+            self.policy = vpolicy
+            self.volume_runner = VolumeRunner(self.segmenter, vpolicy, challenge=config.protocol == CHALLENGE_PROTOCOL,
+                                              max_steps=config.max_steps, nsd_tolerance=config.nsd_tolerance)
+            return
         policy = _make_policy(config.policy, dict(config.policy_args), config.seed)
         if config.protocol == CHALLENGE_PROTOCOL:
             steps = 1 + CHALLENGE_CLICKS
@@ -236,6 +248,8 @@ class Runner:
             "object": case.object, "group": group_of(case.object), "split": case.split,
             "area_px": case.extra.get("area_px"), "max_interactions": cfg.max_interactions,
         }
+        if self.volume_runner is not None:
+            return self.volume_runner.run_case(case, row)
         try:
             image, gt = load_case_arrays(case)
         except CaseError as exc:
@@ -414,6 +428,7 @@ def run_config_dict(config: EvalConfig) -> dict[str, Any]:
         "split_by": config.split_by, "datasets": config.datasets,
         "limit": config.limit, "per_dataset": config.per_dataset, "seed": config.seed, "workers": config.workers, "nsd_tolerance": config.nsd_tolerance,
         "surface_metrics": SURFACE_METRICS, "data": str(Path(config.data).resolve()), "command": config.command,
+        "volumes": config.volumes,
         "versions": _versions(config),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count()},
@@ -441,11 +456,14 @@ def _check_resume(out: Path, config: EvalConfig) -> None:
 
 
 def select_cases(config: EvalConfig) -> list[Case]:
-    """The cases a run covers: split and dataset filters, 2D only, then the first ``limit``."""
+    """The cases a run covers: split and dataset filters, 2D only (``volumes``: 3D rows only), then the first
+    ``limit``."""
     cases = load_manifest(config.data, split=config.split, datasets=config.datasets,  # type: ignore[arg-type]
-                          split_by=config.split_by)
+                          split_by=config.split_by, include_3d=config.volumes)
+    if config.volumes:
+        cases = [c for c in cases if c.is_3d]
     if config.datasets:
-        known = {c.source for c in load_manifest(config.data, split="all")}
+        known = {c.source for c in load_manifest(config.data, split="all", include_3d=config.volumes)}
         unknown = sorted(set(config.datasets) - known)
         if unknown:
             raise EvalConfigError(f"unknown dataset folder(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")

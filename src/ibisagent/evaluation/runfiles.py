@@ -22,11 +22,11 @@ CASE_COLUMNS = (
     "status", "error", "iou", "dice", "hd95", "nsd", "steps", "clicks", "interactions", "max_interactions",
     "stop_reason", "encoder_s", "segmenter_s", "policy_s", "total_s", "noc_80", "noc_85", "noc_90",
     "iou_curve", "dice_curve", "nsd_curve", "dsc_auc", "nsd_auc", "dsc_final", "nsd_final",
-    "seconds_per_interaction", "predicted_iou",
+    "seconds_per_interaction", "predicted_iou", "depth", "peak_rss_mb",
 )
 _FLOAT_COLS = ("iou", "dice", "hd95", "nsd", "encoder_s", "segmenter_s", "policy_s", "total_s", "dsc_auc", "nsd_auc",
-               "dsc_final", "nsd_final", "seconds_per_interaction", "predicted_iou")
-_INT_COLS = ("height", "width", "area_px", "steps", "clicks", "interactions", "max_interactions", "noc_80", "noc_85",
+               "dsc_final", "nsd_final", "seconds_per_interaction", "predicted_iou", "peak_rss_mb")
+_INT_COLS = ("depth", "height", "width", "area_px", "steps", "clicks", "interactions", "max_interactions", "noc_80", "noc_85",
              "noc_90")
 _CURVE_COLS = ("iou_curve", "dice_curve", "nsd_curve")
 

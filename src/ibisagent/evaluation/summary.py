@@ -120,6 +120,9 @@ def _extra_block(rows: Sequence[dict[str, Any]], budget: int) -> dict[str, Any]:
         "stop_reasons": dict(sorted(_count(r["stop_reason"] for r in rows).items())),
         "noc_not_measurable": noc_not_measurable(rows, budget),
     }
+    rss = [r.get("peak_rss_mb") for r in rows if r.get("peak_rss_mb") is not None]
+    if rss:  # volume runs: the process's peak resident memory (the largest over the cases)
+        out["max_peak_rss_mb"] = max(rss)
     if rows and all(r.get("dsc_auc") is not None for r in rows):
         out["challenge"] = {name: _mean([r[col] for r in rows]) for col, name in CHALLENGE_FIELDS.items()}
     return out

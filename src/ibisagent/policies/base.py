@@ -76,7 +76,7 @@ def register_policy(name: str, description: str = "") -> Callable:
 def _load_builtin() -> None:
     import importlib
 
-    for mod in ("oracle", "baselines", "compact", "hf", "openai"):
+    for mod in ("oracle", "baselines", "compact", "volume", "hf", "openai"):
         try:
             importlib.import_module(f"ibisagent.policies.{mod}")
         except ModuleNotFoundError as exc:
