@@ -189,3 +189,50 @@ def test_the_challenge_protocol_on_a_real_volume(kidney, segmenter, tmp_path) ->
     assert len(m["dice_curve"]) == 1 + sum(a.is_click for a in actions)
     assert m["dsc_final"] == m["dice"] > 0.85  # measured 0.906 (box 0.954, 2 clicks)
     assert 0 <= m["nsd_final"] <= 1 and m["hd95"] >= 0 and m["dsc_auc"] <= 4
+
+
+# --- ibisagent eval --volumes -----------------------------------------------------------------------------------
+
+def _write_volume_dataset(root: Path) -> Path:
+    import json
+
+    import nibabel as nib
+
+    folder = root / "toy_3d"
+    (folder / "volumes").mkdir(parents=True)
+    rows = []
+    for k in range(2):
+        zz, yy, xx = np.indices((40, 32, 10))  # stored (x, y, z)
+        ball = ((zz - 20 - k) / 10) ** 2 + ((yy - 16) / 9) ** 2 + ((xx - 5) / 3.5) ** 2 <= 1
+        affine = np.diag([1.5, 1.5, 4.0, 1.0])
+        nib.save(nib.Nifti1Image(np.where(ball, 900, 100).astype(np.int16), affine), folder / f"volumes/p{k}.nii.gz")
+        nib.save(nib.Nifti1Image((ball * 2).astype(np.uint8), affine), folder / f"volumes/p{k}_label.nii.gz")
+        rows.append({"id": f"p{k}__ball", "image": f"volumes/p{k}.nii.gz", "mask": f"volumes/p{k}_label.nii.gz",
+                     "object": "ball", "is_3d": True, "label_value": 2, "group": f"p{k}", "modality": "MRI",
+                     "query": "the ball in this volume"})
+    rows.append({"id": "flat", "image": "volumes/p0.nii.gz", "mask": "volumes/p0_label.nii.gz", "object": "x",
+                 "query": "2D rows are left out of a volume run"})
+    (folder / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return folder
+
+
+def test_eval_volumes_runs_the_3d_challenge_protocol(tmp_path: Path, capsys) -> None:
+    import json
+
+    from ibisagent.cli import main
+    from ibisagent.evaluation.runfiles import read_cases
+
+    data = _write_volume_dataset(tmp_path)
+    out = tmp_path / "run"
+    rc = main(["eval", str(data), "--out", str(out), "--volumes", "--protocol", "box+5clicks", "--segmenter", "fake",
+               "--no-report", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    rows = read_cases(out)
+    assert [r["case_id"] for r in rows] == ["p0__ball", "p1__ball"] and all(r["status"] == "ok" for r in rows)
+    for r in rows:
+        assert r["depth"] == 10 and r["dice"] > 0.9 and r["dsc_final"] == r["dice"]
+        assert r["interactions"] >= 1 and r["peak_rss_mb"] > 0 and r["hd95"] is not None
+    extra = json.loads((out / "summary_extra.json").read_text())["overall"]
+    assert set(extra["challenge"]) >= {"DSC_AUC", "NSD_AUC", "DSC_Final", "NSD_Final"}
+    pred = json.loads((out / "predictions.jsonl").read_text().splitlines()[0])
+    assert pred["shape"] == [10, 32, 40]  # (z, rows, columns) of the display slices
