@@ -29,7 +29,8 @@ from ibisagent.policies.base import Policy, create_policy
 from ibisagent.segmenters.base import Segmenter, create_segmenter
 
 __all__ = ["LOW_CONFIDENCE", "SAVED_FILES", "STEP_FILE", "Agent", "BatchItem", "BatchResult", "Episode", "StepRecord",
-           "clear_saved", "iter_episode", "run_episode", "step_record"]
+           "VolumeEpisode", "clear_saved", "iter_episode", "run_episode", "save_mask_nifti", "segment_volume",
+           "step_record"]
 
 #: a predicted IoU below this is reported as low confidence ("check the mask")
 LOW_CONFIDENCE = 0.5
@@ -292,6 +293,14 @@ class Agent:
     def segment(self, image: np.ndarray, query: str, gt: np.ndarray | None = None, on_step: Any = None) -> Episode:
         return run_episode(self.env, self.policy, image, query, gt, on_step=on_step)
 
+    def segment_volume(self, volume: Any, query: str, gt: np.ndarray | None = None, **kw: Any) -> VolumeEpisode:
+        """Segment a 3D volume (a path, a :class:`~ibisagent.io.volumes.Volume` or a
+        :class:`~ibisagent.volume.SliceStack`) with the 3D agent (``compact-3d``; an ``oracle`` / ``challenge``
+        agent uses its volume version) through :class:`~ibisagent.volume.VolumeEnv` and the one driver. ``gt``:
+        a mask in the volume's stored layout (or ``[z, y, x]``) for 3D IoU in the trace. Keywords: ``policy``,
+        ``axis``, ``window``, ``volume_index``, ``propagation`` (a PropagationConfig), ``on_step(record)``."""
+        return segment_volume(self, volume, query, gt, **kw)
+
     def segment_many(
         self,
         items: Iterable[BatchItem],
@@ -360,3 +369,168 @@ class BatchResult:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Volumes: the 3D agent through the same driver (ibisagent.volume.VolumeEnv + ibisagent.episode.drive)
+# ----------------------------------------------------------------------------------------------------------------
+
+#: 2D policy name -> the volume policy an Agent built with it uses for segment_volume (others: the 3D agent)
+VOLUME_POLICY_FOR = {"oracle": "oracle-3d", "challenge": "challenge-3d"}
+#: the default 3D policy
+DEFAULT_VOLUME_POLICY = "compact-3d"
+
+
+@dataclass
+class VolumeEpisode:
+    """One volume episode: ``mask`` is the 3D boolean mask in the source volume's stored voxel order (what a NIfTI
+    writer needs), ``stack_mask`` the same mask as ``[z, y, x]`` display slices; ``steps`` one dict per turn
+    (action, slice, 3D IoU/Dice with a ground truth, score, times)."""
+
+    query: str
+    stack: Any  # ibisagent.volume.SliceStack
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    stop_reason: str | None = None
+    stack_mask: np.ndarray | None = None
+    encoder_s: float = 0.0
+    decoder_s: float = 0.0
+    policy_s: float = 0.0
+    total_s: float = 0.0
+    predicted_iou: float | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mask(self) -> np.ndarray:
+        m = self.stack_mask if self.stack_mask is not None else np.zeros(self.stack.shape, bool)
+        return self.stack.to_stored(m).astype(bool)
+
+    @property
+    def n_interactions(self) -> int:
+        return sum(1 for s in self.steps if s["kind"] in ("positive", "negative", "box") and s["error"] is None)
+
+    @property
+    def final_iou(self) -> float | None:
+        return self.steps[-1]["iou"] if self.steps else None
+
+    def to_json(self) -> dict[str, Any]:
+        m = self.stack_mask if self.stack_mask is not None else np.zeros(self.stack.shape, bool)
+        vol = self.stack.volume
+        return {
+            "query": self.query, "source": str(vol.source) if vol is not None else None,
+            "volume_shape": list(vol.shape) if vol is not None else list(self.stack.shape),
+            "stack_shape": list(self.stack.shape), "axis": self.stack.axis, "spacing_mm": list(self.stack.spacing),
+            "stop_reason": self.stop_reason, "n_steps": len(self.steps), "n_interactions": self.n_interactions,
+            "final_iou": self.final_iou, "voxels": int(m.sum()),
+            "slices_with_object": [int(z) for z in np.flatnonzero(m.any(axis=(1, 2)))],
+            "predicted_iou": None if self.predicted_iou is None else round(self.predicted_iou, 4),
+            "timings": {"encoder_s": round(self.encoder_s, 4), "segmenter_s": round(self.decoder_s, 4),
+                        "policy_s": round(self.policy_s, 4), "total_s": round(self.total_s, 4)},
+            "meta": self.meta, "steps": self.steps,
+        }
+
+    def montage(self, n: int = 4) -> np.ndarray:
+        """Overlays of up to ``n`` slices (evenly spread over the slices with the object, or the whole stack)."""
+        m = self.stack_mask if self.stack_mask is not None else np.zeros(self.stack.shape, bool)
+        zs = np.flatnonzero(m.any(axis=(1, 2)))
+        if zs.size == 0:
+            zs = np.arange(self.stack.depth)
+        pick = sorted({int(zs[i]) for i in np.linspace(0, zs.size - 1, min(n, zs.size)).round().astype(int)})
+        tiles = [display_overlay(self.stack.image(z), m[z]) for z in pick]
+        h = min(t.shape[0] for t in tiles)
+        tiles = [t[:h] for t in tiles]
+        return np.concatenate(tiles, axis=1)
+
+    def save(self, out_dir: str | Path, overlays: bool = True) -> Path:
+        """Write ``trace.json``, ``mask.nii.gz`` (the source geometry) and ``overlay_montage.png``."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        save_mask_nifti(self.mask, self.stack.volume, out / "mask.nii.gz")
+        if overlays:
+            Image.fromarray(self.montage()).save(out / "overlay_montage.png")
+        (out / "trace.json").write_text(json.dumps(self.to_json(), indent=2))
+        return out
+
+
+def save_mask_nifti(mask: np.ndarray, volume: Any, path: str | Path) -> Path:
+    """A label volume (uint8, 1 = object) with ``volume``'s affine (its header's qform/sform codes for a NIfTI
+    source). Stand-in until ``ibisagent.io.volumes.save_label_volume`` lands (it adds DICOM SEG)."""
+    import nibabel as nib
+
+    path = Path(path)
+    data = np.asarray(mask).astype(np.uint8)
+    affine = np.eye(4) if volume is None else np.asarray(volume.affine, float)
+    if volume is not None and data.shape != tuple(volume.shape):
+        raise ValueError(f"mask is {data.shape} but the volume is {tuple(volume.shape)}")
+    img = nib.Nifti1Image(data, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    nib.save(img, str(path))
+    return path
+
+
+def _volume_policy(policy: Policy) -> Policy:
+    if getattr(policy, "name", "").endswith("-3d"):
+        return policy
+    return create_policy(VOLUME_POLICY_FOR.get(getattr(policy, "name", ""), DEFAULT_VOLUME_POLICY))
+
+
+def segment_volume(
+    agent: Agent,
+    volume: Any,
+    query: str,
+    gt: np.ndarray | None = None,
+    *,
+    policy: str | Policy | None = None,
+    axis: int = 2,
+    window: Any = None,
+    volume_index: int | None = None,
+    propagation: Any = None,
+    on_step: Callable[[dict[str, Any]], Any] | None = None,
+) -> VolumeEpisode:
+    """See :meth:`Agent.segment_volume`."""
+    from ibisagent.io.volumes import Volume, load_volume
+    from ibisagent.volume import SliceStack, VolumeEnv, VolumeSession
+
+    if isinstance(volume, (str, Path)):
+        volume = load_volume(volume, volume_index=volume_index)
+    if isinstance(volume, Volume):
+        if volume.array.size == 0 or min(volume.shape) < 1:
+            raise ValueError(f"{volume.source.name} is an empty volume {volume.shape}")
+        stack = SliceStack.from_volume(volume, axis=axis, window=window)
+    elif isinstance(volume, SliceStack):
+        stack = volume
+    else:
+        raise ValueError("volume must be a path, an ibisagent.io.volumes.Volume or a SliceStack")
+    pol = (create_policy(policy) if isinstance(policy, str) else policy) if policy is not None \
+        else _volume_policy(agent.policy)
+    gt_stack = None
+    if gt is not None:
+        g = np.asarray(gt)
+        gt_stack = stack.from_stored(g) if stack.volume is not None and g.shape == stack.volume.shape \
+            else np.asarray(g, bool)
+    if pol.requires_gt and gt_stack is None:
+        raise ValueError(f"policy {pol.name!r} needs a ground-truth mask")
+    env = VolumeEnv(VolumeSession(agent.segmenter, propagation))
+    ep = VolumeEpisode(query=query, stack=stack, meta={"policy": pol.name})
+    t0 = time.perf_counter()
+    for turn in drive(env, pol, stack, query, gt_stack):
+        info = turn.info
+        action = info.get("action")
+        rec = {"step": info["step"], "raw": turn.reply, "action": action.text() if action else None,
+               "kind": action.kind.value if action else None, "slice": None if action is None else action.z,
+               "iou": info.get("iou"), "dice": info.get("dice"), "score": round(float(info["score"]), 4),
+               "policy_s": round(turn.policy_s, 4), "segmenter_s": round(info["segmenter_s"], 4),
+               "error": info.get("error")}
+        ep.steps.append(rec)
+        ep.policy_s += turn.policy_s
+        if on_step is not None:
+            on_step(rec)
+        if turn.done:
+            ep.stop_reason = turn.stop_reason
+    ep.stack_mask = env.session.mask
+    ep.encoder_s, ep.decoder_s = env.session.timings.encoder_s, env.session.timings.decoder_s
+    estimate = getattr(pol, "predicted_iou", None)
+    if callable(estimate) and ep.stack_mask is not None:
+        ep.predicted_iou = estimate(ep.stack_mask)
+    ep.total_s = time.perf_counter() - t0
+    return ep
