@@ -116,7 +116,8 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
                "  ibisagent segment cases.csv --out out/     (columns image, query, mask, slice)",
     )
     p.add_argument("image", nargs="+",
-                   help="image file: PNG/JPEG/TIFF/BMP, DICOM (.dcm) or NIfTI (.nii/.nii.gz, needs --slice); several "
+                   help="image file: PNG/JPEG/TIFF/BMP, DICOM (.dcm) or a NIfTI slice (--slice); a NIfTI volume or a DICOM "
+                        "series folder without --slice runs the 3D agent (mask.nii.gz, trace.json); several "
                         "files, a folder, a quoted glob ('scans/*.png') or a manifest (.csv / .jsonl with columns "
                         "image, query, and optionally mask, slice) run in batch mode")
     p.add_argument("--query", "-q", default=None,
@@ -398,6 +399,8 @@ def _check_image_args(args: argparse.Namespace) -> None:
 
 def cmd_segment(args: argparse.Namespace) -> int:
     t_start = getattr(args, "t_start", None) or time.perf_counter()
+    if args.slice is None and _is_volume_input(args.image):
+        return _cmd_segment_volume(args, t_start)
     if _is_batch(args.image):
         return _cmd_segment_batch(args)
     if args.query is None:
@@ -437,6 +440,122 @@ def cmd_segment(args: argparse.Namespace) -> int:
     agent = _build_agent(args, needs_gt_ok=gt is not None)
     result = _run_one(agent, loaded, gt, query, out, overlays=not args.no_overlays, quiet=args.quiet,
                       t_start=t_start)
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# segment, a whole volume (the 3D agent)
+# ----------------------------------------------------------------------------------------------------------------
+
+def _is_volume_input(inputs: list[str]) -> bool:
+    """One NIfTI file, or one folder whose files are all DICOM: a volume for the 3D agent (without --slice)."""
+    if len(inputs) != 1:
+        return False
+    p = Path(inputs[0])
+    if p.name.lower().endswith((".nii", ".nii.gz")):
+        return True
+    if not p.is_dir():
+        return False
+    from ibisagent.io.images import is_dicom_file
+
+    files = [f for f in p.iterdir() if f.is_file() and not f.name.startswith(".") and f.name.upper() != "DICOMDIR"]
+    return bool(files) and all(f.suffix.lower() == ".dcm" or is_dicom_file(f) for f in files)
+
+
+def _volume_mask(args: argparse.Namespace, volume) -> Any:
+    """The --mask volume as a bool array in the source's stored layout; its geometry must match the source's."""
+    import numpy as np
+
+    from ibisagent.io.volumes import load_volume
+
+    try:
+        mv = load_volume(args.mask)
+    except (ValueError, OSError) as exc:
+        raise UserError(_cli_wording(str(exc))) from exc
+    if mv.shape != volume.shape or not np.allclose(mv.affine, volume.affine, atol=1e-3):
+        raise UserError(f"the mask {args.mask} has a different geometry from {volume.source.name} (shape "
+                        f"{mv.shape} vs {volume.shape}, or another affine)")
+    data = mv.array
+    if args.mask_label is not None:
+        gt = data == args.mask_label
+    elif args.mask_threshold is not None:
+        gt = data > args.mask_threshold
+    else:
+        gt = data > 0
+    if not gt.any():
+        raise UserError(f"the ground-truth mask {args.mask} is empty"
+                        + (f" for label {args.mask_label}" if args.mask_label is not None else ""))
+    return gt
+
+
+def _cmd_segment_volume(args: argparse.Namespace, t_start: float) -> int:
+    if args.query is None:
+        raise UserError("--query is required: say what to segment, e.g. --query 'the left kidney'")
+    query = _check_query(args.query)
+    _check_image_args(args)
+    _check_agent_args(args)
+    out = check_output_dir(args.out)
+    window = _parse_window(args.window)
+    from ibisagent.io.volumes import load_volume
+    from ibisagent.segmenters.base import MIN_IMAGE_SIDE
+
+    src = args.image[0]
+    try:
+        volume = load_volume(src, volume_index=args.volume_index)
+    except (ValueError, OSError) as exc:
+        raise UserError(_cli_wording(str(exc))) from exc
+    name = Path(src).name
+    n_vol = volume.meta.get("n_volumes", 1)
+    if n_vol > 1 and args.volume_index is None:
+        raise UserError(f"{name} is a 4D NIfTI file with {n_vol} volumes; pick one with --volume-index 0..{n_vol - 1}")
+    if volume.array.size == 0 or min(volume.shape) < 1:
+        raise UserError(f"{name} is an empty volume (shape {volume.shape})")
+    if float(volume.array.max()) == float(volume.array.min()):
+        raise UserError(f"{name} is an empty volume: every voxel has the value {float(volume.array.min()):g}")
+    side = [volume.shape[a] for a in range(3) if a != args.axis]
+    if min(side) < MIN_IMAGE_SIDE:
+        raise UserError(f"{name}'s slices along axis {args.axis} are {side[0]}x{side[1]} voxels; the minimum image "
+                        f"size is {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}")
+    gt = _volume_mask(args, volume) if args.mask else None
+    agent = _build_agent(args, needs_gt_ok=True)
+    from ibisagent.agent import DEFAULT_VOLUME_POLICY, VOLUME_POLICY_FOR
+
+    policy = None
+    if args.policy is not None and not args.policy.endswith("-3d"):
+        policy = VOLUME_POLICY_FOR.get(args.policy, DEFAULT_VOLUME_POLICY)
+    depth = volume.shape[args.axis]
+    if not args.quiet:
+        print(f"segmenting {query!r} in {name} ({volume.shape[0]}x{volume.shape[1]}x{volume.shape[2]} voxels, "
+              f"{depth} slices along axis {args.axis}) with the 3D agent", file=sys.stderr)
+
+    def show(rec: dict[str, Any]) -> None:
+        if args.quiet:
+            return
+        what = rec["action"] or f"(invalid reply: {rec['error']})"
+        iou = f"  3D IoU {rec['iou']:.3f}" if rec.get("iou") is not None else ""
+        print(f"  step {rec['step']:2d}: {what:<44}{iou}  [policy {rec['policy_s']:.2f} s, segmenter "
+              f"{rec['segmenter_s']:.2f} s]", file=sys.stderr)
+
+    try:
+        episode = agent.segment_volume(volume, query, gt, policy=policy, axis=args.axis, window=window,
+                                       on_step=show)
+    except ValueError as exc:
+        raise UserError(_cli_wording(str(exc))) from exc
+    from ibisagent.agent import clear_saved
+
+    clear_saved(out, ("mask.nii.gz", "overlay_montage.png"))
+    episode.save(out, overlays=not args.no_overlays)
+    if volume.kind == "dicom-series" and not args.quiet:
+        print("  note: DICOM SEG output is not available yet; wrote mask.nii.gz in the series' geometry",
+              file=sys.stderr)
+    result = {"mask": str(out / "mask.nii.gz"), "trace": str(out / "trace.json"), "voxels": int(episode.mask.sum()),
+              "stop_reason": episode.stop_reason, "n_interactions": episode.n_interactions,
+              "final_iou": episode.final_iou, "wall_s": round(time.perf_counter() - t_start, 3)}
+    if not args.quiet:
+        print(f"done: {result['voxels']} voxels in {len(episode.to_json()['slices_with_object'])} slices, "
+              f"{episode.n_interactions} interactions, {result['wall_s']:.1f} s -> {out}", file=sys.stderr)
     if args.json:
         print(json.dumps(result))
     return 0

@@ -1,0 +1,91 @@
+"""``ibisagent segment VOLUME`` (no --slice): the 3D agent on a whole volume, ``mask.nii.gz`` in the source geometry,
+``trace.json`` and the overlay montage; bad volume input exits 2 with one line.
+
+The real-volume test uses a 5-slice crop of one CHAOS T2-SPIR volume around the right kidney (skipped without the
+dev data); the others use volumes the tests write and the fake segmenter.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from app_fixtures import write_blob_volume, write_dicom_series
+from ibisagent.cli import main
+from ibisagent.io.volumes import load_volume
+
+DATA = Path("/work/shared/data/chaos_t2spir_abdomen_mri_3d")
+
+
+def _crop(tmp_path: Path) -> tuple[Path, Path]:
+    if not (DATA / "index.jsonl").is_file():
+        pytest.skip("dev data not available")
+    img = nib.load(DATA / "volumes/chaos_mr01_image.nii.gz").slicer[:, :, 6:11]
+    lab = nib.load(DATA / "volumes/chaos_mr01_label.nii.gz").slicer[:, :, 6:11]
+    ip, mp = tmp_path / "crop.nii.gz", tmp_path / "crop_label.nii.gz"
+    nib.save(img, ip)
+    nib.save(lab, mp)
+    return ip, mp
+
+
+def test_segment_a_real_volume_writes_the_mask_in_the_source_geometry(tmp_path: Path) -> None:
+    ip, mp = _crop(tmp_path)
+    out = tmp_path / "out"
+    rc = main(["segment", str(ip), "--query", "the right kidney in this T2-weighted abdominal MRI volume",
+               "--mask", str(mp), "--mask-label", "2", "--policy", "oracle", "--out", str(out), "--quiet"])
+    assert rc == 0
+    written, source = nib.load(out / "mask.nii.gz"), nib.load(ip)
+    assert np.allclose(written.affine, source.affine) and written.shape == source.shape
+    mask = np.asarray(written.dataobj) > 0
+    gt = np.asarray(nib.load(mp).dataobj) == 2
+    assert 2 * (mask & gt).sum() / (mask.sum() + gt.sum()) > 0.85  # measured 0.950 (oracle-3d, litemedsam-click)
+    trace = json.loads((out / "trace.json").read_text())
+    assert trace["meta"]["policy"] == "oracle-3d" and trace["n_interactions"] >= 1
+    assert trace["final_iou"] is not None and (out / "overlay_montage.png").is_file()
+
+
+def test_segment_a_dicom_series_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "series"
+    write_dicom_series(folder, n=5)
+    out = tmp_path / "out"
+    rc = main(["segment", str(folder), "--query", "the disk", "--segmenter", "fake", "--out", str(out), "--quiet"])
+    assert rc == 0
+    written, source = nib.load(out / "mask.nii.gz"), load_volume(folder)
+    assert np.allclose(written.affine, source.affine) and written.shape == source.shape
+    mask = np.asarray(written.dataobj) > 0
+    assert mask.any()
+    yy, xx = np.mgrid[:48, :64]
+    disk = (yy - 24) ** 2 + (xx - 30) ** 2 <= 12**2  # rows, columns of every slice (app_fixtures)
+    stored_disk = np.stack([disk.T] * 5, axis=2)  # DICOM volumes are stored (columns, rows, slices)
+    assert mask.shape == stored_disk.shape
+    assert (mask & stored_disk).sum() > 0.5 * mask.sum()  # most of the mask lies on the disk
+
+
+def _rc_and_line(args: list[str], capsys) -> tuple[int, str]:
+    rc = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    return rc, err[-1] if err else ""
+
+
+def test_bad_volume_input_exits_2_with_one_line(tmp_path: Path, capsys) -> None:
+    ip, mp, affine = write_blob_volume(tmp_path)
+    four = tmp_path / "four.nii.gz"
+    data = np.asarray(nib.load(ip).dataobj)
+    nib.save(nib.Nifti1Image(np.stack([data, data], axis=3), affine), four)
+    rc, line = _rc_and_line(["segment", str(four), "-q", "the blob", "--segmenter", "fake", "--out",
+                             str(tmp_path / "o1")], capsys)
+    assert rc == 2 and "--volume-index" in line
+    other = tmp_path / "other.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(nib.load(mp).dataobj), affine * np.diag([2, 1, 1, 1])), other)
+    rc, line = _rc_and_line(["segment", str(ip), "-q", "the blob", "--segmenter", "fake", "--mask", str(other),
+                             "--out", str(tmp_path / "o2")], capsys)
+    assert rc == 2 and "geometry" in line
+    flat = tmp_path / "flat.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros_like(data), affine), flat)
+    rc, line = _rc_and_line(["segment", str(flat), "-q", "the blob", "--segmenter", "fake", "--out",
+                             str(tmp_path / "o3")], capsys)
+    assert rc == 2 and "empty volume" in line
