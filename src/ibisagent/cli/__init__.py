@@ -109,6 +109,7 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  ibisagent segment scan.png --query 'the polyp in this colonoscopy frame' --out out/\n"
                "  ibisagent segment ct.nii.gz --slice 15 --window ct-abdomen --query 'the liver' --out out/\n"
+               "  ibisagent segment mr.nii.gz --query 'the left kidney' --out out/   (whole volume, 3D agent)\n"
                "batch mode (models loaded once; one folder per image under --out plus --out/results.jsonl; a rerun "
                "skips finished images):\n"
                "  ibisagent segment scans/ --query 'the skin lesion' --out out/\n"
