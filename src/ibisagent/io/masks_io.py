@@ -46,7 +46,8 @@ MAX_GRAY_LEVELS = 32
 class MaskError(ValueError):
     """A mask that cannot be used: unreadable, wrong size, empty when it must not be, not a binary/label mask.
 
-    ``kind``: ``"size_mismatch"``, ``"empty"`` or ``"unreadable"`` (everything else)."""
+    ``kind``: ``"size_mismatch"``, ``"empty"``, ``"geometry_mismatch"`` / ``"not_3d"`` (3D masks on another voxel
+    grid / 4D label maps, :mod:`ibisagent.io.volume_masks`) or ``"unreadable"`` (everything else)."""
 
     def __init__(self, message: str, kind: str = "unreadable") -> None:
         super().__init__(message)
