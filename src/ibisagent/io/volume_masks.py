@@ -182,6 +182,10 @@ def load_volume_mask(
             raise MaskError(f"mask {p.name} is {_shape_text(labels.shape)} but the volume {volume.source.name} is "
                             f"{_shape_text(volume.shape)}", "size_mismatch")
         check_same_grid(labels, volume, what=f"mask {p.name}")
+        if label is not None and not np.any(labels.array == label):
+            present = np.unique(labels.array)
+            shown = ", ".join(f"{v:g}" for v in present[:20]) + (" ..." if present.size > 20 else "")
+            raise MaskError(f"label {label} does not occur in mask {p.name} (values present: {shown})", "empty")
         mask = np.ascontiguousarray(
             _binarize(labels.array, name=p.name, kind="volume", label=label, threshold=None), dtype=bool
         )
