@@ -20,6 +20,7 @@ from ibisagent.io import (
     MaskError,
     load_image,
     load_manifest,
+    load_mask,
     load_volume,
     load_volume_case,
     load_volume_mask,
@@ -149,6 +150,12 @@ def test_nifti_mask_of_an_nrrd_volume_has_its_geometry(tmp_path: Path) -> None:
     assert np.allclose(back.GetDirection(), img.GetDirection(), atol=1e-5)
     assert np.array_equal(sitk.GetArrayFromImage(back).transpose(2, 1, 0) > 0, mask)
     assert np.array_equal(load_volume_mask(out, vol), mask)
+    labels = sitk.GetImageFromArray(mask.transpose(2, 1, 0).astype(np.uint8))  # a label map saved as NRRD
+    labels.CopyInformation(img)
+    sitk.WriteImage(labels, str(tmp_path / "labels.nrrd"))
+    assert np.array_equal(load_volume_mask(tmp_path / "labels.nrrd", vol), mask)
+    sl = load_image(tmp_path / "vol.nrrd", slice_index=3)
+    assert np.array_equal(load_mask(tmp_path / "labels.nrrd", slice_index=3, shape=sl.shape), vol.slice(3) % 7 == 3)
     with pytest.raises(MaskError, match="DICOM SEG needs a DICOM series"):
         save_volume_mask(mask, vol, tmp_path / "mask.dcm")
     with pytest.raises(MaskError, match="looks transposed"):
