@@ -351,6 +351,10 @@ def test_bad_volume_cases_give_clear_errors(tmp_path: Path) -> None:
         return err.value.reason
 
     assert reason(_case(ip, mp, label_value=3), r"label 3 does not occur .*values present: 0, 1, 2") == "empty_mask"
+    for bad in (1.5, "2", True, 0):  # not truncated / coerced into some other label
+        assert reason(_case(ip, mp, label_value=bad), "label_value must be a positive integer") == "unreadable_mask"
+    _, two = load_volume_case(_case(ip, mp, label_value=2.0))  # a JSON 2.0 is label 2
+    assert np.array_equal(two, labels == 2)
     ip4, _ = _nifti_pair(tmp_path / "4d", np.stack([image, image], axis=-1), labels, affine)
     assert reason(_case(ip4, mp), r"is 4D \(2 volumes of 10x12x8\)") == "not_3d"
     _, mp_small = _nifti_pair(tmp_path / "small", image, labels[:, :, :6], affine)

@@ -86,8 +86,8 @@ def load_volume_case(case: Case, *, label: int | None = None) -> tuple[Volume, n
     """
     if case.mask is None:
         raise CaseError(f"case {case.id} has no mask", "no_mask", case.id)
-    if label is None and case.extra.get("label_value") is not None:
-        label = int(case.extra["label_value"])
+    if label is None:
+        label = _row_label_value(case)
     try:
         volume = load_volume(case.image)
     except ImageLoadError as exc:
@@ -103,6 +103,18 @@ def load_volume_case(case: Case, *, label: int | None = None) -> tuple[Volume, n
     except MaskError as exc:
         raise _fail(case, exc) from exc
     return volume, mask
+
+
+def _row_label_value(case: Case) -> int | None:
+    """The row's ``label_value`` (None when absent); a value that is not a positive integer (1.5, "2", true) is a
+    manifest error, not something to truncate into another label."""
+    value = case.extra.get("label_value")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value) or value <= 0:
+        raise CaseError(f"case {case.id}: label_value must be a positive integer, got {value!r}", "unreadable_mask",
+                        case.id)
+    return int(value)
 
 
 def _check_row_geometry(case: Case, volume: Volume) -> None:
