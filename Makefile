@@ -66,6 +66,10 @@ DATA ?= ../shared/data
 OLD_SETS ?= drive_retinal_vessels,ph2_dermoscopy,hc18_fetal_head_ultrasound,busi_breast_ultrasound,polyp_colonoscopy_small,monuseg_he_nuclei_patches,isbi2012_em_membranes,sammed2d_demo_ct,totalsegmentator_examples_ct_mr,pyradiomics_testcases_mri,nilearn_mni152_brain_mri,stardist_dsb2018_nuclei
 SEG_ARGS ?= --datasets $(OLD_SETS) --split-by image --steps 600 --val-every 100 --val-cases 60 --ckpt-every 25 \
     --seed 0 --threads 2
+# then (after the policy, which was trained against runs/s3) the shipped segmenter continues runs/s3 on every 2D
+# folder, split by group, originals only; its run stopped at step 93 by a time limit, --stop-step replays that
+SEG4_ARGS ?= --no-flip --zoom 0 --tone 0 --lr 1e-4 --warmup 5 --steps 150 --stop-step 93 --max-clicks 10 \
+    --short-max 5 --val-every 50 --val-cases 60 --ckpt-every 10 --seed 0 --threads 2 --run-dir runs/s4
 # the compact policy: from scratch on every 2D dev folder (group split), SFT then GRPO in one command (~55 min of
 # SFT + 6 min of GRPO on 2 cores once the embeddings are cached; encoding ~1400 train images first: 15-40 min)
 POLICY_ARGS ?= --stage all --segmenter litemedsam-click --no-flip --sample-temperature 0.5 --query-variants \
@@ -79,7 +83,10 @@ weights: $(STAMP)
 	    --out runs/s3/click.safetensors $(SEG_ARGS)
 	$(BIN)/ibisagent train-policy --data $(DATA) --segmenter-weights runs/s3/click.safetensors \
 	    --cache-dir runs/embeddings $(POLICY_ARGS)
-	cp runs/s3/click.safetensors src/ibisagent/weights/litemedsam_click.safetensors
+	$(BIN)/ibisagent train-segmenter --data $(DATA) --cache-dir runs/embeddings --cache-only $(SEG4_ARGS)
+	$(BIN)/ibisagent train-segmenter --data $(DATA) --cache-dir runs/embeddings --cached-only \
+	    --init runs/s3/click.safetensors --out runs/s4/click.safetensors $(SEG4_ARGS)
+	cp runs/s4/click.safetensors src/ibisagent/weights/litemedsam_click.safetensors
 	cp runs/u1/final.safetensors src/ibisagent/weights/compact_policy.safetensors
 
 clean:

@@ -13,7 +13,7 @@
 #   sft         the SFT stage alone (SFT_WEIGHTS, when given): what GRPO adds
 # Tables: python benchmarks/referring_table.py OUT
 # Environment: K (default 6), CACHE (runs/embeddings), THREADS (1), POLICY_WEIGHTS (default the shipped file),
-# POLICY_PREV (default runs/compact_ea75922.safetensors; row skipped when missing), SFT_WEIGHTS (sft row), ONLY
+# SEG_WEIGHTS (click-segmenter weights file; default the shipped one), POLICY_PREV (default runs/compact_ea75922.safetensors; row skipped when missing), SFT_WEIGHTS (sft row), ONLY
 # (subset of row names).
 set -euo pipefail
 DATA=${1:-../shared/data}
@@ -23,8 +23,9 @@ CACHE=${CACHE:-runs/embeddings}
 THREADS=${THREADS:-1}
 PY=${PY:-.venv/bin/python}
 PW=${POLICY_WEIGHTS:+--policy-arg weights=$POLICY_WEIGHTS}
+SW=${SEG_WEIGHTS:+--segmenter-arg weights=$SEG_WEIGHTS}
 PREV=${POLICY_PREV:-runs/compact_ea75922.safetensors}
-EVAL="$PY -m ibisagent.cli eval $DATA --split val --per-dataset $K --segmenter litemedsam-click --cache-dir $CACHE --threads $THREADS --quiet"
+EVAL="$PY -m ibisagent.cli eval $DATA --split val --per-dataset $K --segmenter litemedsam-click $SW --cache-dir $CACHE --threads $THREADS --quiet"
 mkdir -p "$OUT"
 run() {  # name, extra args...
   local name=$1; shift

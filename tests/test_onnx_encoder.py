@@ -248,3 +248,39 @@ def test_export_encoder_cli(toy: Toy, tmp_path: Path, monkeypatch: pytest.Monkey
     bad = parser.parse_args(["export-encoder", "--cache-dir", str(tmp_path), "--input-size", "32", "--threads", "0"])
     assert bad.func(bad) == 2
     assert "threads" in capsys.readouterr().err
+
+
+def test_cache_dir_built_once_reused_rebuilt_on_new_weights(
+    toy: Toy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv(oe.ONNX_DIR_ENV, raising=False)
+    monkeypatch.setenv(oe.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(oe, "_announced", False)
+    assert oe.default_onnx_dir() == tmp_path / "cache" / "onnx"
+    exports: list[Path] = []
+    real_export = oe.export_onnx
+
+    def counting_export(module: nn.Module, path: str | Path, *args: object, **kwargs: object) -> Path:
+        exports.append(Path(path))
+        return real_export(module, path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(oe, "export_onnx", counting_export)
+    first = oe.ensure_onnx_model(toy, input_size=32)
+    assert first.parent == tmp_path / "cache" / "onnx" and first.is_file() and len(exports) == 1
+    assert capsys.readouterr().err.strip() == oe.PREPARING_MESSAGE
+    mtime = first.stat().st_mtime_ns
+    assert oe.ensure_onnx_model(toy, input_size=32) == first and len(exports) == 1  # reused, no rebuild
+    assert first.stat().st_mtime_ns == mtime and capsys.readouterr().err == ""
+    assert not list(first.parent.glob("*.tmp"))  # the atomic write leaves no temp file behind
+    with torch.no_grad():
+        toy.fc.bias.add_(1.0)  # new weights -> a new key -> rebuilt
+    second = oe.ensure_onnx_model(toy, input_size=32)
+    assert second != first and second.is_file() and len(exports) == 2
+
+
+def test_cache_dir_default_is_per_user(monkeypatch: pytest.MonkeyPatch) -> None:
+    import platformdirs
+
+    monkeypatch.delenv(oe.CACHE_DIR_ENV, raising=False)
+    monkeypatch.delenv(oe.ONNX_DIR_ENV, raising=False)
+    assert oe.default_onnx_dir() == Path(platformdirs.user_cache_dir("ibisagent", appauthor=False)) / "onnx"

@@ -13,6 +13,7 @@ import torch
 
 from ibisagent.training.segmenter import (
     SegmenterTrainConfig,
+    _lr_at,
     first_click,
     jitter_box,
     next_click,
@@ -213,3 +214,21 @@ def test_init_starts_from_given_click_weights(tmp_path):
     assert not torch.equal(before[key], after[key])
     with pytest.raises(FileNotFoundError, match="--init"):
         _load_init(parts, str(tmp_path / "missing.safetensors"))
+
+
+@pytest.mark.slow
+@needs_data
+def test_stop_step_keeps_the_schedule_of_steps(tmp_path, tmp_path_factory):
+    """--stop-step ends the run early (saved, resumable) with the learning rates of the full --steps schedule."""
+    cfg = SegmenterTrainConfig(
+        data=str(DATA), datasets=["busi_breast_ultrasound"], max_images=2, out=str(tmp_path / "w.safetensors"),
+        run_dir=str(tmp_path / "run"), cache_dir=str(_cache_dir(tmp_path_factory)), steps=6, stop_step=2,
+        batch_size=2, warmup=1, max_clicks=3, short_max=2, grad_rounds=2, flip=False, zoom=0, tone=0, val_cases=0,
+        ckpt_every=1, seed=3,
+    )
+    assert train_segmenter(cfg).is_file()
+    with (tmp_path / "run" / "losses.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [1, 2]
+    assert float(rows[1]["lr"]) == pytest.approx(float(f"{_lr_at(1, cfg):.3g}"))
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["step"] == 2

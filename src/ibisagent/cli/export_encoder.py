@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 
 from ibisagent.segmenters.base import SegmenterError, SegmenterUnavailable
-from ibisagent.segmenters.onnx_encoder import ONNX_DIR_ENV, export_and_check
+from ibisagent.segmenters.onnx_encoder import CACHE_DIR_ENV, export_and_check
 
 __all__ = ["add_parser"]
 
@@ -45,7 +45,8 @@ def add_parser(subparsers: Any) -> Any:
                     "encoder='auto' (default) or 'onnx'.",
     )
     p.add_argument("--cache-dir", type=Path, default=None,
-                   help=f"where to keep the .onnx file (default ${ONNX_DIR_ENV} or ~/.cache/ibisagent/onnx)")
+                   help=f"where to keep the .onnx file (default ${CACHE_DIR_ENV}/onnx or the per-user cache, "
+                        "~/.cache/ibisagent/onnx on Linux)")
     p.add_argument("--runtime", choices=("onnx", "openvino"), default="onnx",
                    help="runtime used for the check (default onnx = ONNX Runtime)")
     p.add_argument("--int8", action="store_true", help="also build the int8 dynamically quantized model (onnx)")

@@ -5,7 +5,10 @@
   (:data:`WINDOW_PRESETS`, :func:`apply_window`).
 * :func:`load_volume` -> :class:`Volume` (NIfTI, DICOM series, TIFF stacks), :func:`slice_image`,
   :func:`iter_slices`, :func:`choose_slice`.
-* :func:`load_mask` / :func:`save_mask` (PNG, TIFF, NPY, NIfTI label maps).
+* :func:`load_volume` also reads NRRD / MetaImage (SimpleITK).
+* :func:`load_mask` / :func:`save_mask` (PNG, TIFF, NPY, NIfTI label maps); 3D masks of a volume with its geometry:
+  :func:`save_volume_mask` (NIfTI, DICOM SEG for a DICOM series) and :func:`load_volume_mask`
+  (:mod:`ibisagent.io.volume_masks`).
 * The one case loader (:mod:`ibisagent.io.cases`): :func:`load_case`, :func:`load_case_arrays` (image + mask as
   arrays), :func:`load_volume_case` for manifest rows (:func:`load_manifest`), :func:`load_rgb` for an image path.
 
@@ -30,6 +33,7 @@ from .images import (
 from .loader import load_image
 from .manifest import VAL_FRACTION, Case, ManifestError, iter_manifest_dirs, load_manifest, split_of
 from .masks_io import MASK_SUFFIXES, MaskError, load_mask, save_mask
+from .volume_masks import load_volume_mask, save_volume_mask, volume_mask_suffix
 from .volumes import (
     ORIENTATIONS,
     Volume,
@@ -71,6 +75,9 @@ __all__ = [
     "load_mask",
     "load_volume_case",
     "save_mask",
+    "load_volume_mask",
+    "save_volume_mask",
+    "volume_mask_suffix",
     "ORIENTATIONS",
     "Volume",
     "choose_slice",

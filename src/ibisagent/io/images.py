@@ -13,7 +13,7 @@ Supported inputs (``load_image``):
   WindowCenter/WindowWidth (first pair) when present, else a preset (``ct-abdomen`` for CT, the percentile window
   for other modalities, identity for 8-bit data). MONOCHROME1 is inverted after windowing. Multi-frame files need
   ``slice_index`` (the frame).
-* NIfTI ``.nii .nii.gz`` and folders of DICOM files (a series): volumes; ``slice_index`` picks a slice along ``axis``
+* NIfTI ``.nii .nii.gz``, NRRD ``.nrrd .nhdr``, MetaImage ``.mha .mhd`` and folders of DICOM files (a series): volumes; ``slice_index`` picks a slice along ``axis``
   (see :mod:`ibisagent.io.volumes` for orientation and windowing of volumes).
 
 Windowing: :data:`WINDOW_PRESETS` and :func:`apply_window` (``window`` may be a preset name, ``(center, width)``, a
@@ -47,7 +47,9 @@ __all__ = [
 #: raster formats read with tifffile (TIFF) or Pillow
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 #: every suffix ``load_image`` accepts (plus extensionless DICOM files and DICOM series folders)
-SUPPORTED_SUFFIXES = (*RASTER_SUFFIXES, ".dcm", ".nii", ".nii.gz")
+#: volume formats read with SimpleITK (NRRD, MetaImage)
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+SUPPORTED_SUFFIXES = (*RASTER_SUFFIXES, ".dcm", ".nii", ".nii.gz", *ITK_SUFFIXES)
 
 #: robust intensity range for non-CT 16-bit / float data and MR volumes (lower, upper percentile)
 PERCENTILE_RANGE = (0.5, 99.5)
@@ -264,7 +266,8 @@ def _suffix(path: Path) -> str:
 
 
 def image_format(path: str | Path) -> str:
-    """``"raster"``, ``"dicom"``, ``"nifti"`` or ``"dicom-series"`` (a folder); ImageLoadError when not supported.
+    """``"raster"``, ``"dicom"``, ``"nifti"``, ``"itk"`` (NRRD / MetaImage volumes) or ``"dicom-series"`` (a folder);
+    ImageLoadError when not supported.
 
     Files whose suffix is not a known one are accepted when they are DICOM (preamble check).
     """
@@ -280,6 +283,8 @@ def image_format(path: str | Path) -> str:
         return "dicom"
     if suffix in (".nii", ".nii.gz"):
         return "nifti"
+    if suffix in ITK_SUFFIXES:
+        return "itk"
     if is_dicom_file(p):
         return "dicom"
     shown = suffix or "(no extension)"
@@ -431,8 +436,9 @@ def dicom_pixels(ds: Any, path: Path) -> np.ndarray:
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         ts_name = getattr(ts, "name", str(ts))
         raise ImageLoadError(
-            f"cannot decode the pixels of {path.name} (transfer syntax {ts_name}): {exc}. Compressed DICOM may need "
-            "pylibjpeg/gdcm; or decompress the file (e.g. `gdcmconv --raw`)"
+            f"cannot decode the pixels of {path.name} (transfer syntax {ts_name}): {exc}. Compressed DICOM needs the "
+            "decoders pinned in ibisagent's dependencies (pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg "
+            "pylibjpeg-rle); if they are installed the data is corrupt, or decompress it (e.g. `gdcmconv --raw`)"
         ) from exc
 
 

@@ -40,8 +40,9 @@ def load_image(
     fmt = image_format(p)
     if window is not None:
         resolve_window(np.zeros(1, dtype=np.float32), window)  # validate the spec early with a clear error
-    if volume_index not in (None, 0) and fmt != "nifti":
-        raise ImageLoadError(f"volume_index={volume_index} applies to 4D NIfTI files; {p.name} holds one volume")
+    if volume_index not in (None, 0) and fmt not in ("nifti", "itk"):
+        raise ImageLoadError(f"volume_index={volume_index} applies to 4D NIfTI/NRRD/MHA files; {p.name} holds one "
+                             "volume")
     if fmt == "raster":
         return _load_raster(p, slice_index, window)
     if fmt == "dicom":

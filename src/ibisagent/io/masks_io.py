@@ -11,8 +11,9 @@ Reading rules (:func:`load_mask`):
   default.
 * Colour masks: a pixel is the object when any colour channel is nonzero (RGBA: the alpha channel when the colour
   is constant).
-* NIfTI label maps: ``slice_index``/``axis``/``orientation`` as in :func:`ibisagent.io.load_image`, so image and mask
-  slices line up; without ``slice_index`` the whole 3D mask is returned in stored voxel order.
+* NIfTI label maps (and NRRD / MetaImage label maps, read only): ``slice_index``/``axis``/``orientation`` as in
+  :func:`ibisagent.io.load_image`, so image and mask slices line up; without ``slice_index`` the whole 3D mask is
+  returned in stored voxel order.
 
 Writing (:func:`save_mask`): PNG/BMP/TIFF as 0/255 uint8; ``.npy`` as bool; NIfTI as a uint8 0/1 label map. A 2D
 mask of a volume slice (``like`` = the LoadedImage of that slice) is written, by default, **into a volume-shaped
@@ -27,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .images import ImageLoadError, LoadedImage, _check_index, _read_pil, _read_tiff, _suffix
+from .images import ITK_SUFFIXES, ImageLoadError, LoadedImage, _check_index, _read_pil, _read_tiff, _suffix
 from .volumes import Volume, _check_axis, display_transform, from_display, load_volume, to_display
 
 __all__ = [
@@ -46,7 +47,8 @@ MAX_GRAY_LEVELS = 32
 class MaskError(ValueError):
     """A mask that cannot be used: unreadable, wrong size, empty when it must not be, not a binary/label mask.
 
-    ``kind``: ``"size_mismatch"``, ``"empty"`` or ``"unreadable"`` (everything else)."""
+    ``kind``: ``"size_mismatch"``, ``"empty"``, ``"geometry_mismatch"`` / ``"not_3d"`` (3D masks on another voxel
+    grid / 4D label maps, :mod:`ibisagent.io.volume_masks`) or ``"unreadable"`` (everything else)."""
 
     def __init__(self, message: str, kind: str = "unreadable") -> None:
         super().__init__(message)
@@ -72,12 +74,12 @@ def _read_mask_array(
     if path.stat().st_size == 0:
         raise MaskError(f"mask file {path} is empty (0 bytes)")
     suffix = _suffix(path)
-    if suffix not in MASK_SUFFIXES:
+    if suffix not in MASK_SUFFIXES and suffix not in ITK_SUFFIXES:
         raise MaskError(
             f"unsupported mask format {suffix or '(no extension)'} for {path.name}; "
-            f"supported: {', '.join(MASK_SUFFIXES)}"
+            f"supported: {', '.join(MASK_SUFFIXES + ITK_SUFFIXES)}"
         )
-    if suffix in (".nii", ".nii.gz"):
+    if suffix in (".nii", ".nii.gz", *ITK_SUFFIXES):
         try:
             vol = load_volume(path)
             n_volumes = int(vol.meta.get("n_volumes", 1) or 1)

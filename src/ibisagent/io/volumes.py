@@ -1,12 +1,22 @@
-"""3D volumes: NIfTI files, DICOM series folders and TIFF stacks, and their 2D slices.
+"""3D volumes: NIfTI, NRRD and MetaImage files, DICOM series folders and TIFF stacks, and their 2D slices.
 
 Conventions
 
-* ``Volume.array`` is the voxel grid as stored: NIfTI in nibabel's order (i, j, k); a DICOM series as
+* ``Volume.array`` is the voxel grid as stored: NIfTI in nibabel's order (i, j, k); NRRD / MetaImage (read with
+  SimpleITK) in the same (i, j, k) order (``sitk.GetArrayFromImage`` transposed); a DICOM series as
   (column, row, slice) with slices sorted along the slice normal (ImagePositionPatient, else InstanceNumber) so it
   has the same layout as the NIfTI dcm2niix would write; a TIFF stack (Z, Y, X) is stored as (X, Y, Z).
-  ``Volume.affine`` maps voxel indices to RAS+ world millimetres (nibabel's convention); 4D NIfTI keeps only the
-  first volume (``meta["n_volumes"]`` tells how many there were).
+  ``Volume.affine`` maps voxel indices to RAS+ world millimetres (nibabel's convention; DICOM and ITK grids are LPS
+  and are converted with ``diag(-1, -1, 1)``); 4D NIfTI / NRRD / MetaImage keep only the first volume
+  (``meta["n_volumes"]`` tells how many there were).
+* **3D masks use the same convention**: the mask of a Volume is a boolean array of ``Volume.shape`` indexed like
+  ``Volume.array`` (``mask[i, j, k]`` belongs to voxel ``array[i, j, k]``; for a DICOM series ``mask[:, :, k]`` is
+  slice ``k`` in sorted order, transposed from the DICOM pixel rows). :mod:`ibisagent.io.volume_masks` writes and
+  reads such masks with the source geometry (NIfTI, or DICOM SEG for a DICOM series).
+* DICOM series: per-slice RescaleSlope/Intercept; duplicate positions, missing slices, uneven steps and mixed
+  orientations are refused with an ImageLoadError naming the files (:func:`load_dicom_series`). Compressed transfer
+  syntaxes (JPEG baseline / extended / lossless, JPEG-LS, JPEG 2000, RLE) decode through the pinned pylibjpeg
+  plugins.
 * Slices: ``slice_index`` counts along voxel ``axis`` of the stored array (2 = the third axis: axial for usual
   scans). The 2D slice is then turned for display according to ``orientation``:
 
@@ -24,7 +34,22 @@ Conventions
 * Windowing of volume slices uses intensities of the whole volume (consistent contrast across slices): the user's
   ``window``; else the DICOM file's WindowCenter/Width; else for CT (DICOM Modality, or for NIfTI the heuristic
   :func:`guess_modality`: integer-valued, minimum between -3100 and -500 HU, 99.5th percentile below 4000) the
-  ``ct-abdomen`` preset (40, 400); else the percentile window (0.5-99.5 %).
+  ``ct-abdomen`` preset (40, 400); else, for uint8 volumes, the identity window (0..255 as stored); else the
+  percentile window (0.5-99.5 %).
+
+Intensity scales of the dev volumes (``../shared/data``, see each folder's SOURCE.md) and the default window each
+gets from :func:`volume_window` (intensities are never rescaled on reading; only the display window differs):
+
+* HU CT (OpenKBP head-and-neck int16 HU, air -1024; the 3D Slicer chest CT, HU clipped at -1024; the
+  TotalSegmentator CT example): the HU heuristic says CT -> ``ct-abdomen`` (40, 400), a soft-tissue window.
+* SegTHOR thorax CT: int16 *approximate* HU rebuilt from 8-bit min-max PNGs (air -1000, posterised for about half
+  the patients): it passes the HU heuristic too -> ``ct-abdomen`` (40, 400); pass ``window="ct-lung"`` (or the 2D
+  rows' own ``window``) for other contrasts.
+* MR scaled to 8 bits (the ``*_3d`` folders: BraTS FLAIR/T1c, CHAOS T2-SPIR, LA 2018 LGE-MRI, Lesjak MS FLAIR,
+  NCI-ISBI prostate T2: each a 0.5-99.5 percentile of the crop or brain mapped to uint8): the identity window, so
+  the stored 0..255 values are the displayed grey levels.
+* MR / microscopy on their native scale (int16 or float: the pyradiomics MR cases, the MNI template, the
+  TotalSegmentator MR example, StarDist): the 0.5-99.5 % percentile window of the whole volume.
 """
 
 from __future__ import annotations
@@ -38,6 +63,7 @@ import numpy as np
 
 from .images import (
     DEFAULT_CT_WINDOW,
+    ITK_SUFFIXES,
     ImageLoadError,
     LoadedImage,
     Window,
@@ -62,6 +88,7 @@ __all__ = [
     "load_volume",
     "load_nifti",
     "load_dicom_series",
+    "load_itk_volume",
     "load_tiff_stack",
     "guess_modality",
     "display_transform",
@@ -74,6 +101,9 @@ __all__ = [
 ]
 
 ORIENTATIONS = ("radiological", "neurological", "voxel")
+
+#: LPS (DICOM, ITK) world coordinates -> RAS (NIfTI, nibabel)
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 #: (transpose, flip_rows, flip_cols) applied in that order to ``np.take(array, k, axis)``
 DisplayTransform = tuple[bool, bool, bool]
@@ -192,17 +222,22 @@ def _slice_affine(affine: np.ndarray, axis: int, k: int) -> np.ndarray:
 
 
 def load_volume(path: str | Path, volume_index: int | None = None) -> Volume:
-    """A NIfTI file (.nii/.nii.gz), a DICOM series folder, a multi-frame DICOM file or a TIFF stack as a Volume.
+    """A NIfTI file (.nii/.nii.gz), an NRRD (.nrrd/.nhdr) or MetaImage (.mha/.mhd) file, a DICOM series folder, a
+    multi-frame DICOM file or a TIFF stack as a Volume.
 
-    ``volume_index`` picks one 3D volume of a 4D NIfTI file (see :func:`load_nifti`); other formats hold one."""
+    ``volume_index`` picks one 3D volume of a 4D NIfTI / NRRD / MetaImage file (see :func:`load_nifti`); other
+    formats hold one."""
     p = Path(path)
     if not p.exists():
         raise ImageLoadError(f"volume file not found: {p}")
     suffix = _suffix(p)
     if suffix in (".nii", ".nii.gz"):
         return load_nifti(p, volume_index)
+    if suffix in ITK_SUFFIXES:
+        return load_itk_volume(p, volume_index)
     if volume_index not in (None, 0):
-        raise ImageLoadError(f"volume_index={volume_index} applies to 4D NIfTI files; {p.name} holds one volume")
+        raise ImageLoadError(f"volume_index={volume_index} applies to 4D NIfTI/NRRD/MHA files; {p.name} holds one "
+                             "volume")
     if p.is_dir():
         return load_dicom_series(p)
     if suffix in (".tif", ".tiff"):
@@ -210,8 +245,8 @@ def load_volume(path: str | Path, volume_index: int | None = None) -> Volume:
     if suffix == ".dcm" or is_dicom_file(p):
         return load_dicom_series([p])
     raise ImageLoadError(
-        f"unsupported volume format {suffix or '(no extension)'} for {p.name}; supported: .nii, .nii.gz, "
-        ".tif/.tiff stacks, .dcm (multi-frame) or a folder of DICOM files"
+        f"unsupported volume format {suffix or '(no extension)'} for {p.name}; supported: .nii, .nii.gz, .nrrd, "
+        ".nhdr, .mha, .mhd, .tif/.tiff stacks, .dcm (multi-frame) or a folder of DICOM files"
     )
 
 
@@ -258,6 +293,59 @@ def load_nifti(path: str | Path, volume_index: int | None = None) -> Volume:
     )
 
 
+def load_itk_volume(path: str | Path, volume_index: int | None = None) -> Volume:
+    """An NRRD (.nrrd/.nhdr) or MetaImage (.mha/.mhd) volume read with SimpleITK, stored (i, j, k) like NIfTI.
+
+    ITK gives the grid in LPS (NRRD files in other spaces are converted by ITK's reader): ``affine`` is
+    ``diag(-1, -1, 1) @ [direction @ diag(spacing) | origin]``, i.e. RAS+ as for NIfTI. 2D images become one slice;
+    4D images (time / channels as the 4th grid axis) keep the volume ``volume_index`` as :func:`load_nifti` does.
+    Vector / colour pixels are refused."""
+    import SimpleITK as sitk
+
+    p = Path(path)
+    _check_file(p)
+    try:
+        img = sitk.ReadImage(str(p))
+    except Exception as exc:
+        raise ImageLoadError(f"cannot read {p}: the file is corrupt, truncated or its data file is missing ({exc})") from exc
+    dim = int(img.GetDimension())
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise ImageLoadError(f"{p.name} has {img.GetNumberOfComponentsPerPixel()} components per voxel (a vector or "
+                             "colour image); a volume must hold one intensity per voxel")
+    if dim not in (2, 3, 4):
+        raise ImageLoadError(f"{p.name}: unsupported {dim}D image; volumes are 2D, 3D or 4D")
+    arr = sitk.GetArrayViewFromImage(img)  # reversed axes: (y, x), (z, y, x) or (t, z, y, x)
+    if arr.dtype.kind == "c":
+        raise ImageLoadError(f"{p.name} holds complex values; save magnitude images instead")
+    n_vol = int(arr.shape[0]) if dim == 4 else 1
+    k = 0 if volume_index is None else _check_volume_index(volume_index, n_vol, p)
+    if dim == 2:
+        data = np.asarray(arr).T[:, :, None]
+    else:
+        data = np.asarray(arr[k] if dim == 4 else arr).transpose(2, 1, 0)
+    n = min(dim, 3)
+    direction = np.eye(3)
+    direction[:n, :n] = np.asarray(img.GetDirection(), dtype=np.float64).reshape(dim, dim)[:n, :n]
+    spacing = np.ones(3)
+    spacing[:n] = np.asarray(img.GetSpacing(), dtype=np.float64)[:n]
+    origin = np.zeros(3)
+    origin[:n] = np.asarray(img.GetOrigin(), dtype=np.float64)[:n]
+    lps = np.eye(4)
+    lps[:3, :3] = direction * spacing
+    lps[:3, 3] = origin
+    fmt = "nrrd" if _suffix(p) in (".nrrd", ".nhdr") else "metaimage"
+    meta: dict[str, Any] = {"format": fmt, "original_dtype": str(data.dtype), "n_volumes": n_vol, "volume_index": k}
+    return Volume(
+        array=np.ascontiguousarray(data),
+        affine=_LPS_TO_RAS @ lps,
+        spacing=tuple(float(v) for v in spacing),  # type: ignore[arg-type]
+        source=p,
+        kind=fmt,
+        header=None,
+        meta=meta,
+    )
+
+
 def load_tiff_stack(path: str | Path) -> Volume:
     """A multi-page grayscale TIFF (Z, Y, X) as a Volume stored (X, Y, Z) with an identity affine."""
     import tifffile
@@ -291,7 +379,10 @@ def load_dicom_series(source: str | Path | list[Path], *, series_uid: str | None
     Slices are sorted by their position along the slice normal (ImagePositionPatient projected on the normal of
     ImageOrientationPatient), else by InstanceNumber. Values are rescaled (RescaleSlope/Intercept, per slice) and
     the volume is float32 whenever a rescale is not the identity. A folder with several series needs ``series_uid``.
-    The affine uses the mean slice step; ``meta["uneven_spacing"]`` flags series with gaps.
+    ImageLoadError names the problem for: files with different orientations, duplicate slice positions, missing
+    slices (a gap of about a whole number of steps) and otherwise uneven steps (more than
+    :data:`SLICE_STEP_TOLERANCE` off the median step). ``meta["files"]`` / ``meta["sop_instance_uids"]`` list the
+    slices in stored order (what a DICOM SEG of the volume references).
     """
     if isinstance(source, list):
         files = source
@@ -332,20 +423,25 @@ def load_dicom_series(source: str | Path | list[Path], *, series_uid: str | None
     iop = first.get("ImageOrientationPatient")
     row_dir = np.array([float(v) for v in iop[:3]]) if iop is not None and len(iop) == 6 else np.array([1.0, 0, 0])
     col_dir = np.array([float(v) for v in iop[3:]]) if iop is not None and len(iop) == 6 else np.array([0, 1.0, 0])
+    for f, ds in datasets[1:]:
+        other = ds.get("ImageOrientationPatient")
+        if (other is None) != (iop is None) or (
+            other is not None and not np.allclose([float(v) for v in other], [*row_dir, *col_dir], atol=1e-3)
+        ):
+            raise ImageLoadError(
+                f"{folder}: {f.name} has ImageOrientationPatient {_fmt_values(other)} but {datasets[0][0].name} has "
+                f"{_fmt_values(iop)}: the slices are not one 3D series (a localizer mixed in?)"
+            )
     normal = np.cross(row_dir, col_dir)
     has_pos = all(ds.get("ImagePositionPatient") is not None for _, ds in datasets)
     if has_pos:
         positions = np.array([[float(v) for v in ds.ImagePositionPatient] for _, ds in datasets])
         keys = positions @ normal
         order = np.argsort(keys, kind="stable")
-        sorted_keys = keys[order]
-        if len(sorted_keys) > 1 and np.min(np.diff(sorted_keys)) < 1e-4:
-            raise ImageLoadError(
-                f"{folder}: several DICOM files share one slice position (multiple echoes/phases/time points?); "
-                "put one 3D series per folder"
-            )
     else:
-        order = np.argsort([int(ds.get("InstanceNumber", i) or i) for i, (_, ds) in enumerate(datasets)], kind="stable")
+        keys = np.array([float(ds.get("InstanceNumber", i) or i) for i, (_, ds) in enumerate(datasets)])
+        order = np.argsort(keys, kind="stable")
+    _check_slice_steps([datasets[i][0] for i in order], keys[order], folder, "position" if has_pos else "instance")
     datasets = [datasets[i] for i in order]
     slices = []
     rescaled = False
@@ -376,18 +472,63 @@ def load_dicom_series(source: str | Path | list[Path], *, series_uid: str | None
     lps[:3, 1] = col_dir * row_sp
     lps[:3, 2] = step
     lps[:3, 3] = origin
-    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    affine = _LPS_TO_RAS @ lps
     meta = _series_meta(first, data, datasets[0][1])
     meta.update(
         n_files=len(datasets),
         files=[str(f) for f, _ in datasets],
         sorted_by=("position" if has_pos else "InstanceNumber"),
     )
-    if has_pos and len(datasets) > 2:
-        gaps = np.diff(np.sort(keys))
-        meta["uneven_spacing"] = bool(np.ptp(gaps) > 0.01 * max(float(np.mean(gaps)), 1e-6))
+    meta["sop_instance_uids"] = [str(ds.get("SOPInstanceUID", "")) for _, ds in datasets]
+    meta["uneven_spacing"] = False  # uneven steps (missing slices) raise in _check_slice_steps
     spacing = (col_sp, row_sp, float(np.linalg.norm(step)) or 1.0)
     return Volume(data, affine, spacing, folder, "dicom-series", None, meta)
+
+
+#: a slice step may differ from the series' median step by this fraction before the series counts as uneven
+SLICE_STEP_TOLERANCE = 0.1
+
+
+def _fmt_values(values: Any) -> str:
+    return "(none)" if values is None else "[" + ", ".join(f"{float(v):g}" for v in values) + "]"
+
+
+def _check_slice_steps(files: list[Path], keys: np.ndarray, folder: Path, what: str) -> None:
+    """Refuse a sorted series with duplicate slices or missing / unevenly spaced slices (clear ImageLoadError).
+
+    ``keys``: the sorted slice positions along the normal (mm, ``what="position"``) or InstanceNumbers."""
+    if len(keys) < 2:
+        return
+    steps = np.diff(keys)
+    unit = " mm" if what == "position" else ""
+    dup = np.flatnonzero(steps < (1e-4 if what == "position" else 0.5))
+    if dup.size:
+        i = int(dup[0])
+        label = f"slice position {keys[i]:g} mm along the normal" if what == "position" else f"InstanceNumber {keys[i]:g}"
+        raise ImageLoadError(
+            f"{folder}: duplicate slices: {files[i].name} and {files[i + 1].name} share {label} ({dup.size} "
+            "duplicate pair(s) in all; several echoes / phases / time points, or a file copied twice?); put one 3D "
+            "series per folder"
+        )
+    if what != "position" or len(keys) < 3:
+        return
+    median = float(np.median(steps))
+    off = np.flatnonzero(np.abs(steps - median) > SLICE_STEP_TOLERANCE * median)
+    if not off.size:
+        return
+    i = int(off[0])
+    missing = round(float(steps[i]) / median) - 1
+    if missing >= 1 and abs(steps[i] - (missing + 1) * median) <= SLICE_STEP_TOLERANCE * median:
+        problem = (f"missing slices: a gap of {steps[i]:g}{unit} between {files[i].name} ({keys[i]:g}) and "
+                   f"{files[i + 1].name} ({keys[i + 1]:g}) where the series steps {median:g}{unit} "
+                   f"(about {missing} slice{'s' if missing != 1 else ''} missing)")
+    else:
+        problem = (f"uneven slice spacing: {steps[i]:g}{unit} between {files[i].name} and {files[i + 1].name}, "
+                   f"{median:g}{unit} elsewhere (steps range {float(steps.min()):g}..{float(steps.max()):g})")
+    raise ImageLoadError(
+        f"{folder}: {problem}; {off.size} irregular step(s) in all. A volume needs evenly spaced slices: add the "
+        "missing files or resample the series"
+    )
 
 
 def _series_meta(first: Any, data: np.ndarray, ds: Any) -> dict[str, Any]:

@@ -46,6 +46,7 @@ from ibisagent.segmenters.onnx_encoder import (
     OPENVINO_PIP_HINT,
     PIP_HINT,
     _atomic_target,
+    announce_preparing,
     build_with_fallback,
     compile_openvino,
     default_onnx_dir,
@@ -277,6 +278,7 @@ def ensure_decoder_model(
     path = decoder_model_path(decoder_weights_sha256(prompt_encoder, mask_decoder), multimask, opset, cache_dir)
     with _LOCK:
         if not path.is_file():
+            announce_preparing()
             log.info("exporting the prompt encoder + mask decoder to %s (once)", path)
             export_decoder(prompt_encoder, mask_decoder, path, multimask, opset)
     return path

@@ -11,7 +11,9 @@ cached on disk, keyed by the sha256 of the module's weights + the opset + the to
 
 Both match PyTorch to ~4e-6 (max abs embedding difference; mask IoU 1.0 on real cases).
 
-Cache directory: ``$IBISAGENT_ONNX_DIR``, else ``$XDG_CACHE_HOME/ibisagent/onnx``, else ``~/.cache/ibisagent/onnx``.
+Cache directory: ``$IBISAGENT_CACHE_DIR/onnx``, else ``$IBISAGENT_ONNX_DIR`` (older name), else the per-user cache
+directory of platformdirs (``~/.cache/ibisagent/onnx`` on Linux). The first build on a machine prints one line,
+``preparing models (first run only)``, on stderr.
 
 Encoder choice for segmenters (``encoder=`` option):
 
@@ -30,6 +32,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -42,6 +45,7 @@ import torch
 from torch import nn
 
 from ibisagent.segmenters.base import SegmenterError, SegmenterUnavailable
+from ibisagent.segmenters.embedding_cache import CACHE_DIR_ENV
 
 __all__ = [
     "build_with_fallback",
@@ -52,6 +56,7 @@ __all__ = [
     "AUTO_ORDER",
     "OnnxEncoder",
     "OpenVinoEncoder",
+    "announce_preparing",
     "default_onnx_dir",
     "default_threads",
     "compile_openvino",
@@ -70,6 +75,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ONNX_DIR_ENV = "IBISAGENT_ONNX_DIR"
+PREPARING_MESSAGE = "preparing models (first run only)"
 THREADS_ENV = "IBISAGENT_ONNX_THREADS"
 DEFAULT_OPSET = 17
 ENCODER_CHOICES = ("auto", "torch", "onnx", "onnx-int8", "openvino")
@@ -96,12 +102,26 @@ def openvino_available() -> bool:
 
 def default_onnx_dir() -> Path:
     """Where exported ONNX models are cached (see module docstring)."""
+    root = os.environ.get(CACHE_DIR_ENV)
+    if root:
+        return Path(root).expanduser() / "onnx"
     env = os.environ.get(ONNX_DIR_ENV)
     if env:
         return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "ibisagent" / "onnx"
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("ibisagent", appauthor=False)) / "onnx"
+
+
+_announced = False
+
+
+def announce_preparing() -> None:
+    """Print :data:`PREPARING_MESSAGE` on stderr, once per process (called before the first export/compile)."""
+    global _announced
+    if not _announced:
+        _announced = True
+        print(PREPARING_MESSAGE, file=sys.stderr, flush=True)
 
 
 def weights_sha256(module: nn.Module) -> str:
@@ -183,6 +203,7 @@ def ensure_onnx_model(module: nn.Module, input_size: int = 256, cache_dir: str |
     path = onnx_model_path(digest, input_size, opset, cache_dir, quantized=quantize)
     with _LOCK:
         if not fp32.is_file():
+            announce_preparing()
             log.info("exporting the image encoder to %s (once)", fp32)
             export_onnx(module, fp32, input_size, opset)
         if quantize and not path.is_file():

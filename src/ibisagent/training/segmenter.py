@@ -112,6 +112,9 @@ class SegmenterTrainConfig:
     ckpt_every: int = field(default=50, metadata={"help": "write a resumable checkpoint every N steps"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     time_limit_min: float = field(default=0.0, metadata={"help": "stop (and save) after this many minutes; 0 = none"})
+    stop_step: int = field(default=0, metadata={"help": "stop (and save) after this step, keeping the learning-rate "
+                                                       "schedule of --steps (replays a run stopped by its time limit); "
+                                                       "0 = none"})
     resume: bool = field(default=False, metadata={"help": "continue from run_dir/last.pt"})
     threads: int = field(default=2, metadata={"help": "torch CPU threads"})
     cache_only: bool = field(default=False, metadata={"help": "only compute the embedding cache, then exit"})
@@ -793,6 +796,10 @@ def train_segmenter(config: SegmenterTrainConfig) -> Path:
             r.checkpoint(done)
         if cfg.time_limit_min and el / 60 >= cfg.time_limit_min:
             tqdm.write(f"time limit reached at step {done}")
+            step = done - 1
+            break
+        if cfg.stop_step and done >= cfg.stop_step:
+            tqdm.write(f"--stop-step reached at step {done}")
             step = done - 1
             break
     done = step + 1 if cfg.steps > start else start
