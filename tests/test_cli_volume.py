@@ -1,5 +1,5 @@
 """``ibisagent segment VOLUME`` (no --slice): the 3D agent on a whole volume, ``mask.nii.gz`` in the source geometry,
-``trace.json`` and the overlay montage; bad volume input exits 2 with one line.
+``trace.json``, the overlay montage and a DICOM SEG for a DICOM series; bad volume input exits 2 with one line.
 
 The real-volume test uses a 5-slice crop of one CHAOS T2-SPIR volume around the right kidney (skipped without the
 dev data); the others use volumes the tests write and the fake segmenter.
@@ -49,8 +49,15 @@ def test_segment_a_real_volume_writes_the_mask_in_the_source_geometry(tmp_path: 
 
 
 def test_segment_a_dicom_series_folder(tmp_path: Path) -> None:
+    import pydicom
+    from pydicom.uid import generate_uid
+
     folder = tmp_path / "series"
-    write_dicom_series(folder, n=5)
+    frame_of_reference = generate_uid()
+    for f in write_dicom_series(folder, n=5):  # a SEG needs the series' frame of reference
+        ds = pydicom.dcmread(f)
+        ds.FrameOfReferenceUID = frame_of_reference
+        ds.save_as(f)
     out = tmp_path / "out"
     rc = main(["segment", str(folder), "--query", "the disk", "--segmenter", "fake", "--out", str(out), "--quiet"])
     assert rc == 0
@@ -63,6 +70,10 @@ def test_segment_a_dicom_series_folder(tmp_path: Path) -> None:
     stored_disk = np.stack([disk.T] * 5, axis=2)  # DICOM volumes are stored (columns, rows, slices)
     assert mask.shape == stored_disk.shape
     assert (mask & stored_disk).sum() > 0.5 * mask.sum()  # most of the mask lies on the disk
+    from ibisagent.io.volume_masks import load_volume_mask
+
+    seg = load_volume_mask(out / "mask.dcm", source)  # the DICOM SEG of the series reads back as the same mask
+    assert np.array_equal(seg, mask)
 
 
 def _rc_and_line(args: list[str], capsys) -> tuple[int, str]:
@@ -83,7 +94,7 @@ def test_bad_volume_input_exits_2_with_one_line(tmp_path: Path, capsys) -> None:
     nib.save(nib.Nifti1Image(np.asarray(nib.load(mp).dataobj), affine * np.diag([2, 1, 1, 1])), other)
     rc, line = _rc_and_line(["segment", str(ip), "-q", "the blob", "--segmenter", "fake", "--mask", str(other),
                              "--out", str(tmp_path / "o2")], capsys)
-    assert rc == 2 and "geometry" in line
+    assert rc == 2 and "another geometry" in line
     flat = tmp_path / "flat.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros_like(data), affine), flat)
     rc, line = _rc_and_line(["segment", str(flat), "-q", "the blob", "--segmenter", "fake", "--out",

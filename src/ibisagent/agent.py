@@ -29,7 +29,7 @@ from ibisagent.policies.base import Policy, create_policy
 from ibisagent.segmenters.base import Segmenter, create_segmenter
 
 __all__ = ["LOW_CONFIDENCE", "SAVED_FILES", "STEP_FILE", "Agent", "BatchItem", "BatchResult", "Episode", "StepRecord",
-           "VolumeEpisode", "clear_saved", "iter_episode", "run_episode", "save_mask_nifti", "segment_volume",
+           "VolumeEpisode", "clear_saved", "iter_episode", "run_episode", "segment_volume",
            "step_record"]
 
 #: a predicted IoU below this is reported as low confidence ("check the mask")
@@ -440,32 +440,32 @@ class VolumeEpisode:
         tiles = [t[:h] for t in tiles]
         return np.concatenate(tiles, axis=1)
 
-    def save(self, out_dir: str | Path, overlays: bool = True) -> Path:
-        """Write ``trace.json``, ``mask.nii.gz`` (the source geometry) and ``overlay_montage.png``."""
+    def save(self, out_dir: str | Path, overlays: bool = True, seg: bool = True) -> Path:
+        """Write ``trace.json``, ``mask.nii.gz`` (the source geometry), ``overlay_montage.png`` and, for a DICOM
+        series source and ``seg``, ``mask.dcm`` (a DICOM SEG of that series; see :meth:`save_seg`)."""
+        from ibisagent.io.volume_masks import save_volume_mask, volume_mask_suffix
+
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        save_mask_nifti(self.mask, self.stack.volume, out / "mask.nii.gz")
+        vol = self.stack.volume
+        if vol is None:
+            raise ValueError("this episode's stack has no source volume to take the mask geometry from")
+        save_volume_mask(self.mask, vol, out / "mask.nii.gz")
+        if seg and volume_mask_suffix(vol) == ".dcm":
+            self.save_seg(out / "mask.dcm")
         if overlays:
             Image.fromarray(self.montage()).save(out / "overlay_montage.png")
         (out / "trace.json").write_text(json.dumps(self.to_json(), indent=2))
         return out
 
+    def save_seg(self, path: str | Path) -> Path:
+        """The mask as a DICOM SEG of the source series (ValueError when the source is not a DICOM series or lacks
+        what a SEG needs, e.g. a Frame of Reference UID)."""
+        from ibisagent.io.volume_masks import save_volume_mask
 
-def save_mask_nifti(mask: np.ndarray, volume: Any, path: str | Path) -> Path:
-    """A label volume (uint8, 1 = object) with ``volume``'s affine (its header's qform/sform codes for a NIfTI
-    source). Stand-in until ``ibisagent.io.volumes.save_label_volume`` lands (it adds DICOM SEG)."""
-    import nibabel as nib
-
-    path = Path(path)
-    data = np.asarray(mask).astype(np.uint8)
-    affine = np.eye(4) if volume is None else np.asarray(volume.affine, float)
-    if volume is not None and data.shape != tuple(volume.shape):
-        raise ValueError(f"mask is {data.shape} but the volume is {tuple(volume.shape)}")
-    img = nib.Nifti1Image(data, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    nib.save(img, str(path))
-    return path
+        if self.stack.volume is None:
+            raise ValueError("this episode's stack has no source volume")
+        return save_volume_mask(self.mask, self.stack.volume, path, label=self.query)
 
 
 def _volume_policy(policy: Policy) -> Policy:

@@ -118,7 +118,8 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("image", nargs="+",
                    help="image file: PNG/JPEG/TIFF/BMP, DICOM (.dcm) or a NIfTI slice (--slice); a NIfTI volume or a DICOM "
-                        "series folder without --slice runs the 3D agent (mask.nii.gz, trace.json); several "
+                        "series folder without --slice runs the 3D agent (mask.nii.gz, and mask.dcm DICOM SEG for a series; "
+                        "trace.json); several "
                         "files, a folder, a quoted glob ('scans/*.png') or a manifest (.csv / .jsonl with columns "
                         "image, query, and optionally mask, slice) run in batch mode")
     p.add_argument("--query", "-q", default=None,
@@ -466,29 +467,15 @@ def _is_volume_input(inputs: list[str]) -> bool:
 
 
 def _volume_mask(args: argparse.Namespace, volume) -> Any:
-    """The --mask volume as a bool array in the source's stored layout; its geometry must match the source's."""
-    import numpy as np
+    """The --mask label map or DICOM SEG as a bool array of ``volume`` (its stored layout, the same voxel grid)."""
+    from ibisagent.io.volume_masks import load_volume_mask
 
-    from ibisagent.io.volumes import load_volume
-
+    if args.mask_threshold is not None:
+        raise UserError("--mask-threshold applies to 2D mask images; a volume mask is a label map (--mask-label)")
     try:
-        mv = load_volume(args.mask)
+        return load_volume_mask(args.mask, volume, label=args.mask_label, allow_empty=False)
     except (ValueError, OSError) as exc:
         raise UserError(_cli_wording(str(exc))) from exc
-    if mv.shape != volume.shape or not np.allclose(mv.affine, volume.affine, atol=1e-3):
-        raise UserError(f"the mask {args.mask} has a different geometry from {volume.source.name} (shape "
-                        f"{mv.shape} vs {volume.shape}, or another affine)")
-    data = mv.array
-    if args.mask_label is not None:
-        gt = data == args.mask_label
-    elif args.mask_threshold is not None:
-        gt = data > args.mask_threshold
-    else:
-        gt = data > 0
-    if not gt.any():
-        raise UserError(f"the ground-truth mask {args.mask} is empty"
-                        + (f" for label {args.mask_label}" if args.mask_label is not None else ""))
-    return gt
 
 
 def _cmd_segment_volume(args: argparse.Namespace, t_start: float) -> int:
@@ -546,14 +533,22 @@ def _cmd_segment_volume(args: argparse.Namespace, t_start: float) -> int:
         raise UserError(_cli_wording(str(exc))) from exc
     from ibisagent.agent import clear_saved
 
-    clear_saved(out, ("mask.nii.gz", "overlay_montage.png"))
-    episode.save(out, overlays=not args.no_overlays)
-    if volume.kind == "dicom-series" and not args.quiet:
-        print("  note: DICOM SEG output is not available yet; wrote mask.nii.gz in the series' geometry",
-              file=sys.stderr)
+    clear_saved(out, ("mask.nii.gz", "mask.dcm", "overlay_montage.png"))
+    try:
+        episode.save(out, overlays=not args.no_overlays, seg=False)
+    except ValueError as exc:
+        raise UserError(_cli_wording(str(exc))) from exc
+    if volume.kind == "dicom-series":
+        try:
+            episode.save_seg(out / "mask.dcm")
+        except ValueError as exc:  # the NIfTI mask is written; the SEG needs what this series lacks
+            print(f"warning: no DICOM SEG written ({' '.join(str(exc).split())}); mask.nii.gz has the series' "
+                  "geometry", file=sys.stderr)
     result = {"mask": str(out / "mask.nii.gz"), "trace": str(out / "trace.json"), "voxels": int(episode.mask.sum()),
               "stop_reason": episode.stop_reason, "n_interactions": episode.n_interactions,
               "final_iou": episode.final_iou, "wall_s": round(time.perf_counter() - t_start, 3)}
+    if (out / "mask.dcm").is_file():
+        result["seg"] = str(out / "mask.dcm")
     if not args.quiet:
         print(f"done: {result['voxels']} voxels in {len(episode.to_json()['slices_with_object'])} slices, "
               f"{episode.n_interactions} interactions, {result['wall_s']:.1f} s -> {out}", file=sys.stderr)
