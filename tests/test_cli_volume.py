@@ -100,3 +100,14 @@ def test_bad_volume_input_exits_2_with_one_line(tmp_path: Path, capsys) -> None:
     rc, line = _rc_and_line(["segment", str(flat), "-q", "the blob", "--segmenter", "fake", "--out",
                              str(tmp_path / "o3")], capsys)
     assert rc == 2 and "empty volume" in line
+
+
+def test_only_a_one_series_dicom_folder_is_a_volume(tmp_path: Path) -> None:
+    from ibisagent.cli import _is_volume_input
+
+    write_dicom_series(tmp_path / "a", n=2)
+    assert _is_volume_input([str(tmp_path / "a")])
+    for i, f in enumerate(write_dicom_series(tmp_path / "b", n=2)):  # another series in the same folder
+        f.rename(tmp_path / "a" / f"other{i}.dcm")
+    assert not _is_volume_input([str(tmp_path / "a")])  # unrelated DICOM images: batch mode
+    assert _is_volume_input([str(tmp_path / "v.nii.gz")]) and not _is_volume_input([str(tmp_path / "a"), "x.png"])

@@ -452,7 +452,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 
 def _is_volume_input(inputs: list[str]) -> bool:
-    """One NIfTI file, or one folder whose files are all DICOM: a volume for the 3D agent (without --slice)."""
+    """One NIfTI file, or one folder of DICOM files of one series: a volume for the 3D agent (without --slice)."""
     if len(inputs) != 1:
         return False
     p = Path(inputs[0])
@@ -463,7 +463,15 @@ def _is_volume_input(inputs: list[str]) -> bool:
     from ibisagent.io.images import is_dicom_file
 
     files = [f for f in p.iterdir() if f.is_file() and not f.name.startswith(".") and f.name.upper() != "DICOMDIR"]
-    return bool(files) and all(f.suffix.lower() == ".dcm" or is_dicom_file(f) for f in files)
+    if len(files) < 2 or not all(f.suffix.lower() == ".dcm" or is_dicom_file(f) for f in files):
+        return False
+    import pydicom
+
+    try:  # one series (a folder of unrelated 2D DICOM images stays batch mode)
+        uids = {pydicom.dcmread(f, stop_before_pixels=True).get("SeriesInstanceUID") for f in files}
+    except Exception:  # noqa: BLE001 - an unreadable file: let batch mode report it per file
+        return False
+    return len(uids) == 1 and None not in uids
 
 
 def _volume_mask(args: argparse.Namespace, volume) -> Any:
