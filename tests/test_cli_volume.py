@@ -111,3 +111,15 @@ def test_only_a_one_series_dicom_folder_is_a_volume(tmp_path: Path) -> None:
         f.rename(tmp_path / "a" / f"other{i}.dcm")
     assert not _is_volume_input([str(tmp_path / "a")])  # unrelated DICOM images: batch mode
     assert _is_volume_input([str(tmp_path / "v.nii.gz")]) and not _is_volume_input([str(tmp_path / "a"), "x.png"])
+
+
+def test_agent_segment_volume_returns_the_mask_in_stored_order(tmp_path: Path) -> None:
+    from ibisagent import Agent
+
+    ip, mp, _ = write_blob_volume(tmp_path)
+    gt = np.asarray(nib.load(mp).dataobj) > 0
+    ep = Agent(policy="oracle", segmenter="fake").segment_volume(ip, "the blob", gt=gt)
+    assert ep.meta["policy"] == "oracle-3d" and ep.mask.shape == gt.shape and ep.mask.dtype == bool
+    assert ep.n_interactions >= 1 and ep.steps[-1]["iou"] is not None
+    assert 2 * (ep.mask & gt).sum() / (ep.mask.sum() + gt.sum()) > 0.5  # the fake segmenter on a plain disk
+    assert ep.encoder_s >= 0 and ep.total_s > 0
