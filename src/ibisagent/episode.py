@@ -3,8 +3,8 @@
 Every caller that plays episodes goes through this module: the agent and the evaluation harness
 (:func:`ibisagent.agent.run_episode`), the web app and the tool server (:mod:`ibisagent.runtime`), the Qwen2.5-VL
 GRPO trainer (:mod:`ibisagent.training.trl_grpo`), the test helpers (:mod:`ibisagent.testing`), the compact-policy
-trainer's lockstep rollouts (:func:`drive_lockstep`) and the trajectory synthesizer (its steps go through a
-:class:`StopTracker`).
+trainer's lockstep rollouts (:func:`drive_lockstep`) and the trajectory synthesizer (its scripted oracle, played by
+:func:`drive` after any searched prefix, ``resume=True``).
 
 One turn, whoever runs it::
 
@@ -15,7 +15,8 @@ One turn, whoever runs it::
   the ``max_steps`` budget). :class:`ibisagent.env.SegmentationEnv` runs them for one episode,
   :func:`drive_lockstep` for a batch.
 * :func:`drive`: the single-episode driver, a generator of :class:`Turn` over any :class:`EpisodeEnv` and any
-  :class:`ActingPolicy`; it can first replay ``prior`` replies (a person's clicks) before the policy acts.
+  :class:`ActingPolicy`; it can first replay ``prior`` replies (a person's clicks) before the policy acts, or
+  ``resume`` an episode already under way (trajectory synthesis steps a searched prefix first).
 * :func:`drive_lockstep`: the same turn, for a batch of episodes that advance together (one batched policy call and
   one batched segmenter call per turn), with the same :class:`StopTracker`.
 
@@ -164,6 +165,7 @@ class StopTracker:
     rules: StopRules = field(default_factory=StopRules)
     step: int = 0
     actions: list[str] = field(default_factory=list)
+    _acted: list[bool] = field(default_factory=list, repr=False)  # per closed turn: whether it added to actions
 
     def read(self, reply: str, parse: ActionParser) -> Reading:
         """Start a turn: parse ``reply``. A Terminate stops the episode; a reply that does not parse stops it as
@@ -183,6 +185,7 @@ class StopTracker:
         stop = reading.stop
         if apply_error is not None and stop is None:
             stop = StopReason.INVALID_ACTION
+        self._acted.append(reading.action is not None)
         if reading.action is not None:
             self.actions.append(reading.action.text())
             k = self.rules.max_repeats
@@ -197,7 +200,7 @@ class StopTracker:
         if self.step <= 0:
             raise RuntimeError("no turn to undo")
         self.step -= 1
-        if self.actions:
+        if self._acted and self._acted.pop():
             self.actions.pop()
 
     @property
@@ -242,17 +245,20 @@ def drive(
     prior: Sequence[str] = (),
     guard: Callable[[], AbstractContextManager[Any]] | None = None,
     on_start: Callable[[Any], Any] | None = None,
+    resume: bool = False,
 ) -> Iterator[Turn]:
     """Play one episode, a :class:`Turn` per step, until the environment's stop rules end it.
 
     ``prior`` replies are replayed first (``actor="user"``, no policy time) before the policy acts. ``guard`` is a
     context-manager factory entered around the reset and around every turn (e.g. a segmenter lock). ``on_start`` is
-    called with the first observation, after the reset and the policy's ``begin_episode``.
+    called with the first observation, after the reset and the policy's ``begin_episode``. With ``resume`` the
+    environment is not reset: the episode goes on from its current ``observation`` (the turns already taken count
+    towards its stop rules); ``image``, ``query`` and ``gt`` must be the episode's own.
     """
     enter = guard or nullcontext
     prior = list(prior)
     with enter():
-        obs = env.reset(image, query, gt)
+        obs = env.observation if resume else env.reset(image, query, gt)  # type: ignore[attr-defined]
         policy.begin_episode(image=getattr(obs, "image", image), query=query, gt=env.gt)
     if on_start is not None:
         on_start(obs)
