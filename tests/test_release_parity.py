@@ -318,3 +318,86 @@ def test_segment_cli_has_the_parser_option() -> None:
     args = build_parser().parse_args(["segment", "img.png", "--query", "q", "--parser", "reference"])
     assert args.parser == "reference"
     assert build_parser().parse_args(["segment", "img.png", "--query", "q"]).parser == "lenient"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The reference reward profile (the release's reward function, checked against our reading of its source)
+# ------------------------------------------------------------------------------------------------------------------
+
+def _reward_case() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A 10x10 ground truth of 20 pixels; a mask before with IoU 0.60 (12 of them), after with IoU 0.75 (15)."""
+    gt = np.zeros((10, 10), bool)
+    gt[2:6, 2:7] = True  # 4 x 5 = 20 pixels
+    before = np.zeros_like(gt)
+    before[2:5, 2:6] = True  # 12 pixels inside: IoU 12 / 20
+    after = before.copy()
+    after[5, 2:5] = True  # 15 pixels: IoU 15 / 20
+    return gt, before, after
+
+
+def _reply(action: str, answer: str | None = None) -> str:
+    tail = f"\n<answer>\n{answer}\n</answer>" if answer is not None else ""
+    return f"<think>\nthe lower rim is missed\n</think>\n<action>\n{action}\n</action>{tail}"
+
+
+def test_reference_reward_worked_example_is_1_2() -> None:
+    """The issue's example: a valid positive click into the false-negative region raising IoU 0.60 -> 0.75 at step
+    3 scores (format 1 + answer 2 + placement 1 + progress 1 + length 1) / 5 = 1.2, in both profiles."""
+    from ibisagent.rewards import RewardConfig, score_transition
+
+    gt, before, after = _reward_case()
+    reply = _reply("Positive Point (0.4500, 0.5500)")  # pixel (4, 5): in gt, not in the mask before
+    for cfg in (RewardConfig(), RewardConfig(profile="reference")):
+        b = score_transition(reply, gt=gt, mask_before=before, mask_after=after, step=3, config=cfg)
+        assert (b.iou_before, b.iou_after) == (pytest.approx(0.60), pytest.approx(0.75))
+        assert b.components() == {"format": 1.0, "answer": 2.0, "placement": 1.0, "progress": 1.0, "length": 1.0}
+        assert b.total == pytest.approx(1.2)
+
+
+def test_reference_reward_quirks_differ_from_our_default() -> None:
+    from ibisagent.rewards import RewardConfig, score_transition
+
+    gt, before, after = _reward_case()
+    ref = RewardConfig(profile="reference")
+
+    def score(reply: str, cfg: RewardConfig, step: int | None = 3, mask_before: np.ndarray = before):
+        return score_transition(reply, gt=gt, mask_before=mask_before, mask_after=after, step=step, config=cfg)
+
+    # a stop: the release spells it Termination and scores placement 0 (we: +1 for a stop at IoU >= 0.8)
+    good = np.zeros_like(gt)
+    good[2:6, 2:6] = True  # IoU 16 / 20 = 0.8: answer tier 2 (strict > 0.8 for 3)
+    stop = _reply("Termination", answer="the mask covers the lesion")
+    r = score(stop, ref, mask_before=good)
+    assert r.components() == {"format": 1.0, "answer": 2.0, "placement": 0.0, "progress": 0.0, "length": 1.0}
+    assert r.total == pytest.approx(4 / 5)
+    d = score(stop, RewardConfig(), mask_before=good)
+    assert d.placement == 1.0 and d.total == pytest.approx(5 / 5)
+    # "Terminate" (what its inference parser and ours emit) is no action for the release's reward
+    r = score(_reply("Terminate", answer="done"), ref, mask_before=good)
+    assert r.components() == {"format": 0.0, "answer": 0.0, "placement": 0.0, "progress": 0.0, "length": 1.0}
+    # a Termination without an answer fails its format check only
+    assert score(_reply("Termination"), ref, mask_before=good).format == 0.0
+    # no space after the comma passes its format check; ours rejects it
+    tight = _reply("Positive Point (0.45,0.55)")
+    assert score(tight, ref).format == 1.0 and score(tight, ref).total == pytest.approx(1.2)
+    assert score(tight, RewardConfig()).format == 0.0
+    # spaces inside the action block pass its format check but no action is read: answer/placement/progress 0
+    padded = "<think>\nx\n</think>\n<action>\n Positive Point (0.45, 0.55) \n</action>"
+    r = score(padded, ref)
+    assert r.components() == {"format": 1.0, "answer": 0.0, "placement": 0.0, "progress": 0.0, "length": 1.0}
+    # a click outside the false-negative region, and an unknown step (its converter writes no current_step)
+    miss = _reply("Positive Point (0.0500, 0.0500)")
+    r = score(miss, ref, step=None)
+    assert (r.placement, r.length) == (-1.0, 0.0)
+    with pytest.raises(ValueError, match="step is required"):
+        score(miss, RewardConfig(), step=None)
+    # beyond the optimal 5 steps: -0.2 per extra step, as ours
+    assert score(miss, ref, step=8).length == pytest.approx(-0.6)
+
+
+def test_reference_reward_profile_is_checked_and_reads_from_dicts() -> None:
+    from ibisagent.rewards import RewardConfig
+
+    assert RewardConfig.from_dict({"profile": "reference"}).profile == "reference"
+    with pytest.raises(ValueError, match="profile"):
+        RewardConfig(profile="release")  # type: ignore[arg-type]
