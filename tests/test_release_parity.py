@@ -401,3 +401,39 @@ def test_reference_reward_profile_is_checked_and_reads_from_dicts() -> None:
     assert RewardConfig.from_dict({"profile": "reference"}).profile == "reference"
     with pytest.raises(ValueError, match="profile"):
         RewardConfig(profile="release")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The repeat rule's order (the release checks it before calling the segmenter)
+# ------------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("check,applied", [("after", 3), ("before", 2)])
+def test_repeat_rule_order(check: str, applied: int) -> None:
+    """Three identical clicks stop the episode either way; under the release's order the third is not applied."""
+    from ibisagent.env import EnvConfig, SegmentationEnv
+    from ibisagent.episode import StopReason, StopRules, drive_lockstep
+    from ibisagent.segmenters.base import create_segmenter
+
+    img = np.zeros((32, 32, 3), np.uint8)
+    img[8:24, 8:24] = 200
+    env = SegmentationEnv(create_segmenter("fake"), EnvConfig(repeat_check=check))  # type: ignore[arg-type]
+    env.reset(img, "the square")
+    click = "<think>\nx\n</think>\n<action>\nPositive Point (0.5000, 0.5000)\n</action>"
+    infos = [env.step(click).info for _ in range(3)]
+    assert [i["stop_reason"] for i in infos] == [None, None, StopReason.REPEATED]
+    assert len(env.session.points) == applied
+    # the lockstep driver runs the same rule: only the applied turns reach its segmenter call
+    calls: list[int] = []
+    res = drive_lockstep(1, lambda live, turn: [click] * len(live),
+                         lambda idx, acts: calls.append(len(idx)) or [None] * len(idx),
+                         lambda r: parse_reply(r).action, StopRules(repeat_check=check))  # type: ignore[arg-type]
+    assert res.stop_reasons == [StopReason.REPEATED] and len(calls) == applied
+    with pytest.raises(ValueError, match="repeat_check"):
+        EnvConfig(repeat_check="never")  # type: ignore[arg-type]
+
+
+def test_segment_cli_has_the_repeat_check_option() -> None:
+    from ibisagent.cli import build_parser
+
+    args = build_parser().parse_args(["segment", "x.png", "--query", "q", "--repeat-check", "before"])
+    assert args.repeat_check == "before"

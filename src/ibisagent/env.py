@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -37,6 +37,8 @@ class EnvConfig:
     mask_feedback: bool = True
     #: reply parser: "lenient" (ours) or "reference" (the release's rules, see ibisagent.protocol.parse_action)
     parser: ParserProfile = "lenient"
+    #: repeat rule "after" the segmenter ran (ours) or "before" it (the release: the stopping repeat is not applied)
+    repeat_check: Literal["after", "before"] = "after"
 
     def __post_init__(self) -> None:
         self.rules  # noqa: B018 - StopRules checks max_steps and max_repeats (whole numbers >= 1)
@@ -46,7 +48,7 @@ class EnvConfig:
     @property
     def rules(self) -> StopRules:
         """The stop rules of these settings (run by :class:`~ibisagent.episode.StopTracker`)."""
-        return StopRules(max_steps=self.max_steps, max_repeats=self.max_repeats)
+        return StopRules(max_steps=self.max_steps, max_repeats=self.max_repeats, repeat_check=self.repeat_check)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from ibisagent.protocol import Action, ActionKind, ActionParseError
 
@@ -62,6 +62,9 @@ class StopReason:
     REPEATED = "repeated_action"
     MAX_STEPS = "max_steps"
 
+
+#: when the repeat rule runs (:attr:`StopRules.repeat_check`)
+REPEAT_CHECKS = ("after", "before")
 
 #: parse-error reasons (:class:`~ibisagent.protocol.ActionParseError`) that count as an invalid action, not as an
 #: unparseable reply
@@ -130,12 +133,17 @@ class StopRules:
 
     max_steps: int = 20  # policy turns per episode (the Terminate turn counts)
     max_repeats: int = 3  # stop when the same action text repeats this many times in a row
+    #: when the repeat rule is checked: "after" the action went to the segmenter (ours: the last repeat is applied)
+    #: or "before" (the release's inference loop: the repeat that stops the episode is not applied)
+    repeat_check: Literal["after", "before"] = "after"
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "max_repeats"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+        if self.repeat_check not in REPEAT_CHECKS:
+            raise ValueError(f"repeat_check must be one of {', '.join(REPEAT_CHECKS)}, got {self.repeat_check!r}")
 
     def tracker(self) -> StopTracker:
         return StopTracker(self)
@@ -177,7 +185,16 @@ class StopTracker:
         except ActionParseError as exc:
             reason = StopReason.INVALID_ACTION if exc.reason in INVALID_PARSE_REASONS else StopReason.UNPARSEABLE
             return Reading(None, reason, str(exc))
-        return Reading(action, StopReason.TERMINATE if action.kind is ActionKind.TERMINATE else None)
+        if action.kind is ActionKind.TERMINATE:
+            return Reading(action, StopReason.TERMINATE)
+        if self.rules.repeat_check == "before" and self._repeats(action.text()):
+            return Reading(action, StopReason.REPEATED)  # stops before the segmenter sees it
+        return Reading(action, None)
+
+    def _repeats(self, text: str) -> bool:
+        """Whether ``text`` after the actions so far makes ``max_repeats`` equal actions in a row."""
+        k = self.rules.max_repeats
+        return len(self.actions) >= k - 1 and all(a == text for a in self.actions[len(self.actions) - (k - 1):])
 
     def close(self, reading: Reading, apply_error: str | None = None) -> str | None:
         """End the turn: the stop reason (None to go on). ``apply_error`` is the message of a segmenter that
@@ -187,10 +204,10 @@ class StopTracker:
             stop = StopReason.INVALID_ACTION
         self._acted.append(reading.action is not None)
         if reading.action is not None:
-            self.actions.append(reading.action.text())
-            k = self.rules.max_repeats
-            if stop is None and len(self.actions) >= k and len(set(self.actions[-k:])) == 1:
+            text = reading.action.text()
+            if stop is None and self._repeats(text):
                 stop = StopReason.REPEATED
+            self.actions.append(text)
         if stop is None and self.step >= self.rules.max_steps:
             stop = StopReason.MAX_STEPS
         return stop
