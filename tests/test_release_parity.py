@@ -437,3 +437,58 @@ def test_segment_cli_has_the_repeat_check_option() -> None:
 
     args = build_parser().parse_args(["segment", "x.png", "--query", "q", "--repeat-check", "before"])
     assert args.repeat_check == "before"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The release's trajectory clicker (oracle click_rule="release")
+# ------------------------------------------------------------------------------------------------------------------
+
+def test_release_clicker_clicks_a_border_touching_region_at_the_border() -> None:
+    pytest.importorskip("cv2")
+    from ibisagent.oracle_click import next_click
+
+    gt = np.zeros((40, 40), bool)
+    gt[10:31, 0:6] = True  # a 6-wide strip on the left edge
+    ours, rel = next_click(None, gt), next_click(None, gt, rule="release")
+    assert (ours.x, ours.y, ours.depth) == (2, 12, 3.0)  # padded: the image edge is border
+    assert (rel.x, rel.y, rel.depth) == (0, 15, 6.0)  # unpadded: the edge is not border, first maximum row-major
+    inner = np.zeros((40, 40), bool)
+    inner[10:31, 10:21] = True  # away from the edge both rules agree
+    a, b = next_click(None, inner), next_click(None, inner, rule="release")
+    assert (a.positive, a.x, a.y) == (b.positive, b.x, b.y) == (True, 15, 15)
+
+
+def test_release_clicker_ties_go_to_fn_and_it_may_repeat_a_click() -> None:
+    pytest.importorskip("cv2")
+    from ibisagent.oracle_click import next_click
+
+    gt = np.zeros((30, 30), bool)
+    gt[5:10, 5:10] = True  # FN: a 5x5 square
+    pred = np.zeros_like(gt)
+    pred[20:25, 20:25] = True  # FP: the same size elsewhere
+    pick = next_click(pred, gt, rule="release")
+    assert pick.positive and (pick.x, pick.y) == (7, 7)
+    again = next_click(pred, gt, avoid=[(7, 7)], rule="release")  # the release keeps no memory of its clicks
+    assert (again.x, again.y) == (7, 7)
+    assert (next_click(pred, gt, avoid=[(7, 7)]).x, next_click(pred, gt, avoid=[(7, 7)]).y) != (7, 7)
+    with pytest.raises(ValueError, match="rule"):
+        next_click(pred, gt, rule="nearest")
+
+
+def test_oracle_policy_takes_the_release_click_rule() -> None:
+    pytest.importorskip("cv2")
+    from ibisagent.env import EnvConfig, SegmentationEnv
+    from ibisagent.policies.oracle import OraclePolicy
+    from ibisagent.segmenters.base import create_segmenter
+
+    img = np.zeros((40, 40, 3), np.uint8)
+    gt = np.zeros((40, 40), bool)
+    gt[10:31, 0:6] = True
+    img[gt] = 200
+    env = SegmentationEnv(create_segmenter("fake"), EnvConfig())
+    obs = env.reset(img, "the strip", gt)
+    policy = OraclePolicy(click_rule="release")
+    policy.begin_episode(image=img, query="the strip", gt=gt)
+    assert parse_reply(policy.act(obs)).action.pixel(40, 40) == (0, 15)
+    with pytest.raises(ValueError, match="click_rule"):
+        OraclePolicy(click_rule="nearest")

@@ -13,7 +13,7 @@ import numpy as np
 
 from ibisagent.env import Observation
 from ibisagent.masks import bbox, iou
-from ibisagent.oracle_click import OracleClick, next_click
+from ibisagent.oracle_click import CLICK_RULES, OracleClick, next_click
 from ibisagent.policies.base import BasePolicy, PolicyError, register_policy
 from ibisagent.protocol import Action, format_reply, to_normalized
 from ibisagent.reasoning import describe_box, describe_click, describe_stop
@@ -62,10 +62,15 @@ class OraclePolicy(BasePolicy):
 
     def __init__(self, iou_threshold: float = 0.8, first_action: str = "click", box_jitter: float = 0.0,
                  seed: int = 0, target: str | None = None, *, when_exhausted: str = "terminate",
-                 rng: random.Random | None = None, np_rng: np.random.Generator | None = None) -> None:
+                 rng: random.Random | None = None, np_rng: np.random.Generator | None = None,
+                 click_rule: str = "ours") -> None:
         """``rng`` (reasoning text) and ``np_rng`` (box jitter) replace the generators seeded with ``seed``, so a
-        caller that draws from them between episodes (synthesis) keeps one stream."""
+        caller that draws from them between episodes (synthesis) keeps one stream. ``click_rule="release"`` clicks
+        by the release's rule (:func:`ibisagent.oracle_click.next_click`)."""
         super().__init__()
+        if click_rule not in CLICK_RULES:
+            raise ValueError(f"click_rule must be one of {', '.join(CLICK_RULES)}, got {click_rule!r}")
+        self.click_rule = click_rule
         if first_action not in ("click", "box"):
             raise ValueError("first_action must be 'click' or 'box'")
         if when_exhausted not in ("terminate", "raise"):
@@ -110,7 +115,7 @@ class OraclePolicy(BasePolicy):
             box = jittered_box(gt, self.box_jitter, self._nrng)
             return format_reply(box_action(box, w, h), describe_box(box=box, width=w, height=h, target=target,
                                                                      rng=self._rng))
-        click = next_click(pred, gt, avoid=obs.points)
+        click = next_click(pred, gt, avoid=obs.points, rule=self.click_rule)
         if click is None:
             if self.when_exhausted == "raise":
                 raise OracleExhausted("no error region left that has not been clicked")
