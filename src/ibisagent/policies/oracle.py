@@ -62,11 +62,10 @@ class OraclePolicy(BasePolicy):
 
     def __init__(self, iou_threshold: float = 0.8, first_action: str = "click", box_jitter: float = 0.0,
                  seed: int = 0, target: str | None = None, *, when_exhausted: str = "terminate",
-                 rng: random.Random | None = None, np_rng: np.random.Generator | None = None,
                  click_rule: str = "ours") -> None:
-        """``rng`` (reasoning text) and ``np_rng`` (box jitter) replace the generators seeded with ``seed``, so a
-        caller that draws from them between episodes (synthesis) keeps one stream. ``click_rule="release"`` clicks
-        by the release's rule (:func:`ibisagent.oracle_click.next_click`)."""
+        """``click_rule="release"`` clicks by the release's rule (:func:`ibisagent.oracle_click.next_click`);
+        ``when_exhausted="raise"`` raises :class:`OracleExhausted` where the oracle would otherwise Terminate below
+        the threshold (no error pixel left to click)."""
         super().__init__()
         if click_rule not in CLICK_RULES:
             raise ValueError(f"click_rule must be one of {', '.join(CLICK_RULES)}, got {click_rule!r}")
@@ -82,8 +81,14 @@ class OraclePolicy(BasePolicy):
         self.seed = seed
         self.grammar = "extended" if first_action == "box" else "reference"
         self._target = target
-        self._rng = rng if rng is not None else random.Random(seed)
-        self._nrng = np_rng if np_rng is not None else np.random.default_rng(seed)
+        self._rng = random.Random(seed)
+        self._nrng = np.random.default_rng(seed)
+
+    def use_streams(self, rng: random.Random, np_rng: np.random.Generator) -> OraclePolicy:
+        """Draw reasoning text from ``rng`` and box jitter from ``np_rng`` instead of the generators seeded with
+        ``seed``, so a caller that also draws from them (trajectory synthesis) keeps one stream. Returns self."""
+        self._rng, self._nrng = rng, np_rng
+        return self
 
     def begin_episode(self, *, image: np.ndarray, query: str, gt: np.ndarray | None = None) -> None:
         super().begin_episode(image=image, query=query, gt=gt)

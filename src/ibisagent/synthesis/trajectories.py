@@ -182,7 +182,7 @@ class ScriptedOracle:
         self.ro = ro
         self.step = step
         self.oracle = OraclePolicy(ro.config.iou_threshold, first_action, ro.config.box_jitter, target=ro.target,
-                                   when_exhausted="raise", rng=ro.rng, np_rng=ro.np_rng)
+                                   when_exhausted="raise").use_streams(ro.rng, ro.np_rng)
 
     def begin_episode(self, *, image: Any, query: str, gt: Any = None) -> None:
         self.oracle.begin_episode(image=image, query=query, gt=gt)
