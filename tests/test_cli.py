@@ -127,7 +127,7 @@ def _err(capsys) -> str:
     (["-q", ""], "--query is empty"),
     (["-q", "x", "--max-steps", "0"], "--max-steps must be >= 1"),
     (["-q", "x", "--max-steps", "-3"], "--max-steps must be >= 1"),
-    (["-q", "x", "--policy-arg", "foo=1", "--policy", "oracle"], "valid: box_jitter, first_action"),
+    (["-q", "x", "--policy-arg", "foo=1", "--policy", "oracle"], "valid: box_jitter, click_rule, first_action"),
     (["-q", "x", "--segmenter-arg", "colour=1"], "--segmenter-arg: segmenter 'fake' has no option colour; valid: "
                                                  "radius_frac, tolerance"),
     (["-q", "x", "--volume-index", "1"], "--volume-index 1 applies to 4D NIfTI"),

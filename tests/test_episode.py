@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ibisagent.env import EnvConfig, SegmentationEnv
-from ibisagent.episode import StopReason, StopRules, drive_lockstep, play
+from ibisagent.episode import StopReason, StopRules, drive, drive_lockstep, play
 from ibisagent.protocol import Action, ActionKind, parse_reply
 from ibisagent.segmenters.base import create_segmenter
 
@@ -298,9 +298,9 @@ def test_synthesis_rollouts_follow_the_env_stop_rules() -> None:
     from ibisagent.synthesis.trajectories import Rollout, RolloutConfig, UnreachableError
 
     img, gt = _disc(48, 64, 24, 32, 9)
-    ro = Rollout(create_segmenter("fake"), img, gt, "the disc", "the disc", RolloutConfig(max_steps=6),
-                 random.Random(0))
-    assert ro.config.rules == EnvConfig(max_steps=6).rules and ro.turns_left == 6
+    ro = Rollout(create_segmenter("fake"), img, gt, "the disc", "the disc", RolloutConfig(), random.Random(0),
+                 EnvConfig(max_steps=6))
+    assert ro.env.config.rules == EnvConfig(max_steps=6).rules and ro.turns_left == 6
     for _ in range(3):
         ro.click(True, 5, 5, "again")
     assert ro.stop_reason == StopReason.REPEATED and ro.turns_left == 3
@@ -334,3 +334,50 @@ def test_the_env_takes_another_parser_and_session() -> None:
     assert env.session is session and out[-1].stop_reason == StopReason.TERMINATE
     assert session.labels.tolist() == [1, 0] and out[1].info["mask"] is not None
     assert play(env, _Scripted(["Positive Point (0.5000, 0.5000)"]), img, "x", gt)[-1].stop_reason == "unparseable"
+
+
+def test_env_undo_takes_a_turn_back_and_drive_resumes_the_episode() -> None:
+    """Synthesis searches by stepping a candidate through the env and taking it back, then lets the driver play the
+    rest from there: undo restores the session, the turn count and the repeat rule's memory, also after an
+    unparseable turn or a Terminate, and ``drive(resume=True)`` continues without a reset."""
+    img, gt = _disc(48, 64, 24, 32, 9)
+    env = SegmentationEnv(create_segmenter("fake"), EnvConfig(max_steps=5))
+    env.reset(img, "the disc", gt)
+    first = env.step("<action>Positive point (0.5, 0.5)</action>")
+    mask1 = first.info["mask"].copy()
+    env.step("<action>Positive point (0.1, 0.1)</action>")
+    env.undo()
+    assert env.observation.step == 1 and np.array_equal(env.session.mask, mask1)
+    env.step("no action here")  # unparseable: ends the episode, nothing reaches the session
+    assert env.done
+    env.undo()
+    assert not env.done and env.observation.previous_actions == ("Positive Point (0.5000, 0.5000)",)
+    env.step("<action>Terminate</action>")
+    env.undo()
+    with pytest.raises(RuntimeError, match="no step"):
+        SegmentationEnv(create_segmenter("fake")).undo()
+    # two more of the same click hit the repeat rule only if the first one is still remembered
+    turns = play(env, _Scripted(["<action>Positive point (0.5, 0.5)</action>"] * 4), img, "the disc", gt,
+                 resume=True)
+    assert [t.step for t in turns] == [2, 3] and turns[-1].stop_reason == StopReason.REPEATED
+
+
+def test_synthesis_plays_its_episodes_through_the_driver(monkeypatch: pytest.MonkeyPatch) -> None:
+    import random
+
+    import ibisagent.synthesis.trajectories as traj
+    from ibisagent.synthesis.trajectories import Rollout, RolloutConfig, rollout_oracle
+
+    seen: list[int] = []
+
+    def spy(*args: Any, **kw: Any):
+        for turn in drive(*args, **kw):
+            seen.append(turn.step)
+            yield turn
+
+    monkeypatch.setattr(traj, "drive", spy)
+    img, gt = _disc(48, 64, 24, 32, 9)
+    ro = Rollout(create_segmenter("fake"), img, gt, "the disc", "the disc", RolloutConfig(), random.Random(0),
+                 EnvConfig(max_steps=6))
+    rollout_oracle(ro)
+    assert ro.steps[-1].kind == "terminate" and seen == [s.step for s in ro.steps]

@@ -186,3 +186,27 @@ def test_image_budget_option(tiny_dir):
     assert int(small["image_grid_thw"].prod()) < int(big["image_grid_thw"].prod())
     with pytest.raises(PolicyError, match="min_pixels"):
         load_vl_checkpoint(tiny_dir, min_pixels=10_000, max_pixels=5_000)
+
+
+def test_reference_profile_episode_on_the_tiny_model(taught, tmp_path):
+    """A whole episode with the release's rules (reference parser, repeat rule before the segmenter): a tiny model
+    taught replies in the release's tag layout clicks, sees the mask and Terminates; the bare-text model (no tags)
+    is unparseable under the same profile after one turn, as under the release's parser."""
+    from ibisagent.testing.tiny_agent import teach_oracle_episode
+
+    ref = EnvConfig(max_steps=5, parser="reference", repeat_check="before")
+
+    def wrap(action: str) -> str:
+        return f"<think>\nthe target is left to segment\n</think>\n<action>\n{action}\n</action>"
+
+    tagged = teach_oracle_episode(shared_tiny_qwen_vl(), tmp_path / "tagged", taught.prompts, taught.case, wrap=wrap)
+    policy = create_policy("hf", model_path=str(tagged.checkpoint), device="cpu", dtype="float32",
+                           max_new_tokens=48, prompts=str(tagged.prompts))
+    case = tagged.case
+    ep = run_episode(SegmentationEnv(create_segmenter("fake"), ref), policy, case.image, case.query, case.gt)
+    assert [s.raw for s in ep.steps] == list(tagged.replies)
+    assert ep.stop_reason == "terminate" and ep.n_clicks == 1
+    bare = create_policy("hf", model_path=str(taught.checkpoint), device="cpu", dtype="float32", max_new_tokens=32,
+                         prompts=str(taught.prompts))
+    ep2 = run_episode(SegmentationEnv(create_segmenter("fake"), ref), bare, case.image, case.query, case.gt)
+    assert ep2.stop_reason == "unparseable" and len(ep2.steps) == 1

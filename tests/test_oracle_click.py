@@ -79,7 +79,8 @@ def _policy_clicks(segmenter: Segmenter, image: np.ndarray, gt: np.ndarray, quer
 
 
 def _synthesis_clicks(segmenter: Segmenter, image: np.ndarray, gt: np.ndarray, query: str) -> list[str]:
-    ro = Rollout(segmenter, image, gt, query, "the target", RolloutConfig(max_steps=20), random.Random(0))
+    ro = Rollout(segmenter, image, gt, query, "the target", RolloutConfig(), random.Random(0),
+                 EnvConfig(max_steps=20))
     rollout_oracle(ro)
     return [s.action for s in ro.steps if s.kind != "terminate"]
 

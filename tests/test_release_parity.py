@@ -318,3 +318,177 @@ def test_segment_cli_has_the_parser_option() -> None:
     args = build_parser().parse_args(["segment", "img.png", "--query", "q", "--parser", "reference"])
     assert args.parser == "reference"
     assert build_parser().parse_args(["segment", "img.png", "--query", "q"]).parser == "lenient"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The reference reward profile (the release's reward function, checked against our reading of its source)
+# ------------------------------------------------------------------------------------------------------------------
+
+def _reward_case() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A 10x10 ground truth of 20 pixels; a mask before with IoU 0.60 (12 of them), after with IoU 0.75 (15)."""
+    gt = np.zeros((10, 10), bool)
+    gt[2:6, 2:7] = True  # 4 x 5 = 20 pixels
+    before = np.zeros_like(gt)
+    before[2:5, 2:6] = True  # 12 pixels inside: IoU 12 / 20
+    after = before.copy()
+    after[5, 2:5] = True  # 15 pixels: IoU 15 / 20
+    return gt, before, after
+
+
+def _reply(action: str, answer: str | None = None) -> str:
+    tail = f"\n<answer>\n{answer}\n</answer>" if answer is not None else ""
+    return f"<think>\nthe lower rim is missed\n</think>\n<action>\n{action}\n</action>{tail}"
+
+
+def test_reference_reward_worked_example_is_1_2() -> None:
+    """The issue's example: a valid positive click into the false-negative region raising IoU 0.60 -> 0.75 at step
+    3 scores (format 1 + answer 2 + placement 1 + progress 1 + length 1) / 5 = 1.2, in both profiles."""
+    from ibisagent.rewards import RewardConfig, score_transition
+
+    gt, before, after = _reward_case()
+    reply = _reply("Positive Point (0.4500, 0.5500)")  # pixel (4, 5): in gt, not in the mask before
+    for cfg in (RewardConfig(), RewardConfig(profile="reference")):
+        b = score_transition(reply, gt=gt, mask_before=before, mask_after=after, step=3, config=cfg)
+        assert (b.iou_before, b.iou_after) == (pytest.approx(0.60), pytest.approx(0.75))
+        assert b.components() == {"format": 1.0, "answer": 2.0, "placement": 1.0, "progress": 1.0, "length": 1.0}
+        assert b.total == pytest.approx(1.2)
+
+
+def test_reference_reward_quirks_differ_from_our_default() -> None:
+    from ibisagent.rewards import RewardConfig, score_transition
+
+    gt, before, after = _reward_case()
+    ref = RewardConfig(profile="reference")
+
+    def score(reply: str, cfg: RewardConfig, step: int | None = 3, mask_before: np.ndarray = before):
+        return score_transition(reply, gt=gt, mask_before=mask_before, mask_after=after, step=step, config=cfg)
+
+    # a stop: the release spells it Termination and scores placement 0 (we: +1 for a stop at IoU >= 0.8)
+    good = np.zeros_like(gt)
+    good[2:6, 2:6] = True  # IoU 16 / 20 = 0.8: answer tier 2 (strict > 0.8 for 3)
+    stop = _reply("Termination", answer="the mask covers the lesion")
+    r = score(stop, ref, mask_before=good)
+    assert r.components() == {"format": 1.0, "answer": 2.0, "placement": 0.0, "progress": 0.0, "length": 1.0}
+    assert r.total == pytest.approx(4 / 5)
+    d = score(stop, RewardConfig(), mask_before=good)
+    assert d.placement == 1.0 and d.total == pytest.approx(5 / 5)
+    # "Terminate" (what its inference parser and ours emit) is no action for the release's reward
+    r = score(_reply("Terminate", answer="done"), ref, mask_before=good)
+    assert r.components() == {"format": 0.0, "answer": 0.0, "placement": 0.0, "progress": 0.0, "length": 1.0}
+    # a Termination without an answer fails its format check only
+    assert score(_reply("Termination"), ref, mask_before=good).format == 0.0
+    # no space after the comma passes its format check; ours rejects it
+    tight = _reply("Positive Point (0.45,0.55)")
+    assert score(tight, ref).format == 1.0 and score(tight, ref).total == pytest.approx(1.2)
+    assert score(tight, RewardConfig()).format == 0.0
+    # spaces inside the action block pass its format check but no action is read: answer/placement/progress 0
+    padded = "<think>\nx\n</think>\n<action>\n Positive Point (0.45, 0.55) \n</action>"
+    r = score(padded, ref)
+    assert r.components() == {"format": 1.0, "answer": 0.0, "placement": 0.0, "progress": 0.0, "length": 1.0}
+    # a click outside the false-negative region, and an unknown step (its converter writes no current_step)
+    miss = _reply("Positive Point (0.0500, 0.0500)")
+    r = score(miss, ref, step=None)
+    assert (r.placement, r.length) == (-1.0, 0.0)
+    with pytest.raises(ValueError, match="step is required"):
+        score(miss, RewardConfig(), step=None)
+    # beyond the optimal 5 steps: -0.2 per extra step, as ours
+    assert score(miss, ref, step=8).length == pytest.approx(-0.6)
+
+
+def test_reference_reward_profile_is_checked_and_reads_from_dicts() -> None:
+    from ibisagent.rewards import RewardConfig
+
+    assert RewardConfig.from_dict({"profile": "reference"}).profile == "reference"
+    with pytest.raises(ValueError, match="profile"):
+        RewardConfig(profile="release")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The repeat rule's order (the release checks it before calling the segmenter)
+# ------------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("check,applied", [("after", 3), ("before", 2)])
+def test_repeat_rule_order(check: str, applied: int) -> None:
+    """Three identical clicks stop the episode either way; under the release's order the third is not applied."""
+    from ibisagent.env import EnvConfig, SegmentationEnv
+    from ibisagent.episode import StopReason, StopRules, drive_lockstep
+    from ibisagent.segmenters.base import create_segmenter
+
+    img = np.zeros((32, 32, 3), np.uint8)
+    img[8:24, 8:24] = 200
+    env = SegmentationEnv(create_segmenter("fake"), EnvConfig(repeat_check=check))  # type: ignore[arg-type]
+    env.reset(img, "the square")
+    click = "<think>\nx\n</think>\n<action>\nPositive Point (0.5000, 0.5000)\n</action>"
+    infos = [env.step(click).info for _ in range(3)]
+    assert [i["stop_reason"] for i in infos] == [None, None, StopReason.REPEATED]
+    assert len(env.session.points) == applied
+    # the lockstep driver runs the same rule: only the applied turns reach its segmenter call
+    calls: list[int] = []
+    res = drive_lockstep(1, lambda live, turn: [click] * len(live),
+                         lambda idx, acts: calls.append(len(idx)) or [None] * len(idx),
+                         lambda r: parse_reply(r).action, StopRules(repeat_check=check))  # type: ignore[arg-type]
+    assert res.stop_reasons == [StopReason.REPEATED] and len(calls) == applied
+    with pytest.raises(ValueError, match="repeat_check"):
+        EnvConfig(repeat_check="never")  # type: ignore[arg-type]
+
+
+def test_segment_cli_has_the_repeat_check_option() -> None:
+    from ibisagent.cli import build_parser
+
+    args = build_parser().parse_args(["segment", "x.png", "--query", "q", "--repeat-check", "before"])
+    assert args.repeat_check == "before"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The release's trajectory clicker (oracle click_rule="release")
+# ------------------------------------------------------------------------------------------------------------------
+
+def test_release_clicker_clicks_a_border_touching_region_at_the_border() -> None:
+    pytest.importorskip("cv2")
+    from ibisagent.oracle_click import next_click
+
+    gt = np.zeros((40, 40), bool)
+    gt[10:31, 0:6] = True  # a 6-wide strip on the left edge
+    ours, rel = next_click(None, gt), next_click(None, gt, rule="release")
+    assert (ours.x, ours.y, ours.depth) == (2, 12, 3.0)  # padded: the image edge is border
+    assert (rel.x, rel.y, rel.depth) == (0, 15, 6.0)  # unpadded: the edge is not border, first maximum row-major
+    inner = np.zeros((40, 40), bool)
+    inner[10:31, 10:21] = True  # away from the edge both rules agree
+    a, b = next_click(None, inner), next_click(None, inner, rule="release")
+    assert (a.positive, a.x, a.y) == (b.positive, b.x, b.y) == (True, 15, 15)
+
+
+def test_release_clicker_ties_go_to_fn_and_it_may_repeat_a_click() -> None:
+    pytest.importorskip("cv2")
+    from ibisagent.oracle_click import next_click
+
+    gt = np.zeros((30, 30), bool)
+    gt[5:10, 5:10] = True  # FN: a 5x5 square
+    pred = np.zeros_like(gt)
+    pred[20:25, 20:25] = True  # FP: the same size elsewhere
+    pick = next_click(pred, gt, rule="release")
+    assert pick.positive and (pick.x, pick.y) == (7, 7)
+    again = next_click(pred, gt, avoid=[(7, 7)], rule="release")  # the release keeps no memory of its clicks
+    assert (again.x, again.y) == (7, 7)
+    assert (next_click(pred, gt, avoid=[(7, 7)]).x, next_click(pred, gt, avoid=[(7, 7)]).y) != (7, 7)
+    with pytest.raises(ValueError, match="rule"):
+        next_click(pred, gt, rule="nearest")
+
+
+def test_oracle_policy_takes_the_release_click_rule() -> None:
+    pytest.importorskip("cv2")
+    from ibisagent.env import EnvConfig, SegmentationEnv
+    from ibisagent.policies.oracle import OraclePolicy
+    from ibisagent.segmenters.base import create_segmenter
+
+    img = np.zeros((40, 40, 3), np.uint8)
+    gt = np.zeros((40, 40), bool)
+    gt[10:31, 0:6] = True
+    img[gt] = 200
+    env = SegmentationEnv(create_segmenter("fake"), EnvConfig())
+    obs = env.reset(img, "the strip", gt)
+    policy = OraclePolicy(click_rule="release")
+    policy.begin_episode(image=img, query="the strip", gt=gt)
+    assert parse_reply(policy.act(obs)).action.pixel(40, 40) == (0, 15)
+    with pytest.raises(ValueError, match="click_rule"):
+        OraclePolicy(click_rule="nearest")

@@ -310,3 +310,57 @@ def test_transforms_without_torchvision() -> None:
 
 def test_torchvision_never_imported(seg) -> None:
     assert "torchvision" not in sys.modules
+
+
+def test_multimask_true_is_the_release_choice(tiny, image: np.ndarray) -> None:
+    """The release (``infer/sam2_engine.py``) asks SAM2 for 3 masks on every turn, keeps the best-scoring one and
+    feeds that mask's low-res logits back as the next mask input; ``multimask=True`` does the same (the session
+    passes the previous result's logits back), where the default asks for one mask from the second click. SAM2's
+    stability fallback (single-mask requests only) is switched off here: on random weights it would pick the
+    multimask answer anyway and hide the difference."""
+    cfg, ckpt = tiny
+    from ibisagent.session import Session
+
+    release_like = Session(create_segmenter("sam2", config=str(cfg), checkpoint=str(ckpt), multimask=True))
+    default = Session(create_segmenter("sam2", config=str(cfg), checkpoint=str(ckpt)))
+    decoder = release_like.segmenter.model.sam_mask_decoder  # the model is shared by both (and cached)
+    decoder.dynamic_multimask_via_stability = False
+    try:
+        _release_chain(release_like, default, cfg, ckpt, image)
+    finally:
+        decoder.dynamic_multimask_via_stability = True
+
+
+def _release_chain(release_like, default, cfg: Path, ckpt: Path, image: np.ndarray) -> None:
+    from ibisagent.protocol import Action
+    from ibisagent.segmenters.sam2 import build_sam2_model
+
+    for s in (release_like, default):
+        s.set_image(image)
+    model = build_sam2_model(cfg, ckpt)
+    model.sam_mask_decoder.dynamic_multimask_via_stability = False
+    clicks = [(Action.positive(70.5 / W, 40.5 / H), 1), (Action.negative(10.5 / W, 80.5 / H), 0),
+              (Action.positive(50.5 / W, 30.5 / H), 1)]
+    with patched_sam2_transforms():
+        from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+        pred = SAM2ImagePredictor(model)
+        pred._bb_feat_sizes = [(64, 64), (32, 32), (16, 16)]
+        pred.set_image(image)
+        pts: list[list[float]] = []
+        labs: list[int] = []
+        prev = None
+        for turn, (action, label) in enumerate(clicks):
+            pts.append(list(action.pixel(W, H)))
+            labs.append(label)
+            masks, scores, lows = pred.predict(point_coords=np.array(pts, np.float32), point_labels=np.array(labs),
+                                               mask_input=prev, multimask_output=True)
+            k = int(np.argmax(scores))
+            prev = lows[k][None]
+            ours = release_like.apply(action)
+            assert np.array_equal(ours, masks[k] > 0), f"turn {turn + 1}"
+            np.testing.assert_allclose(release_like.logits[0], np.clip(lows[k], -32, 32), atol=1e-4)
+            mine = default.apply(action)
+            if turn == 0:
+                assert np.array_equal(mine, ours)  # one click: both ask for 3 masks
+    assert not np.allclose(default.logits, release_like.logits)  # from the second click the default differs

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -37,6 +37,8 @@ class EnvConfig:
     mask_feedback: bool = True
     #: reply parser: "lenient" (ours) or "reference" (the release's rules, see ibisagent.protocol.parse_action)
     parser: ParserProfile = "lenient"
+    #: repeat rule "after" the segmenter ran (ours) or "before" it (the release: the stopping repeat is not applied)
+    repeat_check: Literal["after", "before"] = "after"
 
     def __post_init__(self) -> None:
         self.rules  # noqa: B018 - StopRules checks max_steps and max_repeats (whole numbers >= 1)
@@ -46,7 +48,7 @@ class EnvConfig:
     @property
     def rules(self) -> StopRules:
         """The stop rules of these settings (run by :class:`~ibisagent.episode.StopTracker`)."""
-        return StopRules(max_steps=self.max_steps, max_repeats=self.max_repeats)
+        return StopRules(max_steps=self.max_steps, max_repeats=self.max_repeats, repeat_check=self.repeat_check)
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,7 @@ class SegmentationEnv:
         self._tracker: StopTracker = self.config.rules.tracker()
         self._history: list[ChatTurn] = []
         self._obs: Observation | None = None
+        self._applied: list[bool] = []  # per turn: whether its action reached the session (for undo)
 
     @property
     def segmenter(self) -> Segmenter:
@@ -130,6 +133,13 @@ class SegmentationEnv:
     @property
     def gt(self) -> np.ndarray | None:
         return self._gt
+
+    @property
+    def observation(self) -> Observation:
+        """The current observation (what the next reply answers)."""
+        if self._obs is None:
+            raise RuntimeError("no episode: call reset() first")
+        return self._obs
 
     def reset(self, image: np.ndarray, query: str, gt: np.ndarray | None = None) -> Observation:
         if not isinstance(query, str):
@@ -146,6 +156,21 @@ class SegmentationEnv:
         self._done = False
         self._tracker = self.config.rules.tracker()
         self._history = []
+        self._applied = []
+        self._obs = self._observe()
+        return self._obs
+
+    def undo(self) -> Observation:
+        """Take back the last step, also one that ended the episode (trajectory synthesis tries candidate actions
+        and keeps one): the session, the stop rules' count and the history go back one turn."""
+        if not self._applied:
+            raise RuntimeError("no step to undo")
+        if self._applied.pop():
+            self.session.undo()
+        self._tracker.undo()
+        if self.config.history:
+            del self._history[-2:]
+        self._done = False
         self._obs = self._observe()
         return self._obs
 
@@ -175,13 +200,17 @@ class SegmentationEnv:
             info["error"] = reading.error
         apply_error: str | None = None
         action: Action | None = reading.action
+        applied = False
         if action is not None:
             info["action"] = action
             if reading.needs_apply:
                 try:
                     self.session.apply(action)
+                    applied = True
                 except SegmenterError as exc:
                     apply_error = info["error"] = str(exc)
+                    info["segmenter_error"] = True
+        self._applied.append(applied)
         stop = self._tracker.close(reading, apply_error)
         info["segmenter_s"] = self.segmenter.timings.decoder_s - dec0
         info["step_s"] = time.perf_counter() - t0

@@ -3,8 +3,8 @@
 Every caller that plays episodes goes through this module: the agent and the evaluation harness
 (:func:`ibisagent.agent.run_episode`), the web app and the tool server (:mod:`ibisagent.runtime`), the Qwen2.5-VL
 GRPO trainer (:mod:`ibisagent.training.trl_grpo`), the test helpers (:mod:`ibisagent.testing`), the compact-policy
-trainer's lockstep rollouts (:func:`drive_lockstep`) and the trajectory synthesizer (its steps go through a
-:class:`StopTracker`).
+trainer's lockstep rollouts (:func:`drive_lockstep`) and the trajectory synthesizer (its scripted oracle, played by
+:func:`drive` after any searched prefix, ``resume=True``).
 
 One turn, whoever runs it::
 
@@ -15,7 +15,8 @@ One turn, whoever runs it::
   the ``max_steps`` budget). :class:`ibisagent.env.SegmentationEnv` runs them for one episode,
   :func:`drive_lockstep` for a batch.
 * :func:`drive`: the single-episode driver, a generator of :class:`Turn` over any :class:`EpisodeEnv` and any
-  :class:`ActingPolicy`; it can first replay ``prior`` replies (a person's clicks) before the policy acts.
+  :class:`ActingPolicy`; it can first replay ``prior`` replies (a person's clicks) before the policy acts, or
+  ``resume`` an episode already under way (trajectory synthesis steps a searched prefix first).
 * :func:`drive_lockstep`: the same turn, for a batch of episodes that advance together (one batched policy call and
   one batched segmenter call per turn), with the same :class:`StopTracker`.
 
@@ -30,7 +31,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from ibisagent.protocol import Action, ActionKind, ActionParseError
 
@@ -61,6 +62,9 @@ class StopReason:
     REPEATED = "repeated_action"
     MAX_STEPS = "max_steps"
 
+
+#: when the repeat rule runs (:attr:`StopRules.repeat_check`)
+REPEAT_CHECKS = ("after", "before")
 
 #: parse-error reasons (:class:`~ibisagent.protocol.ActionParseError`) that count as an invalid action, not as an
 #: unparseable reply
@@ -130,12 +134,17 @@ class StopRules:
 
     max_steps: int = 20  # policy turns per episode (the Terminate turn counts)
     max_repeats: int = 3  # stop when the same action text repeats this many times in a row
+    #: when the repeat rule is checked: "after" the action went to the segmenter (ours: the last repeat is applied)
+    #: or "before" (the release's inference loop: the repeat that stops the episode is not applied)
+    repeat_check: Literal["after", "before"] = "after"
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "max_repeats"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+        if self.repeat_check not in REPEAT_CHECKS:
+            raise ValueError(f"repeat_check must be one of {', '.join(REPEAT_CHECKS)}, got {self.repeat_check!r}")
 
     def tracker(self) -> StopTracker:
         return StopTracker(self)
@@ -165,6 +174,7 @@ class StopTracker:
     rules: StopRules = field(default_factory=StopRules)
     step: int = 0
     actions: list[str] = field(default_factory=list)
+    _acted: list[bool] = field(default_factory=list, repr=False)  # per closed turn: whether it added to actions
 
     def read(self, reply: str, parse: ActionParser) -> Reading:
         """Start a turn: parse ``reply``. A Terminate stops the episode; a reply that does not parse stops it as
@@ -176,7 +186,16 @@ class StopTracker:
         except ActionParseError as exc:
             reason = StopReason.INVALID_ACTION if exc.reason in INVALID_PARSE_REASONS else StopReason.UNPARSEABLE
             return Reading(None, reason, str(exc))
-        return Reading(action, StopReason.TERMINATE if action.kind is ActionKind.TERMINATE else None)
+        if action.kind is ActionKind.TERMINATE:
+            return Reading(action, StopReason.TERMINATE)
+        if self.rules.repeat_check == "before" and self._repeats(action.text()):
+            return Reading(action, StopReason.REPEATED)  # stops before the segmenter sees it
+        return Reading(action, None)
+
+    def _repeats(self, text: str) -> bool:
+        """Whether ``text`` after the actions so far makes ``max_repeats`` equal actions in a row."""
+        k = self.rules.max_repeats
+        return len(self.actions) >= k - 1 and all(a == text for a in self.actions[len(self.actions) - (k - 1):])
 
     def close(self, reading: Reading, apply_error: str | None = None) -> str | None:
         """End the turn: the stop reason (None to go on). ``apply_error`` is the message of a segmenter that
@@ -184,11 +203,12 @@ class StopTracker:
         stop = reading.stop
         if apply_error is not None and stop is None:
             stop = StopReason.INVALID_ACTION
+        self._acted.append(reading.action is not None)
         if reading.action is not None:
-            self.actions.append(reading.action.text())
-            k = self.rules.max_repeats
-            if stop is None and len(self.actions) >= k and len(set(self.actions[-k:])) == 1:
+            text = reading.action.text()
+            if stop is None and self._repeats(text):
                 stop = StopReason.REPEATED
+            self.actions.append(text)
         if stop is None and self.step >= self.rules.max_steps:
             stop = StopReason.MAX_STEPS
         return stop
@@ -198,7 +218,7 @@ class StopTracker:
         if self.step <= 0:
             raise RuntimeError("no turn to undo")
         self.step -= 1
-        if self.actions:
+        if self._acted and self._acted.pop():
             self.actions.pop()
 
     @property
@@ -243,17 +263,20 @@ def drive(
     prior: Sequence[str] = (),
     guard: Callable[[], AbstractContextManager[Any]] | None = None,
     on_start: Callable[[Any], Any] | None = None,
+    resume: bool = False,
 ) -> Iterator[Turn]:
     """Play one episode, a :class:`Turn` per step, until the environment's stop rules end it.
 
     ``prior`` replies are replayed first (``actor="user"``, no policy time) before the policy acts. ``guard`` is a
     context-manager factory entered around the reset and around every turn (e.g. a segmenter lock). ``on_start`` is
-    called with the first observation, after the reset and the policy's ``begin_episode``.
+    called with the first observation, after the reset and the policy's ``begin_episode``. With ``resume`` the
+    environment is not reset: the episode goes on from its current ``observation`` (the turns already taken count
+    towards its stop rules); ``image``, ``query`` and ``gt`` must be the episode's own.
     """
     enter = guard or nullcontext
     prior = list(prior)
     with enter():
-        obs = env.reset(image, query, gt)
+        obs = env.observation if resume else env.reset(image, query, gt)  # type: ignore[attr-defined]
         policy.begin_episode(image=getattr(obs, "image", image), query=query, gt=env.gt)
     if on_start is not None:
         on_start(obs)

@@ -10,6 +10,12 @@ that is left has distance 0, e.g. a one-pixel miss the segmenter ignored), the c
 human annotator would do: the remaining error is still worth correcting. Only when neither region has a pixel left
 is there no click (None).
 
+``rule="release"`` is the release's trajectory clicker instead (our reading of ``trajectory_gen/process_img.py``):
+OpenCV's 5x5 chamfer L2 distance transform of each region, without padding (pixels outside the image do not count
+as border, so a region touching the image edge is clicked at the edge), the first maximum in row-major order, a tie
+to FN, and no memory of earlier clicks (it may click the same pixel again). It needs OpenCV
+(``pip install ibisagent[release]``).
+
 Two more simulated annotators live here, so the 2D and the volume episodes share them:
 
 * :func:`challenge_click`: the CVPR 2025 interactive-segmentation challenge's click (centre of the largest connected
@@ -28,7 +34,11 @@ from scipy import ndimage
 
 from ibisagent.masks import error_regions
 
-__all__ = ["OracleClick", "SliceClick", "challenge_click", "next_click", "worst_slice", "worst_slice_click"]
+__all__ = ["CLICK_RULES", "OracleClick", "SliceClick", "challenge_click", "next_click", "worst_slice",
+           "worst_slice_click"]
+
+#: oracle click rules: ours (padded exact EDT, no repeated pixel) and the release's (see the module docstring)
+CLICK_RULES = ("ours", "release")
 
 _TIE_SEED = 42
 
@@ -45,12 +55,17 @@ class OracleClick:
 
 
 def next_click(pred: np.ndarray | None, gt: np.ndarray,
-               avoid: np.ndarray | Iterable[tuple[float, float]] | None = None) -> OracleClick | None:
+               avoid: np.ndarray | Iterable[tuple[float, float]] | None = None, *,
+               rule: str = "ours") -> OracleClick | None:
     """The reference oracle's next click for ``pred`` (None = no mask yet) against ``gt``, or None when no error pixel
     is left to click. ``avoid``: (x, y) pixels already clicked (an (N, 2) array or pairs; coordinates are truncated
-    to whole pixels and clipped to the image)."""
+    to whole pixels and clipped to the image); the ``"release"`` rule ignores it."""
     gt = np.asarray(gt).astype(bool)
     p = np.zeros_like(gt) if pred is None else np.asarray(pred).astype(bool)
+    if rule == "release":
+        return _release_click(p, gt)
+    if rule != "ours":
+        raise ValueError(f"rule must be one of {', '.join(CLICK_RULES)}, got {rule!r}")
     er = error_regions(p, gt)
     if er.fn_max == 0 and er.fp_max == 0:
         return None
@@ -67,6 +82,23 @@ def next_click(pred: np.ndarray | None, gt: np.ndarray,
         region = er.fn if positive else er.fp
         return OracleClick(positive, int(x), int(y), _component(region, int(x), int(y)), float(dt[y, x]))
     return None
+
+
+def _release_click(pred: np.ndarray, gt: np.ndarray) -> OracleClick | None:
+    try:
+        import cv2
+    except ImportError as exc:
+        raise ImportError("the release's click rule uses OpenCV's distance transform: pip install "
+                          "'ibisagent[release]' (opencv-python-headless)") from exc
+    fn, fp = gt & ~pred, pred & ~gt
+    if not fn.any() and not fp.any():
+        return None
+    fn_d = cv2.distanceTransform(fn.astype(np.uint8), cv2.DIST_L2, 5)
+    fp_d = cv2.distanceTransform(fp.astype(np.uint8), cv2.DIST_L2, 5)
+    positive = bool(fn_d.max() >= fp_d.max())
+    d, region = (fn_d, fn) if positive else (fp_d, fp)
+    y, x = np.unravel_index(int(np.argmax(d)), d.shape)
+    return OracleClick(positive, int(x), int(y), _component(region, int(x), int(y)), float(d[y, x]))
 
 
 def _pixels(avoid: np.ndarray | Iterable[tuple[float, float]] | None, shape: tuple[int, ...]) -> np.ndarray:

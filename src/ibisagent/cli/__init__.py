@@ -99,6 +99,9 @@ def _add_agent_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parser", choices=("lenient", "reference"), default="lenient",
                    help="reply parser: lenient (default) or reference (the release's rules: <action> tags needed, "
                         "case-sensitive, Terminate first)")
+    p.add_argument("--repeat-check", choices=("after", "before"), default="after",
+                   help="when the stop-on-3-repeats rule runs: after the segmenter applied the action (default) or "
+                        "before it, as the reference release (the repeat that stops is not applied)")
 
 
 def _add_segment(sub: argparse._SubParsersAction) -> None:
@@ -220,7 +223,7 @@ def _build_agent(args: argparse.Namespace, needs_gt_ok: bool):
     policy = args.policy or default_policy()
     segmenter = args.segmenter or default_segmenter()
     cfg = EnvConfig(max_steps=args.max_steps, history=args.history, prompts=args.prompts or "reference",
-                    parser=args.parser)
+                    parser=args.parser, repeat_check=args.repeat_check)
     built: dict[str, Any] = {}
     for flag, what, name, kwargs, create in (
         ("--policy-arg", "policy", policy, policy_kwargs, create_policy),

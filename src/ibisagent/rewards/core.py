@@ -12,6 +12,11 @@ Reference release (verl ``compute_score``), with its exact thresholds and weight
 * length: 1 while step <= 5, else -0.2 * (step - 5).
 * total: (format + answer + placement + progress + length) / 5.
 
+``RewardConfig(profile="reference")`` scores as the release's reward function does, quirks included
+(:mod:`ibisagent.rewards.release` reads the reply; docs/full_scale.md, "Release parity"): its own format check
+(``(0.5,0.5)`` passes, only the ``Termination`` spelling stops), no action read outside ``<action>\n...\n</action>``
+(answer, placement and progress 0), placement 0 on a stop, and length 0 when the step is unknown (``step=None``).
+
 Our decisions where the reference is silent, and our box extension, are documented in ``docs/rewards.md``:
 Terminate's placement (+1 for a stop at IoU >= ``stop_iou``, else -1), unparseable replies (format 0, answer 0,
 placement -1, progress 0, length as usual) and box placement (IoU of the box with the ground truth's tight box, or
@@ -44,6 +49,7 @@ from ibisagent.protocol import (
     parse_reply,
     validate_reply,
 )
+from ibisagent.rewards.release import release_action, release_format_ok
 from ibisagent.segmenters.base import Segmenter, SegmenterError
 
 __all__ = [
@@ -75,8 +81,9 @@ class Transition:
     """What a reward component sees: one reply, its parsed action and the masks around it (all checked, HxW bool).
 
     ``action`` is None when the reply did not parse (nothing was applied: ``after`` is ``before`` and ``iou_after`` is
-    ``iou_before``); for Terminate ``after`` is ``before`` too. ``step`` is the 1-based turn of the reply;
-    ``format_ok`` whether the reply passed the strict format check of ``mode``.
+    ``iou_before``); for Terminate ``after`` is ``before`` too. ``step`` is the 1-based turn of the reply (None:
+    unknown, only with the ``reference`` profile); ``format_ok`` whether the reply passed the format check of the
+    profile (``mode``'s strict check by default, the release's under ``reference``).
     """
 
     reply: str
@@ -86,7 +93,7 @@ class Transition:
     after: np.ndarray
     iou_before: float
     iou_after: float
-    step: int
+    step: int | None
     format_ok: bool
     mode: GrammarMode
 
@@ -180,9 +187,14 @@ class RewardConfig:
     box_iou: float = 0.7
     box_containment: float = 0.95
     box_min_iou: float = 0.3
+    #: "default" (the rules above) or "reference" (the release's reward function with its quirks; thresholds and
+    #: weights still come from these fields)
+    profile: Literal["default", "reference"] = "default"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weights", _weight_pairs(self.weights))
+        if self.profile not in ("default", "reference"):
+            raise ValueError("profile must be 'default' or 'reference'")
         if self.optimal_steps < 0:
             raise ValueError("optimal_steps must be >= 0")
         if self.terminate_placement not in ("threshold", "zero"):
@@ -376,7 +388,10 @@ def _check_mask(mask: np.ndarray | None, gt: np.ndarray, what: str) -> np.ndarra
     return m
 
 
-def _parse(reply: str, mode: GrammarMode) -> tuple[Action | None, str | None]:
+def _parse(reply: str, mode: GrammarMode, config: RewardConfig = DEFAULT_CONFIG) -> tuple[Action | None, str | None]:
+    if config.profile == "reference":
+        action = release_action(reply) if isinstance(reply, str) else None
+        return action, None if action is not None else "no action the release's reward reads"
     try:
         return parse_reply(reply, mode).action, None
     except ActionParseError as exc:
@@ -397,9 +412,15 @@ def _placement(action: Action, gt: np.ndarray, before: np.ndarray, iou_before: f
 
 
 def _breakdown(reply: str, action: Action | None, parse_error: str | None, gt: np.ndarray, before: np.ndarray,
-               after: np.ndarray, step: int, config: RewardConfig, mode: GrammarMode) -> RewardBreakdown:
+               after: np.ndarray, step: int | None, config: RewardConfig, mode: GrammarMode) -> RewardBreakdown:
     validation = validate_reply(reply, mode) if isinstance(reply, str) else None
     errors = tuple(validation.errors) if validation is not None else ("reply is not a string",)
+    format_ok = bool(validation)
+    if config.profile == "reference":
+        format_ok = isinstance(reply, str) and release_format_ok(reply)
+        errors = () if format_ok else ("fails the release's format check",)
+    elif step is None:
+        raise RewardInputError("step is required (only the reference profile scores an unknown step, as 0 length)")
     iou_before = iou(before, gt)
     if action is None:  # unparseable: nothing was applied
         after, iou_after = before, iou_before
@@ -408,7 +429,7 @@ def _breakdown(reply: str, action: Action | None, parse_error: str | None, gt: n
         iou_after = iou_before
     else:
         iou_after = iou(after, gt)
-    t = Transition(reply, action, gt, before, after, iou_before, iou_after, step, bool(validation), mode)
+    t = Transition(reply, action, gt, before, after, iou_before, iou_after, step, format_ok, mode)
     values = {name: float(fn(t, config)) for name, fn in REWARDS.items()}
     return RewardBreakdown(values, total=_total(values, config), iou_before=iou_before, iou_after=iou_after,
                            action=None if action is None else action.kind.value, errors=errors)
@@ -429,6 +450,8 @@ def _answer_component(t: Transition, config: RewardConfig) -> float:
 
 @register_reward("placement")
 def _placement_component(t: Transition, config: RewardConfig) -> float:
+    if config.profile == "reference" and (t.action is None or t.terminate):
+        return 0.0  # the release scores clicks only
     if t.action is None:
         return config.placement_miss
     return _placement(t.action, t.gt, t.before, t.iou_before, config)
@@ -441,7 +464,7 @@ def _progress_component(t: Transition, config: RewardConfig) -> float:
 
 @register_reward("length")
 def _length_component(t: Transition, config: RewardConfig) -> float:
-    return length_reward(t.step, config)
+    return 0.0 if t.step is None else length_reward(t.step, config)  # None: the release's missing current_step
 
 
 def score_transition(
@@ -450,7 +473,7 @@ def score_transition(
     gt: np.ndarray,
     mask_before: np.ndarray | None,
     mask_after: np.ndarray | None,
-    step: int,
+    step: int | None,
     config: RewardConfig = DEFAULT_CONFIG,
     mode: GrammarMode = "reference",
 ) -> RewardBreakdown:
@@ -461,16 +484,17 @@ def score_transition(
         gt: ground-truth mask (HxW, nonzero = object; must not be empty).
         mask_before: the mask the action was chosen on (None = no mask yet, i.e. empty).
         mask_after: the mask after applying the action (ignored for Terminate and unparseable replies; None = empty).
-        step: 1-based turn number of this reply in its episode (for the length reward).
+        step: 1-based turn number of this reply in its episode (for the length reward); None only with
+            ``config.profile == "reference"`` (the release's rows without ``current_step``: length 0).
         config: thresholds and weights (defaults = reference).
         mode: ``"reference"`` (boxes fail the format check and score as unparseable) or ``"extended"``.
     """
     g = _check_gt(gt)
     before = _check_mask(mask_before, g, "mask_before")
-    action, err = _parse(reply, mode)
+    action, err = _parse(reply, mode, config)
     after = before if action is None or action.kind is ActionKind.TERMINATE else _check_mask(mask_after, g,
                                                                                              "mask_after")
-    return _breakdown(reply, action, err, g, before, after, int(step), config, mode)
+    return _breakdown(reply, action, err, g, before, after, _step(step), config, mode)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -503,7 +527,7 @@ def score_step(
     labels: np.ndarray | list | None = None,
     box: tuple[float, float, float, float] | list | None = None,
     prev_logits: np.ndarray | None = None,
-    step: int,
+    step: int | None,
     segmenter: str | Segmenter,
     config: RewardConfig = DEFAULT_CONFIG,
     mode: GrammarMode = "reference",
@@ -526,7 +550,7 @@ def score_step(
     pts = np.zeros((0, 2), np.float32) if points is None else np.asarray(points, np.float32).reshape(-1, 2)
     labs = np.zeros((0,), np.int64) if labels is None else np.asarray(labels, np.int64).reshape(-1)
     bx = None if box is None else np.asarray(box, np.float32).reshape(4)
-    action, err = _parse(reply, mode)
+    action, err = _parse(reply, mode, config)
     need_before = mask_before is None
     need_after = action is not None and action.kind is not ActionKind.TERMINATE
     if need_before or need_after:
@@ -547,4 +571,8 @@ def score_step(
             n_pts = np.concatenate([pts, np.asarray([[x, y]], np.float32)])
             n_labs = np.concatenate([labs, np.asarray([int(action.kind is ActionKind.POSITIVE)], np.int64)])
         after = _predict(seg, n_pts, n_labs, n_box, prev_logits)
-    return _breakdown(reply, action, err, g, before, after, int(step), config, mode)
+    return _breakdown(reply, action, err, g, before, after, _step(step), config, mode)
+
+
+def _step(step: int | None) -> int | None:
+    return None if step is None else int(step)

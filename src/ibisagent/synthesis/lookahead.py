@@ -14,10 +14,11 @@ from scipy import ndimage
 
 from ibisagent.masks import error_regions
 from ibisagent.oracle_click import next_click
+from ibisagent.protocol import format_reply
 from ibisagent.reasoning import describe_click
-from ibisagent.synthesis.trajectories import Rollout, UnreachableError
+from ibisagent.synthesis.trajectories import Rollout, UnreachableError, click_action
 
-__all__ = ["candidate_clicks", "lookahead_step", "rollout_lookahead"]
+__all__ = ["candidate_clicks", "lookahead_reply", "rollout_lookahead"]
 
 
 def candidate_clicks(pred: np.ndarray | None, gt: np.ndarray, k: int, rng: np.random.Generator,
@@ -64,17 +65,16 @@ def candidate_clicks(pred: np.ndarray | None, gt: np.ndarray, k: int, rng: np.ra
     return out
 
 
-def lookahead_step(ro: Rollout) -> None:
-    """Try each candidate through the segmenter; apply the one with the largest IoU (ties: the earlier candidate,
-    i.e. the reference click)."""
+def lookahead_reply(ro: Rollout) -> str:
+    """Try each candidate through the segmenter; the reply of the one with the largest IoU (ties: the earlier
+    candidate, i.e. the reference click)."""
     cands = candidate_clicks(ro.mask, ro.gt, ro.config.lookahead_candidates, ro.np_rng, ro.clicked)
     if not cands:
         raise UnreachableError("no candidate click left")
+    h, w = ro.shape
     best: tuple[float, int] = (-1.0, 0)
     for i, (positive, x, y) in enumerate(cands):
-        ro.click(positive, x, y, "")
-        score = ro.iou
-        ro.undo()
+        score = ro.probe(click_action(positive, x, y, h, w))
         if score > best[0]:
             best = (score, i)
     positive, x, y = cands[best[1]]
@@ -82,12 +82,11 @@ def lookahead_step(ro: Rollout) -> None:
     region = er.fn if positive else er.fp
     lab, _ = ndimage.label(region)
     part = lab == lab[y, x] if lab[y, x] else region
-    h, w = ro.shape
     think = describe_click(positive=positive, x=x, y=y, width=w, height=h, target=ro.target, region=part,
                            mask=ro.mask, rng=ro.rng)
-    ro.click(positive, x, y, think)
+    return format_reply(click_action(positive, x, y, h, w), think)
 
 
 def rollout_lookahead(ro: Rollout) -> None:
-    """Lookahead clicks until the threshold, then Terminate."""
-    ro.finish(lambda: lookahead_step(ro))
+    """Lookahead clicks until the threshold, then Terminate (the episode driver plays them)."""
+    ro.finish(lambda obs: lookahead_reply(ro))

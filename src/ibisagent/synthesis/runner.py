@@ -29,6 +29,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from ibisagent.env import EnvConfig
 from ibisagent.io import CaseError, load_case_arrays
 from ibisagent.io.manifest import Case, load_manifest
 from ibisagent.segmenters.base import Segmenter, SegmenterError, create_segmenter
@@ -107,8 +108,12 @@ class SynthesisConfig:
         if self.split not in ("train", "val", "all"):
             raise SynthesisError("split must be train, val or all")
 
+    def env_config(self, variant: str) -> EnvConfig:
+        """The environment a variant's episodes run in (the stop rules, step budget and grammar of evaluation)."""
+        return EnvConfig(max_steps=self.max_steps, grammar=GRAMMAR[variant])  # type: ignore[arg-type]
+
     def rollout_config(self) -> RolloutConfig:
-        return RolloutConfig(iou_threshold=self.iou_threshold, max_steps=self.max_steps, box_jitter=self.box_jitter,
+        return RolloutConfig(iou_threshold=self.iou_threshold, box_jitter=self.box_jitter,
                              lookahead_candidates=self.lookahead_candidates,
                              reflective_max_error_step=self.reflective_max_error_step)
 
@@ -157,7 +162,7 @@ def _one_variant(case: Case, variant: str, image: Any, gt: Any, config: Synthesi
     seed = variant_seed(case.id, variant, config.seed)
     try:
         ro = Rollout(seg, image, gt, case.query, target_name(case.query, case.object), config.rollout_config(),
-                     random.Random(seed))
+                     random.Random(seed), config.env_config(variant))
         ROLLOUTS[variant](ro)
     except UnreachableError as exc:
         reason = "no_reflective_correction" if variant.endswith("reflective") else "unreachable"

@@ -6,7 +6,9 @@ reasoning + action in the reference grammar), the action line and the IoU after 
 Terminate once IoU >= ``iou_threshold`` or when ``max_steps`` turns are used up (then the case does not reach the
 threshold and the runner records it as skipped).
 
-Replaying a trajectory's replies through :class:`ibisagent.env.SegmentationEnv` with the same segmenter reproduces
+Every episode runs in a :class:`~ibisagent.env.SegmentationEnv` and is played by the one episode driver
+(:func:`ibisagent.episode.drive`) with :class:`ScriptedOracle`, so SFT trajectories follow evaluation's stop rules and
+guards. Replaying a trajectory's replies through :class:`ibisagent.env.SegmentationEnv` with the same segmenter reproduces
 the recorded masks (coordinates round-trip exactly through the 4-decimal normalized text).
 """
 
@@ -14,18 +16,20 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
-from ibisagent.episode import StopRules
+from ibisagent.env import EnvConfig, Observation, SegmentationEnv
+from ibisagent.episode import drive
 from ibisagent.masks import iou, rle_encode
 from ibisagent.oracle_click import next_click
-from ibisagent.policies.oracle import _target_from_query, box_action, jittered_box
-from ibisagent.protocol import Action, format_reply, parse_reply, to_normalized
-from ibisagent.reasoning import describe_box, describe_click, describe_stop
-from ibisagent.segmenters.base import Segmenter
+from ibisagent.policies.oracle import OracleExhausted, OraclePolicy, _target_from_query, box_action
+from ibisagent.protocol import Action, ActionKind, format_reply, to_normalized
+from ibisagent.reasoning import describe_click
+from ibisagent.segmenters.base import Segmenter, SegmenterError
 from ibisagent.session import Session
 
 __all__ = [
@@ -33,10 +37,12 @@ __all__ = [
     "VARIANTS",
     "RolloutConfig",
     "Rollout",
+    "ScriptedOracle",
     "StepState",
     "Trajectory",
     "TrajectoryStep",
     "UnreachableError",
+    "click_action",
     "rollout_box",
     "rollout_oracle",
     "target_name",
@@ -55,19 +61,14 @@ class UnreachableError(RuntimeError):
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    """Episode rules for synthesis. The stop rules are the environment's (:attr:`rules`, run by
-    :class:`~ibisagent.episode.StopTracker`); ``iou_threshold`` is when the oracle chooses to Terminate."""
+    """How the synthesis oracle plays. The episode's stop rules and step budget are the environment's
+    (:class:`~ibisagent.env.EnvConfig`, passed to :class:`Rollout`); ``iou_threshold`` is when the oracle chooses
+    to Terminate."""
 
     iou_threshold: float = 0.8
-    max_steps: int = 20  # turns, the final Terminate included (as the environment counts)
     box_jitter: float = 0.1  # box-first variants: each side moved by up to this fraction of the box size
     lookahead_candidates: int = 8
     reflective_max_error_step: int = 2  # the deliberate error happens at a turn index in [0, this]
-
-    @property
-    def rules(self) -> StopRules:
-        """The environment's stop rules with this step budget (``EnvConfig(max_steps=...).rules``)."""
-        return StopRules(max_steps=self.max_steps)
 
 
 @dataclass
@@ -162,26 +163,64 @@ def target_name(query: str, obj: str = "") -> str:
 # Rollout engine
 # ------------------------------------------------------------------------------------------------------------------
 
+#: a variant's own choice of the next reply on an observation (e.g. lookahead); None = the oracle's click
+StepFn = Callable[[Observation], str]
+
+
+class _OutOfTurns(Exception):
+    """The last turn is kept for Terminate and the threshold is not reached: the episode ends unreached."""
+
+
+class ScriptedOracle:
+    """The synthesis policy: the oracle policy (:class:`~ibisagent.policies.oracle.OraclePolicy`, the one oracle
+    click) with the rollout's random streams, played by :func:`ibisagent.episode.drive`. It Terminates once IoU >=
+    ``iou_threshold``; below it, it gives up (the episode ends without Terminate, unreached) when only the last turn
+    is left or no error pixel is left to click. ``step`` replaces the oracle's click (the lookahead variant);
+    ``first_action="box"`` is the box-first oracle (a jittered ground-truth box on the empty mask)."""
+
+    def __init__(self, ro: Rollout, step: StepFn | None = None, first_action: str = "click") -> None:
+        self.ro = ro
+        self.step = step
+        self.oracle = OraclePolicy(ro.config.iou_threshold, first_action, ro.config.box_jitter, target=ro.target,
+                                   when_exhausted="raise").use_streams(ro.rng, ro.np_rng)
+
+    def begin_episode(self, *, image: Any, query: str, gt: Any = None) -> None:
+        self.oracle.begin_episode(image=image, query=query, gt=gt)
+
+    def act(self, obs: Observation) -> str:
+        if self.oracle.reached(obs.mask):
+            return self.oracle.stop_reply(obs.mask)
+        if self.ro.env.config.max_steps - obs.step <= 1:
+            raise _OutOfTurns
+        return self.step(obs) if self.step is not None else self.oracle.act(obs)
+
+
 class Rollout:
-    """A session on one image plus the ground truth; records a step per applied action. Every step goes through the
-    environment's stop rules (:class:`~ibisagent.episode.StopTracker`), so a trajectory ends where replaying it
-    through :class:`~ibisagent.env.SegmentationEnv` would: ``stop_reason`` is set once they end it."""
+    """One synthesis episode of a case: a :class:`~ibisagent.env.SegmentationEnv` (its session, stop rules and
+    guards, the same as evaluation's) plus the ground truth, recording a step per turn. Variants that search (an
+    error step and its correction, a box fix) step candidates through the env and take them back with
+    :meth:`undo`; :meth:`finish` plays the rest of the episode through :func:`ibisagent.episode.drive` with the
+    :class:`ScriptedOracle`. ``stop_reason`` is set once the env's stop rules end the episode."""
 
     def __init__(self, segmenter: Segmenter, image: np.ndarray, gt: np.ndarray, query: str, target: str,
-                 config: RolloutConfig, rng: random.Random) -> None:
-        self.session = Session(segmenter)
-        self.session.set_image(image)
-        self.gt = np.asarray(gt).astype(bool)
+                 config: RolloutConfig, rng: random.Random, env_config: EnvConfig | None = None) -> None:
+        self.env = SegmentationEnv(segmenter, env_config or EnvConfig(grammar="extended"))
+        self.image = image
         self.query = query
+        self.env.reset(image, query, gt)
+        self.gt: np.ndarray = self.env.gt  # type: ignore[assignment]
         self.target = target
         self.config = config
         self.rng = rng
         self.np_rng = np.random.default_rng(rng.getrandbits(63))
         self.steps: list[TrajectoryStep] = []
-        self.tracker = config.rules.tracker()
         self.stop_reason: str | None = None
 
     # --- state ------------------------------------------------------------------------------------------------
+    @property
+    def session(self) -> Session:
+        return self.env.session
+
     @property
     def shape(self) -> tuple[int, int]:
         return self.gt.shape  # type: ignore[return-value]
@@ -210,49 +249,55 @@ class Rollout:
 
     @property
     def turns_left(self) -> int:
-        return self.tracker.turns_left
-
-    def state(self) -> StepState:
-        s = self.session
-        m = s.mask
-        return StepState(
-            clicks=[[float(x), float(y)] for x, y in s.points.tolist()],
-            labels=[int(v) for v in s.labels.tolist()],
-            box=None if s.box is None else [float(v) for v in s.box],
-            prev_mask_rle=None if m is None else rle_encode(m),
-            iou_before=self.iou,
-        )
+        return self.env.config.max_steps - self.env.observation.step
 
     # --- actions ----------------------------------------------------------------------------------------------
-    def apply(self, action: Action, reasoning: str, role: str = "normal", note: str | None = None,
-              answer: str | None = None) -> TrajectoryStep:
-        """Apply an action through the segmenter (and the stop rules) and record the step."""
-        if self.stop_reason is not None:
-            raise UnreachableError(f"the episode is over ({self.stop_reason})")
-        state = self.state()
-        reply = format_reply(action, reasoning, answer)
-        reading = self.tracker.read(reply, _parse_extended)
-        if reading.needs_apply:
-            self.session.apply(action)
-        self.stop_reason = self.tracker.close(reading)
+    def _record(self, obs: Observation, reply: str, info: dict[str, Any], role: str, note: str | None
+                ) -> TrajectoryStep:
+        """The step of one env turn (``obs`` the observation it answered); a segmenter that rejected the action
+        ends the case (:class:`~ibisagent.segmenters.base.SegmenterError`)."""
+        if info.get("segmenter_error"):
+            raise SegmenterError(info["error"])
+        action: Action = info["action"]
+        m = obs.mask
+        state = StepState(clicks=[[float(x), float(y)] for x, y in obs.points.tolist()],
+                          labels=[int(v) for v in obs.labels.tolist()],
+                          box=None if obs.box is None else [float(v) for v in obs.box],
+                          prev_mask_rle=None if m is None else rle_encode(m), iou_before=float(info["iou_before"]))
+        if role == "normal" and action.kind is ActionKind.TERMINATE:
+            role = "stop"
+        self.stop_reason = info["stop_reason"]
         step = TrajectoryStep(step=len(self.steps) + 1, state=state, reply=reply, action=action.text(),
-                              kind=action.kind.value, iou_after=self.iou, role=role, note=note)
+                              kind=action.kind.value, iou_after=float(info["iou"]), role=role, note=note)
         self.steps.append(step)
         return step
 
-    def undo(self) -> None:
-        """Take back the last applied step (used to try candidates)."""
-        last = self.steps.pop()
-        self.tracker.undo()
-        self.stop_reason = None
-        if last.kind != "terminate":
+    def apply(self, action: Action, reasoning: str, role: str = "normal", note: str | None = None,
+              answer: str | None = None) -> TrajectoryStep:
+        """Step an action through the env (segmenter and stop rules) and record the step."""
+        if self.stop_reason is not None:
+            raise UnreachableError(f"the episode is over ({self.stop_reason})")
+        obs = self.env.observation
+        reply = format_reply(action, reasoning, answer)
+        return self._record(obs, reply, self.env.step(reply).info, role, note)
+
+    def probe(self, action: Action) -> float:
+        """The IoU ``action`` would reach from the current state (applied to the session and taken back)."""
+        self.session.apply(action)
+        try:
+            return self.iou
+        finally:
             self.session.undo()
+
+    def undo(self) -> None:
+        """Take back the last recorded step (used to try candidates)."""
+        self.steps.pop()
+        self.env.undo()
+        self.stop_reason = None
 
     def click(self, positive: bool, x: int, y: int, reasoning: str, role: str = "normal",
               note: str | None = None) -> TrajectoryStep:
-        h, w = self.shape
-        nx, ny = to_normalized(x, w), to_normalized(y, h)
-        return self.apply(Action.positive(nx, ny) if positive else Action.negative(nx, ny), reasoning, role, note)
+        return self.apply(click_action(positive, x, y, *self.shape), reasoning, role, note)
 
     def box(self, box: tuple[int, int, int, int], reasoning: str, role: str = "normal",
             note: str | None = None) -> TrajectoryStep:
@@ -270,23 +315,18 @@ class Rollout:
                                             target=self.target, region=pick.region, mask=self.mask, rng=self.rng)
         return self.click(pick.positive, pick.x, pick.y, think, role, note)
 
-    def stop(self) -> TrajectoryStep:
-        think, answer = describe_stop(mask=self.mask, target=self.target, rng=self.rng)
-        return self.apply(Action.terminate(), think, "stop", answer=answer)
-
-    def finish(self, step_fn: Any = None) -> None:
-        """Continue with ``step_fn`` (default: oracle clicks) until the threshold (then Terminate) or max turns."""
-        step_fn = step_fn or self.oracle_step
-        while self.turns_left > 0 and self.stop_reason is None:
-            if self.reached:
-                self.stop()
-                return
-            if self.turns_left == 1:
-                return  # the last turn is kept for Terminate; not reached
-            try:
-                step_fn()
-            except UnreachableError:
-                return
+    def finish(self, step: StepFn | None = None, first_action: str = "click") -> None:
+        """Play the rest of the episode through :func:`ibisagent.episode.drive` with the :class:`ScriptedOracle`
+        (``step`` replacing its click): to the threshold and Terminate, or until it gives up or the stop rules end
+        the episode."""
+        if self.stop_reason is not None:
+            return
+        policy = ScriptedOracle(self, step, first_action)
+        try:
+            for turn in drive(self.env, policy, self.image, self.query, self.gt, resume=True):
+                self._record(turn.observation, turn.reply, turn.info, "normal", None)
+        except (_OutOfTurns, OracleExhausted, UnreachableError):
+            return
 
     def trajectory(self, *, traj_id: str, case_id: str, variant: str, grammar: str, segmenter: str,
                    meta: dict[str, Any] | None = None) -> Trajectory:
@@ -297,8 +337,10 @@ class Rollout:
                           meta=dict(meta or {}))
 
 
-def _parse_extended(reply: str) -> Action:
-    return parse_reply(reply, "extended").action
+def click_action(positive: bool, x: int, y: int, height: int, width: int) -> Action:
+    """A pixel click as a normalized protocol action that maps back to the same pixel."""
+    nx, ny = to_normalized(x, width), to_normalized(y, height)
+    return Action.positive(nx, ny) if positive else Action.negative(nx, ny)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -311,8 +353,6 @@ def rollout_oracle(ro: Rollout) -> None:
 
 
 def rollout_box(ro: Rollout) -> None:
-    """Box-first: the ground truth's box with realistic jitter, then distance-transform clicks."""
-    h, w = ro.shape
-    box = jittered_box(ro.gt, ro.config.box_jitter, ro.np_rng)
-    ro.box(box, describe_box(box=box, width=w, height=h, target=ro.target, rng=ro.rng))
-    ro.finish()
+    """Box-first: the ground truth's box with realistic jitter (the box-first oracle's first action), then
+    distance-transform clicks."""
+    ro.finish(first_action="box")

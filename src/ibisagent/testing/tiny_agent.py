@@ -13,6 +13,7 @@ import functools
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,8 +46,10 @@ class TaughtTinyModel:
 
 
 def teach_oracle_episode(checkpoint: str | Path, out_dir: str | Path, prompts: str | Path, case, *,
-                         steps: int = 100, lr: float = 5e-3, segmenter: str = "fake") -> TaughtTinyModel:
-    """Teach ``checkpoint`` to reply with the oracle's bare action text along one episode on ``case``; save it."""
+                         steps: int = 100, lr: float = 5e-3, segmenter: str = "fake",
+                         wrap: Callable[[str], str] | None = None) -> TaughtTinyModel:
+    """Teach ``checkpoint`` to reply with the oracle's bare action text along one episode on ``case`` (or
+    ``wrap(action_text)``, e.g. the action in the release's tag layout); save it."""
     from ibisagent.env import EnvConfig, SegmentationEnv
     from ibisagent.episode import drive
     from ibisagent.policies.base import create_policy
@@ -64,7 +67,8 @@ def teach_oracle_episode(checkpoint: str | Path, out_dir: str | Path, prompts: s
             oracle.begin_episode(**kw)
 
         def act(self, obs: object) -> str:
-            return parse_reply(oracle.act(obs)).action.text()
+            text = parse_reply(oracle.act(obs)).action.text()
+            return wrap(text) if wrap is not None else text
 
     examples = []
     for turn in drive(env, _BareOracle(), case.image, case.query, case.gt):
