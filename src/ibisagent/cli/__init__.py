@@ -534,7 +534,8 @@ def _cmd_segment_volume(args: argparse.Namespace, t_start: float) -> int:
             return
         what = rec["action"] or f"(invalid reply: {rec['error']})"
         iou = f"  3D IoU {rec['iou']:.3f}" if rec.get("iou") is not None else ""
-        print(f"  step {rec['step']:2d}: {what:<44}{iou}  [policy {rec['policy_s']:.2f} s, segmenter "
+        where = f" (slice {rec['slice']}/{depth - 1})" if rec.get("slice") is not None else ""
+        print(f"  step {rec['step']:2d}: {what:<44}{where}{iou}  [policy {rec['policy_s']:.2f} s, segmenter "
               f"{rec['segmenter_s']:.2f} s]", file=sys.stderr)
 
     try:
