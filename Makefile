@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 STAMP  := $(VENV)/.ibisagent-installed
-EXTRAS ?= train,app,ray,sam2,dev
+EXTRAS ?= train,app,ray,sam2,dev,release
 
 .PHONY: install demo test test-fast test-browser lint bench bench-server browser clean help weights
 
