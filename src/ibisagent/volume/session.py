@@ -48,7 +48,9 @@ class PropagationConfig:
     min_area_ratio: float = 0.15  # a mask below this fraction of the previous slice's area means it has ended
     max_area_ratio: float = 1.5  # a mask above this multiple of the previous slice's area is a leak (0: no limit)
     min_score: float = 0.3  # the backend's predicted IoU below this means it has ended (NaN scores never stop)
-    box_margin: float = 0.0  # the previous slice's box grows by this fraction of its size on each side (>= 2 px)
+    box_margin: float = 0.0  # the previous slice's box grows by this fraction of its size on each side
+    box_min_margin: float = 0.0  # ... and by at least this many pixels
+    clip_to_box: bool = True  # keep only the part of a propagated mask inside its box prompt
     mask_input: bool = False  # feed the previous slice's logits as the mask input
     agree_stop: float = 0.97  # a re-propagation stops where its mask matches the slice's old one at this Dice
     keep_box_on_correction: bool = True  # a click on a propagated slice keeps that slice's propagation box
@@ -318,6 +320,8 @@ class VolumeSession:
             results = self._decode(items)
             fronts = []
             for (a, d, s), res, it in zip(todo, results, items, strict=True):
+                if self.config.clip_to_box and it.box is not None:
+                    res = _clip(res, it.box)
                 prev_area = int(self._slices[s - d].mask.sum())  # type: ignore[union-attr]
                 if self._ended(res, prev_area):
                     self._clear_from(a, d, s, step)
@@ -369,8 +373,8 @@ class VolumeSession:
             return None
         h, w = mask.shape
         x1, y1, x2, y2 = b
-        mx = max(2.0, self.config.box_margin * (x2 - x1 + 1))
-        my = max(2.0, self.config.box_margin * (y2 - y1 + 1))
+        mx = max(self.config.box_min_margin, self.config.box_margin * (x2 - x1 + 1))
+        my = max(self.config.box_min_margin, self.config.box_margin * (y2 - y1 + 1))
         x1, x2 = max(0.0, x1 - mx), min(w - 1.0, x2 + mx)
         y1, y2 = max(0.0, y1 - my), min(h - 1.0, y2 + my)
         if x2 <= x1 or y2 <= y1:
@@ -424,3 +428,11 @@ class VolumeSession:
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
     total = int(a.sum()) + int(b.sum())
     return 2.0 * int((a & b).sum()) / total if total else 1.0
+
+
+def _clip(res: SegResult, box: np.ndarray) -> SegResult:
+    """``res`` with its mask cut to the pixels inside ``box`` (x1, y1, x2, y2, inclusive)."""
+    x1, y1, x2, y2 = (int(round(float(v))) for v in box)
+    keep = np.zeros_like(res.mask)
+    keep[y1 : y2 + 1, x1 : x2 + 1] = True
+    return SegResult(res.mask & keep, res.logits, res.score)
