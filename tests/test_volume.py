@@ -159,14 +159,14 @@ def test_propagation_on_a_real_volume_with_and_without_a_correction(kidney, segm
     z = 2
     s.set_box(*bbox(gt[z]), z=z)
     first = dice_3d(s.mask, gt)
-    assert first > 0.85  # measured 0.954 (litemedsam-click, this crop)
+    assert first > 0.85  # measured 0.955 (litemedsam-click, this crop)
     assert s.timings.encoded_slices <= stack.depth  # each slice encoded at most once
     c = worst_slice_click(s.mask, gt)
     assert c is not None
     before = s.mask.copy()
     s.add_click(c.click.x, c.click.y, c.z, c.positive)
     after = dice_3d(s.mask, gt)
-    assert after > 0.85  # measured 0.949 (the correction costs a little here)
+    assert after > 0.85  # measured 0.960
     changed = np.flatnonzero((before != s.mask).any((1, 2)))
     assert c.z in changed or after == first
     s.undo()
@@ -187,7 +187,7 @@ def test_the_challenge_protocol_on_a_real_volume(kidney, segmenter, tmp_path) ->
     assert sum(a.is_click for a in actions) <= 2
     m = runner._metrics(turns, env, gt, stack.spacing, 1.0)
     assert len(m["dice_curve"]) == 1 + sum(a.is_click for a in actions)
-    assert m["dsc_final"] == m["dice"] > 0.85  # measured 0.906 (box 0.954, 2 clicks)
+    assert m["dsc_final"] == m["dice"] > 0.85  # measured 0.951 (box 0.955, 2 clicks)
     assert 0 <= m["nsd_final"] <= 1 and m["hd95"] >= 0 and m["dsc_auc"] <= 4
 
 
