@@ -236,3 +236,13 @@ def test_eval_volumes_runs_the_3d_challenge_protocol(tmp_path: Path, capsys) -> 
     assert set(extra["challenge"]) >= {"DSC_AUC", "NSD_AUC", "DSC_Final", "NSD_Final"}
     pred = json.loads((out / "predictions.jsonl").read_text().splitlines()[0])
     assert pred["shape"] == [10, 32, 40]  # (z, rows, columns) of the display slices
+
+
+def test_volume_policies_are_listed_apart_from_2d_ones():
+    """The 3D policies are registered as volume policies: the app's 2D list leaves them out."""
+    from ibisagent.policies.base import list_policies
+
+    vol, flat = list_policies(volume=True), list_policies(volume=False)
+    assert {"compact-3d", "challenge-3d", "oracle-3d"} <= set(vol)
+    assert "compact" in flat and not set(vol) & set(flat)
+    assert set(list_policies()) == set(vol) | set(flat)

@@ -63,11 +63,16 @@ class BasePolicy:
 
 
 _REGISTRY: dict[str, tuple[Callable[..., Policy], str]] = {}
+#: names of the policies that play volume episodes (``ibisagent.volume``), not 2D images
+_VOLUME: set[str] = set()
 
 
-def register_policy(name: str, description: str = "") -> Callable:
+def register_policy(name: str, description: str = "", *, volume: bool = False) -> Callable:
+    """Register a policy factory under ``name``; ``volume=True`` marks a policy of 3D volume episodes."""
     def deco(factory: Callable[..., Policy]) -> Callable[..., Policy]:
         _REGISTRY[name] = (factory, description or (factory.__doc__ or "").strip().split("\n")[0])
+        if volume:
+            _VOLUME.add(name)
         return factory
 
     return deco
@@ -85,9 +90,10 @@ def _load_builtin() -> None:
             raise
 
 
-def list_policies() -> dict[str, str]:
+def list_policies(volume: bool | None = None) -> dict[str, str]:
+    """Registered policies and their descriptions: all (``volume=None``), only 2D (False) or only volume (True) ones."""
     _load_builtin()
-    return {k: v[1] for k, v in sorted(_REGISTRY.items())}
+    return {k: v[1] for k, v in sorted(_REGISTRY.items()) if volume is None or (k in _VOLUME) == volume}
 
 
 def default_policy() -> str:

@@ -170,7 +170,7 @@ class VolumeAgent(BasePolicy):
 
 
 @register_policy("compact-3d", "the 3D agent: key slice from the compact policy's object belief, prompt, propagate, "
-                               "correct on the worst slice (volume episodes)")
+                               "correct on the worst slice (volume episodes)", volume=True)
 def _make_compact_3d(**cfg: Any) -> VolumeAgent:
     return VolumeAgent(**cfg)
 
@@ -263,12 +263,12 @@ class VolumeOracle(_VolumeAnnotator):
 
 
 @register_policy("challenge-3d", "CVPR 2025 3D challenge clicker: the 3D box, then clicks at the centre of the "
-                                 "largest 3D error component (volume episodes; needs ground truth)")
+                                 "largest 3D error component (volume episodes; needs ground truth)", volume=True)
 def _make_challenge_3d(**cfg: Any) -> VolumeChallengeClicker:
     return VolumeChallengeClicker(**cfg)
 
 
 @register_policy("oracle-3d", "reference oracle on volumes: the 3D box, then the distance-transform click on the "
-                              "worst slice (needs ground truth)")
+                              "worst slice (needs ground truth)", volume=True)
 def _make_oracle_3d(**cfg: Any) -> VolumeOracle:
     return VolumeOracle(**cfg)

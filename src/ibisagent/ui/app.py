@@ -62,7 +62,7 @@ class AppConfig:
         from ibisagent.segmenters.base import list_segmenters
 
         self.segmenters = segmenters or list(list_segmenters())
-        self.policies = policies or list(list_policies())
+        self.policies = policies or list(list_policies(volume=False))  # the app's 2D flow
         self.segmenter = segmenter or default_segmenter()
         if self.segmenter not in self.segmenters:
             self.segmenters.insert(0, self.segmenter)
