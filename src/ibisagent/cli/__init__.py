@@ -402,19 +402,24 @@ def _check_image_args(args: argparse.Namespace) -> None:
         raise UserError("pass either --mask-threshold or --mask-label, not both")
 
 
+def _checked_segment_args(args: argparse.Namespace, example: str) -> tuple[str, Path, Any]:
+    """The checks every single-image and volume ``segment`` run makes first: the query (``example`` shows one), the
+    image and agent options, the output folder; returns the query, the output folder and the parsed window."""
+    if args.query is None:
+        raise UserError(f"--query is required: say what to segment, e.g. --query '{example}'")
+    query = _check_query(args.query)
+    _check_image_args(args)
+    _check_agent_args(args)
+    return query, check_output_dir(args.out), _parse_window(args.window)
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     t_start = getattr(args, "t_start", None) or time.perf_counter()
     if args.slice is None and _is_volume_input(args.image):
         return _cmd_segment_volume(args, t_start)
     if _is_batch(args.image):
         return _cmd_segment_batch(args)
-    if args.query is None:
-        raise UserError("--query is required: say what to segment, e.g. --query 'the polyp in this colonoscopy frame'")
-    query = _check_query(args.query)
-    _check_image_args(args)
-    _check_agent_args(args)
-    out = check_output_dir(args.out)
-    window = _parse_window(args.window)
+    query, out, window = _checked_segment_args(args, "the polyp in this colonoscopy frame")
     from ibisagent.io import load_image, load_mask
 
     try:
@@ -490,13 +495,7 @@ def _volume_mask(args: argparse.Namespace, volume) -> Any:
 
 
 def _cmd_segment_volume(args: argparse.Namespace, t_start: float) -> int:
-    if args.query is None:
-        raise UserError("--query is required: say what to segment, e.g. --query 'the left kidney'")
-    query = _check_query(args.query)
-    _check_image_args(args)
-    _check_agent_args(args)
-    out = check_output_dir(args.out)
-    window = _parse_window(args.window)
+    query, out, window = _checked_segment_args(args, "the left kidney")
     from ibisagent.io.volumes import load_volume
     from ibisagent.segmenters.base import MIN_IMAGE_SIDE
 
