@@ -127,6 +127,25 @@ def test_a_click_propagates_through_the_volume_and_stops_where_the_object_ends()
     assert turns[0].action.z == stack.depth // 2 and turns[-1].stop_reason == "invalid_action"
 
 
+def test_a_volume_episode_resumes_through_the_driver_from_its_current_observation() -> None:
+    """``drive(resume=True)`` on a VolumeEnv continues from ``env.observation`` (no reset): the clicks before the
+    resume stay in the 3D mask and the turn count goes on."""
+    from ibisagent.episode import drive
+
+    gt = _ball()
+    stack = SliceStack.from_array(np.where(gt, 200, 30).astype(np.uint8))
+    env = VolumeEnv(VolumeSession(create_segmenter("fake")), StopRules(max_steps=5))
+    with pytest.raises(RuntimeError, match="reset"):
+        _ = env.observation
+    first = env.reset(stack, "ball", gt)
+    assert env.observation is first
+    env.step("<action>\nPositive Point (0.5000, 0.5000, 6)\n</action>")
+    assert env.observation.step == 1 and env.observation.mask is not None
+    rest = list(drive(env, _Script(["<action>\nTerminate\n</action>"]), stack, "ball", gt, resume=True))
+    assert [t.stop_reason for t in rest] == ["terminate"]
+    assert rest[-1].info["step"] == 2 and rest[-1].info["dice"] > 0.95
+
+
 # --- real volume: propagation, correction, the challenge protocol ------------------------------------------------
 
 @pytest.fixture(scope="module")

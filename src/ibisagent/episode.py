@@ -123,6 +123,11 @@ class EpisodeEnv(Protocol):
     @property
     def gt(self) -> Any: ...
 
+    @property
+    def observation(self) -> Any:
+        """The current observation (what the next reply answers); ``drive(resume=True)`` starts from it."""
+        ...
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Stop rules
@@ -276,7 +281,7 @@ def drive(
     enter = guard or nullcontext
     prior = list(prior)
     with enter():
-        obs = env.observation if resume else env.reset(image, query, gt)  # type: ignore[attr-defined]
+        obs = env.observation if resume else env.reset(image, query, gt)
         policy.begin_episode(image=getattr(obs, "image", image), query=query, gt=env.gt)
     if on_start is not None:
         on_start(obs)

@@ -108,6 +108,13 @@ class VolumeEnv:
     def done(self) -> bool:
         return self._done
 
+    @property
+    def observation(self) -> VolumeObservation:
+        """The current observation (what the next reply answers)."""
+        if self._obs is None:
+            raise RuntimeError("no episode yet: call reset() first")
+        return self._obs
+
     def reset(self, image: SliceStack, query: str, gt: np.ndarray | None = None) -> VolumeObservation:
         if not isinstance(query, str):
             raise ValueError("query must be a string")
