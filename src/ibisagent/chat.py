@@ -12,6 +12,8 @@ here, so the prompt a model is trained on is the prompt it is sent:
 * :func:`to_dataset_messages`: the same layout as stored in a Hugging Face dataset (image parts carry
   ``"text": None`` so every part has one Arrow struct type).
 * :func:`to_text_messages`: string contents with an ``<image>`` placeholder per image (verl, LLaMA-Factory).
+* :func:`render_volume_chat`: the same turn for a volume episode (issue 28): the image is a strip of slices side by
+  side and the texts say which slices they are and how a volume action names its slice (extended grammar).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import numpy as np
 
 from ibisagent.prompts import PromptTemplate
 
-__all__ = ["IMAGE_PLACEHOLDER", "ChatTurn", "render_chat", "to_dataset_messages", "to_messages", "to_text_messages"]
+__all__ = ["IMAGE_PLACEHOLDER", "VOLUME_SYSTEM_NOTE", "ChatTurn", "render_chat", "render_volume_chat", "to_dataset_messages",
+           "to_messages", "to_text_messages", "volume_turn_note"]
 
 #: the image placeholder of string-content layouts
 IMAGE_PLACEHOLDER = "<image>"
@@ -46,6 +49,43 @@ def render_chat(template: PromptTemplate, query: str, image: np.ndarray | str, *
     ``image`` (the plain image on the first turn, the overlay of the current mask afterwards)."""
     text = template.first(query) if first_turn else template.refine(query)
     return (ChatTurn("system", template.system), *history, ChatTurn("user", text, image))
+
+
+#: appended to the system prompt of a volume episode (our wording; the reference grammar has no volume form)
+VOLUME_SYSTEM_NOTE = (
+    "The image is a 3D volume shown as a strip of its slices side by side, left to right, each at the same size. "
+    "Every point or box names the slice it is drawn on, as one more number: Positive Point (x, y, z), "
+    "Negative Point (x, y, z), Box (x1, y1, x2, y2, z). x and y are normalized to [0, 1] by the width and height "
+    "of ONE slice (not of the strip); z is the slice index, a whole number counted from 0. The segmentation model "
+    "propagates each prompt through the neighbouring slices; the green mask on every slice shown is the current 3D "
+    "segmentation."
+)
+
+
+def volume_turn_note(slices: Sequence[int], depth: int, current: int, *, overview: bool) -> str:
+    """The sentence of a volume turn that says what the strip shows (slice indices left to right)."""
+    listed = ", ".join(str(int(z)) for z in slices)
+    if overview:
+        return (f"The strip shows {len(slices)} slices spread over the volume's {depth} (slices {listed}, left to "
+                "right): choose the slice where the target is clearest and prompt there.")
+    return (f"The strip shows slices {listed} of {depth}, left to right; slice {int(current)} (the middle one where "
+            "the volume allows) is where the last prompt went.")
+
+
+def render_volume_chat(template: PromptTemplate, query: str, strip: np.ndarray, slices: Sequence[int], *,
+                       depth: int, current: int, first_turn: bool, overview: bool | None = None,
+                       history: Sequence[ChatTurn] = ()) -> tuple[ChatTurn, ...]:
+    """:func:`render_chat` for a volume episode: the template's system prompt plus :data:`VOLUME_SYSTEM_NOTE`, and
+    one user turn whose image is ``strip`` (the slices ``slices`` side by side) and whose text is the template's
+    first/refinement text followed by :func:`volume_turn_note`. ``overview`` (default: ``first_turn``) says the
+    strip is spread over the whole volume rather than around ``current``."""
+    if not len(slices):
+        raise ValueError("a volume turn needs at least one slice")
+    overview = first_turn if overview is None else overview
+    text = template.first(query) if first_turn else template.refine(query)
+    note = volume_turn_note(slices, depth, current, overview=overview)
+    return (ChatTurn("system", f"{template.system}\n{VOLUME_SYSTEM_NOTE}"), *history,
+            ChatTurn("user", f"{text}\n{note}", strip))
 
 
 def to_messages(turns: Sequence[ChatTurn]) -> tuple[list[dict[str, Any]], list[Any]]:

@@ -16,7 +16,9 @@ One episode, driven by :func:`ibisagent.episode.drive` over :class:`ibisagent.vo
    worst slice with the compact policy's 2D action there (its click given the slice's mask, logits and clicks; the
    ``belief`` click rule by default: the deepest pixel of the larger disagreement region).
 
-Registered as ``compact-3d``.
+Registered as ``compact-3d``. ``hf-3d`` / ``openai-3d`` (:class:`VolumeChatPolicy`) play the same episode with a
+multimodal LLM: the first turn shows an overview strip of slices spread over the volume, later turns the current
+slice with its neighbours (:func:`ibisagent.chat.render_volume_chat`), and the model answers in the volume form.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from ibisagent.policies.oracle import box_action
 from ibisagent.protocol import Action, ActionKind, format_reply, parse_reply, to_normalized
 from ibisagent.volume.env import VolumeObservation
 
-__all__ = ["VolumeAgent", "VolumeChallengeClicker", "VolumeOracle", "volume_box_action"]
+__all__ = ["VolumeAgent", "VolumeChallengeClicker", "VolumeChatPolicy", "VolumeOracle", "volume_box_action"]
 
 
 class VolumeAgent(BasePolicy):
@@ -173,6 +175,93 @@ class VolumeAgent(BasePolicy):
                                "correct on the worst slice (volume episodes)", volume=True)
 def _make_compact_3d(**cfg: Any) -> VolumeAgent:
     return VolumeAgent(**cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A multimodal LLM over a volume: the strip observation
+# ----------------------------------------------------------------------------------------------------------------
+
+def overview_slices(depth: int, n: int) -> list[int]:
+    """``n`` slice indices spread evenly over a volume of ``depth`` slices (first and last included)."""
+    if depth < 1 or n < 1:
+        raise ValueError("depth and n must be >= 1")
+    return sorted({int(round(z)) for z in np.linspace(0, depth - 1, min(n, depth))})
+
+
+class VolumeChatPolicy(BasePolicy):
+    """A multimodal LLM over a volume episode: the ``hf`` or ``openai`` policy's model, shown strips of slices.
+
+    Turn 1 (no mask yet): an **overview** strip of ``overview`` slices spread over the volume, so the model can pick
+    the key slice itself. Later turns: the **current slice** (where the last prompt went) with ``neighbours`` slices
+    on each side, every slice with the green overlay of the current 3D mask. The strip is one image (slices side by
+    side at their own size; the indices are in the text, not drawn), the texts come from
+    :func:`ibisagent.chat.render_volume_chat` with ``prompts`` (an extended-grammar template), and the model answers
+    in the volume form (``Positive Point (x, y, z)``); an answer without ``z`` goes to the current slice.
+    Only system + current turn are sent (no history). Remaining keywords go to the backend policy (``checkpoint``,
+    ``base_url``, ``max_new_tokens``, ...).
+    """
+
+    grammar = "extended"
+
+    def __init__(self, backend: str = "openai", *, neighbours: int = 2, overview: int = 5,
+                 prompts: str | Any = "extended", **backend_cfg: Any) -> None:
+        super().__init__()
+        from ibisagent.policies.base import create_policy
+        from ibisagent.prompts import PromptTemplate, load_prompts
+
+        if backend not in ("hf", "openai"):
+            raise PolicyError(f"backend must be 'hf' or 'openai', got {backend!r}")
+        if int(neighbours) < 0 or int(overview) < 1:
+            raise PolicyError("neighbours must be >= 0 and overview >= 1")
+        self.name = f"{backend}-3d"
+        self.neighbours, self.overview = int(neighbours), int(overview)
+        self.template = prompts if isinstance(prompts, PromptTemplate) else load_prompts(prompts)
+        if self.template.grammar != "extended":
+            raise PolicyError(f"prompts {self.template.name!r} are for the {self.template.grammar} grammar; a volume "
+                              "episode needs an extended-grammar template (the reference grammar has no slice index)")
+        self.backend = create_policy(backend, **backend_cfg)
+        send = getattr(self.backend, "generate", None) or getattr(self.backend, "complete", None)
+        if send is None:  # pragma: no cover - both backends have one
+            raise PolicyError(f"policy {backend!r} has no generate/complete method")
+        self._send = send
+        self.last_slices: list[int] = []
+
+    def turn(self, obs: VolumeObservation) -> tuple[Any, ...]:
+        """The chat turns (system, user with the strip) this policy sends for ``obs``."""
+        from ibisagent.chat import render_volume_chat
+
+        depth = obs.stack.depth
+        if obs.is_first_turn and self.overview > 1:
+            zs = overview_slices(depth, self.overview)
+            strip = np.concatenate([obs.slice_overlay(z) for z in zs], axis=1)
+        else:
+            strip, zs = obs.strip(self.neighbours)
+        self.last_slices = list(zs)
+        return render_volume_chat(self.template, obs.query, strip, zs, depth=depth, current=obs.current_slice,
+                                  first_turn=obs.is_first_turn)
+
+    def act(self, obs: VolumeObservation) -> str:  # type: ignore[override]
+        from ibisagent.chat import to_messages
+
+        messages, images = to_messages(self.turn(obs))
+        return self._send(messages, images)
+
+    def close(self) -> None:
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
+
+
+@register_policy("hf-3d", "a Qwen2.5-VL checkpoint (hf policy) over a volume: overview strip of slices, then the "
+                          "current slice with its neighbours, answers in the volume form", volume=True)
+def _make_hf_3d(**cfg: Any) -> VolumeChatPolicy:
+    return VolumeChatPolicy("hf", **cfg)
+
+
+@register_policy("openai-3d", "an OpenAI-compatible multimodal endpoint (openai policy) over a volume: overview "
+                              "strip, then the current slice with its neighbours", volume=True)
+def _make_openai_3d(**cfg: Any) -> VolumeChatPolicy:
+    return VolumeChatPolicy("openai", **cfg)
 
 
 # ----------------------------------------------------------------------------------------------------------------
