@@ -210,3 +210,34 @@ def test_reference_profile_episode_on_the_tiny_model(taught, tmp_path):
                          prompts=str(taught.prompts))
     ep2 = run_episode(SegmentationEnv(create_segmenter("fake"), ref), bare, case.image, case.query, case.gt)
     assert ep2.stop_reason == "unparseable" and len(ep2.steps) == 1
+
+
+@pytest.mark.parametrize("profile, expected", [("default", 256), ("reference", 512)])
+def test_decoding_profile_reaches_generate(tiny_dir, profile, expected):
+    """``profile="reference"`` decodes as the release's mllm_engine (greedy, up to 512 new tokens), ours 256. The
+    random model is held to the full length (``min_new_tokens``) so the real generation shows the cap."""
+    vl = load_vl_checkpoint(tiny_dir)
+    seen: list[dict] = []
+    real = vl.model.generate
+
+    def spy(**kwargs):
+        seen.append(dict(kwargs))
+        return real(**kwargs, min_new_tokens=kwargs["max_new_tokens"])
+
+    vl.model.generate = spy
+    policy = HFPolicy(loaded=vl, profile=profile)
+    case = synthetic_cases(1, size=(32, 32), seed=3)[0]
+    env = SegmentationEnv(create_segmenter("fake"), EnvConfig(max_steps=1))
+    policy.begin_episode(image=case.image, query=case.query)
+    policy.act(env.reset(case.image, case.query, case.gt))
+    assert seen[0]["max_new_tokens"] == expected and seen[0]["do_sample"] is False
+    assert policy.last_new_tokens == expected
+
+
+def test_decoding_profile_options(tiny_dir):
+    vl = load_vl_checkpoint(tiny_dir)
+    ref = HFPolicy(loaded=vl, profile="reference", max_new_tokens=64)  # an explicit option wins over the profile
+    assert (ref.max_new_tokens, ref.temperature) == (64, 0.0)
+    assert HFPolicy(loaded=vl).max_new_tokens == 256
+    with pytest.raises(PolicyError, match="decoding profile"):
+        HFPolicy(loaded=vl, profile="paper")

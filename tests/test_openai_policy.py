@@ -203,3 +203,19 @@ def test_bad_options():
         create_policy("openai", base_url="localhost:8000")
     with pytest.raises(PolicyError, match="timeout"):
         create_policy("openai", timeout=0)
+    with pytest.raises(PolicyError, match="decoding profile"):
+        create_policy("openai", profile="paper")
+
+
+def test_reference_decoding_profile_in_the_request(case):
+    """``profile="reference"``: the release's decoding (greedy, 512 new tokens) in every request; explicit options
+    still win."""
+    with FakeServer(case.image, case.gt) as srv:
+        policy = create_policy("openai", base_url=srv.url, model="tiny-ibis", profile="reference", timeout=10)
+        Agent(policy, "fake", EnvConfig(max_steps=3)).segment(case.image, case.query, case.gt)
+        capped = create_policy("openai", base_url=srv.url, model="tiny-ibis", profile="reference",
+                               max_new_tokens=100, timeout=10)
+        Agent(capped, "fake", EnvConfig(max_steps=1)).segment(case.image, case.query, case.gt)
+    bodies = [r["body"] for r in srv.requests]
+    assert all(b["max_tokens"] == 512 and b["temperature"] == 0.0 for b in bodies[:-1])
+    assert bodies[-1]["max_tokens"] == 100

@@ -6,7 +6,8 @@
 The checkpoint is a plain local directory (``config.json``, safetensors weights, tokenizer files,
 ``preprocessor_config.json``, a chat template). Loading never touches the network. The processor is built from the
 tokenizer, the image processor and the chat template only (no video processor), so it needs neither torchvision nor
-a video backend. Decoding is greedy by default; ``temperature > 0`` samples.
+a video backend. Decoding is greedy by default; ``temperature > 0`` samples. ``profile="reference"`` decodes as the
+release's ``infer/mllm_engine.py`` (greedy, up to 512 new tokens; :mod:`ibisagent.policies.decoding`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 from ibisagent.env import Observation
 from ibisagent.policies._chat import ChatBuilder
 from ibisagent.policies.base import BasePolicy, PolicyError, register_policy
+from ibisagent.policies.decoding import resolve_decoding
 from ibisagent.prompts import PromptTemplate
 
 __all__ = ["HFPolicy", "LoadedVL", "check_checkpoint_dir", "encode_chat", "load_vl_checkpoint", "to_pil"]
@@ -201,7 +203,11 @@ def encode_chat(processor: Any, messages: list[dict[str, Any]], images: list[np.
 
 
 class HFPolicy(BasePolicy):
-    """A Qwen2.5-VL checkpoint from a local directory, run with transformers (greedy by default)."""
+    """A Qwen2.5-VL checkpoint from a local directory, run with transformers (greedy by default).
+
+    ``profile``: ``"default"`` (greedy, 256 new tokens) or ``"reference"`` (the release's decoding: greedy, 512 new
+    tokens); ``max_new_tokens`` / ``temperature`` / ``top_p`` given explicitly override the profile.
+    """
 
     name = "hf"
 
@@ -211,9 +217,10 @@ class HFPolicy(BasePolicy):
         *,
         device: str = "auto",
         dtype: str = "auto",
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
+        profile: str = "default",
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
         history: bool | None = None,
         prompts: str | PromptTemplate | None = None,
         min_pixels: int | None = None,
@@ -225,16 +232,14 @@ class HFPolicy(BasePolicy):
         super().__init__()
         if loaded is None and model_path is None:
             raise PolicyError("the hf policy needs model_path=<checkpoint directory> (--model-path)")
-        if max_new_tokens < 1:
-            raise PolicyError("max_new_tokens must be >= 1")
-        if temperature < 0:
-            raise PolicyError("temperature must be >= 0 (0 = greedy)")
+        dec = resolve_decoding(profile, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+        self.profile = profile
         self.chat = ChatBuilder(prompts=prompts, history=history)
         if self.chat.template is not None:
             self.grammar = self.chat.template.grammar
-        self.max_new_tokens = int(max_new_tokens)
-        self.temperature = float(temperature)
-        self.top_p = float(top_p)
+        self.max_new_tokens = dec.max_new_tokens
+        self.temperature = dec.temperature
+        self.top_p = dec.top_p
         self.seed = seed
         self.vl = loaded or load_vl_checkpoint(model_path, device=device, dtype=dtype, min_pixels=min_pixels,
                                                max_pixels=max_pixels, attn_implementation=attn_implementation)

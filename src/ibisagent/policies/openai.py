@@ -22,6 +22,7 @@ import numpy as np
 from ibisagent.env import Observation
 from ibisagent.policies._chat import ChatBuilder
 from ibisagent.policies.base import BasePolicy, PolicyError, register_policy
+from ibisagent.policies.decoding import resolve_decoding
 from ibisagent.prompts import PromptTemplate
 
 __all__ = ["OpenAIPolicy", "image_data_url", "to_openai_messages"]
@@ -63,7 +64,11 @@ def to_openai_messages(messages: list[dict[str, Any]], images: list[np.ndarray])
 
 
 class OpenAIPolicy(BasePolicy):
-    """A model behind an OpenAI-compatible ``/chat/completions`` endpoint (vLLM, SGLang, ...)."""
+    """A model behind an OpenAI-compatible ``/chat/completions`` endpoint (vLLM, SGLang, ...).
+
+    ``profile``: ``"default"`` (temperature 0, 256 tokens) or ``"reference"`` (the release's decoding: temperature 0,
+    512 tokens); ``max_new_tokens`` / ``temperature`` / ``top_p`` given explicitly override the profile.
+    """
 
     name = "openai"
 
@@ -76,9 +81,10 @@ class OpenAIPolicy(BasePolicy):
         timeout: float = 120.0,
         retries: int = 2,
         backoff: float = 1.0,
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
+        profile: str = "default",
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
         history: bool | None = None,
         prompts: str | PromptTemplate | None = None,
         extra_body: dict[str, Any] | None = None,
@@ -96,9 +102,11 @@ class OpenAIPolicy(BasePolicy):
         self.timeout = float(timeout)
         self.retries = int(retries)
         self.backoff = float(backoff)
-        self.max_new_tokens = int(max_new_tokens)
-        self.temperature = float(temperature)
-        self.top_p = float(top_p)
+        dec = resolve_decoding(profile, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+        self.profile = profile
+        self.max_new_tokens = dec.max_new_tokens
+        self.temperature = dec.temperature
+        self.top_p = dec.top_p
         self.extra_body = dict(extra_body or {})
         self.chat = ChatBuilder(prompts=prompts, history=history)
         if self.chat.template is not None:
