@@ -169,6 +169,42 @@ def test_save_load_roundtrip_and_missing_weights(tmp_path) -> None:
         CompactPolicy(weights="random", first_action="lasso")
 
 
+def test_query_maps_read_the_embedding_channels_the_query_keys_and_round_trip(tmp_path) -> None:
+    """With ``query_maps`` the query picks channels of the full embedding: the maps are the cosine of each pixel's
+    256 channels with a text-keyed vector, so the same image gives different inputs for different queries; the
+    architecture is stored in the file and an older file (no ``query_maps``) still loads as before."""
+    from ibisagent.policies.compact import CompactNetConfig
+
+    torch.manual_seed(3)
+    net = CompactPolicyNet(CompactNetConfig(width=64, query_maps=4)).eval()
+    emb = torch.zeros(1, 256, GRID, GRID)
+    emb[0, 7, :32] = 1.0  # the top half "is" channel 7, the bottom half channel 9
+    emb[0, 9, 32:] = 1.0
+    t = torch.zeros(1, net.cfg.text_hidden)
+    with torch.no_grad():
+        net.query_key.weight.zero_()
+        net.query_key.bias.zero_()
+        net.query_key.bias[7] = 2.0  # key 0 looks for channel 7
+        net.query_key.bias[256 + 9] = 3.0  # key 1 for channel 9
+        r = net.query_response(emb, t)
+    assert r.shape == (1, 4, GRID, GRID)
+    assert torch.allclose(r[0, 0, :32], torch.tensor(2.0)) and torch.allclose(r[0, 0, 32:], torch.tensor(0.0))
+    assert torch.allclose(r[0, 1, 32:], torch.tensor(3.0)) and torch.allclose(r[0, 1, :32], torch.tensor(0.0))
+    # a different query (text features) gives different network outputs on the same image and state
+    torch.manual_seed(4)
+    net2 = CompactPolicyNet(CompactNetConfig(query_maps=4)).eval()
+    planes = _planes(np.zeros((64, 64), bool), [], [], step=0)
+    e = torch.randn(1, 256, GRID, GRID)
+    with torch.no_grad():
+        o1 = net2(e, planes, torch.randn(1, 384))[2]
+        o2 = net2(e, planes, torch.randn(1, 384))[2]
+    assert not torch.allclose(o1, o2)
+    path = save_policy_net(net2, tmp_path / "q.safetensors")
+    back, _ = load_policy_net(path)
+    assert back.cfg.query_maps == 4 and hasattr(back, "query_key")
+    assert not hasattr(CompactPolicyNet(), "query_key")  # off by default: the shipped files' architecture
+
+
 def test_act_before_begin_episode_is_a_clear_error(blob) -> None:
     from ibisagent.env import SegmentationEnv
 

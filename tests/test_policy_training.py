@@ -96,6 +96,16 @@ def test_sft_step_and_resume(tiny_data: Path, tmp_path: Path) -> None:
     assert [int(r["step"]) for r in _rows(run / "sft_log.csv")] == [1, 2, 3]
 
 
+def test_architecture_options_reach_the_weights_file(tiny_data: Path, tmp_path: Path) -> None:
+    out = train_policy(_cfg(tiny_data, tmp_path / "q", stage="sft", net_width=16, query_maps=3))
+    net, _ = load_policy_net(out)
+    assert net.cfg.width == 16 and net.cfg.query_maps == 3 and net.query_key.out_features == 3 * 256
+    with pytest.raises(PolicyTrainError, match="net-width"):
+        train_policy(_cfg(tiny_data, tmp_path / "bad", stage="sft", net_width=20))
+    with pytest.raises(PolicyTrainError, match="query-maps"):
+        train_policy(_cfg(tiny_data, tmp_path / "bad", stage="sft", query_maps=-1))
+
+
 def test_grpo_step_logs_every_reward_component(tiny_data: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     train_policy(_cfg(tiny_data, run, stage="sft"))

@@ -288,6 +288,10 @@ class CompactNetConfig:
     head: int = 24
     dilations: tuple[int, ...] = (1, 2, 4, 8, 1, 2)
     text_hidden: int = 128
+    #: query maps: the query's text features become this many key vectors over the embedding's channels, and their
+    #: dot products with the (channel-normalized) embedding are extra input maps at 64 x 64 -- the query picks
+    #: channels of the full 256-channel embedding before the 1x1 stem squeezes it (0 = off: the older architecture)
+    query_maps: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -331,6 +335,11 @@ class CompactPolicyNet(nn.Module):
         nn.init.zeros_(self.film.weight)
         nn.init.zeros_(self.film.bias)
         self.blocks = nn.ModuleList(_FiLMBlock(w, d) for d in cfg.dilations)
+        if cfg.query_maps:
+            self.query_key = nn.Linear(cfg.text_hidden, cfg.query_maps * cfg.emb_channels)
+            nn.init.normal_(self.query_key.weight, std=0.02)
+            nn.init.zeros_(self.query_key.bias)
+            self.query_in = nn.Conv2d(cfg.query_maps, s, 1)
         self.fuse = nn.Conv2d(w + s, cfg.head, 1)
         self.head_conv = nn.Conv2d(cfg.head, cfg.head, 3, padding=1)
         self.head = nn.Conv2d(cfg.head, 3, 1)  # positive, negative, object
@@ -343,9 +352,12 @@ class CompactPolicyNet(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b = emb.shape[0]
         st = torch.cat([planes, self.coords.expand(b, -1, -1, -1)], 1)
-        x64 = F.gelu(self.emb_in(emb) + self.state_in(st))
-        x = F.gelu(self.down(x64))
         t = self.text(text)
+        x64 = self.emb_in(emb) + self.state_in(st)
+        if self.cfg.query_maps:
+            x64 = x64 + self.query_in(self.query_response(emb, t))
+        x64 = F.gelu(x64)
+        x = F.gelu(self.down(x64))
         film = self.film(t).view(b, len(self.blocks), 2, -1)
         for i, blk in enumerate(self.blocks):
             x = blk(x, film[:, i, 0], film[:, i, 1])
@@ -364,6 +376,15 @@ class CompactPolicyNet(nn.Module):
         g = torch.cat([x.mean((2, 3)), x.amax((2, 3)), t, scalars], 1)
         stop = self.stop(g)[:, 0]
         return out[:, :2], stop, out[:, 2]
+
+
+    def query_response(self, emb: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """(B, query_maps, 64, 64): dot products of the query's key vectors with the embedding, each pixel's 256
+        channels scaled to unit length (so a map is the cosine with the key times the key's length)."""
+        b, c = emb.shape[:2]
+        keys = self.query_key(t).view(b, self.cfg.query_maps, c)
+        unit = emb / emb.norm(dim=1, keepdim=True).clamp_min(1e-6)
+        return torch.einsum("bchw,bkc->bkhw", unit, keys)
 
 
 def save_policy_net(net: CompactPolicyNet, path: str | Path, meta: dict[str, Any] | None = None) -> Path:

@@ -129,6 +129,11 @@ class PolicyTrainConfig:
                                                       "once (on-disk cache); GRPO keeps to the originals "
                                                       "(ibisagent.training.augment)"})
     init: str = field(default="", metadata={"help": "start SFT from these policy weights (.safetensors)"})
+    net_width: int = field(default=48, metadata={"help": "channels of the network's body (a multiple of 8; ignored "
+                                                          "with --init, whose file sets the architecture)"})
+    query_maps: int = field(default=0, metadata={"help": "query maps: text-keyed dot products with the full image "
+                                                          "embedding as extra input maps (0 = off; "
+                                                          "ibisagent.policies.compact.CompactNetConfig)"})
     sample_temperature: float = field(default=1.0, metadata={"help": "SFT sampling balance over datasets and objects: "
                                                                      "P(dataset) ~ n^T, P(object | dataset) ~ n^T, "
                                                                      "uniform within (1 = every mask alike, as "
@@ -893,7 +898,8 @@ def _sft_setup(cfg: PolicyTrainConfig, ckpt: Path, backend: _Backend, text_bank:
                case_row: dict[str, int], log: _Log, gen: torch.Generator) -> _SftState:
     """A fresh (or ``--init``) network and optimizer, resumed from ``ckpt`` with ``--resume``; a new run whose recipe
     uses real states (``synth_frac < 1``) first fills the state bank with oracle and reflective rollouts."""
-    net = load_policy_net(cfg.init)[0].train() if cfg.init else CompactPolicyNet(CompactNetConfig())
+    net = load_policy_net(cfg.init)[0].train() if cfg.init else CompactPolicyNet(
+        CompactNetConfig(width=cfg.net_width, query_maps=cfg.query_maps))
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.sft_lr, weight_decay=1e-4)
     s = _SftState(net, opt, _Bank(), np.random.default_rng(cfg.seed))
     if cfg.resume and ckpt.exists():
@@ -1295,6 +1301,10 @@ def train_policy(config: PolicyTrainConfig | dict[str, Any]) -> Path:
         raise PolicyTrainError(f"augment must be >= 0 (variants per image), got {cfg.augment}")
     if not cfg.grpo_temperature > 0:
         raise PolicyTrainError(f"grpo_temperature must be > 0, got {cfg.grpo_temperature}")
+    if cfg.net_width < 8 or cfg.net_width % 8:
+        raise PolicyTrainError(f"--net-width must be a positive multiple of 8, got {cfg.net_width}")
+    if cfg.query_maps < 0:
+        raise PolicyTrainError(f"--query-maps must be >= 0, got {cfg.query_maps}")
     if not Path(cfg.data).exists():
         raise PolicyTrainError(f"data folder {cfg.data} does not exist")
     torch.set_num_threads(max(1, cfg.threads))
