@@ -28,8 +28,10 @@ __all__ = [
     "iou_3d",
     "nsd",
     "rle_decode",
+    "rle_decode_coco",
     "rle_decode_release",
     "rle_encode",
+    "rle_encode_coco",
     "rle_encode_release",
     "surface_distances",
 ]
@@ -404,3 +406,69 @@ def rle_decode_release(payload: str, shape: Sequence[int]) -> np.ndarray:
     values = np.zeros(runs.size, dtype=bool)
     values[1::2] = True
     return np.repeat(values, runs).reshape(h, w)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# COCO compressed RLE (the ``counts`` string of pycocotools' ``mask.encode``), written here from the published
+# format, not copied: column-major (Fortran order) run lengths starting with a background run; each count after the
+# second is stored as its difference to the count two places before; every value is written as little-endian 5-bit
+# groups, each group + 48 as one ASCII character, with bit 0x20 set while more groups follow, and the last group's
+# bit 0x10 carrying the sign. The release's RL converter (trajectory_gen/convert_to_rl_data.py) reads
+# ``clicks_list[i].mask = {"counts": base64(zlib(<this string>)), "size": [H, W]}``.
+# ----------------------------------------------------------------------------------------------------------------
+
+def _fortran_runs(m: np.ndarray) -> list[int]:
+    flat = m.ravel(order="F")
+    if flat.size == 0:
+        return []
+    bounds = np.concatenate([[0], np.flatnonzero(flat[1:] != flat[:-1]) + 1, [flat.size]])
+    runs = [int(r) for r in np.diff(bounds)]
+    return [0, *runs] if flat[0] else runs
+
+
+def rle_encode_coco(mask: np.ndarray) -> str:
+    """The COCO compressed-RLE counts string of a 2D binary mask (see the comment above)."""
+    m = as_bool(mask)
+    if m.ndim != 2:
+        raise ValueError(f"expected a 2D mask, got shape {m.shape}")
+    runs = _fortran_runs(m)
+    out: list[str] = []
+    for i, count in enumerate(runs):
+        x = count - runs[i - 2] if i > 2 else count
+        more = True
+        while more:
+            c = x & 0x1F
+            x >>= 5
+            more = (x != -1) if c & 0x10 else (x != 0)
+            out.append(chr((c | 0x20 if more else c) + 48))
+    return "".join(out)
+
+
+def rle_decode_coco(counts: str | bytes, shape: Sequence[int]) -> np.ndarray:
+    """Decode a COCO compressed-RLE counts string into a bool mask of ``shape`` = (H, W); ValueError when the
+    string is not one or its runs do not cover H * W pixels."""
+    h, w = (int(v) for v in shape)
+    text = counts.decode("ascii", errors="replace") if isinstance(counts, bytes) else counts
+    runs: list[int] = []
+    x = k = 0
+    for ch in text:
+        c = ord(ch) - 48
+        if not 0 <= c < 64:
+            raise ValueError(f"corrupt COCO RLE: character {ch!r} is outside the format's range")
+        x |= (c & 0x1F) << (5 * k)
+        k += 1
+        if c & 0x20:
+            continue
+        if c & 0x10:
+            x |= -1 << (5 * k)
+        if len(runs) > 2:
+            x += runs[-2]
+        runs.append(x)
+        x = k = 0
+    if k:
+        raise ValueError("corrupt COCO RLE: the string ends inside a number")
+    if any(r < 0 for r in runs) or sum(runs) != h * w:
+        raise ValueError(f"corrupt COCO RLE: runs cover {sum(runs)} pixels, expected {h * w} ({h}x{w})")
+    values = np.zeros(len(runs), dtype=bool)
+    values[1::2] = True
+    return np.repeat(values, np.asarray(runs, dtype=np.int64)).reshape((h, w), order="F")
