@@ -96,6 +96,9 @@ class Transition:
     step: int | None
     format_ok: bool
     mode: GrammarMode
+    #: the IoU the progress reward compares ``iou_after`` with (None: ``iou_before``); the release's rows carry it as
+    #: ``pre_iou`` (0 when missing) instead of measuring the mask before the action
+    progress_from: float | None = None
 
     @property
     def terminate(self) -> bool:
@@ -412,7 +415,8 @@ def _placement(action: Action, gt: np.ndarray, before: np.ndarray, iou_before: f
 
 
 def _breakdown(reply: str, action: Action | None, parse_error: str | None, gt: np.ndarray, before: np.ndarray,
-               after: np.ndarray, step: int | None, config: RewardConfig, mode: GrammarMode) -> RewardBreakdown:
+               after: np.ndarray, step: int | None, config: RewardConfig, mode: GrammarMode,
+               progress_from: float | None = None) -> RewardBreakdown:
     validation = validate_reply(reply, mode) if isinstance(reply, str) else None
     errors = tuple(validation.errors) if validation is not None else ("reply is not a string",)
     format_ok = bool(validation)
@@ -429,7 +433,7 @@ def _breakdown(reply: str, action: Action | None, parse_error: str | None, gt: n
         iou_after = iou_before
     else:
         iou_after = iou(after, gt)
-    t = Transition(reply, action, gt, before, after, iou_before, iou_after, step, format_ok, mode)
+    t = Transition(reply, action, gt, before, after, iou_before, iou_after, step, format_ok, mode, progress_from)
     values = {name: float(fn(t, config)) for name, fn in REWARDS.items()}
     return RewardBreakdown(values, total=_total(values, config), iou_before=iou_before, iou_after=iou_after,
                            action=None if action is None else action.kind.value, errors=errors)
@@ -459,7 +463,8 @@ def _placement_component(t: Transition, config: RewardConfig) -> float:
 
 @register_reward("progress")
 def _progress_component(t: Transition, config: RewardConfig) -> float:
-    return 0.0 if t.action is None else progress_reward(t.iou_before, t.iou_after, t.terminate, config)
+    base = t.iou_before if t.progress_from is None else t.progress_from
+    return 0.0 if t.action is None else progress_reward(base, t.iou_after, t.terminate, config)
 
 
 @register_reward("length")
@@ -532,6 +537,7 @@ def score_step(
     config: RewardConfig = DEFAULT_CONFIG,
     mode: GrammarMode = "reference",
     mask_before: np.ndarray | None = None,
+    progress_from: float | None = None,
 ) -> RewardBreakdown:
     """Apply the reply's action through ``segmenter`` on the state (``points``/``labels``/``box`` in pixels, the
     prompts so far) and score it.
@@ -539,7 +545,8 @@ def score_step(
     ``mask_before`` is the state's current mask; when it is not given it is recomputed from the prompts so far
     without mask feedback (as the reference's HTTP segmenter does). ``prev_logits`` (the state's low-res logits),
     when given, is passed as mask feedback for the new prediction; without it the new mask comes from the prompts
-    alone (reference behaviour).
+    alone (reference behaviour). ``progress_from`` replaces the IoU before the action in the progress reward only
+    (the release's ``pre_iou`` row field).
     """
     g = _check_gt(gt)
     seg = get_segmenter(segmenter)
@@ -571,7 +578,7 @@ def score_step(
             n_pts = np.concatenate([pts, np.asarray([[x, y]], np.float32)])
             n_labs = np.concatenate([labs, np.asarray([int(action.kind is ActionKind.POSITIVE)], np.int64)])
         after = _predict(seg, n_pts, n_labs, n_box, prev_logits)
-    return _breakdown(reply, action, err, g, before, after, _step(step), config, mode)
+    return _breakdown(reply, action, err, g, before, after, _step(step), config, mode, progress_from)
 
 
 def _step(step: int | None) -> int | None:
