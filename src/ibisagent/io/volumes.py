@@ -98,6 +98,8 @@ __all__ = [
     "volume_window",
     "iter_slices",
     "choose_slice",
+    "release_slice",
+    "release_window",
 ]
 
 ORIENTATIONS = ("radiological", "neurological", "voxel")
@@ -611,20 +613,30 @@ def slice_image(
     window: WindowSpec = None,
     orientation: str = "radiological",
     resolved_window: tuple[Window, str, str] | None = None,
+    profile: str = "default",
 ) -> LoadedImage:
     """One slice of ``volume`` as a LoadedImage (``kind`` ``"nifti-slice"``/``"dicom-series-slice"``/...).
 
     ``resolved_window``: the result of :func:`volume_window` when the caller already computed it (many slices).
+    ``profile="reference"``: the public release's slicing instead (:func:`release_slice`, :func:`release_window`):
+    ``np.rot90`` of the stored voxel slice (``orientation`` is not used) and, without ``window``, the slice's own
+    1-99 percentile window, truncated to uint8; with a window, its low/high bounds are used the release's way.
     """
+    if profile not in ("default", "reference"):
+        raise ImageLoadError(f"profile must be 'default' or 'reference', got {profile!r}")
     axis = _check_axis(axis)
     n = volume.n_slices(axis)
     if slice_index is None and n == 1:
         slice_index = 0
     k = _check_index(slice_index, n, f"slices along axis {axis}", volume.source)
-    transform = display_transform(volume.affine, axis, orientation)
-    raw = to_display(np.take(volume.array, k, axis=axis), transform)
-    win, source, modality = resolved_window if resolved_window is not None else volume_window(volume, window)
-    gray = apply_window(raw, win)
+    transform = (True, True, False) if profile == "reference" else display_transform(volume.affine, axis, orientation)
+    raw = to_display(np.take(volume.array, k, axis=axis), transform)  # reference: == release_slice(array, axis, k)
+    if profile == "reference" and window is None and resolved_window is None:
+        lo, hi = float(np.percentile(raw, 1)), float(np.percentile(raw, 99))
+        win, source, modality = Window((lo + hi) / 2.0, hi - lo, "release-percentile"), "slice", guess_modality(volume)
+    else:
+        win, source, modality = resolved_window if resolved_window is not None else volume_window(volume, window)
+    gray = release_window(raw, win.low, win.high) if profile == "reference" else apply_window(raw, win)
     if volume.meta.get("photometric") == "MONOCHROME1":
         gray = 255 - gray
     p, q = (a for a in range(3) if a != axis)
@@ -654,6 +666,25 @@ def slice_image(
     return LoadedImage(array=rgb, raw=raw, source=volume.source, kind=kind, meta=meta)
 
 
+def release_slice(data: np.ndarray, axis: int, index: int) -> np.ndarray:
+    """A slice as the public release cuts it (``trajectory_gen/process_nii.py``): ``np.take(data, index, axis)``
+    turned 90 degrees counter-clockwise (``np.rot90``) in the stored voxel order, whatever the affine says."""
+    return np.ascontiguousarray(np.rot90(np.take(np.asarray(data), int(index), axis=_check_axis(axis))))
+
+
+def release_window(slice2d: np.ndarray, window_min: float | None = None, window_max: float | None = None) -> np.ndarray:
+    """The release's display window of one slice: ``[window_min, window_max]`` (both None: the slice's own 1st and
+    99th percentiles) mapped linearly onto 0..255 in float64 and truncated to uint8 (not rounded); a zero-width
+    window gives zeros."""
+    raw = np.asarray(slice2d, dtype=np.float64)
+    if window_min is None or window_max is None:
+        window_min, window_max = float(np.percentile(raw, 1)), float(np.percentile(raw, 99))
+    lo, hi = float(window_min), float(window_max)
+    if hi - lo == 0:
+        return np.zeros(raw.shape, dtype=np.uint8)
+    return ((np.clip(raw, lo, hi) - lo) / (hi - lo) * 255.0).astype(np.uint8)
+
+
 def iter_slices(
     volume: Volume,
     axis: int = 2,
@@ -661,11 +692,13 @@ def iter_slices(
     window: WindowSpec = None,
     orientation: str = "radiological",
     indices: list[int] | None = None,
+    profile: str = "default",
 ) -> Iterator[LoadedImage]:
-    """Each slice (or the given ``indices``) along ``axis`` as a LoadedImage, windowed consistently."""
-    resolved = volume_window(volume, window)
+    """Each slice (or the given ``indices``) along ``axis`` as a LoadedImage, windowed consistently (with
+    ``profile="reference"`` and no ``window``: each slice by its own percentiles, as the release does)."""
+    resolved = None if profile == "reference" and window is None else volume_window(volume, window)
     for k in range(volume.n_slices(axis)) if indices is None else indices:
-        yield slice_image(volume, k, axis=axis, orientation=orientation, resolved_window=resolved)
+        yield slice_image(volume, k, axis=axis, orientation=orientation, resolved_window=resolved, profile=profile)
 
 
 def choose_slice(mask: np.ndarray | Volume, axis: int = 2, how: str = "largest") -> int:
