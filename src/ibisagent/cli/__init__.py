@@ -48,6 +48,8 @@ AREA_COMMANDS: dict[str, tuple[str, str]] = {
     "export-encoder": ("ibisagent.cli.export_encoder",
                        "export LiteMedSAM's image encoder to ONNX once (cached) and check it against PyTorch"),
     "prompts": ("ibisagent.cli.prompts", "write a prompt template from a clone of the release"),
+    "import-release": ("ibisagent.cli.release_import",
+                       "convert the release's trajectory JSON / RL parquet into a dataset + synthesis folder"),
 }
 
 
