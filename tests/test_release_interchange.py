@@ -376,3 +376,69 @@ def test_reference_nifti_slicing(tmp_path: Path) -> None:
     img = np.asarray(Image.open(tmp_path / "o/release/images/n.png"))
     np.testing.assert_array_equal(img[..., 0], release_window(release_slice(data, 2, 3)))
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "o/release/masks/n.png")) > 0, gt)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# more layouts and our own pipeline
+# ------------------------------------------------------------------------------------------------------------------
+
+def test_converter_dataset_json_and_repeated_clicks(tmp_path: Path) -> None:
+    """The converter's input ({"data": [...]}, COCO-RLE masks, click types stored) imports; a click repeated on the
+    same pixel (the release's clicker allows it) is kept as its own step."""
+    from ibisagent.exports.release import import_release
+
+    img, mask, _, clicks = _case(tmp_path)
+    clicks = [*clicks[:2], clicks[1], clicks[2]]  # the negative click twice
+    sample = {"image_name": "case", "mask_name": "case_mask.png", "caption": ["the bright box"],
+              "clicks_list": [{"is_positive": pos, "coor_norm": [x / W, y / H], "coor": [x, y],
+                               "mask": {"counts": base64.b64encode(zlib.compress(rle_encode_coco(m).encode())).decode(),
+                                        "size": [H, W]}} for x, y, pos, m in clicks]}
+    src = tmp_path / "data" / "train.json"
+    src.parent.mkdir()
+    src.write_text(json.dumps({"data": [sample]}))
+    info = import_release([src], tmp_path / "o", roots=[tmp_path])
+    assert info["cases"] == 1 and info["clicks"] == 4
+    rec = json.loads((tmp_path / "o/synth/shards/shard-00000.jsonl").read_text())
+    assert rec["query"] == "the bright box"
+    assert [s["kind"] for s in rec["steps"]] == ["positive", "negative", "negative", "positive", "terminate"]
+    assert rec["steps"][1]["action"] == rec["steps"][2]["action"]
+    assert rec["steps"][3]["state"]["clicks"] == [[18.0, 15.0], [18.0, 24.0], [18.0, 24.0]]
+
+
+def test_synthesis_to_release_verl_and_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our runner's trajectories (fake segmenter) -> release-verl rows that our reward scores as the release's
+    (the oracle's own answer pays for its placement), and back through import-release to the same clicks."""
+    from _synth_data import make_blobs
+    from ibisagent.exports.release import export_release_trajectories, export_release_verl, import_release
+    from ibisagent.masks import rle_decode
+    from ibisagent.rewards.verl import compute_score
+    from ibisagent.synthesis.runner import SynthesisConfig, iter_trajectories, run_synthesis
+
+    data = make_blobs(tmp_path / "blobs", 3, seed=3)
+    synth = tmp_path / "synth"
+    run_synthesis(data, synth, SynthesisConfig(variants=("oracle", "box"), segmenter="fake", split="all"),
+                  progress=False)
+    records = {r["id"]: r for r in iter_trajectories(synth)}
+    info = export_release_verl(synth, tmp_path / "e")
+    assert info["skipped_box"] == sum(r["variant"] == "box" for r in records.values()) > 0
+    rows = pd.read_parquet(tmp_path / "e/train.parquet").to_dict("records")
+    oracle = [r for r in records.values() if r["variant"] == "oracle"]
+    assert len(rows) == sum(r["n_interactions"] for r in oracle)
+    first = rows[0]["extra_info"]
+    rec = records[sorted(r["id"] for r in oracle)[0]]
+    h, w = rec["height"], rec["width"]
+    np.testing.assert_array_equal(rle_decode_coco(zlib.decompress(base64.b64decode(first["current_gt_mask"])).decode(),
+                                                  (h, w)), rle_decode(rec["steps"][1]["state"]["prev_mask_rle"]))
+    monkeypatch.setenv("IBISAGENT_REWARD_SEGMENTER", "fake")
+    for row in rows[:3]:
+        reply = REPLY.format("replay", row["extra_info"]["answer"])
+        r = compute_score(row["data_source"], reply, row["reward_model"]["ground_truth"], dict(row["extra_info"]))
+        assert r["format"] == 1.0 and r["placement"] == 1.0 and r["length"] == 1.0  # current_step <= 5
+    back = import_release([tmp_path / "e/train.parquet"], tmp_path / "i")
+    assert back["cases"] == len(oracle)
+    again = {r["case_id"].split("/", 1)[1]: r for r in iter_trajectories(tmp_path / "i/synth")}
+    for r in again.values():
+        src = next(o for o in oracle if o["image"] == r["release"]["original_image_name"])
+        assert [s["action"] for s in r["steps"] if s["kind"] != "terminate"] == [
+            s["action"] for s in src["steps"] if s["kind"] != "terminate"]
+    assert export_release_trajectories(synth, tmp_path / "t")["trajectories"] == len(oracle)
