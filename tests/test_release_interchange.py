@@ -123,6 +123,15 @@ def test_trajectory_json_import_export_identical(tmp_path: Path, capsys: pytest.
     assert steps[-1]["state"]["iou_before"] == 1.0
     index = (tmp_path / "imp/release/index.jsonl").read_text().splitlines()
     assert json.loads(index[0])["query"] == "the bright box"
+    # the imported folders are ordinary ones: the dataset loads as cases, the synthesis folder exports as ours
+    from ibisagent.exports import export
+    from ibisagent.io import load_case_arrays, load_manifest
+
+    (case,) = load_manifest(tmp_path / "imp/release", split="all")
+    image, gt = load_case_arrays(case)
+    assert image.shape == (H, W, 3) and gt.sum() == 16 * 12
+    assert export("llamafactory", tmp_path / "imp/synth", tmp_path / "lf")["samples"] == 4
+    assert export("verl", tmp_path / "imp/synth", tmp_path / "vl")["rows"] == 4
 
     assert _run("export", str(tmp_path / "imp/synth"), "--format", "release-trajectories", "--profile", "reference",
                 "--out", str(tmp_path / "exp")) == 0
