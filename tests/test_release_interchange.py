@@ -451,3 +451,53 @@ def test_synthesis_to_release_verl_and_back(tmp_path: Path, monkeypatch: pytest.
         assert [s["action"] for s in r["steps"] if s["kind"] != "terminate"] == [
             s["action"] for s in src["steps"] if s["kind"] != "terminate"]
     assert export_release_trajectories(synth, tmp_path / "t")["trajectories"] == len(oracle)
+
+
+def test_release_variant_follows_the_release_generator(tmp_path: Path) -> None:
+    """``synthesize --variants release``: every click is the release clicker's on the mask before it, the threshold
+    is checked before each click, up to max_steps clicks, then our Terminate; exported with the release's x / W."""
+    pytest.importorskip("cv2")
+    from _synth_data import make_blobs
+    from ibisagent.exports.release import export_release_trajectories
+    from ibisagent.io import load_mask
+    from ibisagent.masks import rle_decode
+    from ibisagent.oracle_click import next_click
+    from ibisagent.protocol import parse_action
+    from ibisagent.synthesis.runner import SynthesisConfig, iter_trajectories, run_synthesis
+
+    cfg = SynthesisConfig(variants=("release",), segmenter="fake", split="all", max_steps=6, keep_unreached=True)
+    env = cfg.env_config("release")
+    assert env.max_steps == 7 and env.max_repeats > 6  # 6 clicks + Terminate, repeats never stop the episode
+    data = make_blobs(tmp_path / "blobs", 3, seed=5)
+    # plus a structure on the image edge: the release's clicker (no padding) clicks it at the edge, ours inside
+    img = np.full((40, 40, 3), 20, np.uint8)
+    img[8:30, 0:14] = 210
+    Image.fromarray(img).save(data / "images" / "edge.png")
+    Image.fromarray((img[..., 0] > 100).astype(np.uint8) * 255).save(data / "masks" / "edge.png")
+    with (data / "index.jsonl").open("a") as fh:
+        fh.write(json.dumps({"id": "edge", "image": "images/edge.png", "mask": "masks/edge.png",
+                             "query": "the bright block"}) + "\n")
+    run_synthesis(data, tmp_path / "s", cfg, progress=False)
+    recs = list(iter_trajectories(tmp_path / "s"))
+    edge = next(r for r in recs if r["case_id"].endswith("edge"))
+    assert parse_action(edge["steps"][0]["action"], "reference").pixel(40, 40)[0] == 0
+    for rec in recs:
+        gt = load_mask(rec["mask"])
+        clicks = [s for s in rec["steps"] if s["kind"] != "terminate"]
+        assert 1 <= len(clicks) <= 6
+        for st in clicks:
+            prev = st["state"]["prev_mask_rle"]
+            want = next_click(None if prev is None else rle_decode(prev), gt, rule="release")
+            got = parse_action(st["action"], "reference")
+            assert got.pixel(rec["width"], rec["height"]) == (want.x, want.y)
+            assert (st["kind"] == "positive") == want.positive
+            assert st["state"]["iou_before"] < 0.8
+        if rec["reached"]:
+            assert rec["steps"][-1]["kind"] == "terminate" and rec["steps"][-1]["state"]["iou_before"] >= 0.8
+    export_release_trajectories(tmp_path / "s", tmp_path / "e", profile="reference")
+    out = [json.loads(p.read_text()) for p in sorted((tmp_path / "e/trajectories").glob("*.json"))]
+    assert len(out) == len(recs)
+    for o in out:
+        w, h = o["img_data"]["size"]
+        assert all(s["coords_norm"] == [s["coords_original"][0] / w, s["coords_original"][1] / h]
+                   for s in o["trajectory"])

@@ -21,7 +21,8 @@ command resumes an interrupted run without losing or duplicating a case.
 variants: oracle (reference distance-transform clicks), box (jittered ground-truth box first, then clicks),
 reflective (a deliberate wrong click, then the step that notices and corrects it), box-reflective (a loose or
 shifted box corrected by a tighter box or a click), lookahead (tries candidate clicks through the segmenter and
-keeps the largest IoU gain: shorter episodes)."""
+keeps the largest IoU gain: shorter episodes), release (the public release's generator: its OpenCV clicker, repeats
+allowed, up to --max-steps clicks then Terminate; needs pip install 'ibisagent[release]')."""
 
 
 def add_parser(subparsers: Any) -> None:

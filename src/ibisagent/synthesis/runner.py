@@ -42,6 +42,7 @@ from ibisagent.synthesis.trajectories import (
     UnreachableError,
     rollout_box,
     rollout_oracle,
+    rollout_release,
     target_name,
     variant_seed,
 )
@@ -62,9 +63,10 @@ ROLLOUTS: dict[str, Callable[[Rollout], None]] = {
     "reflective": rollout_reflective,
     "box-reflective": rollout_box_reflective,
     "lookahead": rollout_lookahead,
+    "release": rollout_release,
 }
 GRAMMAR = {"oracle": "reference", "reflective": "reference", "lookahead": "reference", "box": "extended",
-           "box-reflective": "extended"}
+           "box-reflective": "extended", "release": "reference"}
 #: config fields that must match between a run and its resume (others, like workers, may change)
 _IDENTITY_FIELDS = ("variants", "segmenter", "iou_threshold", "max_steps", "box_jitter", "lookahead_candidates",
                     "reflective_max_error_step", "seed", "keep_unreached")
@@ -109,7 +111,10 @@ class SynthesisConfig:
             raise SynthesisError("split must be train, val or all")
 
     def env_config(self, variant: str) -> EnvConfig:
-        """The environment a variant's episodes run in (the stop rules, step budget and grammar of evaluation)."""
+        """The environment a variant's episodes run in (the stop rules, step budget and grammar of evaluation);
+        ``release``: ``max_steps`` clicks plus the Terminate turn, repeats allowed (the release's generator)."""
+        if variant == "release":
+            return EnvConfig(max_steps=self.max_steps + 1, max_repeats=self.max_steps + 1, grammar="reference")
         return EnvConfig(max_steps=self.max_steps, grammar=GRAMMAR[variant])  # type: ignore[arg-type]
 
     def rollout_config(self) -> RolloutConfig:

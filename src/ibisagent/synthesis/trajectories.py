@@ -45,12 +45,13 @@ __all__ = [
     "click_action",
     "rollout_box",
     "rollout_oracle",
+    "rollout_release",
     "target_name",
     "variant_seed",
 ]
 
 #: trajectory variants the synthesizer knows
-VARIANTS = ("oracle", "box", "reflective", "box-reflective", "lookahead")
+VARIANTS = ("oracle", "box", "reflective", "box-reflective", "lookahead", "release")
 #: step roles: ordinary step, the deliberate error, the step that corrects it, the final Terminate
 ROLES = ("normal", "error", "correction", "stop")
 
@@ -176,13 +177,15 @@ class ScriptedOracle:
     click) with the rollout's random streams, played by :func:`ibisagent.episode.drive`. It Terminates once IoU >=
     ``iou_threshold``; below it, it gives up (the episode ends without Terminate, unreached) when only the last turn
     is left or no error pixel is left to click. ``step`` replaces the oracle's click (the lookahead variant);
-    ``first_action="box"`` is the box-first oracle (a jittered ground-truth box on the empty mask)."""
+    ``first_action="box"`` is the box-first oracle (a jittered ground-truth box on the empty mask); ``click_rule``
+    the oracle's click rule (:data:`ibisagent.oracle_click.CLICK_RULES`)."""
 
-    def __init__(self, ro: Rollout, step: StepFn | None = None, first_action: str = "click") -> None:
+    def __init__(self, ro: Rollout, step: StepFn | None = None, first_action: str = "click",
+                 click_rule: str = "ours") -> None:
         self.ro = ro
         self.step = step
         self.oracle = OraclePolicy(ro.config.iou_threshold, first_action, ro.config.box_jitter, target=ro.target,
-                                   when_exhausted="raise").use_streams(ro.rng, ro.np_rng)
+                                   when_exhausted="raise", click_rule=click_rule).use_streams(ro.rng, ro.np_rng)
 
     def begin_episode(self, *, image: Any, query: str, gt: Any = None) -> None:
         self.oracle.begin_episode(image=image, query=query, gt=gt)
@@ -315,13 +318,13 @@ class Rollout:
                                             target=self.target, region=pick.region, mask=self.mask, rng=self.rng)
         return self.click(pick.positive, pick.x, pick.y, think, role, note)
 
-    def finish(self, step: StepFn | None = None, first_action: str = "click") -> None:
+    def finish(self, step: StepFn | None = None, first_action: str = "click", click_rule: str = "ours") -> None:
         """Play the rest of the episode through :func:`ibisagent.episode.drive` with the :class:`ScriptedOracle`
         (``step`` replacing its click): to the threshold and Terminate, or until it gives up or the stop rules end
         the episode."""
         if self.stop_reason is not None:
             return
-        policy = ScriptedOracle(self, step, first_action)
+        policy = ScriptedOracle(self, step, first_action, click_rule)
         try:
             for turn in drive(self.env, policy, self.image, self.query, self.gt, resume=True):
                 self._record(turn.observation, turn.reply, turn.info, "normal", None)
@@ -356,3 +359,12 @@ def rollout_box(ro: Rollout) -> None:
     """Box-first: the ground truth's box with realistic jitter (the box-first oracle's first action), then
     distance-transform clicks."""
     ro.finish(first_action="box")
+
+
+def rollout_release(ro: Rollout) -> None:
+    """The release's trajectory generator (``trajectory_gen/process_img.py``, our reading): its click rule
+    (``next_click(rule="release")``: OpenCV distance transform, repeats allowed), the IoU threshold checked before
+    every click, at most the run's ``max_steps`` clicks. Its files have no Terminate; ours ends with one when the
+    threshold is reached (``export --format release-trajectories`` leaves it out). The runner gives this variant's
+    environment one extra turn for that Terminate and no repeat limit (:meth:`SynthesisConfig.env_config`)."""
+    ro.finish(click_rule="release")
