@@ -43,6 +43,7 @@ def app_url(tmp_path_factory):
     write_blob_case(data)
     # the synthetic case first, then the package's real bundled cases (when present)
     cfg = AppConfig(segmenters=["fake"], segmenter="fake", policies=["oracle", "center-click"], policy="oracle",
+                    volume_policies=["oracle-3d", "compact-3d"], volume_policy="oracle-3d",
                     examples=bundled_examples(data) + bundled_examples())
     demo = build_app(cfg)
     port = _free_port()
@@ -72,8 +73,8 @@ def _iou(text: str) -> float:
 
 def _wait_status(page, text: str, timeout: int = 20000) -> str:
     """Wait until the status line contains ``text`` (Gradio shows a progress timer in between)."""
-    page.wait_for_function("(t) => document.querySelector('#status').innerText.includes(t)", arg=text,
-                           timeout=timeout)
+    page.wait_for_function("(t) => { const e = document.querySelector('#status'); return e && e.innerText.includes(t); }",
+                           arg=text, timeout=timeout)
     return _status(page)
 
 
@@ -183,6 +184,7 @@ def test_upload_volume_in_headless_chromium(app_url, tmp_path):
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(app_url, timeout=30000)
             page.wait_for_selector("#upload input[type=file]", state="attached", timeout=30000)
+            _wait_status(page, "blob.png", timeout=30000)  # the first example opens with the page: let it finish
             assert not page.locator("#slice").is_visible()
             page.set_input_files("#upload input[type=file]", str(vol))
             status = _wait_status(page, "vol.nii.gz", timeout=30000)
@@ -218,5 +220,104 @@ def test_real_bundled_example_in_headless_chromium(app_url):
             shots = os.environ.get("IBISAGENT_SCREENSHOT_DIR")
             if shots:
                 page.screenshot(path=str(Path(shots) / "app_3_bundled.png"))
+        finally:
+            browser.close()
+
+
+def _slide_to(page, index: int) -> None:
+    """Move the slice slider to ``index`` as a user does: its number box, then Enter (Gradio's release event)."""
+    box = page.locator("#slice input[type=number]")
+    box.fill(str(index))
+    box.press("Enter")
+    box.blur()
+
+
+def _shown_gt(vol: Path, lab: Path) -> np.ndarray:
+    """The label map as the app shows it, ``[slice, row, column]`` of the displayed slices."""
+    from ibisagent.io import load_volume
+    from ibisagent.io.volume_masks import load_volume_mask
+    from ibisagent.volume import SliceStack
+
+    volume = load_volume(vol)
+    return SliceStack.from_volume(volume).from_stored(load_volume_mask(lab, volume))
+
+
+def test_volume_3d_flow_in_headless_chromium(app_url, tmp_path):
+    """The 3D flow: upload a NIfTI volume and its label map, slide, run the 3D agent, see its mask on another slice,
+    click there (the mask re-propagates), download the label volume and read it back with nibabel; a 4D upload
+    gives a message."""
+    import nibabel as nib
+
+    from app_fixtures import write_blob_volume
+
+    sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright Python package")
+    vol, lab, affine = write_blob_volume(tmp_path, depth=7)
+    shots = Path(os.environ.get("IBISAGENT_SCREENSHOT_DIR") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(app_url, timeout=30000)
+            page.wait_for_selector("#upload input[type=file]", state="attached", timeout=30000)
+            _wait_status(page, "blob.png", timeout=30000)  # the first example opens with the page: let it finish
+            # 1. upload: the volume opens in 3D with the slider, then its label map (3D IoU in the status)
+            page.set_input_files("#upload input[type=file]", str(vol))
+            status = _wait_status(page, "volume in 3D", timeout=30000)
+            assert "80x64x7" in status and "mask 0 voxels" in status
+            page.wait_for_selector("#slice", state="visible", timeout=10000)
+            page.set_input_files("#mask-upload input[type=file]", str(lab))
+            _wait_status(page, "3D IoU 0.000")
+            # 2. slide to the first slice (no object there)
+            _slide_to(page, 0)
+            _wait_status(page, "slice 0 / 6")
+            # 3. the 3D agent (a volume policy in the dropdown) segments the whole volume
+            assert page.input_value("#policy input") == "oracle-3d"
+            page.fill("#query textarea, #query input", "segment the bright lesion")
+            page.click("#run")
+            status = _wait_status(page, "agent stopped", timeout=30000)
+            assert "3D IoU 1.000" in status and "on slices 1-5" in status
+            assert "[agent] Box" in page.input_value("#log textarea")
+            page.wait_for_selector("#projection img", timeout=10000)
+            page.locator("#projection img").screenshot(path=str(shots / "app3d_projection.png"))
+            assert _green_fraction(shots / "app3d_projection.png") > 0.05
+            # 4. another slice shows its part of the 3D result
+            _slide_to(page, 1)
+            status = _wait_status(page, "slice 1 / 6")
+            assert not re.search(r"this slice 0 px", status)
+            page.locator("#canvas img").screenshot(path=str(shots / "app3d_slice1.png"))
+            assert _green_fraction(shots / "app3d_slice1.png") > 0.05
+            voxels = int(re.search(r"mask (\d+) voxels", status).group(1))
+            on_slice = int(re.search(r"this slice (\d+) px", status).group(1))
+            # 5. a negative click inside the lesion on that slice changes the 3D mask from there
+            cy, cx = (int(v) for v in np.argwhere(_shown_gt(vol, lab)[1]).mean(axis=0))
+            page.get_by_label("Negative (remove)").check()
+            _click_image_pixel(page, cx, cy, width=80)
+            status = _wait_status(page, "2 prompts on 2 slices")
+            assert int(re.search(r"mask (\d+) voxels", status).group(1)) < voxels
+            assert int(re.search(r"this slice (\d+) px", status).group(1)) < on_slice
+            assert f"Negative click ({cx}, {cy}) on slice 1" in page.input_value("#log textarea")
+            # 6. download the label volume: NIfTI with the source's shape and affine
+            page.get_by_label("NIfTI (.nii.gz)").check()
+            page.click("#export")
+            link = page.locator("#download a").first
+            link.wait_for(timeout=20000)
+            href = link.get_attribute("href") or ""
+            assert href.endswith("_mask.nii.gz"), href
+            body = page.request.get(href if href.startswith("http") else app_url.rstrip("/") + href).body()
+            out = tmp_path / "downloaded.nii.gz"
+            out.write_bytes(body)
+            img = nib.load(str(out))
+            assert img.shape == (80, 64, 7)
+            np.testing.assert_allclose(img.affine, affine, atol=1e-5)
+            data = np.asarray(img.dataobj)
+            assert 0 < int((data > 0).sum()) < voxels and data[..., 0].sum() == 0
+            # 7. a 4D upload is refused with a message (no traceback)
+            four_d = tmp_path / "four_d.nii.gz"
+            nib.save(nib.Nifti1Image(np.zeros((8, 8, 4, 3), np.float32), np.eye(4)), str(four_d))
+            page.goto(app_url, timeout=30000)  # a fresh page: the upload box holds the volume
+            _wait_status(page, "blob.png", timeout=30000)
+            page.set_input_files("#upload input[type=file]", str(four_d))
+            page.get_by_text(re.compile("is 4D: 3 volumes")).first.wait_for(timeout=20000)
         finally:
             browser.close()

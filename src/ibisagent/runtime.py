@@ -33,6 +33,9 @@ __all__ = [
     "iter_episode",
     "continue_episode",
     "USER_REASONING",
+    "DECLARED_HUGE",
+    "MAX_VOLUME_VOXELS",
+    "declared_size",
 ]
 
 #: environment variable naming the bundled-examples manifest folder
@@ -100,6 +103,79 @@ def find_bundled_dir(explicit: str | Path | None = None) -> Path | None:
         p = Path(c)
         if (p / "index.jsonl").is_file() or (p.is_dir() and any(p.glob("*/index.jsonl"))):
             return p
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Upload limits decided from a file's header (the app and the server refuse what is too large before decoding it)
+# ----------------------------------------------------------------------------------------------------------------
+
+#: voxels of the largest volume the app and the server open (a 512 x 512 x 1024 CT)
+MAX_VOLUME_VOXELS = 512 * 512 * 1024
+#: what :func:`declared_size` reports for a header that claims an absurd size (PIL's decompression-bomb check)
+DECLARED_HUGE = 2**31 - 1
+
+
+def declared_size(path: Path) -> tuple[int, int, int] | None:
+    """(height, width, elements the loader reads) of an image file or DICOM folder from its header alone, without
+    decoding pixels; None when the header cannot be read (the loader then reports the problem). For a 4D NIfTI /
+    NRRD / MetaImage file the elements are those of all its volumes."""
+    import os
+
+    from ibisagent.io.images import image_format, read_dicom
+
+    try:
+        fmt = image_format(path)
+        name = path.name.lower()
+        if fmt == "raster" and name.endswith((".tif", ".tiff")):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                shape = tuple(int(s) for s in tif.series[0].shape)
+                page = tif.pages[0].shape
+            return int(page[0]), int(page[1]), int(np.prod(shape, dtype=np.float64))
+        if fmt == "raster":
+            from PIL import Image
+
+            with Image.open(path) as im:  # reads the header only
+                w, h = im.size
+            return h, w, h * w
+        if fmt == "nifti":
+            import nibabel as nib
+
+            shape = tuple(int(s) for s in nib.load(str(path)).shape)  # header only: the data is read lazily
+            h, w = (shape + (1, 1))[:2]
+            return h, w, int(np.prod(shape, dtype=np.float64))
+        if fmt == "itk":
+            import SimpleITK as sitk
+
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()  # header only
+            size = tuple(int(s) for s in reader.GetSize())
+            h, w = (size + (1, 1))[:2]
+            return h, w, int(np.prod(size, dtype=np.float64)) * int(reader.GetNumberOfComponents())
+        if fmt == "dicom":
+            ds = read_dicom(path, stop_before_pixels=True)
+            h, w = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+            frames = int(ds.get("NumberOfFrames", 1) or 1)
+            return h, w, h * w * frames
+        if fmt == "dicom-series":
+            files = []
+            for i, entry in enumerate(os.scandir(path)):
+                if i > 100_000:
+                    break
+                if entry.is_file():
+                    files.append(entry.path)
+            if not files:
+                return None
+            ds = read_dicom(Path(sorted(files)[0]), stop_before_pixels=True)
+            h, w = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+            return h, w, h * w * len(files)
+    except Exception as exc:  # PIL's DecompressionBombError among them: a header claiming a gigantic image
+        if type(exc).__name__ == "DecompressionBombError":
+            return DECLARED_HUGE, DECLARED_HUGE, DECLARED_HUGE
+        return None
     return None
 
 

@@ -47,7 +47,17 @@ from typing import Any
 import numpy as np
 
 from ibisagent.masks import as_bool, rle_encode
-from ibisagent.runtime import ImageCache, SegmenterHub, continue_episode, default_segmenter, env_for, image_key
+from ibisagent.runtime import (
+    DECLARED_HUGE,
+    MAX_VOLUME_VOXELS,
+    ImageCache,
+    SegmenterHub,
+    continue_episode,
+    declared_size,
+    default_segmenter,
+    env_for,
+    image_key,
+)
 from ibisagent.segmenters.base import Segmenter, SegmenterError, SegmenterUnavailable
 
 __all__ = [
@@ -107,7 +117,7 @@ class ServerConfig:
     max_body_bytes: int = 16 * 2**20
     max_upload_bytes: int = 12 * 2**20
     max_pixels: int = 4096 * 4096
-    max_voxels: int = 512 * 512 * 1024
+    max_voxels: int = MAX_VOLUME_VOXELS
     max_clicks: int = 64
     max_query_chars: int = 1000
     timeout_s: float = 60.0
@@ -336,64 +346,13 @@ def _check_pixels(shape: tuple[int, ...], max_pixels: int) -> None:
         raise RequestRejected(f"image is {shape[1]}x{shape[0]} pixels; the limit is {max_pixels} pixels", 413)
 
 
-def declared_size(path: Path) -> tuple[int, int, int] | None:
-    """(height, width, elements the loader reads) of an image file or DICOM folder from its header alone, without
-    decoding pixels; None when the header cannot be read (the loader then reports the problem)."""
-    from ibisagent.io.images import image_format, read_dicom
-
-    try:
-        fmt = image_format(path)
-        name = path.name.lower()
-        if fmt == "raster" and name.endswith((".tif", ".tiff")):
-            import tifffile
-
-            with tifffile.TiffFile(path) as tif:
-                shape = tuple(int(s) for s in tif.series[0].shape)
-                page = tif.pages[0].shape
-            return int(page[0]), int(page[1]), int(np.prod(shape, dtype=np.float64))
-        if fmt == "raster":
-            from PIL import Image
-
-            with Image.open(path) as im:  # reads the header only
-                w, h = im.size
-            return h, w, h * w
-        if fmt == "nifti":
-            import nibabel as nib
-
-            shape = tuple(int(s) for s in nib.load(str(path)).shape)  # header only: the data is read lazily
-            h, w = (shape + (1, 1))[:2]
-            return h, w, int(np.prod(shape, dtype=np.float64))
-        if fmt == "dicom":
-            ds = read_dicom(path, stop_before_pixels=True)
-            h, w = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-            frames = int(ds.get("NumberOfFrames", 1) or 1)
-            return h, w, h * w * frames
-        if fmt == "dicom-series":
-            files = []
-            for i, entry in enumerate(os.scandir(path)):
-                if i > 100_000:
-                    break
-                if entry.is_file():
-                    files.append(entry.path)
-            if not files:
-                return None
-            ds = read_dicom(Path(sorted(files)[0]), stop_before_pixels=True)
-            h, w = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-            return h, w, h * w * len(files)
-    except Exception as exc:  # PIL's DecompressionBombError among them: a header claiming a gigantic image
-        if type(exc).__name__ == "DecompressionBombError":
-            return _INT_MAX, _INT_MAX, _INT_MAX
-        return None
-    return None
-
-
 def _check_declared(path: Path, cfg: ServerConfig, what: str = "image") -> None:
     """413 when the file's header declares more pixels (or volume voxels) than the server's limits."""
     size = declared_size(path)
     if size is None:
         return
     h, w, total = size
-    if h >= _INT_MAX:
+    if h >= DECLARED_HUGE:
         raise RequestRejected(f"{what} declares a size far above the limit of {cfg.max_pixels} pixels", 413)
     if h * w > cfg.max_pixels:
         raise RequestRejected(f"{what} is {w}x{h} pixels; the limit is {cfg.max_pixels} pixels", 413)

@@ -1,9 +1,12 @@
 """The annotation web app (Gradio): ``ibisagent app``.
 
-Open a 2D image (PNG/JPEG/DICOM) or a volume (NIfTI, with a slice slider and window presets), type a query, press
-"Run agent" and watch the episode step by step (overlay, green/red click markers, the agent's reasoning, IoU when a
-ground-truth mask is given); then click the image to add positive/negative points, undo, reset, let the agent
-continue from your clicks, and download the mask (PNG or NIfTI in the source geometry).
+Open a 2D image (PNG/JPEG/DICOM) or a volume (NIfTI, NRRD, MetaImage or a DICOM series, with a slice slider and
+window presets), type a query, press "Run agent" and watch the episode step by step (overlay, green/red click
+markers, the agent's reasoning, IoU when a ground-truth mask is given); then click the image to add
+positive/negative points, undo, reset, let the agent continue from your clicks, and download the mask (PNG or NIfTI
+in the source geometry). A volume is segmented in 3D by default: the 3D agent (a volume policy), clicks on any slice
+that re-propagate through the volume, the 3D mask on every slice plus a three-plane projection of it, and the label
+volume as NIfTI (or DICOM SEG for a DICOM series).
 
 The logic lives in :class:`ibisagent.ui.annotator.Annotator`; this module only wires it to Gradio components.
 """
@@ -16,15 +19,18 @@ from typing import Any, NoReturn
 
 from ibisagent.runtime import SegmenterHub, default_segmenter, find_bundled_dir
 from ibisagent.segmenters.base import SegmenterUnavailable
-from ibisagent.ui.annotator import WINDOW_CHOICES, Annotator
+from ibisagent.ui.annotator import WINDOW_CHOICES, Annotator, default_volume_policy
 
 __all__ = ["AppConfig", "ExampleCase", "build_app", "bundled_examples", "display_factor", "display_scaled"]
 
-IMAGE_TYPES = [".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".nii", ".gz"]
+IMAGE_TYPES = [".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".nii", ".gz", ".nrrd", ".mha"]
 #: errors shown to the user as a message (bad input, a backend that cannot run here, an unknown name)
 _USER_ERRORS = (ValueError, SegmenterUnavailable, KeyError)
 CLICK_POSITIVE = "Positive (add)"
 CLICK_NEGATIVE = "Negative (remove)"
+MODE_3D = "3D: one mask through the volume"
+MODE_2D = "2D: the shown slice only"
+FORMAT_PNG, FORMAT_NIFTI, FORMAT_SEG = "PNG", "NIfTI (.nii.gz)", "DICOM SEG (.dcm)"
 
 
 class ExampleCase:
@@ -57,8 +63,11 @@ class AppConfig:
 
     def __init__(self, segmenters: list[str] | None = None, policies: list[str] | None = None,
                  segmenter: str | None = None, policy: str | None = None,
-                 examples: list[ExampleCase] | None = None, max_steps: int = 20) -> None:
+                 examples: list[ExampleCase] | None = None, max_steps: int = 20,
+                 volume_policies: list[str] | None = None, volume_policy: str | None = None,
+                 max_voxels: int | None = None) -> None:
         from ibisagent.policies.base import default_policy, list_policies
+        from ibisagent.runtime import MAX_VOLUME_VOXELS
         from ibisagent.segmenters.base import list_segmenters
 
         self.segmenters = segmenters or list(list_segmenters())
@@ -70,8 +79,14 @@ class AppConfig:
         self.policy = policy or default_policy()
         if self.policy not in self.policies:
             self.policies.insert(0, self.policy)
+        # the 3D flow: volume policies (compact-3d works from the query; oracle-3d / challenge-3d need a label map)
+        self.volume_policies = volume_policies or list(list_policies(volume=True))
+        self.volume_policy = volume_policy or default_volume_policy()
+        if self.volume_policy not in self.volume_policies:
+            self.volume_policies.insert(0, self.volume_policy)
         self.examples = bundled_examples() if examples is None else examples
         self.max_steps = max_steps
+        self.max_voxels = int(max_voxels or MAX_VOLUME_VOXELS)
 
 
 #: small images are shown enlarged (nearest neighbour, integer factor) until their long side reaches this
@@ -80,7 +95,7 @@ DISPLAY_MIN_SIDE = 480
 
 def display_factor(ann: Annotator) -> int:
     """Integer enlargement of the shown image (1 for images whose long side is at least DISPLAY_MIN_SIDE)."""
-    if ann.loaded is None:
+    if not ann.has_image:
         return 1
     side = max(ann.image.shape[:2])
     return max(1, -(-DISPLAY_MIN_SIDE // side)) if side < DISPLAY_MIN_SIDE else 1
@@ -91,11 +106,17 @@ def display_scaled(image: Any, k: int) -> Any:
     return image if k == 1 else image.repeat(k, axis=0).repeat(k, axis=1)
 
 
-def _view(ann: Annotator) -> tuple[Any, str, str]:
-    """What the page shows of ``ann``: the (enlarged) overlay, the status line and the agent's log."""
-    if ann.loaded is None:
-        return None, "No image loaded.", ann.log_text()
-    return display_scaled(ann.render(), display_factor(ann)), ann.status(), ann.log_text()
+def _view(ann: Annotator) -> tuple[Any, str, str, Any, Any]:
+    """What the page shows of ``ann``: the (enlarged) overlay, the status line, the agent's log, the 3D mask's
+    projection (shown for a volume in 3D only) and the slice slider (it follows the agent's slice in 3D)."""
+    import gradio as gr
+
+    proj = ann.projection() if ann.has_image else None
+    proj_update = gr.update(value=proj, visible=proj is not None)
+    if not ann.has_image:
+        return None, "No image loaded.", ann.log_text(), proj_update, _slider_update(ann)
+    return (display_scaled(ann.render(), display_factor(ann)), ann.status(), ann.log_text(), proj_update,
+            _slider_update(ann))
 
 
 def _slider_update(ann: Annotator) -> Any:
@@ -105,6 +126,15 @@ def _slider_update(ann: Annotator) -> Any:
     if ann.is_volume:
         return gr.update(visible=True, minimum=0, maximum=ann.n_slices - 1, value=ann.slice_index, step=1)
     return gr.update(visible=False)
+
+
+def _policy_update(ann: Annotator, cfg: AppConfig) -> Any:
+    """The policy dropdown: the volume policies for a volume in 3D, else the 2D ones."""
+    import gradio as gr
+
+    if ann.is_3d:
+        return gr.update(choices=cfg.volume_policies, value=ann.volume_policy)
+    return gr.update(choices=cfg.policies, value=ann.policy_name)
 
 
 def _fail(exc: Exception) -> NoReturn:
@@ -124,10 +154,13 @@ class _Handlers:
         self.examples = {e.label: e for e in cfg.examples}
 
     def state_of(self, ann: Annotator | None, segmenter: str, policy: str) -> Annotator:
-        """The session's annotator, made on first use."""
+        """The session's annotator, made on first use (volumes in 3D, the page's default mode)."""
         if ann is None:
+            if policy in self.cfg.volume_policies and policy not in self.cfg.policies:
+                policy = self.cfg.policy
             ann = Annotator(self.hub, segmenter or self.cfg.segmenter, policy or self.cfg.policy,
-                            max_steps=self.cfg.max_steps)
+                            max_steps=self.cfg.max_steps, volume_mode="3d", volume_policy=self.cfg.volume_policy,
+                            max_voxels=self.cfg.max_voxels)
         return ann
 
     def on_example(self, label: str, ann: Annotator | None, segmenter: str, policy: str, window: str):
@@ -136,12 +169,12 @@ class _Handlers:
         if ex is None:
             import gradio as gr
 
-            return (ann, *_view(ann), gr.update(), _slider_update(ann))
+            return (ann, *_view(ann), gr.update(), _policy_update(ann, self.cfg))
         try:
             ann.open(ex.image, mask_path=ex.mask, query=ex.query, window=window)
         except _USER_ERRORS as exc:
             _fail(exc)
-        return (ann, *_view(ann), ex.query, _slider_update(ann))
+        return (ann, *_view(ann), ex.query, _policy_update(ann, self.cfg))
 
     def on_upload(self, paths: list[str] | str | None, ann: Annotator | None, segmenter: str, policy: str,
                   window: str):
@@ -153,11 +186,20 @@ class _Handlers:
                 ann.open_files(paths, window=window)
             except _USER_ERRORS as exc:
                 _fail(exc)
-        return (ann, *_view(ann), _slider_update(ann))
+        return (ann, *_view(ann), _policy_update(ann, self.cfg))
+
+    def on_mode(self, mode: str, ann: Annotator | None, segmenter: str, policy: str):
+        """The volume mode radio: 3D (one mask through the volume) or 2D (the shown slice)."""
+        ann = self.state_of(ann, segmenter, policy)
+        try:
+            ann.set_volume_mode("2d" if mode == MODE_2D else "3d")
+        except _USER_ERRORS as exc:
+            _fail(exc)
+        return (ann, *_view(ann), _policy_update(ann, self.cfg))
 
     def on_mask(self, path: str | None, ann: Annotator | None, segmenter: str, policy: str):
         ann = self.state_of(ann, segmenter, policy)
-        if ann.loaded is not None:
+        if ann.has_image:
             try:
                 ann.set_mask(path)
             except _USER_ERRORS as exc:
@@ -237,7 +279,7 @@ class _Handlers:
     def on_export(self, fmt: str, ann: Annotator | None, segmenter: str, policy: str):
         ann = self.state_of(ann, segmenter, policy)
         try:
-            path = ann.export("nifti" if fmt.startswith("NIfTI") else "png")
+            path = ann.export({FORMAT_NIFTI: "nifti", FORMAT_SEG: "dicom-seg"}.get(fmt, "png"))
         except _USER_ERRORS as exc:
             _fail(exc)
         return str(path)
@@ -264,8 +306,10 @@ class _Widgets:
     mask_up: Any
     slider: Any
     window: Any
+    vmode: Any
     canvas: Any
     status: Any
+    proj: Any
     log: Any
 
 
@@ -298,7 +342,9 @@ def _layout(cfg: AppConfig, examples: list[str], first_example: str | None) -> _
                 undo_btn = gr.Button("Undo", elem_id="undo")
                 reset_btn = gr.Button("Reset", elem_id="reset")
             with gr.Row():
-                fmt = gr.Radio(["PNG", "NIfTI (.nii.gz)"], value="PNG", label="Mask format", elem_id="fmt")
+                fmt = gr.Radio([FORMAT_PNG, FORMAT_NIFTI, FORMAT_SEG], value=FORMAT_PNG,
+                               label="Mask format (a volume in 3D: NIfTI / DICOM SEG write the label volume)",
+                               elem_id="fmt")
                 export_btn = gr.Button("Export mask", elem_id="export")
             download = gr.File(label="Mask file", interactive=False, elem_id="download", height=90)
             with gr.Accordion("Ground truth, volume slice and window", open=True):
@@ -306,16 +352,20 @@ def _layout(cfg: AppConfig, examples: list[str], first_example: str | None) -> _
                                   file_types=IMAGE_TYPES + [".npy"], type="filepath", elem_id="mask-upload",
                                   height=120)
                 slider = gr.Slider(0, 1, value=0, step=1, label="Slice", visible=False, elem_id="slice")
+                vmode = gr.Radio([MODE_3D, MODE_2D], value=MODE_3D, label="Segment a volume in", elem_id="vmode")
                 window = gr.Dropdown(choices=list(WINDOW_CHOICES), value="auto", label="Window preset",
                                      elem_id="window")
         with gr.Column(scale=2):
             canvas = gr.Image(label="Click the image to add a point", type="numpy", format="png",
                               interactive=False, elem_id="canvas", buttons=["fullscreen"], height=560)
             status = gr.Markdown("No image loaded.", elem_id="status")
+            proj = gr.Image(label="3D mask: maximum projections (slice plane, along rows, along columns; blue line: "
+                                  "the shown slice)", type="numpy", format="png", interactive=False,
+                            elem_id="projection", visible=False, height=190, buttons=[])
             log = gr.Textbox(label="Agent reasoning and steps", lines=12, max_lines=30, interactive=False,
                              elem_id="log")
     return _Widgets(state, upload, example, query, policy, segmenter, run_btn, cont_btn, mode, undo_btn, reset_btn,
-                    fmt, export_btn, download, mask_up, slider, window, canvas, status, log)
+                    fmt, export_btn, download, mask_up, slider, window, vmode, canvas, status, proj, log)
 
 
 def _wire(demo: Any, w: _Widgets, h: _Handlers, first_example: str | None) -> None:
@@ -325,12 +375,13 @@ def _wire(demo: Any, w: _Widgets, h: _Handlers, first_example: str | None) -> No
     def on_click(mode: str, ann: Annotator | None, segmenter: str, policy: str, evt: gr.SelectData):
         return h.click(mode, ann, segmenter, policy, evt.index)
 
-    shown = [w.state, w.canvas, w.status, w.log]
+    shown = [w.state, w.canvas, w.status, w.log, w.proj, w.slider]
     example_inputs = [w.example, w.state, w.segmenter, w.policy, w.window]
-    w.example.change(h.on_example, example_inputs, [*shown, w.query, w.slider])
+    w.example.change(h.on_example, example_inputs, [*shown, w.query, w.policy])
     if first_example is not None:  # the dropdown shows the first example: open it with the page
-        demo.load(h.on_example, example_inputs, [*shown, w.query, w.slider])
-    w.upload.change(h.on_upload, [w.upload, w.state, w.segmenter, w.policy, w.window], [*shown, w.slider])
+        demo.load(h.on_example, example_inputs, [*shown, w.query, w.policy])
+    w.upload.change(h.on_upload, [w.upload, w.state, w.segmenter, w.policy, w.window], [*shown, w.policy])
+    w.vmode.change(h.on_mode, [w.vmode, w.state, w.segmenter, w.policy], [*shown, w.policy])
     w.mask_up.change(h.on_mask, [w.mask_up, w.state, w.segmenter, w.policy], shown)
     w.slider.release(h.on_slice, [w.slider, w.state, w.segmenter, w.policy], shown)
     w.window.change(h.on_window, [w.window, w.state, w.segmenter, w.policy], shown)
