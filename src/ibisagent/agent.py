@@ -298,7 +298,9 @@ class Agent:
         :class:`~ibisagent.volume.SliceStack`) with the 3D agent (``compact-3d``; an ``oracle`` / ``challenge``
         agent uses its volume version) through :class:`~ibisagent.volume.VolumeEnv` and the one driver. ``gt``:
         a mask in the volume's stored layout (or ``[z, y, x]``) for 3D IoU in the trace. Keywords: ``policy``,
-        ``axis``, ``window``, ``volume_index``, ``propagation`` (a PropagationConfig), ``on_step(record)``."""
+        ``axis``, ``window``, ``volume_index``, ``propagation`` (``"slices"``, the default: the 2D segmenter slice by
+        slice, or a PropagationConfig tuning it; ``"sam2-video"``: SAM2's own video predictor, for a SAM2 / MedSAM2
+        segmenter), ``on_step(record)``."""
         return segment_volume(self, volume, query, gt, **kw)
 
     def segment_many(
@@ -489,7 +491,7 @@ def segment_volume(
 ) -> VolumeEpisode:
     """See :meth:`Agent.segment_volume`."""
     from ibisagent.io.volumes import Volume, load_volume
-    from ibisagent.volume import SliceStack, VolumeEnv, VolumeSession
+    from ibisagent.volume import PropagationConfig, SliceStack, VolumeEnv, VolumeSession
 
     if isinstance(volume, (str, Path)):
         volume = load_volume(volume, volume_index=volume_index)
@@ -510,7 +512,11 @@ def segment_volume(
             else np.asarray(g, bool)
     if pol.requires_gt and gt_stack is None:
         raise ValueError(f"policy {pol.name!r} needs a ground-truth mask")
-    env = VolumeEnv(VolumeSession(agent.segmenter, propagation))
+    if propagation is None or isinstance(propagation, PropagationConfig):
+        session = VolumeSession(agent.segmenter, propagation)
+    else:
+        session = VolumeSession(agent.segmenter, propagation=propagation)
+    env = VolumeEnv(session)
     ep = VolumeEpisode(query=query, stack=stack, meta={"policy": pol.name})
     t0 = time.perf_counter()
     for turn in drive(env, pol, stack, query, gt_stack):

@@ -142,6 +142,9 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--axis", type=int, default=2, help="slicing axis for NIfTI volumes (default 2 = axial)")
     p.add_argument("--volume-index", type=int, default=None, metavar="K",
                    help="which 3D volume of a 4D NIfTI file to use (0-based; required for 4D files)")
+    p.add_argument("--propagation", choices=("slices", "sam2-video"), default="slices",
+                   help="whole volume: how prompts spread through the slices: slices (default: the segmenter slice by "
+                        "slice) or sam2-video (SAM2's own video predictor, the slices as frames; --segmenter sam2)")
     p.add_argument("--window", default=None,
                    help="intensity window: a preset (ct-abdomen, ct-lung, ct-bone, ct-brain, ...), 'percentile', "
                         "or CENTER,WIDTH")
@@ -419,6 +422,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     t_start = getattr(args, "t_start", None) or time.perf_counter()
     if args.slice is None and _is_volume_input(args.image):
         return _cmd_segment_volume(args, t_start)
+    if args.propagation != "slices":
+        raise UserError("--propagation applies to a whole volume (a NIfTI file or a DICOM series folder, no --slice)")
     if _is_batch(args.image):
         return _cmd_segment_batch(args)
     query, out, window = _checked_segment_args(args, "the polyp in this colonoscopy frame")
@@ -541,7 +546,7 @@ def _cmd_segment_volume(args: argparse.Namespace, t_start: float) -> int:
 
     try:
         episode = agent.segment_volume(volume, query, gt, policy=policy, axis=args.axis, window=window,
-                                       on_step=show)
+                                       propagation=args.propagation, on_step=show)
     except ValueError as exc:
         raise UserError(_cli_wording(str(exc))) from exc
     from ibisagent.agent import clear_saved

@@ -16,6 +16,11 @@ Configs: a path to a YAML file (the format of ``sam2/configs/*``: a top-level ``
 the name of a config shipped with the package (``sam2.1_hiera_t``, ``configs/sam2.1/sam2.1_hiera_t.yaml``, ...).
 For MedSAM2 (512 px) use its config or pass ``image_size=512``.
 
+Volumes: besides the slice-by-slice propagation of :class:`ibisagent.volume.VolumeSession` (which works with any
+backend), :meth:`SAM2Segmenter.video_propagator` gives SAM2's own video predictor over the volume's slices
+(:mod:`ibisagent.segmenters.sam2_video`; ``VolumeSession(seg, propagation="sam2-video")``, ``ibisagent segment
+vol.nii.gz --segmenter sam2 --propagation sam2-video``).
+
 Install (torchvision is not needed and must not be installed here)::
 
     pip install hydra-core==1.3.2 omegaconf==2.3.0 iopath==0.1.10
@@ -257,6 +262,14 @@ class SAM2Segmenter(Segmenter):
         self.image_size = int(self.model.image_size)
         self.multimask = multimask
         self.mask_threshold = float(mask_threshold)
+
+    def video_propagator(self) -> Any:
+        """SAM2's own video predictor on this model, for a volume's slices as video frames (MedSAM2's way): a
+        :class:`ibisagent.segmenters.sam2_video.SAM2VideoPropagator` (what ``VolumeSession(seg,
+        propagation="sam2-video")`` uses)."""
+        from ibisagent.segmenters.sam2_video import SAM2VideoPropagator
+
+        return SAM2VideoPropagator(self)
 
     @property
     def mask_input_size(self) -> tuple[int, int]:

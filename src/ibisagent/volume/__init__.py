@@ -8,8 +8,14 @@ Layer 3 (see docs/design.md): it imports ``io``, ``segmenters``, ``protocol``, `
 
 from ibisagent.volume.cases import case_label, load_volume_stack
 from ibisagent.volume.env import VolumeEnv, VolumeObservation, VolumeStepResult
-from ibisagent.volume.session import PropagationConfig, VolumeSession, VolumeTimings
+from ibisagent.volume.session import (
+    PROPAGATIONS,
+    PropagationConfig,
+    VideoPropagator,
+    VolumeSession,
+    VolumeTimings,
+)
 from ibisagent.volume.stack import SliceStack
 
-__all__ = ["PropagationConfig", "SliceStack", "VolumeEnv", "VolumeObservation", "VolumeSession", "VolumeStepResult",
+__all__ = ["PROPAGATIONS", "PropagationConfig", "SliceStack", "VideoPropagator", "VolumeEnv", "VolumeObservation", "VolumeSession", "VolumeStepResult",
            "VolumeTimings", "case_label", "load_volume_stack"]

@@ -15,6 +15,16 @@ How a 3D mask is made (the MedSAM2 / SAM-video idea with a 2D promptable segment
   stops at another anchor, at a slice nearer to another anchor that already holds that anchor's mask, at the
   z-range of a box that carries one, and, when it re-propagates after a correction, where its new mask agrees with
   the slice's old one (Dice >= ``agree_stop``): a correction only changes the slices it reaches before that.
+* **SAM2's video predictor** (``propagation="sam2-video"``, a SAM2 / MedSAM2 segmenter only): instead of the walk
+  above, the prompts go to SAM2's own ``SAM2VideoPredictor`` with the slices as video frames (held in memory; see
+  :mod:`ibisagent.segmenters.sam2_video`). Each interaction sets its slice's prompts (``add_new_points_or_box``:
+  every click on that slice and its latest box; a slice a propagation reached gets its tracked mask fed back, as in
+  SAM2) and then ``propagate_in_video`` runs from the first prompted slice to the last slice and, ``reverse=True``,
+  back to slice 0, within a box's z-range when it carries one: every slice is re-predicted with the memory of the
+  prompted slices (SAM2's object score, not an area rule, decides where the object ends; :class:`PropagationConfig`
+  does not apply). A slice's owner is the nearest prompted slice, its score SAM2's object probability. Undo
+  restores the previous masks at once and replays the remaining interactions into a fresh predictor state before
+  the next one (the predictor has no undo of its own).
 * **Encoding**: every slice is encoded once per session (an in-session table by slice index; the backend's own
   caches are keyed by the slice image's content, so a second session on the same volume reuses them too).
 
@@ -27,6 +37,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -37,7 +48,30 @@ from ibisagent.session import Interaction
 
 from .stack import SliceStack
 
-__all__ = ["PropagationConfig", "VolumeSession", "VolumeTimings"]
+__all__ = ["PROPAGATIONS", "PropagationConfig", "VideoPropagator", "VolumeSession", "VolumeTimings"]
+
+#: the propagation choices of :class:`VolumeSession` (and ``Agent.segment_volume`` / ``--propagation``)
+PROPAGATIONS = ("slices", "sam2-video")
+
+
+@runtime_checkable
+class VideoPropagator(Protocol):
+    """A video-style propagation backend (what ``SAM2Segmenter.video_propagator()`` returns): frames of one stack,
+    prompts per frame, and a propagation that re-predicts every frame it visits (results with ``mask``, ``logits``,
+    ``score``)."""
+
+    name: str
+    encoder_runs: int
+    encoder_s: float
+
+    def set_frames(self, frames: np.ndarray) -> None: ...
+
+    def reset(self) -> None: ...
+
+    def add_prompts(self, z: int, points: np.ndarray | None = None, labels: np.ndarray | None = None,
+                    box: tuple[float, float, float, float] | None = None) -> Any: ...
+
+    def propagate(self, z_range: tuple[int, int] | None = None) -> dict[int, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -99,6 +133,8 @@ class _Step:
     anchor_before: list[Interaction] | None = None
     z_range_before: tuple[int, int] | None = None
     interaction: Interaction | None = None
+    #: video propagation: the slice's prompts and the z-range after this interaction (what a replay sets again)
+    video: tuple[list[Interaction], tuple[int, int] | None] | None = None
 
 
 class VolumeSession:
@@ -106,14 +142,24 @@ class VolumeSession:
 
     >>> s = VolumeSession(create_segmenter("litemedsam-click")); s.set_image(SliceStack.from_volume(vol))
     >>> s.set_box(40, 30, 90, 70, z=12); s.add_click(60, 50, z=15); s.mask.shape  # (Z, H, W)
+
+    ``propagation``: ``"slices"`` (default: the 2D segmenter slice by slice, tuned by ``config``), ``"sam2-video"``
+    (SAM2's video predictor; the segmenter must be SAM2 / MedSAM2) or a :class:`VideoPropagator` object.
     """
 
-    def __init__(self, segmenter: Segmenter, config: PropagationConfig | None = None) -> None:
+    def __init__(self, segmenter: Segmenter, config: PropagationConfig | None = None, *,
+                 propagation: str | VideoPropagator = "slices") -> None:
         self.segmenter = segmenter
+        self._video = _video_backend(segmenter, propagation)
+        if self._video is not None and config is not None:
+            raise ValueError("a PropagationConfig tunes the slice-by-slice propagation; "
+                             f"propagation={self._video.name!r} takes none")
+        self.propagation = "slices" if self._video is None else self._video.name
         self.config = config or PropagationConfig()
         self.timings = VolumeTimings()
         self._stack: SliceStack | None = None
         self._emb: dict[int, np.ndarray] = {}
+        self._video_stale = False
         self._reset_state(0)
 
     # --- image -------------------------------------------------------------------------------------------------
@@ -123,6 +169,11 @@ class VolumeSession:
         self._stack = image
         self._emb = {}
         self.timings = VolumeTimings()
+        if self._video is not None:
+            t = time.perf_counter()
+            self._video.set_frames(image.images)
+            self._count_video(t, 0)
+        self._video_stale = False
         self._reset_state(image.depth)
 
     @property
@@ -138,6 +189,9 @@ class VolumeSession:
     def reset(self) -> None:
         """Forget every prompt (same volume, new object); embeddings are kept."""
         self._reset_state(self.stack.depth)
+        if self._video is not None:
+            self._video.reset()
+            self._video_stale = False
 
     def _reset_state(self, depth: int) -> None:
         self._slices = [_Slice() for _ in range(depth)]
@@ -256,6 +310,8 @@ class VolumeSession:
         else:
             self._anchors[st.z] = st.anchor_before
         self._z_range = st.z_range_before
+        if self._video is not None:
+            self._video_stale = True  # the predictor has no undo: replayed before the next interaction
         return self.mask
 
     # --- internals: one interaction ----------------------------------------------------------------------------
@@ -268,6 +324,8 @@ class VolumeSession:
     def _interact(self, z: int, inter: Interaction, z_range: tuple[int, int] | None = None) -> np.ndarray:
         step = _Step(z, anchor_before=list(self._anchors[z]) if z in self._anchors else None,
                      z_range_before=self._z_range, interaction=inter)
+        if self._video is not None:
+            return self._interact_video(step, z_range)
         cur = self._slices[z]
         prompts = list(self._anchors.get(z, []))
         if (not prompts and inter.kind == "click" and self.config.keep_box_on_correction and cur.box is not None
@@ -293,6 +351,73 @@ class VolumeSession:
         return PromptSet(shape=self.stack.slice_shape, points=pts, labels=labs, box=box,
                          mask_input=mask_input if self.config.mask_input else None, image=self.stack.image(z),
                          embedding=z)  # the slice index; _decode swaps in the embedding
+
+    # --- internals: video propagation --------------------------------------------------------------------------
+    def _interact_video(self, step: _Step, z_range: tuple[int, int] | None) -> np.ndarray:
+        """Set the slice's prompts in the video predictor and propagate; every slice takes the new result (the
+        tracked mask a correction refines is fed back by the predictor itself, so no box is kept here)."""
+        assert self._video is not None and step.interaction is not None
+        z, inter = step.z, step.interaction
+        prompts = list(self._anchors.get(z, [])) + [inter]
+        zr = z_range if inter.kind == "box" else self._z_range
+        first = min([*self._anchors, z])
+        if zr is not None and not zr[0] <= first <= zr[1]:
+            raise SegmenterError(f"the box's z-range {zr[0]}..{zr[1]} leaves out the prompted slice {first}, "
+                                 "where SAM2's video propagation starts")
+        if self._video_stale:
+            self._replay_video()
+        step.video = (prompts, zr)
+        try:
+            results = self._run_video(z, prompts, zr)
+        except Exception:
+            self._video_stale = True  # the predictor may hold part of this interaction: replay before the next
+            raise
+        self._anchors[z] = prompts
+        self._z_range = zr
+        self._write_video(results, step)
+        self._steps.append(step)
+        return self.mask  # type: ignore[return-value]
+
+    def _run_video(self, z: int, prompts: list[Interaction], z_range: tuple[int, int] | None) -> dict[int, Any]:
+        assert self._video is not None
+        ps = self._prompt_set(z, prompts, None)
+        t, runs = time.perf_counter(), self._video.encoder_runs
+        box = None if ps.box is None else tuple(float(v) for v in ps.box)
+        self._video.add_prompts(z, ps.points if len(ps.points) else None, ps.labels if len(ps.labels) else None,
+                                box)  # type: ignore[arg-type]
+        results = self._video.propagate(z_range)
+        self._count_video(t, runs)
+        self.timings.decoded_slices += len(results) + 1
+        return results
+
+    def _count_video(self, t: float, runs: int) -> None:
+        """Split the seconds since ``t`` into encoder time (the backend's own count) and decoder time."""
+        assert self._video is not None
+        enc_before = self.timings.encoder_s
+        self.timings.encoded_slices += self._video.encoder_runs - runs
+        self.timings.encoder_s = self._video.encoder_s
+        self.timings.decoder_s += max(0.0, time.perf_counter() - t - (self.timings.encoder_s - enc_before))
+
+    def _write_video(self, results: dict[int, Any], step: _Step) -> None:
+        anchors = sorted(self._anchors)
+        for k in range(self.stack.depth):
+            step.before.setdefault(k, self._slices[k])
+            r = results.get(k)
+            if r is None or not r.mask.any():
+                self._slices[k] = _Slice()
+                continue
+            owner = min(anchors, key=lambda a: (abs(a - k), a))
+            self._slices[k] = _Slice(r.mask, r.logits, float(r.score), owner, None)
+
+    def _replay_video(self) -> None:
+        """Bring the predictor to the state of the remaining interactions: a fresh state, then each one's prompts
+        and propagation again, in order (the session's masks already are that state's; they are not rewritten)."""
+        assert self._video is not None
+        self._video.reset()
+        for st in self._steps:
+            assert st.video is not None
+            self._run_video(st.z, *st.video)
+        self._video_stale = False
 
     # --- internals: propagation --------------------------------------------------------------------------------
     def _propagate(self, starts: list[int], step: _Step) -> None:
@@ -423,6 +548,25 @@ class VolumeSession:
         self.timings.decoder_s += time.perf_counter() - t
         self.timings.decoded_slices += len(items)
         return out
+
+
+def _video_backend(segmenter: Segmenter, propagation: str | VideoPropagator) -> VideoPropagator | None:
+    """None for the slice-by-slice propagation, else the video backend ``propagation`` names (or is)."""
+    if isinstance(propagation, str):
+        if propagation == "slices":
+            return None
+        if propagation != "sam2-video":
+            raise ValueError(f"unknown propagation {propagation!r}; choose one of: {', '.join(PROPAGATIONS)}")
+        make = getattr(segmenter, "video_propagator", None)
+        if not callable(make):
+            raise SegmenterError(f"propagation 'sam2-video' needs a SAM2 / MedSAM2 segmenter (backend 'sam2'); "
+                                 f"{getattr(segmenter, 'name', type(segmenter).__name__)!r} has no video predictor "
+                                 "(use propagation='slices')")
+        return make()
+    if isinstance(propagation, VideoPropagator):
+        return propagation
+    raise ValueError(f"propagation must be one of {', '.join(PROPAGATIONS)} or a VideoPropagator, got "
+                     f"{type(propagation).__name__}")
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
