@@ -269,7 +269,8 @@ class SAM2Segmenter(Segmenter):
         propagation="sam2-video")`` uses)."""
         from ibisagent.segmenters.sam2_video import SAM2VideoPropagator
 
-        return SAM2VideoPropagator(self)
+        return SAM2VideoPropagator(self.model, load_sam2_config(self.config, image_size=self.image_size),
+                                   device=self.device, mask_threshold=self.mask_threshold)
 
     @property
     def mask_input_size(self) -> tuple[int, int]:

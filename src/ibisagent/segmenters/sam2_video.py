@@ -5,7 +5,8 @@ MedSAM2 treats the slices of a volume as the frames of a video: prompts on a few
 (each new slice attends to the encoded masks of the prompted slices and of the slices tracked just before it).
 :class:`SAM2VideoPropagator` wraps that predictor in numpy terms for :class:`ibisagent.volume.VolumeSession`
 (``propagation="sam2-video"``); it is built from a :class:`~ibisagent.segmenters.sam2.SAM2Segmenter` and uses the
-same weights (the video model's tensors are the image model's, shared, not copied).
+same weights (the video model's tensors are the image model's, shared, not copied). This module does not import
+:mod:`ibisagent.segmenters.sam2` (that one imports it, lazily).
 
 * **Frames in memory, no files.** ``SAM2VideoPredictor.init_state`` (sam2 1.1.0) reads frames only from a folder of
   JPEG files or an MP4 file. Here the stack's slices are preprocessed in memory exactly as the image backend does
@@ -33,7 +34,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,9 +42,6 @@ from sam2.sam2_video_predictor import SAM2VideoPredictor
 
 from ibisagent.segmenters._sam2_transforms import preprocess
 from ibisagent.segmenters.base import SegmenterError, SegmenterUnavailable
-
-if TYPE_CHECKING:
-    from ibisagent.segmenters.sam2 import SAM2Segmenter
 
 __all__ = ["VIDEO_OVERRIDES", "CachingVideoPredictor", "FrameResult", "SAM2VideoPropagator", "video_predictor"]
 
@@ -77,30 +75,28 @@ class CachingVideoPredictor(SAM2VideoPredictor):
         return out
 
 
-def video_predictor(segmenter: SAM2Segmenter) -> CachingVideoPredictor:
-    """The video predictor of ``segmenter``'s model: built once per image model from the same config (target
-    :class:`CachingVideoPredictor`, :data:`VIDEO_OVERRIDES`), its tensors the image model's (shared)."""
+def video_predictor(model: Any, model_config: Any, device: str = "cpu") -> CachingVideoPredictor:
+    """The video predictor of an image model (``SAM2Base``) built from ``model_config`` (the OmegaConf ``model``
+    node it was built from, :func:`ibisagent.segmenters.sam2.load_sam2_config`): once per image model, target
+    :class:`CachingVideoPredictor`, :data:`VIDEO_OVERRIDES`, its tensors the image model's (shared, not copied)."""
     from hydra.utils import instantiate
 
-    from ibisagent.segmenters.sam2 import load_sam2_config
-
-    model = segmenter.model
     with _LOCK:
         hit = _PREDICTORS.get(id(model))
         if hit is not None and hit[0] is model:
             return hit[1]
-        cfg = load_sam2_config(segmenter.config, image_size=segmenter.image_size)
+        cfg = model_config.copy()
         cfg._target_ = f"{CachingVideoPredictor.__module__}.{CachingVideoPredictor.__qualname__}"
         for k, v in VIDEO_OVERRIDES.items():
             cfg[k] = v
         try:
             pred = instantiate(cfg, _recursive_=True)
         except Exception as exc:  # hydra wraps constructor errors
-            raise SegmenterUnavailable(f"cannot build SAM2's video predictor from {segmenter.config}: {exc}") from exc
+            raise SegmenterUnavailable(f"cannot build SAM2's video predictor: {exc}") from exc
         pred.load_state_dict(model.state_dict(), strict=True, assign=True)  # share the image model's tensors
         for p in pred.parameters():
             p.requires_grad_(False)
-        pred = pred.to(segmenter.device).eval()
+        pred = pred.to(device).eval()
         _PREDICTORS[id(model)] = (model, pred)
         return pred
 
@@ -150,16 +146,18 @@ class FrameResult:
 class SAM2VideoPropagator:
     """SAM2's video predictor on one stack of slices: prompts per slice, propagation both ways.
 
-    >>> vp = SAM2VideoPropagator(seg); vp.set_frames(stack.images)     # (Z, H, W, 3) uint8
+    >>> vp = seg.video_propagator(); vp.set_frames(stack.images)       # a SAM2Segmenter; (Z, H, W, 3) uint8
     >>> vp.add_prompts(12, box=(40, 30, 90, 70)); out = vp.propagate()  # {slice: FrameResult}
+
+    Args: the image model and its config node (see :func:`video_predictor`), the torch device, the logit threshold
+    of the binary masks.
     """
 
     name = "sam2-video"
 
-    def __init__(self, segmenter: SAM2Segmenter) -> None:
-        self.segmenter = segmenter
-        self.predictor = video_predictor(segmenter)
-        self.mask_threshold = float(segmenter.mask_threshold)
+    def __init__(self, model: Any, model_config: Any, device: str = "cpu", mask_threshold: float = 0.0) -> None:
+        self.predictor = video_predictor(model, model_config, device)
+        self.mask_threshold = float(mask_threshold)
         self.state: dict[str, Any] | None = None
         self._shape: tuple[int, int, int] = (0, 0, 0)
         self._prompted: set[int] = set()
