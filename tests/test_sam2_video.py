@@ -233,3 +233,15 @@ def test_agent_and_cli_run_a_volume_with_the_video_predictor(tiny, tmp_path: Pat
                "sam2-video", "--out", str(tmp_path / "o3"), "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and "whole volume" in err[-1]
+
+
+def test_the_cli_offers_the_session_propagations() -> None:
+    """``--propagation`` spells its choices out (the parser loads no volume code); they are the session's."""
+    import argparse
+
+    from ibisagent.cli import build_parser
+    from ibisagent.volume import PROPAGATIONS
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    opt = next(a for a in sub.choices["segment"]._actions if "--propagation" in a.option_strings)
+    assert tuple(opt.choices) == PROPAGATIONS and opt.default == "slices"
