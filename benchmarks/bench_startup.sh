@@ -2,12 +2,14 @@
 # Start-up figures of issue 27: `ibisagent --help`, an argument error, first-run and warm single-image `segment`
 # on the bundled demo image. Each is a whole process, timed with /usr/bin/time (wall seconds, peak RSS), RUNS times;
 # prints min / median / max. First-run uses a fresh IBISAGENT_CACHE_DIR each run (nothing exported yet).
-# Usage: benchmarks/bench_startup.sh [RUNS]   (from the checkout root; IBIS defaults to .venv/bin/ibisagent)
+# Usage: benchmarks/bench_startup.sh [RUNS]   (from the checkout root; IBIS defaults to .venv/bin/ibisagent;
+# FIRST_RUNS, default RUNS: how many first runs, the slow part)
 # Before/after on a busy machine: IBIS_BEFORE=/path/to/old/ibisagent benchmarks/bench_startup.sh [RUNS] runs the old
 # and the new command alternately (old, new, old, new, ...; same cache folders), prints a row for each and the ratio
 # of the medians (new / old), so that both see the same load.
 set -euo pipefail
 RUNS=${1:-5}
+FIRST_RUNS=${FIRST_RUNS:-$RUNS}
 IBIS=${IBIS:-.venv/bin/ibisagent}
 IBIS_BEFORE=${IBIS_BEFORE:-}
 IMG=src/ibisagent/demo_data/images/ph2_IMD006.png
@@ -53,7 +55,7 @@ export -f first_run; export IMG Q TMP
 echo "machine: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)"
 measure help @IBIS@ --help
 measure arg_error @IBIS@ segment --no-such-flag
-measure segment_first bash -c 'first_run "$0"' @IBIS@
+RUNS=$FIRST_RUNS measure segment_first bash -c 'first_run "$0"' @IBIS@
 export IBISAGENT_CACHE_DIR="$TMP/warm"
 for cmd in "$IBIS" ${IBIS_BEFORE:+"$IBIS_BEFORE"}; do   # build the cache once (each version's own files, if any)
   "$cmd" segment "$IMG" --query "$Q" --out "$TMP/out" >/dev/null 2>&1
