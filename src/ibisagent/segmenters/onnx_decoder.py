@@ -66,6 +66,7 @@ __all__ = [
     "PromptMaskDecoder",
     "decoder_model_path",
     "decoder_runner",
+    "decoder_runner_from_file",
     "decoder_weights_sha256",
     "ensure_decoder_model",
     "export_decoder",
@@ -86,6 +87,8 @@ OUTPUT_NAMES = ("low_res_masks", "iou_predictions")
 _LOCK = threading.RLock()
 #: (id(prompt_encoder), id(mask_decoder), kind, multimask) -> (prompt_encoder, mask_decoder, weight versions, runner)
 _RUNNERS: dict[tuple[int, int, str, bool], tuple[nn.Module, nn.Module, tuple | None, _ExportedDecoder | None]] = {}
+#: (resolved .onnx path, kind, threads) -> runner or None (runners of already exported files, no module)
+_FILE_RUNNERS: dict[tuple[str, str, int], _ExportedDecoder | None] = {}
 _WARNED: set[str] = set()
 
 
@@ -470,3 +473,28 @@ def decoder_runner(
                                      "decoder", _WARNED)
         _RUNNERS[key] = (pe, md, versions, runner)
         return runner
+
+
+def decoder_runner_from_file(
+    path: str | Path, kind: str = "auto", multimask: bool = False, threads: int | None = None
+) -> _ExportedDecoder | None:
+    """As :func:`decoder_runner`, for a graph already exported to ``path`` (the file :func:`ensure_decoder_model`
+    names for the weights; ``multimask`` must be the variant that file holds): no PyTorch module is needed, so a
+    warm start skips building LiteMedSAM. Cached per (file, kind, threads); ``None`` = "use PyTorch" (``"auto"``
+    when no runtime can load the file, with the same one warning)."""
+    if kind not in DECODER_CHOICES:
+        raise SegmenterError(f"unknown decoder {kind!r}; choose one of {', '.join(DECODER_CHOICES)}")
+    if kind == "torch":
+        return None
+    threads = default_threads() if threads is None else threads
+    path = Path(path)
+    key = (str(path.resolve()), kind, int(threads))
+
+    def build(k: str) -> _ExportedDecoder:
+        cls = OpenVinoDecoder if k == "openvino" else OnnxDecoder
+        return cls(onnx_path=path, multimask=multimask, threads=threads)
+
+    with _LOCK:
+        if key not in _FILE_RUNNERS:
+            _FILE_RUNNERS[key] = build_with_fallback(kind, AUTO_ORDER, build, "decoder", _WARNED)
+        return _FILE_RUNNERS[key]

@@ -63,6 +63,7 @@ __all__ = [
     "ensure_onnx_model",
     "export_and_check",
     "encoder_runner",
+    "encoder_runner_from_file",
     "export_onnx",
     "make_ort_session",
     "onnx_model_path",
@@ -87,6 +88,8 @@ OPENVINO_PIP_HINT = "pip install openvino onnx"
 _LOCK = threading.RLock()
 #: id(module), kind -> (module, runner or None); the module reference keeps the id valid
 _RUNNERS: dict[tuple[int, str], tuple[nn.Module, _ExportedEncoder | None]] = {}
+#: (resolved .onnx path, kind, threads) -> runner or None (runners of already exported files, no module)
+_FILE_RUNNERS: dict[tuple[str, str, int], _ExportedEncoder | None] = {}
 _WARNED: set[str] = set()
 
 
@@ -423,6 +426,31 @@ def encoder_runner(module: nn.Module, kind: str = "auto", input_size: int = 256,
                                      "encoder", _WARNED)
         _RUNNERS[key] = (module, runner)
         return runner
+
+
+def encoder_runner_from_file(path: str | Path, kind: str = "auto", input_size: int = 256,
+                             threads: int | None = None) -> _ExportedEncoder | None:
+    """As :func:`encoder_runner`, for an encoder already exported to ``path`` (the file that
+    :func:`ensure_onnx_model` names for the module's weights; ``"onnx-int8"``: the quantized one): no PyTorch module
+    is needed, so a warm start skips building it. Cached per (file, kind, threads); ``None`` = "use PyTorch"
+    (``"auto"`` when no runtime can load the file, with the same one warning)."""
+    threads = default_threads() if threads is None else threads
+    if kind not in ENCODER_CHOICES:
+        raise SegmenterError(f"unknown encoder {kind!r}; choose one of {', '.join(ENCODER_CHOICES)}")
+    if kind == "torch":
+        return None
+    path = Path(path)
+    key = (str(path.resolve()), kind, int(threads))
+
+    def build(k: str) -> _ExportedEncoder:
+        if k == "openvino":
+            return OpenVinoEncoder(onnx_path=path, input_size=input_size, threads=threads)
+        return OnnxEncoder(onnx_path=path, input_size=input_size, threads=threads, quantize=k == "onnx-int8")
+
+    with _LOCK:
+        if key not in _FILE_RUNNERS:
+            _FILE_RUNNERS[key] = build_with_fallback(kind, AUTO_ORDER, build, "encoder", _WARNED)
+        return _FILE_RUNNERS[key]
 
 
 # ----------------------------------------------------------------------------------------------------------------
