@@ -53,7 +53,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         print(f"export-encoder: {exc}", file=sys.stderr)
         return 2
     print(f"{enc.path}\n{enc.runtime}{' int8' if enc.quantized else ''}: setup {setup_s:.1f} s; "
-          f"max |exported - torch| on a random input: {diff:.2e}")
+          f"max |onnx - torch| on a random input: {diff:.2e}")
     return 0
 
 
