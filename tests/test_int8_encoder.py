@@ -210,14 +210,15 @@ def test_litemedsam_int8_masks_close_to_fp32(shared_data: Path, tmp_path: Path,
     from ibisagent.segmenters.litemedsam import load_base_model, preprocess_image
 
     torch.set_num_threads(2)
-    monkeypatch.delenv(oe.CACHE_DIR_ENV, raising=False)  # no embedding disk cache: the encoders must run
-    monkeypatch.setenv(oe.ONNX_DIR_ENV, str(tmp_path))
     folders = [f for f in REAL_FOLDERS if (shared_data / f / "index.jsonl").is_file()]
     if len(folders) < 2:
         pytest.skip("the dev folders of this test are missing")
+    monkeypatch.delenv(oe.CACHE_DIR_ENV, raising=False)  # no embedding disk cache: the encoders must run
     encoder = load_base_model().image_encoder
-    path, info = oe.build_int8_model(encoder, shared_data, preprocess_image, n_images=16, input_size=256)
-    assert info["images"] == 16 and path.is_file()
+    if oe.find_int8_model(encoder) is None:  # none built on this machine: calibrate a small one in tmp (minutes)
+        monkeypatch.setenv(oe.ONNX_DIR_ENV, str(tmp_path))
+        path, info = oe.build_int8_model(encoder, shared_data, preprocess_image, n_images=16, input_size=256)
+        assert info["images"] == 16 and path.is_file()
     segs = {kind: create_segmenter("litemedsam", weights="original", encoder=kind, memory_cache=False)
             for kind in ("openvino", "openvino-int8")}
     assert segs["openvino"].encoder_id != segs["openvino-int8"].encoder_id  # caches keep them apart
