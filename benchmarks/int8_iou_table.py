@@ -57,10 +57,10 @@ def main(argv: list[str] | None = None) -> int:
             a = np.array([_value(base[m], k) for m in members])
             b = np.array([_value(other[m], k) for m in members])
             d = b - a
-            se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+            se = f"+- {float(d.std(ddof=1) / np.sqrt(len(d))):.3f}" if len(d) > 1 else "one case"
             if label != "**all**":
                 worst = max(worst, abs(float(d.mean())))
-            cells.append(f"{a.mean():.3f} | {b.mean():.3f} | {d.mean():+.3f} (+- {se:.3f})")
+            cells.append(f"{a.mean():.3f} | {b.mean():.3f} | {d.mean():+.3f} ({se})")
         return f"| {label} | {len(members)} | " + " | ".join(cells) + " |"
 
     for name in sorted(groups):
