@@ -1,4 +1,5 @@
-"""Benchmark the LiteMedSAM image encoder: PyTorch vs ONNX Runtime (fp32 and int8 dynamic quant) vs OpenVINO.
+"""Benchmark the LiteMedSAM image encoder: PyTorch vs ONNX Runtime (fp32, int8 dynamic quant) vs OpenVINO (fp32,
+NNCF int8).
 
 Parity on real cases: max |embedding difference| and the IoU between the masks decoded (box prompt = the ground
 truth's tight box, original box-trained LiteMedSAM decoder) from the PyTorch and the ONNX embeddings; also each
@@ -7,6 +8,10 @@ load change on a shared machine hits all of them alike), median over rounds and 
 
     .venv/bin/python benchmarks/bench_encoder.py --data ../shared/data --cases 8 --rounds 5 --threads 2 \
         --json runs/bench_encoder.json --md runs/bench_encoder.md
+
+``openvino-int8`` is included when an NNCF int8 model is cached (``ibisagent export-encoder --int8
+--calibration-data DIR``; the newest one); ``--only torch,openvino,openvino-int8`` picks the backends. Parity cases
+come from ``--split`` (default ``val``: the calibration images are train images).
 """
 
 from __future__ import annotations
@@ -26,12 +31,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 
-def _load_cases(root: Path, n: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+def _load_cases(root: Path, n: int, split: str = "all") -> list[tuple[str, np.ndarray, np.ndarray]]:
     """Up to ``n`` 2D cases, round-robin over datasets (first cases of each, sorted), non-empty masks only."""
     from ibisagent.io.manifest import load_manifest
 
     by_ds: dict[str, list] = {}
-    for c in load_manifest(root):
+    for c in load_manifest(root, split=split):  # type: ignore[arg-type]
         if c.mask is not None:
             by_ds.setdefault(c.source, []).append(c)
     out: list[tuple[str, np.ndarray, np.ndarray]] = []
@@ -75,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime intra-op threads")
     ap.add_argument("--no-int8", action="store_true", help="skip the int8 quantized model")
     ap.add_argument("--no-openvino", action="store_true", help="skip OpenVINO")
+    ap.add_argument("--only", default=None, help="comma-separated backends to run (torch always runs: the reference)")
+    ap.add_argument("--split", choices=("train", "val", "all"), default="val", help="split of the parity cases")
     ap.add_argument("--json", type=Path, help="write raw results here")
     ap.add_argument("--md", type=Path, help="write a markdown summary here")
     args = ap.parse_args(argv)
@@ -84,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     from ibisagent.segmenters.onnx_encoder import (
         OnnxEncoder,
         OpenVinoEncoder,
+        find_int8_model,
         onnx_model_path,
         openvino_available,
         weights_sha256,
@@ -93,19 +101,24 @@ def main(argv: list[str] | None = None) -> int:
     enc = parts.image_encoder
     digest = weights_sha256(enc)
     cached = onnx_model_path(digest, 256).is_file()
-    t0 = time.perf_counter()
-    onnx_fp32 = OnnxEncoder(enc, threads=args.threads)
-    setup_fp32 = time.perf_counter() - t0
-    backends: dict[str, object] = {"torch": None, "onnx": onnx_fp32}
-    setup = {"onnx": setup_fp32}
-    if not args.no_openvino and openvino_available():
+    only = set(args.only.split(",")) if args.only else None
+    builders = {
+        "onnx": lambda: OnnxEncoder(enc, threads=args.threads),
+        "openvino": lambda: OpenVinoEncoder(enc, threads=args.threads),
+        "onnx-int8": lambda: OnnxEncoder(enc, threads=args.threads, quantize=True),
+        "openvino-int8": lambda: OpenVinoEncoder(enc, threads=args.threads, int8=True),
+    }
+    skip = {"openvino": args.no_openvino or not openvino_available(), "onnx-int8": args.no_int8,
+            "openvino-int8": not openvino_available() or find_int8_model(enc) is None}
+    backends: dict[str, object] = {"torch": None}
+    setup: dict[str, float] = {}
+    for name, build in builders.items():
+        if skip.get(name) or (only is not None and name not in only):
+            continue
         t0 = time.perf_counter()
-        backends["openvino"] = OpenVinoEncoder(enc, threads=args.threads)
-        setup["openvino"] = time.perf_counter() - t0
-    if not args.no_int8:
-        t0 = time.perf_counter()
-        backends["onnx-int8"] = OnnxEncoder(enc, threads=args.threads, quantize=True)
-        setup["onnx-int8"] = time.perf_counter() - t0
+        backends[name] = build()
+        setup[name] = time.perf_counter() - t0
+    int8_model = getattr(backends.get("openvino-int8"), "path", None)
 
     def run(name: str, x: torch.Tensor) -> torch.Tensor:
         if name == "torch":
@@ -113,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                 return enc(x)
         return backends[name](x)  # type: ignore[operator]
 
-    cases = _load_cases(Path(args.data), args.cases)
+    cases = _load_cases(Path(args.data), args.cases, args.split)
     if not cases:
         print(f"no cases with masks under {args.data}", file=sys.stderr)
         return 2
@@ -157,8 +170,11 @@ def main(argv: list[str] | None = None) -> int:
         "load_avg": os.getloadavg(),
         "torch": torch.__version__,
         "onnxruntime": __import__("onnxruntime").__version__,
+        "nncf": __import__("nncf").__version__ if "openvino-int8" in backends else None,
         "openvino": __import__("openvino").__version__ if "openvino" in backends else None,
         "onnx_export_cached_before": cached,
+        "openvino_int8_model": str(int8_model) if int8_model else None,
+        "split": args.split,
         "setup_s": setup,
         "cases": len(cases),
         "timed_cases": len(timed),
@@ -167,22 +183,26 @@ def main(argv: list[str] | None = None) -> int:
         "median_cpu_s": med_cpu,
         "p10_p90_s": {k: [float(np.percentile(v, 10)), float(np.percentile(v, 90))] for k, v in times.items()},
         "speedup_vs_torch": {k: med["torch"] / v for k, v in med.items()},
+        "speedup_vs_openvino": {k: med["openvino"] / v for k, v in med.items()} if "openvino" in med else None,
         "parity": parity,
     }
     names = [n for n in backends if n != "torch"]
     lines = [
         f"Machine: {result['machine']}; load average at the end {tuple(round(v, 2) for v in result['load_avg'])}; "
         f"torch {result['torch']}, onnxruntime {result['onnxruntime']}, openvino {result['openvino']}.",
-        f"Parity on {len(cases)} real cases; timing on {len(timed)} of them x {args.rounds} interleaved rounds "
+        f"Parity on {len(cases)} real cases ({args.split} split); timing on {len(timed)} of them x {args.rounds} interleaved rounds "
         f"({len(timed) * args.rounds} runs per encoder).",
         "",
-        "| encoder | median s/image (wall) | p10-p90 s | speed-up vs torch (same run) | median CPU s/image |",
-        "|---|---|---|---|---|",
+        "| encoder | median s/image (wall) | p10-p90 s | speed-up vs torch (same run) | speed-up vs openvino fp32 "
+        "| median CPU s/image |",
+        "|---|---|---|---|---|---|",
     ]
+    vs_ov = result["speedup_vs_openvino"] or {}
     for k in backends:
         p10, p90 = result["p10_p90_s"][k]
+        ov_cell = f"{vs_ov[k]:.2f}x" if k in vs_ov else "-"
         lines.append(f"| {k} | {med[k]:.3f} | {p10:.3f}-{p90:.3f} | {result['speedup_vs_torch'][k]:.2f}x "
-                     f"| {med_cpu[k]:.3f} |")
+                     f"| {ov_cell} | {med_cpu[k]:.3f} |")
     lines += ["", "| case | size | IoU(gt, torch) | " + " | ".join(
         f"{n}: max abs emb diff | {n}: mask IoU vs torch | IoU(gt, {n})" for n in names) + " |",
         "|---|---|---|" + "---|---|---|" * len(names)]

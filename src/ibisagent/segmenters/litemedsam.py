@@ -71,7 +71,9 @@ ENCODER_ID = "litemedsam-tinyvit-256-v1"
 #: prefixes of the fine-tuned sub-modules (what the click weights file holds)
 TRAINABLE_PREFIXES = ("prompt_encoder.", "mask_decoder.")
 #: image-encoder runtimes; all but "torch" go through ibisagent.segmenters.onnx_encoder (ONNX hook)
-ENCODERS = ("auto", "torch", "onnx", "onnx-int8", "openvino")
+ENCODERS = ("auto", "torch", "onnx", "onnx-int8", "openvino", "openvino-int8")
+#: the int8 runtimes: their embeddings are cached under their own key (``ENCODER_ID+<runtime>``), apart from fp32
+INT8_ENCODERS = ("onnx-int8", "openvino-int8")
 #: prompt encoder + mask decoder runtimes; all but "torch" go through ibisagent.segmenters.onnx_decoder
 DECODERS = ("auto", "torch", "onnx", "openvino")
 
@@ -312,7 +314,9 @@ class LiteMedSAMSegmenter(Segmenter):
         weights: ``"original"`` (box-trained) or ``"click"`` (the shipped fine-tune) or a path to a
             ``.safetensors`` file with prompt encoder + mask decoder tensors.
         encoder: image-encoder runtime: ``"auto"`` (OpenVINO or ONNX Runtime where installed, else PyTorch),
-            ``"torch"``, ``"onnx"``, ``"onnx-int8"`` or ``"openvino"`` (see :mod:`ibisagent.segmenters.onnx_encoder`).
+            ``"torch"``, ``"onnx"``, ``"onnx-int8"``, ``"openvino"`` or ``"openvino-int8"`` (NNCF int8, built once
+            with ``ibisagent export-encoder --int8 --calibration-data DIR``; see
+            :mod:`ibisagent.segmenters.onnx_encoder`).
         decoder: prompt encoder + mask decoder runtime: ``"auto"`` (ONNX Runtime, else OpenVINO, else PyTorch),
             ``"torch"`` (:func:`decode_batch`), ``"onnx"`` or ``"openvino"`` (see
             :mod:`ibisagent.segmenters.onnx_decoder`; the 3-mask output has its own exported file).
@@ -338,6 +342,8 @@ class LiteMedSAMSegmenter(Segmenter):
         if encoder not in ENCODERS:
             raise SegmenterError(f"unknown encoder {encoder!r}; choose one of {', '.join(ENCODERS)}")
         self.encoder = encoder
+        if encoder in INT8_ENCODERS:  # an instance attribute: int8 embeddings never mix with fp32 ones in caches
+            self.encoder_id = f"{ENCODER_ID}+{encoder}"
         if decoder not in DECODERS:
             raise SegmenterError(f"unknown decoder {decoder!r}; choose one of {', '.join(DECODERS)}")
         self.decoder = decoder
@@ -416,7 +422,7 @@ class LiteMedSAMSegmenter(Segmenter):
 
     def embedding(self, image: np.ndarray) -> np.ndarray:
         """The (1, 256, 64, 64) float32 embedding of an HxWx3 uint8 image, through the caches (memory, then disk)."""
-        key = embedding_key(image, ENCODER_ID)
+        key = embedding_key(image, self.encoder_id)
         if self.memory_cache is not None:
             hit = self.memory_cache.get(key)
             if hit is not None:
@@ -438,7 +444,7 @@ class LiteMedSAMSegmenter(Segmenter):
         return emb
 
     def embedding_cached(self, image: np.ndarray) -> bool:
-        key = embedding_key(np.ascontiguousarray(image), ENCODER_ID)
+        key = embedding_key(np.ascontiguousarray(image), self.encoder_id)
         return (self.memory_cache is not None and key in self.memory_cache) or (
             self.disk_cache is not None and key in self.disk_cache)
 

@@ -7,7 +7,9 @@ cached on disk, keyed by the sha256 of the module's weights + the opset + the to
 * ONNX Runtime (:class:`OnnxEncoder`): ``intra_op_num_threads`` (default 2), all graph optimizations, no thread
   spinning; optionally int8 dynamic quantization (``quantize=True``; fails parity, see
   ``docs/benchmarks.md``).
-* OpenVINO (:class:`OpenVinoEncoder`): fp32, latency hint, one stream, 2 threads; the fastest here.
+* OpenVINO (:class:`OpenVinoEncoder`): fp32, latency hint, one stream, 2 threads; the fastest here. With
+  ``int8=True`` it runs the int8 model that NNCF's post-training quantization made from the same ONNX file
+  (:func:`build_int8_model`, calibrated on dataset images; see "int8" below).
 
 Both match PyTorch to ~4e-6 (max abs embedding difference; mask IoU 1.0 on real cases).
 
@@ -22,7 +24,20 @@ Encoder choice for segmenters (``encoder=`` option):
   ``onnx``) is missing;
 * ``"onnx-int8"`` — ONNX Runtime with int8 dynamic quantization (experiments only);
 * ``"openvino"`` — OpenVINO; :class:`SegmenterUnavailable` if ``openvino`` (or ``onnx``) is missing;
+* ``"openvino-int8"`` — OpenVINO running the NNCF int8 model; :class:`SegmenterUnavailable` until that model has
+  been built once with ``ibisagent export-encoder --int8 --calibration-data DIR`` (needs ``nncf``: the ``int8``
+  extra); never tried by ``"auto"`` (accuracy per modality: ``docs/benchmarks.md``);
 * ``"auto"`` — OpenVINO, else ONNX Runtime, else PyTorch (with one warning).
+
+int8: :func:`build_int8_model` quantizes the exported model with NNCF (static post-training quantization:
+weights and activations int8, ``preset=mixed``, ``model_type=transformer``, fast bias correction), calibrated on
+``N`` 2D images of the *train* split of a dataset root (:func:`calibration_cases`: a stable sample, round robin over
+the dataset folders, one image per patient/volume before a second), each preprocessed exactly as the encoder input.
+The OpenVINO IR (``.xml`` + ``.bin``, plus a ``.json`` listing the calibration images and settings) is cached next to
+the ONNX file as ``<onnx name>-ovint8-<tag>.xml``, ``tag`` = hash of the calibration image keys, the settings and
+the nncf/openvino versions: the same weights + data + settings reuse the file, anything else builds a new one.
+Without calibration data there is no int8 model (no images ship for it: three demo images are too few to calibrate):
+``encoder="openvino-int8"`` then raises :class:`SegmenterUnavailable` naming the command to run.
 """
 
 from __future__ import annotations
@@ -48,7 +63,14 @@ from ibisagent.segmenters.base import SegmenterError, SegmenterUnavailable
 from ibisagent.segmenters.embedding_cache import CACHE_DIR_ENV
 
 __all__ = [
+    "build_int8_model",
     "build_with_fallback",
+    "calibration_cases",
+    "DEFAULT_CALIBRATION_IMAGES",
+    "find_int8_model",
+    "INT8_SETTINGS",
+    "int8_model_path",
+    "nncf_available",
     "DEFAULT_OPSET",
     "ENCODER_CHOICES",
     "ONNX_DIR_ENV",
@@ -70,6 +92,7 @@ __all__ = [
     "onnxruntime_available",
     "openvino_available",
     "quantize_int8",
+    "require_int8_model",
     "weights_sha256",
 ]
 
@@ -79,11 +102,18 @@ ONNX_DIR_ENV = "IBISAGENT_ONNX_DIR"
 PREPARING_MESSAGE = "preparing models (first run only)"
 THREADS_ENV = "IBISAGENT_ONNX_THREADS"
 DEFAULT_OPSET = 17
-ENCODER_CHOICES = ("auto", "torch", "onnx", "onnx-int8", "openvino")
+ENCODER_CHOICES = ("auto", "torch", "onnx", "onnx-int8", "openvino", "openvino-int8")
 #: what ``encoder="auto"`` tries, fastest first (see docs/benchmarks.md)
 AUTO_ORDER = ("openvino", "onnx")
 PIP_HINT = "pip install onnxruntime onnx"
 OPENVINO_PIP_HINT = "pip install openvino onnx"
+INT8_PIP_HINT = "pip install 'ibisagent[int8]' (nncf)"
+#: how to build the int8 model (named in the error when it is missing)
+INT8_BUILD_HINT = "ibisagent export-encoder --int8 --calibration-data DIR"
+#: calibration images used by default (docs/benchmarks.md: how many were measured)
+DEFAULT_CALIBRATION_IMAGES = 128
+#: NNCF settings of the int8 model (part of its cache key)
+INT8_SETTINGS: dict[str, Any] = {"preset": "mixed", "model_type": "transformer", "fast_bias_correction": True}
 
 _LOCK = threading.RLock()
 #: id(module), kind -> (module, runner or None); the module reference keeps the id valid
@@ -214,6 +244,164 @@ def ensure_onnx_model(module: nn.Module, input_size: int = 256, cache_dir: str |
     return path
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# int8: NNCF post-training quantization for OpenVINO (see the module docstring)
+# ----------------------------------------------------------------------------------------------------------------
+
+def nncf_available() -> bool:
+    """True if ``nncf`` can be imported."""
+    return importlib.util.find_spec("nncf") is not None
+
+
+def _sha1(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def calibration_cases(root: str | Path, n: int) -> list[Any]:
+    """``n`` distinct 2D images (:class:`~ibisagent.io.manifest.Case`, one per image) of the train split under
+    ``root``, the same on every machine: each dataset folder's images are ordered by (rank within their
+    patient/volume group, hash of the group, hash of the image key), and the folders (sorted) are taken round robin,
+    so a small ``n`` still spans every folder and every group gives one image before any gives a second."""
+    from ibisagent.io.manifest import load_manifest
+
+    if n < 1:
+        raise SegmenterError(f"the number of calibration images must be >= 1, got {n}")
+    per_folder: dict[str, dict[str, Any]] = {}
+    for case in load_manifest(root, split="train"):
+        per_folder.setdefault(case.source, {}).setdefault(case.image_key, case)
+    queues = []
+    for folder in sorted(per_folder):
+        groups: dict[str, list[Any]] = {}
+        for case in per_folder[folder].values():
+            groups.setdefault(case.split_key, []).append(case)
+        ranked = []
+        for key, members in groups.items():
+            for rank, case in enumerate(sorted(members, key=lambda c: _sha1(c.image_key))):
+                ranked.append(((rank, _sha1(key), _sha1(case.image_key)), case))
+        queues.append([case for _, case in sorted(ranked, key=lambda t: t[0])])
+    out: list[Any] = []
+    depth = 0
+    while len(out) < n and any(len(q) > depth for q in queues):
+        for q in queues:
+            if len(out) < n and depth < len(q):
+                out.append(q[depth])
+        depth += 1
+    return out
+
+
+def _int8_prefix(digest: str, input_size: int, opset: int, cache_dir: str | Path | None) -> Path:
+    return onnx_model_path(digest, input_size, opset, cache_dir).with_suffix("")
+
+
+def int8_model_path(digest: str, input_size: int, tag: str, opset: int = DEFAULT_OPSET,
+                    cache_dir: str | Path | None = None) -> Path:
+    """The cached int8 OpenVINO IR for weights ``digest`` and calibration ``tag``: ``<onnx stem>-ovint8-<tag>.xml``."""
+    prefix = _int8_prefix(digest, input_size, opset, cache_dir)
+    return prefix.with_name(f"{prefix.name}-ovint8-{tag}.xml")
+
+
+def find_int8_model(module: nn.Module, input_size: int = 256, cache_dir: str | Path | None = None,
+                    opset: int = DEFAULT_OPSET) -> Path | None:
+    """The newest cached int8 model of ``module``'s weights (any calibration), or None."""
+    prefix = _int8_prefix(weights_sha256(module), input_size, opset, cache_dir)
+    found = [p for p in prefix.parent.glob(f"{prefix.name}-ovint8-*.xml") if p.with_suffix(".bin").is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def _calibration_tag(image_keys: list[str], settings: dict[str, Any]) -> str:
+    import json
+
+    import nncf
+    import openvino as ov
+
+    blob = json.dumps({"images": image_keys, "settings": settings, "nncf": nncf.__version__,
+                       "openvino": ov.__version__}, sort_keys=True)
+    return _sha1(blob)[:12]
+
+
+def build_int8_model(module: nn.Module, calibration_data: str | Path, preprocess: Any, *,
+                     n_images: int = DEFAULT_CALIBRATION_IMAGES, input_size: int = 256,
+                     cache_dir: str | Path | None = None, opset: int = DEFAULT_OPSET,
+                     settings: dict[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
+    """Quantize ``module``'s exported model to int8 with NNCF, calibrated on :func:`calibration_cases`
+    (``n_images`` train images under ``calibration_data``, each ``preprocess(HxWx3 uint8) -> 1x3xSxS tensor``, the
+    encoder's own input transform); cached (see the module docstring). Returns (IR path, info: ``cached``,
+    ``images``, ``seconds``). Raises :class:`SegmenterUnavailable` without nncf/openvino, :class:`SegmenterError`
+    when ``calibration_data`` holds no train images."""
+    if not (nncf_available() and openvino_available()):
+        raise SegmenterUnavailable(f"the int8 encoder needs nncf and openvino: {INT8_PIP_HINT}")
+    root = Path(calibration_data)
+    if not root.is_dir():
+        raise SegmenterError(f"calibration data not found: {root} (a dataset folder or a folder of them)")
+    from ibisagent.io.manifest import ManifestError
+
+    try:
+        cases = calibration_cases(root, n_images)
+    except ManifestError as exc:
+        raise SegmenterError(f"no 2D train images with an index.jsonl under {root} to calibrate on ({exc})") from exc
+    if not cases:
+        raise SegmenterError(f"no 2D train images with an index.jsonl under {root} to calibrate on")
+    settings = dict(INT8_SETTINGS if settings is None else settings)
+    keys = [c.image_key for c in cases]
+    path = int8_model_path(weights_sha256(module), input_size, _calibration_tag(keys, settings), opset, cache_dir)
+    info: dict[str, Any] = {"cached": True, "images": len(cases), "seconds": 0.0}
+    with _LOCK:
+        if path.is_file() and path.with_suffix(".bin").is_file():
+            return path, info
+        onnx_path = ensure_onnx_model(module, input_size, cache_dir, opset)
+        announce_preparing()
+        log.info("quantizing the image encoder to int8 with NNCF on %d images (once): %s", len(cases), path)
+        import json
+
+        import nncf
+        import openvino as ov
+
+        from ibisagent.io.cases import load_rgb
+
+        t0 = time.perf_counter()
+        arrays = [np.ascontiguousarray(preprocess(load_rgb(c.image)).numpy(), dtype=np.float32) for c in cases]
+        for a in arrays:
+            if a.shape != (1, 3, input_size, input_size):
+                raise SegmenterError(f"preprocess gave {a.shape}, the encoder takes (1, 3, {input_size}, {input_size})")
+        model = ov.Core().read_model(str(onnx_path))
+        kwargs: dict[str, Any] = {"subset_size": len(arrays),
+                                  "fast_bias_correction": bool(settings.get("fast_bias_correction", True))}
+        if settings.get("preset"):
+            kwargs["preset"] = nncf.QuantizationPreset(settings["preset"])
+        if settings.get("model_type"):
+            kwargs["model_type"] = nncf.ModelType(settings["model_type"])
+        quantized = nncf.quantize(model, nncf.Dataset(arrays), **kwargs)
+        info.update(cached=False, seconds=time.perf_counter() - t0)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent))
+        try:
+            ov.save_model(quantized, str(tmp_dir / "model.xml"), compress_to_fp16=False)
+            (tmp_dir / "model.json").write_text(json.dumps(
+                {"images": keys, "settings": settings, "nncf": nncf.__version__, "openvino": ov.__version__,
+                 "calibration_seconds": round(info["seconds"], 1)}, indent=1))
+            for suffix in (".bin", ".json", ".xml"):  # the .xml last: it is what marks the model as present
+                os.chmod(tmp_dir / f"model{suffix}", 0o644)
+                os.replace(tmp_dir / f"model{suffix}", path.with_suffix(suffix))
+        finally:
+            for leftover in tmp_dir.glob("*"):
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+            with contextlib.suppress(OSError):
+                tmp_dir.rmdir()
+    return path, info
+
+
+def require_int8_model(module: nn.Module, input_size: int = 256, cache_dir: str | Path | None = None,
+                       opset: int = DEFAULT_OPSET) -> Path:
+    """:func:`find_int8_model`, or :class:`SegmenterUnavailable` naming the command that builds it."""
+    path = find_int8_model(module, input_size, cache_dir, opset)
+    if path is None:
+        where = Path(cache_dir).expanduser() if cache_dir is not None else default_onnx_dir()
+        raise SegmenterUnavailable(f"no int8 encoder model in {where}: build it once with `{INT8_BUILD_HINT}` "
+                                   f"(a dataset root with index.jsonl; needs {INT8_PIP_HINT})")
+    return path
+
+
 def make_ort_session(path: str | Path, threads: int, spin: bool = False) -> Any:
     """An ONNX Runtime CPU session for ``path``: ``threads`` intra-op threads, sequential, all graph optimizations,
     no thread spinning unless ``spin``. Raises :class:`SegmenterUnavailable` when the file cannot be loaded."""
@@ -338,7 +526,11 @@ class OnnxEncoder(_ExportedEncoder):
 class OpenVinoEncoder(_ExportedEncoder):
     """The same exported ONNX model compiled by OpenVINO for the CPU: fp32 (``INFERENCE_PRECISION_HINT=f32``; bf16
     is far slower on this machine), latency hint, one stream, ``threads`` inference threads. Compiled blobs are
-    cached next to the ONNX files (``<cache>/openvino``). Parity and speed: ``docs/benchmarks.md``."""
+    cached next to the ONNX files (``<cache>/openvino``). Parity and speed: ``docs/benchmarks.md``.
+
+    ``int8=True`` runs the cached NNCF int8 model of ``module`` instead (:func:`build_int8_model`; the newest one
+    when several calibrations are cached); :class:`SegmenterUnavailable` when none has been built. ``onnx_path``
+    may also name an OpenVINO IR ``.xml``."""
 
     runtime = "openvino"
 
@@ -351,10 +543,16 @@ class OpenVinoEncoder(_ExportedEncoder):
         cache_dir: str | Path | None = None,
         threads: int = 2,
         opset: int = DEFAULT_OPSET,
+        int8: bool = False,
     ) -> None:
         if not openvino_available():
             raise SegmenterUnavailable(f"the OpenVINO encoder needs openvino: {OPENVINO_PIP_HINT}")
+        if int8 and onnx_path is None:
+            if module is None:
+                raise SegmenterError("OpenVinoEncoder(int8=True) needs a module or an onnx_path")
+            onnx_path = require_int8_model(module, input_size, cache_dir, opset)
         super().__init__(module, onnx_path, input_size, cache_dir, threads, opset)
+        self.quantized = bool(int8)
         self.compiled = compile_openvino(self.path, self.threads)
         self._request = self.compiled.create_infer_request()
         self._req_lock = threading.Lock()  # an infer request is not thread-safe
@@ -401,8 +599,8 @@ def build_with_fallback(kind: str, order: tuple[str, ...], build: Any, what: str
 
 
 def _build_runner(kind: str, module: nn.Module, input_size: int, threads: int) -> _ExportedEncoder:
-    if kind == "openvino":
-        return OpenVinoEncoder(module, input_size=input_size, threads=threads)
+    if kind in ("openvino", "openvino-int8"):
+        return OpenVinoEncoder(module, input_size=input_size, threads=threads, int8=kind == "openvino-int8")
     return OnnxEncoder(module, input_size=input_size, threads=threads, quantize=kind == "onnx-int8")
 
 
@@ -410,7 +608,7 @@ def encoder_runner(module: nn.Module, kind: str = "auto", input_size: int = 256,
                    threads: int | None = None) -> _ExportedEncoder | None:
     """The exported-model runner to use for ``module`` under the ``encoder=`` choice ``kind``, cached per module;
     ``None`` means "use PyTorch". ``"auto"`` tries OpenVINO, then ONNX Runtime, and falls back to PyTorch (warning
-    once) when neither works; an explicit ``"onnx"`` / ``"onnx-int8"`` / ``"openvino"`` raises
+    once) when neither works; an explicit ``"onnx"`` / ``"onnx-int8"`` / ``"openvino"`` / ``"openvino-int8"`` raises
     :class:`SegmenterUnavailable` instead. ``threads`` defaults to :func:`default_threads`."""
     threads = default_threads() if threads is None else threads
     if kind not in ENCODER_CHOICES:
@@ -458,13 +656,24 @@ def encoder_runner_from_file(path: str | Path, kind: str = "auto", input_size: i
 # ----------------------------------------------------------------------------------------------------------------
 
 def export_and_check(module: nn.Module, *, runtime: str = "onnx", input_size: int = 256,
-                     cache_dir: str | Path | None = None, threads: int = 2,
-                     int8: bool = False) -> tuple[_ExportedEncoder, float, float]:
+                     cache_dir: str | Path | None = None, threads: int = 2, int8: bool = False,
+                     calibration_data: str | Path | None = None,
+                     calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
+                     preprocess: Any = None) -> tuple[_ExportedEncoder, float, float]:
     """Export ``module`` (cached) for ``runtime`` (``"onnx"`` = ONNX Runtime, ``"openvino"``) and compare it with
-    PyTorch on a seeded random input. Returns (encoder, setup seconds, max abs difference)."""
+    PyTorch on a seeded random input. ``int8``: ONNX Runtime's dynamic int8 model, or for ``"openvino"`` the NNCF
+    int8 model calibrated on ``calibration_images`` train images of ``calibration_data`` through ``preprocess``
+    (:func:`build_int8_model`; both required then). Returns (encoder, setup seconds, max abs difference)."""
     t0 = time.perf_counter()
-    if runtime == "openvino":
-        enc: _ExportedEncoder = OpenVinoEncoder(module, input_size=input_size, cache_dir=cache_dir, threads=threads)
+    if runtime == "openvino" and int8:
+        if calibration_data is None or preprocess is None:
+            raise SegmenterError("the OpenVINO int8 model needs calibration data (a dataset root with index.jsonl)")
+        path, _ = build_int8_model(module, calibration_data, preprocess, n_images=calibration_images,
+                                   input_size=input_size, cache_dir=cache_dir)
+        enc: _ExportedEncoder = OpenVinoEncoder(module, onnx_path=path, input_size=input_size, threads=threads,
+                                                int8=True)
+    elif runtime == "openvino":
+        enc = OpenVinoEncoder(module, input_size=input_size, cache_dir=cache_dir, threads=threads)
     else:
         enc = OnnxEncoder(module, input_size=input_size, cache_dir=cache_dir, threads=threads, quantize=int8)
     setup_s = time.perf_counter() - t0
