@@ -18,6 +18,7 @@ from torch import nn
 
 from ibisagent.segmenters import SegmenterError, SegmenterUnavailable
 from ibisagent.segmenters import onnx_encoder as oe
+from ibisagent.training import quantize
 
 SIZE = 32
 
@@ -68,22 +69,22 @@ def test_calibration_sample_is_stable_spread_and_train_only(tmp_path: Path) -> N
     train_keys = {c.image_key for c in load_manifest(root, split="train")}
     val_keys = {c.image_key for c in load_manifest(root, split="val")}
     assert val_keys  # the fixture has val images, so "train only" below is a real check
-    every = oe.calibration_cases(root, 1000)
+    every = quantize.calibration_cases(root, 1000)
     keys = [c.image_key for c in every]
     assert len(keys) == len(set(keys)) == len(train_keys)  # one case per image (two masks share im0)
     assert set(keys) == train_keys
-    few = [c.image_key for c in oe.calibration_cases(root, 4)]
+    few = [c.image_key for c in quantize.calibration_cases(root, 4)]
     assert {k.split("/")[0] for k in few} == {"ds1", "ds2"}  # round robin over folders
-    first = oe.calibration_cases(root, 20)
+    first = quantize.calibration_cases(root, 20)
     by_folder: dict[str, list[str]] = {}
     for c in first:
         by_folder.setdefault(c.source, []).append(c.split_key)
     for groups in by_folder.values():  # one image per group before any group gives a second
         assert len(groups) == len(set(groups))
     moved = shutil.copytree(root, tmp_path / "elsewhere")  # same sample wherever the data lives
-    assert [c.image_key for c in oe.calibration_cases(moved, 20)] == [c.image_key for c in first]
+    assert [c.image_key for c in quantize.calibration_cases(moved, 20)] == [c.image_key for c in first]
     with pytest.raises(SegmenterError, match=">= 1"):
-        oe.calibration_cases(root, 0)
+        quantize.calibration_cases(root, 0)
 
 
 def test_missing_int8_model_names_the_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -109,11 +110,11 @@ def test_int8_build_cache_key_and_rebuild(tmp_path: Path, monkeypatch: pytest.Mo
     data = _dataset(tmp_path / "data", {"ds1": 16})
     cache = tmp_path / "cache"
     toy = _toy()
-    path, info = oe.build_int8_model(toy, data, _pre, n_images=6, input_size=SIZE, cache_dir=cache)
+    path, info = quantize.build_int8_model(toy, data, _pre, n_images=6, input_size=SIZE, cache_dir=cache)
     assert not info["cached"] and info["images"] == 6 and path.suffix == ".xml"
     assert path.with_suffix(".bin").is_file() and oe.weights_sha256(toy)[:16] in path.name
     meta = json.loads(path.with_suffix(".json").read_text())
-    assert meta["images"] == [c.image_key for c in oe.calibration_cases(data, 6)] and meta["settings"] == oe.INT8_SETTINGS
+    assert meta["images"] == [c.image_key for c in quantize.calibration_cases(data, 6)] and meta["settings"] == oe.INT8_SETTINGS
     assert not list(cache.glob("*.tmp"))  # the temp folder is gone
     assert oe.find_int8_model(toy, SIZE, cache) == path
 
@@ -123,15 +124,15 @@ def test_int8_build_cache_key_and_rebuild(tmp_path: Path, monkeypatch: pytest.Mo
         raise AssertionError("quantized again")
 
     monkeypatch.setattr(nncf, "quantize", boom)
-    again, info2 = oe.build_int8_model(toy, data, _pre, n_images=6, input_size=SIZE, cache_dir=cache)
+    again, info2 = quantize.build_int8_model(toy, data, _pre, n_images=6, input_size=SIZE, cache_dir=cache)
     assert again == path and info2["cached"]  # same weights + data + settings: reused
     monkeypatch.setattr(nncf, "quantize", real_quantize)
 
-    other_n, _ = oe.build_int8_model(toy, data, _pre, n_images=5, input_size=SIZE, cache_dir=cache)
-    other_set, _ = oe.build_int8_model(toy, data, _pre, n_images=6, input_size=SIZE, cache_dir=cache,
+    other_n, _ = quantize.build_int8_model(toy, data, _pre, n_images=5, input_size=SIZE, cache_dir=cache)
+    other_set, _ = quantize.build_int8_model(toy, data, _pre, n_images=6, input_size=SIZE, cache_dir=cache,
                                        settings={**oe.INT8_SETTINGS, "fast_bias_correction": False})
     new_w = _toy(seed=1)
-    other_w, _ = oe.build_int8_model(new_w, data, _pre, n_images=6, input_size=SIZE, cache_dir=cache)
+    other_w, _ = quantize.build_int8_model(new_w, data, _pre, n_images=6, input_size=SIZE, cache_dir=cache)
     assert len({path, other_n, other_set, other_w}) == 4
     assert oe.weights_sha256(new_w)[:16] in other_w.name
     assert oe.find_int8_model(new_w, SIZE, cache) == other_w
@@ -146,11 +147,11 @@ def test_int8_build_cache_key_and_rebuild(tmp_path: Path, monkeypatch: pytest.Mo
     rel = float((out - ref).norm() / ref.norm())
     assert 0 < rel < 0.1  # int8: close to fp32 but not bit-equal (it really runs the quantized model)
     with pytest.raises(SegmenterError, match="calibration data not found"):
-        oe.build_int8_model(toy, tmp_path / "nope", _pre, input_size=SIZE, cache_dir=cache)
+        quantize.build_int8_model(toy, tmp_path / "nope", _pre, input_size=SIZE, cache_dir=cache)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(SegmenterError, match="no 2D train images"):
-        oe.build_int8_model(toy, empty, _pre, input_size=SIZE, cache_dir=cache)
+        quantize.build_int8_model(toy, empty, _pre, input_size=SIZE, cache_dir=cache)
 
 
 def test_export_encoder_cli_int8(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
@@ -192,6 +193,9 @@ REAL_FOLDERS = ("busi_breast_ultrasound", "ph2_dermoscopy", "kits19_kidney_ct", 
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="measured 2026-12-02: int8 box masks match fp32 at IoU 0.96 / 0.97 / 0.92 on "
+                   "BUSI / PH2 / KiTS but 0.20 on the JSRT chest X-ray: not within tolerance, so openvino-int8 is an "
+                   "option, not the default (docs/benchmarks.md); strict: this fails once int8 is good enough")
 def test_litemedsam_int8_masks_close_to_fp32(shared_data: Path, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Selected with ``encoder="openvino-int8"``, the segmenter really runs the int8 model (embeddings differ from
@@ -217,9 +221,9 @@ def test_litemedsam_int8_masks_close_to_fp32(shared_data: Path, tmp_path: Path,
     encoder = load_base_model().image_encoder
     if oe.find_int8_model(encoder) is None:  # none built on this machine: calibrate a small one in tmp (minutes)
         monkeypatch.setenv(oe.ONNX_DIR_ENV, str(tmp_path))
-        path, info = oe.build_int8_model(encoder, shared_data, preprocess_image, n_images=16, input_size=256)
+        path, info = quantize.build_int8_model(encoder, shared_data, preprocess_image, n_images=16, input_size=256)
         assert info["images"] == 16 and path.is_file()
-    segs = {kind: create_segmenter("litemedsam", weights="original", encoder=kind, memory_cache=False)
+    segs = {kind: create_segmenter("litemedsam", encoder=kind, memory_cache=False)
             for kind in ("openvino", "openvino-int8")}
     assert segs["openvino"].encoder_id != segs["openvino-int8"].encoder_id  # caches keep them apart
     box_ious, click_ious = [], []

@@ -43,12 +43,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
         print(f"export-encoder: --calibration-images must be >= 1, got {args.calibration_images}", file=sys.stderr)
         return 2
     try:
-        enc, setup_s, diff = export_and_check(_load_litemedsam_encoder(), runtime=runtime,
-                                              input_size=args.input_size, cache_dir=args.cache_dir,
-                                              threads=args.threads, int8=args.int8,
-                                              calibration_data=args.calibration_data,
-                                              calibration_images=args.calibration_images,
-                                              preprocess=_preprocess() if args.calibration_data else None)
+        encoder = _load_litemedsam_encoder()
+        if args.int8 and runtime == "openvino":  # calibrate (cached) first; export_and_check then runs that model
+            from ibisagent.training.quantize import build_int8_model
+
+            build_int8_model(encoder, args.calibration_data, _preprocess(), n_images=args.calibration_images,
+                             input_size=args.input_size, cache_dir=args.cache_dir)
+        enc, setup_s, diff = export_and_check(encoder, runtime=runtime, input_size=args.input_size,
+                                              cache_dir=args.cache_dir, threads=args.threads, int8=args.int8)
     except (SegmenterError, SegmenterUnavailable, OSError) as exc:
         print(f"export-encoder: {exc}", file=sys.stderr)
         return 2

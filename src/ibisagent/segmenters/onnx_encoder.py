@@ -9,7 +9,7 @@ cached on disk, keyed by the sha256 of the module's weights + the opset + the to
   ``docs/benchmarks.md``).
 * OpenVINO (:class:`OpenVinoEncoder`): fp32, latency hint, one stream, 2 threads; the fastest here. With
   ``int8=True`` it runs the int8 model that NNCF's post-training quantization made from the same ONNX file
-  (:func:`build_int8_model`, calibrated on dataset images; see "int8" below).
+  (:func:`ibisagent.training.quantize.build_int8_model`, calibrated on dataset images; see "int8" below).
 
 Both match PyTorch to ~4e-6 (max abs embedding difference; mask IoU 1.0 on real cases).
 
@@ -29,9 +29,9 @@ Encoder choice for segmenters (``encoder=`` option):
   extra); never tried by ``"auto"`` (accuracy per modality: ``docs/benchmarks.md``);
 * ``"auto"`` — OpenVINO, else ONNX Runtime, else PyTorch (with one warning).
 
-int8: :func:`build_int8_model` quantizes the exported model with NNCF (static post-training quantization:
+int8: :func:`ibisagent.training.quantize.build_int8_model` quantizes the exported model with NNCF (static post-training quantization:
 weights and activations int8, ``preset=mixed``, ``model_type=transformer``, fast bias correction), calibrated on
-``N`` 2D images of the *train* split of a dataset root (:func:`calibration_cases`: a stable sample, round robin over
+``N`` 2D images of the *train* split of a dataset root (:func:`ibisagent.training.quantize.calibration_cases`: a stable sample, round robin over
 the dataset folders, one image per patient/volume before a second), each preprocessed exactly as the encoder input.
 The OpenVINO IR (``.xml`` + ``.bin``, plus a ``.json`` listing the calibration images and settings) is cached next to
 the ONNX file as ``<onnx name>-ovint8-<tag>.xml``, ``tag`` = hash of the calibration image keys, the settings and
@@ -63,9 +63,7 @@ from ibisagent.segmenters.base import SegmenterError, SegmenterUnavailable
 from ibisagent.segmenters.embedding_cache import CACHE_DIR_ENV
 
 __all__ = [
-    "build_int8_model",
     "build_with_fallback",
-    "calibration_cases",
     "DEFAULT_CALIBRATION_IMAGES",
     "find_int8_model",
     "INT8_SETTINGS",
@@ -253,42 +251,6 @@ def nncf_available() -> bool:
     return importlib.util.find_spec("nncf") is not None
 
 
-def _sha1(text: str) -> str:
-    return hashlib.sha1(text.encode()).hexdigest()
-
-
-def calibration_cases(root: str | Path, n: int) -> list[Any]:
-    """``n`` distinct 2D images (:class:`~ibisagent.io.manifest.Case`, one per image) of the train split under
-    ``root``, the same on every machine: each dataset folder's images are ordered by (rank within their
-    patient/volume group, hash of the group, hash of the image key), and the folders (sorted) are taken round robin,
-    so a small ``n`` still spans every folder and every group gives one image before any gives a second."""
-    from ibisagent.io.manifest import load_manifest
-
-    if n < 1:
-        raise SegmenterError(f"the number of calibration images must be >= 1, got {n}")
-    per_folder: dict[str, dict[str, Any]] = {}
-    for case in load_manifest(root, split="train"):
-        per_folder.setdefault(case.source, {}).setdefault(case.image_key, case)
-    queues = []
-    for folder in sorted(per_folder):
-        groups: dict[str, list[Any]] = {}
-        for case in per_folder[folder].values():
-            groups.setdefault(case.split_key, []).append(case)
-        ranked = []
-        for key, members in groups.items():
-            for rank, case in enumerate(sorted(members, key=lambda c: _sha1(c.image_key))):
-                ranked.append(((rank, _sha1(key), _sha1(case.image_key)), case))
-        queues.append([case for _, case in sorted(ranked, key=lambda t: t[0])])
-    out: list[Any] = []
-    depth = 0
-    while len(out) < n and any(len(q) > depth for q in queues):
-        for q in queues:
-            if len(out) < n and depth < len(q):
-                out.append(q[depth])
-        depth += 1
-    return out
-
-
 def _int8_prefix(digest: str, input_size: int, opset: int, cache_dir: str | Path | None) -> Path:
     return onnx_model_path(digest, input_size, opset, cache_dir).with_suffix("")
 
@@ -306,89 +268,6 @@ def find_int8_model(module: nn.Module, input_size: int = 256, cache_dir: str | P
     prefix = _int8_prefix(weights_sha256(module), input_size, opset, cache_dir)
     found = [p for p in prefix.parent.glob(f"{prefix.name}-ovint8-*.xml") if p.with_suffix(".bin").is_file()]
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
-
-
-def _calibration_tag(image_keys: list[str], settings: dict[str, Any]) -> str:
-    import json
-
-    import nncf
-    import openvino as ov
-
-    blob = json.dumps({"images": image_keys, "settings": settings, "nncf": nncf.__version__,
-                       "openvino": ov.__version__}, sort_keys=True)
-    return _sha1(blob)[:12]
-
-
-def build_int8_model(module: nn.Module, calibration_data: str | Path, preprocess: Any, *,
-                     n_images: int = DEFAULT_CALIBRATION_IMAGES, input_size: int = 256,
-                     cache_dir: str | Path | None = None, opset: int = DEFAULT_OPSET,
-                     settings: dict[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
-    """Quantize ``module``'s exported model to int8 with NNCF, calibrated on :func:`calibration_cases`
-    (``n_images`` train images under ``calibration_data``, each ``preprocess(HxWx3 uint8) -> 1x3xSxS tensor``, the
-    encoder's own input transform); cached (see the module docstring). Returns (IR path, info: ``cached``,
-    ``images``, ``seconds``). Raises :class:`SegmenterUnavailable` without nncf/openvino, :class:`SegmenterError`
-    when ``calibration_data`` holds no train images."""
-    if not (nncf_available() and openvino_available()):
-        raise SegmenterUnavailable(f"the int8 encoder needs nncf and openvino: {INT8_PIP_HINT}")
-    root = Path(calibration_data)
-    if not root.is_dir():
-        raise SegmenterError(f"calibration data not found: {root} (a dataset folder or a folder of them)")
-    from ibisagent.io.manifest import ManifestError
-
-    try:
-        cases = calibration_cases(root, n_images)
-    except ManifestError as exc:
-        raise SegmenterError(f"no 2D train images with an index.jsonl under {root} to calibrate on ({exc})") from exc
-    if not cases:
-        raise SegmenterError(f"no 2D train images with an index.jsonl under {root} to calibrate on")
-    settings = dict(INT8_SETTINGS if settings is None else settings)
-    keys = [c.image_key for c in cases]
-    path = int8_model_path(weights_sha256(module), input_size, _calibration_tag(keys, settings), opset, cache_dir)
-    info: dict[str, Any] = {"cached": True, "images": len(cases), "seconds": 0.0}
-    with _LOCK:
-        if path.is_file() and path.with_suffix(".bin").is_file():
-            return path, info
-        onnx_path = ensure_onnx_model(module, input_size, cache_dir, opset)
-        announce_preparing()
-        log.info("quantizing the image encoder to int8 with NNCF on %d images (once): %s", len(cases), path)
-        import json
-
-        import nncf
-        import openvino as ov
-
-        from ibisagent.io.cases import load_rgb
-
-        t0 = time.perf_counter()
-        arrays = [np.ascontiguousarray(preprocess(load_rgb(c.image)).numpy(), dtype=np.float32) for c in cases]
-        for a in arrays:
-            if a.shape != (1, 3, input_size, input_size):
-                raise SegmenterError(f"preprocess gave {a.shape}, the encoder takes (1, 3, {input_size}, {input_size})")
-        model = ov.Core().read_model(str(onnx_path))
-        kwargs: dict[str, Any] = {"subset_size": len(arrays),
-                                  "fast_bias_correction": bool(settings.get("fast_bias_correction", True))}
-        if settings.get("preset"):
-            kwargs["preset"] = nncf.QuantizationPreset(settings["preset"])
-        if settings.get("model_type"):
-            kwargs["model_type"] = nncf.ModelType(settings["model_type"])
-        quantized = nncf.quantize(model, nncf.Dataset(arrays), **kwargs)
-        info.update(cached=False, seconds=time.perf_counter() - t0)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_dir = Path(tempfile.mkdtemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent))
-        try:
-            ov.save_model(quantized, str(tmp_dir / "model.xml"), compress_to_fp16=False)
-            (tmp_dir / "model.json").write_text(json.dumps(
-                {"images": keys, "settings": settings, "nncf": nncf.__version__, "openvino": ov.__version__,
-                 "calibration_seconds": round(info["seconds"], 1)}, indent=1))
-            for suffix in (".bin", ".json", ".xml"):  # the .xml last: it is what marks the model as present
-                os.chmod(tmp_dir / f"model{suffix}", 0o644)
-                os.replace(tmp_dir / f"model{suffix}", path.with_suffix(suffix))
-        finally:
-            for leftover in tmp_dir.glob("*"):
-                with contextlib.suppress(OSError):
-                    leftover.unlink()
-            with contextlib.suppress(OSError):
-                tmp_dir.rmdir()
-    return path, info
 
 
 def require_int8_model(module: nn.Module, input_size: int = 256, cache_dir: str | Path | None = None,
@@ -528,7 +407,7 @@ class OpenVinoEncoder(_ExportedEncoder):
     is far slower on this machine), latency hint, one stream, ``threads`` inference threads. Compiled blobs are
     cached next to the ONNX files (``<cache>/openvino``). Parity and speed: ``docs/benchmarks.md``.
 
-    ``int8=True`` runs the cached NNCF int8 model of ``module`` instead (:func:`build_int8_model`; the newest one
+    ``int8=True`` runs the cached NNCF int8 model of ``module`` instead (:func:`ibisagent.training.quantize.build_int8_model`; the newest one
     when several calibrations are cached); :class:`SegmenterUnavailable` when none has been built. ``onnx_path``
     may also name an OpenVINO IR ``.xml``."""
 
@@ -656,20 +535,14 @@ def encoder_runner_from_file(path: str | Path, kind: str = "auto", input_size: i
 # ----------------------------------------------------------------------------------------------------------------
 
 def export_and_check(module: nn.Module, *, runtime: str = "onnx", input_size: int = 256,
-                     cache_dir: str | Path | None = None, threads: int = 2, int8: bool = False,
-                     calibration_data: str | Path | None = None,
-                     calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
-                     preprocess: Any = None) -> tuple[_ExportedEncoder, float, float]:
+                     cache_dir: str | Path | None = None, threads: int = 2,
+                     int8: bool = False) -> tuple[_ExportedEncoder, float, float]:
     """Export ``module`` (cached) for ``runtime`` (``"onnx"`` = ONNX Runtime, ``"openvino"``) and compare it with
-    PyTorch on a seeded random input. ``int8``: ONNX Runtime's dynamic int8 model, or for ``"openvino"`` the NNCF
-    int8 model calibrated on ``calibration_images`` train images of ``calibration_data`` through ``preprocess``
-    (:func:`build_int8_model`; both required then). Returns (encoder, setup seconds, max abs difference)."""
+    PyTorch on a seeded random input. ``int8``: ONNX Runtime's dynamic int8 model, or for ``"openvino"`` the cached
+    NNCF int8 model (built beforehand by :func:`ibisagent.training.quantize.build_int8_model`). Returns (encoder, setup seconds, max abs difference)."""
     t0 = time.perf_counter()
     if runtime == "openvino" and int8:
-        if calibration_data is None or preprocess is None:
-            raise SegmenterError("the OpenVINO int8 model needs calibration data (a dataset root with index.jsonl)")
-        path, _ = build_int8_model(module, calibration_data, preprocess, n_images=calibration_images,
-                                   input_size=input_size, cache_dir=cache_dir)
+        path = require_int8_model(module, input_size, cache_dir)
         enc: _ExportedEncoder = OpenVinoEncoder(module, onnx_path=path, input_size=input_size, threads=threads,
                                                 int8=True)
     elif runtime == "openvino":
