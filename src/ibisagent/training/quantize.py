@@ -95,11 +95,11 @@ def build_int8_model(module: nn.Module, calibration_data: str | Path, preprocess
     encoder's own input transform); cached (see the module docstring). Returns (IR path, info: ``cached``,
     ``images``, ``seconds``). Raises :class:`SegmenterUnavailable` without nncf/openvino, :class:`SegmenterError`
     when ``calibration_data`` holds no train images."""
+    root = Path(calibration_data)
+    if not root.is_dir():  # the user's argument first, then what the machine lacks
+        raise SegmenterError(f"calibration data not found: {root} (a dataset folder or a folder of them)")
     if not (nncf_available() and openvino_available()):
         raise SegmenterUnavailable(f"the int8 encoder needs nncf and openvino: {INT8_PIP_HINT}")
-    root = Path(calibration_data)
-    if not root.is_dir():
-        raise SegmenterError(f"calibration data not found: {root} (a dataset folder or a folder of them)")
     from ibisagent.io.manifest import ManifestError
 
     try:
