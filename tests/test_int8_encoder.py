@@ -14,27 +14,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 
 from ibisagent.segmenters import SegmenterError, SegmenterUnavailable
 from ibisagent.segmenters import onnx_encoder as oe
 from ibisagent.training import quantize
+from model_fixtures import ToyEncoder
 
 SIZE = 32
 
 
-class Toy(nn.Module):
-    """Encoder-shaped: 1x3x32x32 -> 1x8x8x8 (conv, layer norm, linear, GELU)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 16, 4, stride=4)
-        self.norm = nn.LayerNorm(16)
-        self.fc = nn.Linear(16, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv(x).permute(0, 2, 3, 1)
-        return nn.functional.gelu(self.fc(self.norm(y))).permute(0, 3, 1, 2)
+Toy = ToyEncoder
 
 
 def _toy(seed: int = 0) -> Toy:

@@ -14,23 +14,12 @@ from torch import nn
 
 from ibisagent.segmenters import SegmenterError, SegmenterUnavailable
 from ibisagent.segmenters import onnx_encoder as oe
+from model_fixtures import ToyEncoder
 
 pytest.importorskip("onnxruntime")
 
 
-class Toy(nn.Module):
-    """A small encoder-shaped module: 1x3x32x32 -> 1x8x8x8 (conv, layer norm, linear, GELU)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 16, 4, stride=4)
-        self.norm = nn.LayerNorm(16)
-        self.fc = nn.Linear(16, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv(x).permute(0, 2, 3, 1)
-        y = nn.functional.gelu(self.fc(self.norm(y)))
-        return y.permute(0, 3, 1, 2)
+Toy = ToyEncoder
 
 
 @pytest.fixture()

@@ -13,6 +13,7 @@ import pytest
 from ibisagent.episode import StopRules, play
 from ibisagent.segmenters import SegmenterError, create_segmenter
 from ibisagent.volume import SliceStack, VolumeEnv, VolumeSession
+from model_fixtures import ScriptedReplies
 from test_sam2_backend import tiny  # noqa: F401  (the tiny random SAM2 checkpoint fixture)
 
 Z, H, W = 8, 64, 64
@@ -63,16 +64,7 @@ class _Spy:
         return [c[0] for c in self.calls]
 
 
-class _Script:
-    def __init__(self, replies: list[str]) -> None:
-        self.replies = replies
-
-    def begin_episode(self, **_: object) -> None:
-        self.k = 0
-
-    def act(self, obs: object) -> str:
-        self.k += 1
-        return self.replies[self.k - 1]
+_Script = ScriptedReplies
 
 
 def test_a_volume_episode_through_the_driver_propagates_both_ways_and_a_correction_repropagates(seg, stack) -> None:

@@ -19,6 +19,7 @@ from ibisagent.protocol import Action, ActionParseError, format_action, parse_ac
 from ibisagent.segmenters.base import SegmenterError, create_segmenter
 from ibisagent.session import Session
 from ibisagent.volume import SliceStack, VolumeEnv, VolumeSession
+from model_fixtures import ScriptedReplies
 
 DATA = Path("/work/shared/data/chaos_t2spir_abdomen_mri_3d")
 
@@ -98,16 +99,7 @@ def test_worst_slice_click_uses_the_reference_rule_on_the_slice_with_most_error(
 
 # --- the session on a synthetic volume (fake segmenter) through the one driver -----------------------------------
 
-class _Script:
-    def __init__(self, replies: list[str]) -> None:
-        self.replies = replies
-
-    def begin_episode(self, **_: object) -> None:
-        self.k = 0
-
-    def act(self, obs: object) -> str:
-        self.k += 1
-        return self.replies[self.k - 1]
+_Script = ScriptedReplies
 
 
 def test_a_click_propagates_through_the_volume_and_stops_where_the_object_ends() -> None:
