@@ -205,3 +205,27 @@ def test_app_handlers_switch_the_policy_list_for_volumes(hub, vol, tmp_path):
     ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}
     assert {"projection", "vmode", "slice", "fmt"} <= ids
     assert Path(path).name == "vol_mask.nii.gz"
+
+
+def test_a_3d_run_in_the_app_shows_per_slice_progress(hub, tmp_path):
+    """The run handler hooks a progress bar (``gr.Progress`` in the app) to the session: one update per slice
+    encoded, counted against the volume's depth; it is unhooked after the run."""
+    from ibisagent.ui.app import AppConfig, _Handlers
+
+    zz, yy, xx = np.mgrid[:9, :48, :56]
+    ball = (zz - 4) ** 2 / 12 + ((yy - 24) ** 2 + (xx - 28) ** 2) / 196 <= 1  # every slice differs
+    ip, mp = tmp_path / "ball.nii.gz", tmp_path / "ball_label.nii.gz"
+    nib.save(nib.Nifti1Image(np.where(ball, 60.0, -100.0).transpose(2, 1, 0).astype(np.float32), np.eye(4)), ip)
+    nib.save(nib.Nifti1Image(ball.transpose(2, 1, 0).astype(np.uint8), np.eye(4)), mp)
+    cfg = AppConfig(segmenters=["fake"], segmenter="fake", policies=["oracle"], policy="oracle",
+                    volume_policies=["oracle-3d"], volume_policy="oracle-3d", examples=[])
+    h = _Handlers(cfg, hub)
+    ann, *_ = h.on_upload([str(ip)], None, "fake", "oracle", "auto")
+    ann, *_ = h.on_mask(str(mp), ann, "fake", "oracle-3d")
+    bar: list[tuple] = []
+    outs = list(h.on_run("the ball", "oracle-3d", "fake", ann, lambda value, **kw: bar.append((value, kw))))
+    assert "agent stopped" in outs[-1][2]
+    counts = [v[0] for v, _ in bar]
+    assert len(bar) >= 3 and counts == list(range(1, len(bar) + 1)) and all(v[1] == 9 for v, _ in bar)
+    assert bar[0][1]["desc"].startswith("encoding slices") and bar[0][1]["unit"] == "slices"
+    assert ann.vol3d.on_slice is None

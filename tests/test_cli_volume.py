@@ -123,3 +123,40 @@ def test_agent_segment_volume_returns_the_mask_in_stored_order(tmp_path: Path) -
     assert ep.n_interactions >= 1 and ep.steps[-1]["iou"] is not None
     assert 2 * (ep.mask & gt).sum() / (ep.mask.sum() + gt.sum()) > 0.5  # the fake segmenter on a plain disk
     assert ep.encoder_s >= 0 and ep.total_s > 0
+
+
+def test_a_volume_run_shows_per_slice_progress(tmp_path: Path, capsys) -> None:
+    """Without --quiet the 3D run reports its slices as they are encoded (a log gets a line per tenth of the
+    volume); --quiet prints none of it."""
+    zz, yy, xx = np.mgrid[:12, :48, :56]
+    ball = (zz - 6) ** 2 / 25 + ((yy - 24) ** 2 + (xx - 28) ** 2) / 196 <= 1  # every slice differs: each is encoded
+    ip, mp = tmp_path / "ball.nii.gz", tmp_path / "ball_label.nii.gz"
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    nib.save(nib.Nifti1Image(np.where(ball, 60.0, -100.0).transpose(2, 1, 0).astype(np.float32), affine), ip)
+    nib.save(nib.Nifti1Image(ball.transpose(2, 1, 0).astype(np.uint8), affine), mp)
+    args = ["segment", str(ip), "-q", "the ball", "--mask", str(mp), "--policy", "oracle", "--segmenter", "fake"]
+    assert main([*args, "--out", str(tmp_path / "o1")]) == 0
+    lines = [ln.strip() for ln in capsys.readouterr().err.splitlines() if ln.strip().startswith("encoded ")]
+    counts = [int(ln.split()[1].split("/")[0]) for ln in lines]
+    assert lines and all(ln.split()[1].endswith("/12") for ln in lines)
+    assert counts == sorted(counts) and all(c % 2 == 0 or c == 12 for c in counts)  # every 2 slices (12 / 10 -> 2)
+    assert main([*args, "--out", str(tmp_path / "o2"), "--quiet"]) == 0
+    assert "encoded " not in capsys.readouterr().err
+
+
+def test_the_slice_progress_rewrites_one_line_on_a_terminal() -> None:
+    import io
+
+    from ibisagent.cli import _SliceProgress
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out = Tty()
+    p = _SliceProgress(4, stream=out)
+    p("encode", 0)
+    p("decode", 0)
+    p.clear()
+    text = out.getvalue()
+    assert text.count("\r") == 3 and "1/4 encoded, 1 decoded (slice 0)" in text and "\n" not in text

@@ -119,6 +119,22 @@ def test_a_click_propagates_through_the_volume_and_stops_where_the_object_ends()
     assert turns[0].action.z == stack.depth // 2 and turns[-1].stop_reason == "invalid_action"
 
 
+def test_the_session_reports_each_slice_it_encodes_and_decodes() -> None:
+    """``on_slice``: one ``encode`` per slice the segmenter newly encodes, one ``decode`` per slice decoded."""
+    gt = _ball()
+    stack = SliceStack.from_array(np.where(gt, 200, 30).astype(np.uint8))
+    seen: list[tuple[str, int]] = []
+    session = VolumeSession(create_segmenter("fake"), on_slice=lambda phase, z: seen.append((phase, z)))
+    session.set_image(stack)
+    session.add_click(25, 20, z=6)
+    mask = session.mask
+    assert mask is not None
+    decoded = [z for phase, z in seen if phase == "decode"]
+    assert decoded[0] == 6 and set(decoded) == set(np.flatnonzero(mask.any(axis=(1, 2)))) | {2, 10}  # + where it ended
+    encoded = [z for phase, z in seen if phase == "encode"]
+    assert encoded and set(encoded) <= set(decoded) and len(encoded) == session.timings.encoded_slices
+
+
 def test_a_volume_episode_resumes_through_the_driver_from_its_current_observation() -> None:
     """``drive(resume=True)`` on a VolumeEnv continues from ``env.observation`` (no reset): the clicks before the
     resume stay in the 3D mask and the turn count goes on."""

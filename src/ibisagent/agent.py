@@ -300,7 +300,8 @@ class Agent:
         a mask in the volume's stored layout (or ``[z, y, x]``) for 3D IoU in the trace. Keywords: ``policy``,
         ``axis``, ``window``, ``volume_index``, ``propagation`` (``"slices"``, the default: the 2D segmenter slice by
         slice, or a PropagationConfig tuning it; ``"sam2-video"``: SAM2's own video predictor, for a SAM2 / MedSAM2
-        segmenter), ``on_step(record)``."""
+        segmenter), ``on_step(record)`` after each turn, ``on_slice(phase, z)`` as each slice is encoded
+        (``"encode"``) or decoded (``"decode"``): per-slice progress for a long volume."""
         return segment_volume(self, volume, query, gt, **kw)
 
     def segment_many(
@@ -488,6 +489,7 @@ def segment_volume(
     volume_index: int | None = None,
     propagation: Any = None,
     on_step: Callable[[dict[str, Any]], Any] | None = None,
+    on_slice: Callable[[str, int], Any] | None = None,
 ) -> VolumeEpisode:
     """See :meth:`Agent.segment_volume`."""
     from ibisagent.io.volumes import Volume, load_volume
@@ -513,9 +515,9 @@ def segment_volume(
     if pol.requires_gt and gt_stack is None:
         raise ValueError(f"policy {pol.name!r} needs a ground-truth mask")
     if propagation is None or isinstance(propagation, PropagationConfig):
-        session = VolumeSession(agent.segmenter, propagation)
+        session = VolumeSession(agent.segmenter, propagation, on_slice=on_slice)
     else:
-        session = VolumeSession(agent.segmenter, propagation=propagation)
+        session = VolumeSession(agent.segmenter, propagation=propagation, on_slice=on_slice)
     env = VolumeEnv(session)
     ep = VolumeEpisode(query=query, stack=stack, meta={"policy": pol.name})
     t0 = time.perf_counter()

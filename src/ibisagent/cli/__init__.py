@@ -501,6 +501,39 @@ def _volume_mask(args: argparse.Namespace, volume) -> Any:
         raise UserError(_cli_wording(str(exc))) from exc
 
 
+class _SliceProgress:
+    """Per-slice progress of a 3D run on stderr: on a terminal one line rewritten as slices are encoded and decoded;
+    in a log, a line each time another tenth of the volume's slices has been encoded."""
+
+    def __init__(self, depth: int, *, quiet: bool = False, stream: Any = None) -> None:
+        self.depth, self.quiet = depth, quiet
+        self.stream = sys.stderr if stream is None else stream
+        self.encoded = self.decoded = 0
+        self._every = max(1, math.ceil(depth / 10))
+        self._live = False
+
+    def __call__(self, phase: str, z: int) -> None:
+        if self.quiet:
+            return
+        if phase == "encode":
+            self.encoded += 1
+        elif phase == "decode":
+            self.decoded += 1
+        tty = getattr(self.stream, "isatty", lambda: False)()
+        if tty:
+            print(f"\r  slices: {self.encoded}/{self.depth} encoded, {self.decoded} decoded (slice {z})",
+                  end="", file=self.stream, flush=True)
+            self._live = True
+        elif phase == "encode" and (self.encoded % self._every == 0 or self.encoded == self.depth):
+            print(f"  encoded {self.encoded}/{self.depth} slices", file=self.stream, flush=True)
+
+    def clear(self) -> None:
+        """End the rewritten line (before a step line or the summary)."""
+        if self._live:
+            print("\r\033[K", end="", file=self.stream, flush=True)
+            self._live = False
+
+
 def _cmd_segment_volume(args: argparse.Namespace, t_start: float) -> int:
     query, out, window = _checked_segment_args(args, "the left kidney")
     from ibisagent.io.volumes import load_volume
@@ -535,9 +568,12 @@ def _cmd_segment_volume(args: argparse.Namespace, t_start: float) -> int:
         print(f"segmenting {query!r} in {name} ({volume.shape[0]}x{volume.shape[1]}x{volume.shape[2]} voxels, "
               f"{depth} slices along axis {args.axis}) with the 3D agent", file=sys.stderr)
 
+    slices = _SliceProgress(depth, quiet=args.quiet)
+
     def show(rec: dict[str, Any]) -> None:
         if args.quiet:
             return
+        slices.clear()
         what = rec["action"] or f"(invalid reply: {rec['error']})"
         iou = f"  3D IoU {rec['iou']:.3f}" if rec.get("iou") is not None else ""
         where = f" (slice {rec['slice']}/{depth - 1})" if rec.get("slice") is not None else ""
@@ -546,9 +582,11 @@ def _cmd_segment_volume(args: argparse.Namespace, t_start: float) -> int:
 
     try:
         episode = agent.segment_volume(volume, query, gt, policy=policy, axis=args.axis, window=window,
-                                       propagation=args.propagation, on_step=show)
+                                       propagation=args.propagation, on_step=show, on_slice=slices)
     except ValueError as exc:
         raise UserError(_cli_wording(str(exc))) from exc
+    finally:
+        slices.clear()
     from ibisagent.agent import clear_saved
 
     clear_saved(out, ("mask.nii.gz", "mask.dcm", "overlay_montage.png"))

@@ -231,23 +231,30 @@ class _Handlers:
         return (ann, *_view(ann))
 
     def _run(self, query: str, policy: str, segmenter: str, ann: Annotator | None,
-             from_current: bool) -> Iterator[tuple]:
-        """Run the agent (from scratch or from the current clicks), yielding the view after every step."""
+             from_current: bool, progress: Any = None) -> Iterator[tuple]:
+        """Run the agent (from scratch or from the current clicks), yielding the view after every step. For a volume
+        in 3D, ``progress`` (a ``gr.Progress``) shows the slices encoded so far while a step runs."""
         ann = self.state_of(ann, segmenter, policy)
+        vol = ann.vol3d if ann.is_3d else None
         try:
             ann.set_segmenter(segmenter)
+            if vol is not None and progress is not None:
+                vol.on_slice = _slice_progress(progress, vol.stack.depth)
             steps = ann.run_agent(query, policy, from_current=from_current)
             yield (ann, *_view(ann))
             for _ in steps:
                 yield (ann, *_view(ann))
         except _USER_ERRORS as exc:
             _fail(exc)
+        finally:
+            if vol is not None:
+                vol.on_slice = None
 
-    def on_run(self, query: str, policy: str, segmenter: str, ann: Annotator | None):
-        yield from self._run(query, policy, segmenter, ann, False)
+    def on_run(self, query: str, policy: str, segmenter: str, ann: Annotator | None, progress: Any = None):
+        yield from self._run(query, policy, segmenter, ann, False, progress)
 
-    def on_continue(self, query: str, policy: str, segmenter: str, ann: Annotator | None):
-        yield from self._run(query, policy, segmenter, ann, True)
+    def on_continue(self, query: str, policy: str, segmenter: str, ann: Annotator | None, progress: Any = None):
+        yield from self._run(query, policy, segmenter, ann, True, progress)
 
     def click(self, mode: str, ann: Annotator | None, segmenter: str, policy: str, index: Any):
         """A click on the shown image at ``index`` (display pixels; mapped back to image pixels)."""
@@ -368,6 +375,18 @@ def _layout(cfg: AppConfig, examples: list[str], first_example: str | None) -> _
                     fmt, export_btn, download, mask_up, slider, window, vmode, canvas, status, proj, log)
 
 
+def _slice_progress(progress: Any, depth: int) -> Any:
+    """An ``on_slice(phase, z)`` that shows the slices encoded so far on ``progress`` (``gr.Progress``)."""
+    done = {"encode": 0}
+
+    def report(phase: str, z: int) -> None:
+        if phase == "encode":
+            done["encode"] += 1
+            progress((min(done["encode"], depth), depth), desc=f"encoding slices (slice {z})", unit="slices")
+
+    return report
+
+
 def _wire(demo: Any, w: _Widgets, h: _Handlers, first_example: str | None) -> None:
     """Connect the components' events to the handlers (inside the ``gr.Blocks`` ``demo``)."""
     import gradio as gr
@@ -386,8 +405,15 @@ def _wire(demo: Any, w: _Widgets, h: _Handlers, first_example: str | None) -> No
     w.slider.release(h.on_slice, [w.slider, w.state, w.segmenter, w.policy], shown)
     w.window.change(h.on_window, [w.window, w.state, w.segmenter, w.policy], shown)
     w.segmenter.change(h.on_segmenter, [w.segmenter, w.state, w.policy], shown)
-    w.run_btn.click(h.on_run, [w.query, w.policy, w.segmenter, w.state], shown)
-    w.cont_btn.click(h.on_continue, [w.query, w.policy, w.segmenter, w.state], shown)
+    def on_run(query: str, policy: str, segmenter: str, ann: Annotator | None, progress=gr.Progress()):  # noqa: B008
+        yield from h.on_run(query, policy, segmenter, ann, progress)
+
+    def on_continue(query: str, policy: str, segmenter: str, ann: Annotator | None,
+                    progress=gr.Progress()):  # noqa: B008
+        yield from h.on_continue(query, policy, segmenter, ann, progress)
+
+    w.run_btn.click(on_run, [w.query, w.policy, w.segmenter, w.state], shown)
+    w.cont_btn.click(on_continue, [w.query, w.policy, w.segmenter, w.state], shown)
     w.canvas.select(on_click, [w.mode, w.state, w.segmenter, w.policy], shown)
     w.undo_btn.click(h.on_undo, [w.state, w.segmenter, w.policy], shown)
     w.reset_btn.click(h.on_reset, [w.state, w.segmenter, w.policy], shown)

@@ -116,6 +116,8 @@ class VolumeAnnotator:
         self.predicted_iou: float | None = None
         self._version = 0  # bumped on every change of the prompts: the key of the cached 3D mask
         self._cached: tuple[int, np.ndarray | None] | None = None
+        #: ``on_slice(phase, z)`` while set: per-slice progress of the session's encoding and decoding (the app's bar)
+        self.on_slice: Any = None
         self.session = self._new_session()
 
     # --- state -------------------------------------------------------------------------------------------------
@@ -129,7 +131,11 @@ class VolumeAnnotator:
         from ibisagent.volume import VolumeSession
 
         self._changed()
-        return VolumeSession(self.hub.get(self.segmenter_name))
+        return VolumeSession(self.hub.get(self.segmenter_name), on_slice=self._slice_done)
+
+    def _slice_done(self, phase: str, z: int) -> None:
+        if self.on_slice is not None:
+            self.on_slice(phase, z)
 
     def _changed(self) -> None:
         self._version += 1

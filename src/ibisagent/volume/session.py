@@ -27,6 +27,9 @@ How a 3D mask is made (the MedSAM2 / SAM-video idea with a 2D promptable segment
   the next one (the predictor has no undo of its own).
 * **Encoding**: every slice is encoded once per session (an in-session table by slice index; the backend's own
   caches are keyed by the slice image's content, so a second session on the same volume reuses them too).
+* **Progress**: ``on_slice(phase, z)``, when set, is called as each slice is done: ``"encode"`` after slice ``z`` is
+  encoded (the slow part on a CPU: about a second per slice), ``"decode"`` after it is decoded (an anchor or a
+  propagation step). SAM2's video predictor encodes and tracks inside its own calls: it reports nothing.
 
 The session implements :class:`ibisagent.episode.EpisodeSession`: ``set_image(stack)``, ``apply(action)`` for
 volume actions (:attr:`ibisagent.protocol.Action.z`), ``mask`` (Z, H, W) bool or None before the first prompt.
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -148,8 +152,10 @@ class VolumeSession:
     """
 
     def __init__(self, segmenter: Segmenter, config: PropagationConfig | None = None, *,
-                 propagation: str | VideoPropagator = "slices") -> None:
+                 propagation: str | VideoPropagator = "slices",
+                 on_slice: Callable[[str, int], Any] | None = None) -> None:
         self.segmenter = segmenter
+        self.on_slice = on_slice
         self._video = _video_backend(segmenter, propagation)
         if self._video is not None and config is not None:
             raise ValueError("a PropagationConfig tunes the slice-by-slice propagation; "
@@ -515,9 +521,15 @@ class VolumeSession:
         emb = self.segmenter.embedding(self.stack.image(z))
         self.timings.encoder_s += time.perf_counter() - t
         self.timings.encoded_slices += self.segmenter.encoder_runs - before
+        if self.segmenter.encoder_runs > before:
+            self._report("encode", z)
         if emb is not None:
             self._emb[z] = np.asarray(emb, np.float16)  # half the memory; the decoder takes any float array
         return None if emb is None else self._emb[z]
+
+    def _report(self, phase: str, z: int) -> None:
+        if self.on_slice is not None:
+            self.on_slice(phase, z)
 
     def embedding(self, z: int) -> np.ndarray | None:
         """Slice ``z``'s image embedding (encoded once per session), or None for a backend without one."""
@@ -540,6 +552,7 @@ class VolumeSession:
                 # with an embedding in the table, setting the image is a cache hit; without one it encodes
                 if self.segmenter.ensure_image(it.image) and e is None:  # type: ignore[arg-type]
                     self.timings.encoded_slices += 1
+                    self._report("encode", int(it.embedding))  # type: ignore[arg-type]
                 enc = time.perf_counter() - t_enc
                 self.timings.encoder_s += enc
                 t += enc  # encoder time is not decoder time
@@ -547,6 +560,8 @@ class VolumeSession:
                                                   it.labels if len(it.labels) else None, it.box, it.mask_input))
         self.timings.decoder_s += time.perf_counter() - t
         self.timings.decoded_slices += len(items)
+        for z in zs:
+            self._report("decode", z)
         return out
 
 
