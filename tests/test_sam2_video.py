@@ -237,3 +237,31 @@ def test_the_cli_offers_the_session_propagations() -> None:
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     opt = next(a for a in sub.choices["segment"]._actions if "--propagation" in a.option_strings)
     assert tuple(opt.choices) == PROPAGATIONS and opt.default == "slices"
+
+
+def test_eval_volumes_with_the_video_predictor(tiny, tmp_path: Path, capsys) -> None:  # noqa: F811
+    """``ibisagent eval --volumes --propagation sam2-video`` plays every volume case through SAM2's video predictor
+    (recorded in summary.json); without --volumes, or on a backend without one, it exits 2 with the reason."""
+    import json
+
+    from ibisagent.cli import main
+    from ibisagent.evaluation.runfiles import read_cases
+    from test_volume import _write_volume_dataset
+
+    cfg, ckpt = tiny
+    data = _write_volume_dataset(tmp_path)
+    out = tmp_path / "run"
+    seg_args = ["--segmenter", "sam2", "--segmenter-arg", f"config={cfg}", "--segmenter-arg", f"checkpoint={ckpt}"]
+    rc = main(["eval", str(data), "--out", str(out), "--volumes", "--policy", "oracle", "--max-steps", "2",
+               *seg_args, "--propagation", "sam2-video", "--no-report", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    rows = read_cases(out)
+    assert len(rows) == 2 and all(r["status"] == "ok" and r["depth"] == 10 for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["propagation"] == "sam2-video" and summary["config"]["volumes"] is True
+    capsys.readouterr()
+    for extra, reason in ((["--volumes", "--segmenter", "fake"], "needs a SAM2"), ([], "add --volumes")):
+        rc = main(["eval", str(data), "--out", str(tmp_path / "bad"), *extra, "--propagation", "sam2-video",
+                   "--no-report", "--quiet"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and reason in err[-1]

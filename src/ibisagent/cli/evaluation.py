@@ -65,6 +65,10 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--volumes", action="store_true",
                    help="evaluate the is_3d rows as volume episodes (3D Dice, NSD/HD95 in mm, s/volume, peak memory; "
                         "compact/oracle/challenge become compact-3d/oracle-3d/challenge-3d)")
+    p.add_argument("--propagation", choices=("slices", "sam2-video"), default="slices",
+                   help="with --volumes: how prompts spread through the slices: slices (default: the 2D segmenter "
+                        "slice by slice) or sam2-video (SAM2's video predictor; needs --segmenter sam2 with a SAM2 / "
+                        "MedSAM2 checkpoint)")
     p.add_argument("--protocol", choices=("agent", "box+5clicks"), default="agent",
                    help="agent: the policy plays the episode (default); box+5clicks: the challenge protocol")
     p.add_argument("--threads", type=int, default=None,
@@ -143,7 +147,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
         split_by=args.split_by,
         datasets=[d.strip() for d in args.datasets.split(",") if d.strip()] if args.datasets else None,
         limit=args.limit, per_dataset=args.per_dataset, workers=args.workers, seed=args.seed, nsd_tolerance=args.nsd_tolerance,
-        threads=args.threads, volumes=args.volumes,
+        threads=args.threads, volumes=args.volumes, propagation=args.propagation,
         retry_errors=args.retry_errors, overwrite=args.overwrite, report=not args.no_report,
         command=shlex.join(["ibisagent", *sys.argv[sys.argv.index("eval"):]]) if "eval" in sys.argv else "",
     )

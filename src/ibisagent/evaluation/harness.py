@@ -40,10 +40,12 @@ from ibisagent.policies.base import Policy, create_policy
 from ibisagent.segmenters.base import (
     CLICK_WEIGHTS,
     Segmenter,
+    SegmenterError,
     SegmenterUnavailable,
     create_segmenter,
     default_segmenter,
 )
+from ibisagent.volume.session import PROPAGATIONS
 
 from .challenge import (
     CHALLENGE_CLICKS,
@@ -76,7 +78,7 @@ PROTOCOLS = ("agent", CHALLENGE_PROTOCOL)
 #: settings that must match for a rerun into the same folder to resume it
 _RESUME_KEYS = ("data", "policy", "segmenter", "policy_args", "segmenter_args", "protocol", "max_steps", "split",
                 "split_by", "datasets", "per_dataset", "seed", "nsd_tolerance", "segmenter_weights",
-                "surface_metrics", "volumes")
+                "surface_metrics", "volumes", "propagation")
 
 
 class EvalConfigError(ValueError):
@@ -110,6 +112,9 @@ class EvalConfig:
     command: str = ""
     #: evaluate the ``is_3d`` rows as volume episodes (:mod:`ibisagent.evaluation.volume`) instead of the 2D rows
     volumes: bool = False
+    #: with ``volumes``: how prompts spread through the slices (``slices``: the 2D segmenter slice by slice;
+    #: ``sam2-video``: SAM2's video predictor, for a SAM2 / MedSAM2 segmenter)
+    propagation: str = "slices"
 
     def validate(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -128,6 +133,10 @@ class EvalConfig:
             raise EvalConfigError(f"--split-by must be one of {', '.join(SPLIT_BY)}, got {self.split_by!r}")
         if self.nsd_tolerance <= 0:
             raise EvalConfigError(f"NSD tolerance must be positive, got {self.nsd_tolerance}")
+        if self.propagation not in PROPAGATIONS:
+            raise EvalConfigError(f"--propagation must be one of {', '.join(PROPAGATIONS)}, got {self.propagation!r}")
+        if self.propagation != "slices" and not self.volumes:
+            raise EvalConfigError("--propagation applies to volume episodes: add --volumes")
 
     @property
     def max_interactions(self) -> int:
@@ -148,6 +157,8 @@ class EvalConfig:
         out["data"] = str(Path(self.data).resolve())
         out["segmenter_weights"] = weights_id(self)
         out["surface_metrics"] = SURFACE_METRICS  # a folder of border-pixel NSD rows is not resumed with surfel NSD
+        if self.propagation != "slices":  # folders written before the option resume as the default
+            out["propagation"] = self.propagation
         return json.loads(json.dumps(out, default=str))
 
 
@@ -223,8 +234,12 @@ class Runner:
         if config.volumes:
             vpolicy = _make_policy(volume_policy_name(config.policy), dict(config.policy_args), config.seed)
             self.policy = vpolicy
-            self.volume_runner = VolumeRunner(self.segmenter, vpolicy, challenge=config.protocol == CHALLENGE_PROTOCOL,
-                                              max_steps=config.max_steps, nsd_tolerance=config.nsd_tolerance)
+            try:
+                self.volume_runner = VolumeRunner(
+                    self.segmenter, vpolicy, challenge=config.protocol == CHALLENGE_PROTOCOL,
+                    max_steps=config.max_steps, nsd_tolerance=config.nsd_tolerance, propagation=config.propagation)
+            except (SegmenterError, SegmenterUnavailable, ValueError) as exc:  # e.g. sam2-video on LiteMedSAM
+                raise EvalConfigError(" ".join(str(exc).split())) from exc
             return
         policy = _make_policy(config.policy, dict(config.policy_args), config.seed)
         if config.protocol == CHALLENGE_PROTOCOL:
@@ -428,7 +443,7 @@ def run_config_dict(config: EvalConfig) -> dict[str, Any]:
         "split_by": config.split_by, "datasets": config.datasets,
         "limit": config.limit, "per_dataset": config.per_dataset, "seed": config.seed, "workers": config.workers, "nsd_tolerance": config.nsd_tolerance,
         "surface_metrics": SURFACE_METRICS, "data": str(Path(config.data).resolve()), "command": config.command,
-        "volumes": config.volumes,
+        "volumes": config.volumes, "propagation": config.propagation,
         "versions": _versions(config),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count()},

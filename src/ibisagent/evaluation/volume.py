@@ -58,7 +58,7 @@ class VolumeRunner:
     """Plays one volume case with a segmenter and a volume policy (the harness's Runner for ``--volumes``)."""
 
     def __init__(self, segmenter: Segmenter, policy: Policy, *, challenge: bool, max_steps: int,
-                 nsd_tolerance: float, propagation: PropagationConfig | None = None) -> None:
+                 nsd_tolerance: float, propagation: PropagationConfig | str | None = None) -> None:
         self.segmenter = segmenter
         self.policy = policy
         self.challenge = challenge
@@ -67,6 +67,8 @@ class VolumeRunner:
         self.max_interactions = steps
         self.rules = StopRules(max_steps=steps + (1 if challenge else 0), max_repeats=steps + 1 if challenge else 3)
         self.propagation = propagation
+        if isinstance(propagation, str):  # fail at start, not on every case: the backend must have a video predictor
+            VolumeSession(segmenter, propagation=propagation)
 
     def run_case(self, case: Case, row: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
         try:
@@ -75,7 +77,9 @@ class VolumeRunner:
             return {**row, "status": "error", "error": str(exc)}, None
         row.update(depth=gt.shape[0], height=gt.shape[1], width=gt.shape[2], area_px=int(gt.sum()))
         try:
-            env = VolumeEnv(VolumeSession(self.segmenter, self.propagation), self.rules)
+            session = VolumeSession(self.segmenter, propagation=self.propagation) \
+                if isinstance(self.propagation, str) else VolumeSession(self.segmenter, self.propagation)
+            env = VolumeEnv(session, self.rules)
             t0 = time.perf_counter()
             gt_for_policy = gt if getattr(self.policy, "requires_gt", False) else None
             turns = play(env, self.policy, stack, case.query, gt_for_policy)  # type: ignore[arg-type]
