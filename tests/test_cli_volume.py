@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from app_fixtures import write_blob_volume, write_dicom_series
+from ibisagent.agent import LOW_CONFIDENCE
 from ibisagent.cli import main
 from ibisagent.io.volumes import load_volume
 
@@ -48,7 +49,7 @@ def test_segment_a_real_volume_writes_the_mask_in_the_source_geometry(tmp_path: 
     assert trace["final_iou"] is not None and (out / "overlay_montage.png").is_file()
 
 
-def test_segment_a_dicom_series_folder(tmp_path: Path) -> None:
+def test_segment_a_dicom_series_folder(tmp_path: Path, capsys) -> None:
     import pydicom
     from pydicom.uid import generate_uid
 
@@ -58,22 +59,37 @@ def test_segment_a_dicom_series_folder(tmp_path: Path) -> None:
         ds = pydicom.dcmread(f)
         ds.FrameOfReferenceUID = frame_of_reference
         ds.save_as(f)
-    out = tmp_path / "out"
-    rc = main(["segment", str(folder), "--query", "the disk", "--segmenter", "fake", "--out", str(out), "--quiet"])
-    assert rc == 0
-    written, source = nib.load(out / "mask.nii.gz"), load_volume(folder)
-    assert np.allclose(written.affine, source.affine) and written.shape == source.shape
-    mask = np.asarray(written.dataobj) > 0
-    assert mask.any()
+    source = load_volume(folder)
     yy, xx = np.mgrid[:48, :64]
     disk = (yy - 24) ** 2 + (xx - 30) ** 2 <= 12**2  # rows, columns of every slice (app_fixtures)
     stored_disk = np.stack([disk.T] * 5, axis=2)  # DICOM volumes are stored (columns, rows, slices)
-    assert mask.shape == stored_disk.shape
+    gt = tmp_path / "disk_label.nii.gz"  # the annotator's label map, in the series' geometry
+    nib.save(nib.Nifti1Image(stored_disk.astype(np.uint8), source.affine), gt)
+    out = tmp_path / "out"
+    rc = main(["segment", str(folder), "--query", "the disk", "--policy", "oracle", "--mask", str(gt),
+               "--segmenter", "fake", "--out", str(out), "--quiet"])
+    assert rc == 0
+    written = nib.load(out / "mask.nii.gz")
+    assert np.allclose(written.affine, source.affine) and written.shape == source.shape
+    mask = np.asarray(written.dataobj) > 0
+    assert mask.any() and mask.shape == stored_disk.shape
     assert (mask & stored_disk).sum() > 0.5 * mask.sum()  # most of the mask lies on the disk
     from ibisagent.io.volume_masks import load_volume_mask
 
     seg = load_volume_mask(out / "mask.dcm", source)  # the DICOM SEG of the series reads back as the same mask
     assert np.array_equal(seg, mask)
+    # the default agent (the learned compact-3d policy, no ground truth) runs on the series end to end; what it
+    # finds on this synthetic disk depends on the shipped weights (docs/benchmarks.md has its real-volume figures)
+    out2 = tmp_path / "out2"
+    capsys.readouterr()
+    rc = main(["segment", str(folder), "--query", "the disk", "--segmenter", "fake", "--out", str(out2), "--quiet",
+               "--json"])
+    assert rc == 0 and nib.load(out2 / "mask.nii.gz").shape == source.shape
+    trace = json.loads((out2 / "trace.json").read_text())
+    assert trace["meta"]["policy"] == "compact-3d" and trace["steps"]
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # its own quality estimate, as in 2D
+    assert result["predicted_iou"] == trace["predicted_iou"] and 0 <= result["predicted_iou"] <= 1
+    assert result["low_confidence"] == (result["predicted_iou"] < LOW_CONFIDENCE) == trace["low_confidence"]
 
 
 def _rc_and_line(args: list[str], capsys) -> tuple[int, str]:

@@ -412,6 +412,11 @@ class VolumeEpisode:
         return sum(1 for s in self.steps if s["kind"] in ("positive", "negative", "box") and s["error"] is None)
 
     @property
+    def low_confidence(self) -> bool:
+        """The policy's own estimate is below :data:`LOW_CONFIDENCE`: check the mask."""
+        return self.predicted_iou is not None and self.predicted_iou < LOW_CONFIDENCE
+
+    @property
     def final_iou(self) -> float | None:
         return self.steps[-1]["iou"] if self.steps else None
 
@@ -426,6 +431,7 @@ class VolumeEpisode:
             "final_iou": self.final_iou, "voxels": int(m.sum()),
             "slices_with_object": [int(z) for z in np.flatnonzero(m.any(axis=(1, 2)))],
             "predicted_iou": None if self.predicted_iou is None else round(self.predicted_iou, 4),
+            "low_confidence": self.low_confidence,
             "timings": {"encoder_s": round(self.encoder_s, 4), "segmenter_s": round(self.decoder_s, 4),
                         "policy_s": round(self.policy_s, 4), "total_s": round(self.total_s, 4)},
             "meta": self.meta, "steps": self.steps,

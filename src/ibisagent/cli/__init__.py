@@ -602,12 +602,18 @@ def _cmd_segment_volume(args: argparse.Namespace, t_start: float) -> int:
                   "geometry", file=sys.stderr)
     result = {"mask": str(out / "mask.nii.gz"), "trace": str(out / "trace.json"), "voxels": int(episode.mask.sum()),
               "stop_reason": episode.stop_reason, "n_interactions": episode.n_interactions,
-              "final_iou": episode.final_iou, "wall_s": round(time.perf_counter() - t_start, 3)}
+              "final_iou": episode.final_iou,
+              "predicted_iou": None if episode.predicted_iou is None else round(episode.predicted_iou, 4),
+              "low_confidence": episode.low_confidence, "wall_s": round(time.perf_counter() - t_start, 3)}
     if (out / "mask.dcm").is_file():
         result["seg"] = str(out / "mask.dcm")
     if not args.quiet:
         print(f"done: {result['voxels']} voxels in {len(episode.to_json()['slices_with_object'])} slices, "
               f"{episode.n_interactions} interactions, {result['wall_s']:.1f} s -> {out}", file=sys.stderr)
+        if episode.predicted_iou is not None:
+            note = "; low confidence: check the mask" if episode.low_confidence else ""
+            print(f"predicted IoU (the policy's own estimate, no ground truth): {episode.predicted_iou:.2f}{note}",
+                  file=sys.stderr)
     if args.json:
         print(json.dumps(result))
     return 0
