@@ -241,3 +241,57 @@ def test_decoding_profile_options(tiny_dir):
     assert HFPolicy(loaded=vl).max_new_tokens == 256
     with pytest.raises(PolicyError, match="decoding profile"):
         HFPolicy(loaded=vl, profile="paper")
+
+
+@pytest.mark.parametrize(("hw", "expected"), [
+    ((512, 512), (504, 504)),     # each side to the nearest multiple of 28
+    ((1000, 750), (1008, 756)),
+    ((10, 101), (28, 112)),       # 28 is the least side; 28 x 112 = the 3,136-pixel minimum, kept
+    ((20, 20), (56, 56)),         # below the minimum: scaled up, ceiled
+    ((5000, 4000), (4004, 3192)),  # above 16,384 tokens: scaled down, floored (qwen_vl_utils 0.0.14 gives the same)
+])
+def test_release_size(hw, expected):
+    from ibisagent.policies.hf import RELEASE_MAX_PIXELS, RELEASE_MIN_PIXELS, release_size
+
+    h, w = release_size(*hw)
+    assert (h, w) == expected and h % 28 == 0 and w % 28 == 0
+    assert RELEASE_MIN_PIXELS <= h * w <= RELEASE_MAX_PIXELS
+    with pytest.raises(PolicyError, match="aspect ratio"):
+        release_size(10, 2500)
+
+
+def test_reference_profile_prepares_images_as_the_release(tiny_dir):
+    """With ``profile="reference"`` an image is resized to :func:`release_size` (bicubic, RGBA on white) before the
+    processor applies the checkpoint's own budget, as the release's ``process_vision_info`` + processor; where the
+    budgets differ (the tiny model's is 12,544 pixels) the pixels differ from our one-step default."""
+    from PIL import Image
+
+    from ibisagent.policies.hf import encode_chat, release_image
+
+    vl = load_vl_checkpoint(tiny_dir)
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}]
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (173, 251, 3), dtype=np.uint8)
+    ref = encode_chat(vl.processor, msgs, [rgb], release_images=True)
+    by_hand = Image.fromarray(rgb).resize((252, 168), Image.Resampling.BICUBIC)  # 173 x 251 -> 168 x 252
+    text = vl.processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert torch.equal(ref["pixel_values"], vl.processor(text=[text], images=[by_hand], return_tensors="pt")["pixel_values"])
+    ours = encode_chat(vl.processor, msgs, [rgb])
+    assert ours["image_grid_thw"].tolist() == ref["image_grid_thw"].tolist()
+    assert not torch.equal(ours["pixel_values"], ref["pixel_values"])
+    rgba = np.dstack([rgb, np.zeros(rgb.shape[:2], np.uint8)])  # fully transparent: white, as the release's to_rgb
+    assert np.asarray(release_image(rgba)).min() == 255
+    policy = HFPolicy(loaded=vl, profile="reference")
+    seen = []
+    orig = vl.processor.__class__.__call__
+
+    def spy(self, *a, **kw):
+        seen.append(kw["images"][0].size)
+        return orig(self, *a, **kw)
+
+    vl.processor.__class__.__call__ = spy
+    try:
+        policy.generate(msgs, [rgb])
+    finally:
+        vl.processor.__class__.__call__ = orig
+    assert seen == [(252, 168)]  # the reference profile hands the release-sized image to the processor

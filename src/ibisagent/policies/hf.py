@@ -13,6 +13,7 @@ release's ``infer/mllm_engine.py`` (greedy, up to 512 new tokens; :mod:`ibisagen
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -194,11 +195,62 @@ def to_pil(image: np.ndarray) -> Any:
     return Image.fromarray(arr[..., :3].astype(np.uint8), "RGB")
 
 
+#: the release's image budget before the processor: ``qwen_vl_utils`` (0.0.14) defaults, 4 to 16384 tokens of 28 x 28
+RELEASE_PATCH = 28
+RELEASE_MIN_PIXELS = 4 * RELEASE_PATCH**2
+RELEASE_MAX_PIXELS = 16384 * RELEASE_PATCH**2
+RELEASE_MAX_RATIO = 200
+
+
+def release_size(height: int, width: int) -> tuple[int, int]:
+    """The (height, width) the release resizes an image to before its processor sees it (``process_vision_info``
+    of ``qwen_vl_utils``, called by its ``infer/mllm_engine.py``): each side rounded to the nearest multiple of 28 (at
+    least 28); if that exceeds :data:`RELEASE_MAX_PIXELS`, both sides scaled down by the same factor and floored to
+    multiples of 28; if it is below :data:`RELEASE_MIN_PIXELS`, scaled up and ceiled. Sides more than 200 : 1 are
+    refused, as there. (transformers' own ``smart_resize`` differs for images below the minimum: it does not keep
+    28 as the least side before that check.)"""
+    h, w = int(height), int(width)
+    if min(h, w) < 1:
+        raise PolicyError(f"an image of {w}x{h} pixels has no area")
+    if max(h, w) / min(h, w) > RELEASE_MAX_RATIO:
+        raise PolicyError(f"the image's aspect ratio {max(h, w) / min(h, w):.0f} : 1 is above the release's "
+                          f"{RELEASE_MAX_RATIO} : 1")
+    f = RELEASE_PATCH
+    hb, wb = max(f, round(h / f) * f), max(f, round(w / f) * f)
+    if hb * wb > RELEASE_MAX_PIXELS:
+        scale = math.sqrt(h * w / RELEASE_MAX_PIXELS)
+        hb, wb = math.floor(h / scale / f) * f, math.floor(w / scale / f) * f
+    elif hb * wb < RELEASE_MIN_PIXELS:
+        scale = math.sqrt(RELEASE_MIN_PIXELS / (h * w))
+        hb, wb = math.ceil(h * scale / f) * f, math.ceil(w * scale / f) * f
+    return hb, wb
+
+
+def release_image(image: np.ndarray) -> Any:
+    """The image as the release hands it to the processor: RGB (an RGBA image composited on white), resized with
+    Pillow's default filter (bicubic) to :func:`release_size`. The processor then applies its own resize to the
+    checkpoint's pixel budget, so with this the pixels match the release's two-step path even where the budgets
+    differ."""
+    from PIL import Image
+
+    arr = np.asarray(image)
+    if arr.ndim == 3 and arr.shape[2] == 4:
+        rgba = Image.fromarray(arr.astype(np.uint8), "RGBA")
+        pil = Image.new("RGB", rgba.size, (255, 255, 255))
+        pil.paste(rgba, mask=rgba.split()[3])
+    else:
+        pil = to_pil(arr)
+    h, w = release_size(pil.height, pil.width)
+    return pil.resize((w, h), Image.Resampling.BICUBIC)
+
+
 def encode_chat(processor: Any, messages: list[dict[str, Any]], images: list[np.ndarray], *,
-                add_generation_prompt: bool = True, device: str | None = None) -> Any:
-    """Chat template + tokenization + image preprocessing -> model inputs (batch of one)."""
+                add_generation_prompt: bool = True, device: str | None = None, release_images: bool = False) -> Any:
+    """Chat template + tokenization + image preprocessing -> model inputs (batch of one). ``release_images``: each
+    image first goes through :func:`release_image` (the ``reference`` profile)."""
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    batch = processor(text=[text], images=[to_pil(im) for im in images] or None, return_tensors="pt")
+    prep = release_image if release_images else to_pil
+    batch = processor(text=[text], images=[prep(im) for im in images] or None, return_tensors="pt")
     return batch.to(device) if device is not None else batch
 
 
@@ -206,7 +258,8 @@ class HFPolicy(BasePolicy):
     """A Qwen2.5-VL checkpoint from a local directory, run with transformers (greedy by default).
 
     ``profile``: ``"default"`` (greedy, 256 new tokens) or ``"reference"`` (the release's decoding: greedy, 512 new
-    tokens); ``max_new_tokens`` / ``temperature`` / ``top_p`` given explicitly override the profile.
+    tokens, and its image preparation, :func:`release_image`, before the processor); ``max_new_tokens`` /
+    ``temperature`` / ``top_p`` given explicitly override the profile.
     """
 
     name = "hf"
@@ -254,7 +307,8 @@ class HFPolicy(BasePolicy):
         """One reply for a chat (messages in the transformers multimodal layout, images in order)."""
         import torch
 
-        batch = encode_chat(self.vl.processor, messages, images, device=self.vl.device)
+        batch = encode_chat(self.vl.processor, messages, images, device=self.vl.device,
+                            release_images=self.profile == "reference")
         tok = self.vl.tokenizer
         gen: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "pad_token_id": tok.pad_token_id,
                                "eos_token_id": tok.eos_token_id}
